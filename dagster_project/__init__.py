@@ -1,0 +1,1 @@
+"""Dagster wiring of the SRC pipeline; the method itself lives in ``src_assets``."""

@@ -1,0 +1,106 @@
+"""Assets: thin wrappers that call ``src_assets`` and describe the result."""
+
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import polars as pl
+from dagster import AssetExecutionContext, Failure, MetadataValue, asset
+from safetensors import safe_open
+
+from src_assets.config import TINY
+from src_assets.models import ModelLoadError, load_model_config
+from src_assets.rationale_sft import build_rationale_sft_set
+from src_assets.source_data import SourceDataError, combine_sources, read_source_file, synthetic_source
+from src_assets.tiny_models import build_tiny_scorer, build_tiny_vlm
+
+from .metadata import table_preview, vqa_table_metadata
+from .resources import SettingsResource, StoreResource
+
+
+@asset(group_name="data", description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.")
+def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+    cfg, s = settings.config(), store.store()
+    named = []
+    if cfg.n_sft or cfg.n_calibrate or cfg.n_eval:
+        synthetic = synthetic_source(cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects)
+        named.append(("synthetic", synthetic))
+    files = s.list(cfg.source_prefix, ".parquet")
+    for key in files:
+        context.log.info(f"reading source file {s.uri(key)}")
+        try:
+            named.append((s.uri(key), read_source_file(s.read_bytes(key), s.uri(key))))
+        except SourceDataError as e:
+            raise Failure(str(e)) from e
+    try:
+        df = combine_sources(named)
+    except SourceDataError as e:
+        raise Failure(str(e)) from e
+    if df.is_empty():
+        raise Failure(f"no source rows: synthetic sizes are 0 and {s.uri(cfg.source_prefix)} holds no Parquet files")
+    context.add_output_metadata({**vqa_table_metadata(df), "source_files": MetadataValue.json([s.uri(k) for k in files])})
+    return df
+
+
+@asset(group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template.")
+def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
+    try:
+        df = build_rationale_sft_set(vqa_source)
+    except SourceDataError as e:
+        raise Failure(str(e)) from e
+    if df.is_empty():
+        raise Failure("vqa_source has no rows with split 'sft'")
+    context.add_output_metadata(vqa_table_metadata(df))
+    return df
+
+
+@asset(group_name="data", description="The held-out rows every iteration is evaluated on.")
+def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
+    df = vqa_source.filter(pl.col("split") == "eval")
+    if df.is_empty():
+        raise Failure("vqa_source has no rows with split 'eval'")
+    context.add_output_metadata(vqa_table_metadata(df))
+    return df
+
+
+def _base_model(context, ref: str, build, key: str, store: StoreResource, cfg) -> str:
+    """The tiny model built and stored, or a real model reference validated; returns what to load."""
+    if ref == TINY:
+        with tempfile.TemporaryDirectory() as tmp:
+            build(tmp, cfg.tiny_spec(), seed=cfg.seed)
+            uri = store.store().put_model(key, tmp)
+            config = json.loads(Path(tmp, "config.json").read_text())
+            n_params = _count_parameters(Path(tmp))
+    else:
+        try:
+            config = load_model_config(ref).to_dict()
+        except ModelLoadError as e:
+            raise Failure(str(e)) from e
+        uri, n_params = ref, None
+    meta = {"model": MetadataValue.text(uri), "architecture": MetadataValue.text(",".join(config.get("architectures") or ["?"]))}
+    if n_params is not None:
+        meta["parameters"] = MetadataValue.int(n_params)
+    context.add_output_metadata(meta)
+    return uri
+
+
+def _count_parameters(model_dir: Path) -> int:
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+@asset(group_name="models", description="The policy VLM before any training: the tiny local LLaVA, or the configured real model.")
+def base_policy_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
+    cfg = settings.config()
+    return _base_model(context, cfg.policy_model, build_tiny_vlm, "models/base_policy_model", store, cfg)
+
+
+@asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
+def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
+    cfg = settings.config()
+    return _base_model(context, cfg.scorer_model, build_tiny_scorer, "models/base_r_scorer_model", store, cfg)

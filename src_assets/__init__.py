@@ -1,0 +1,1 @@
+"""Self-Rationale Calibration, one module per stage, usable without Dagster."""

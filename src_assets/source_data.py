@@ -1,0 +1,118 @@
+"""The VQA source table: the synthetic default, or the user's own Parquet files, validated.
+
+One row per (image, question). Columns:
+
+| column | type | required | meaning |
+|---|---|---|---|
+| id | str | yes | unique row id |
+| split | str | yes | ``sft`` (rationale fine-tuning), ``calibrate`` (SRC iterations) or ``eval`` (held out) |
+| question | str | yes | the question text |
+| answer | str | yes | the ground-truth answer |
+| image | binary | yes | the image, PNG or JPEG bytes |
+| kind | str | no | question kind: one of the domain's, or ``open`` (default) |
+| response | str | for ``sft`` rows | gold rationale then ``Answer: ...`` |
+| reference | str | no | reference description of the image, read by the R-Scorer |
+| scene, question_spec | str (JSON) | no | the synthetic domain's ground truth, read by the verifier |
+"""
+
+from __future__ import annotations
+
+import io
+
+import polars as pl
+from PIL import Image, UnidentifiedImageError
+
+from .scenes import QUESTION_KINDS, Question, Scene, generate_examples
+
+SPLITS = ("sft", "calibrate", "eval")
+KINDS = (*QUESTION_KINDS, "open")
+REQUIRED = {"id": pl.String, "split": pl.String, "question": pl.String, "answer": pl.String, "image": pl.Binary}
+OPTIONAL = {
+    "kind": pl.String,
+    "response": pl.String,
+    "reference": pl.String,
+    "scene": pl.String,
+    "question_spec": pl.String,
+}
+SCHEMA = {**REQUIRED, **OPTIONAL}
+
+
+class SourceDataError(ValueError):
+    """Bad source data; the message names the file, column, row and value."""
+
+
+def synthetic_source(seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_objects=2, max_objects=5) -> pl.DataFrame:
+    rows = []
+    for split, n in (("sft", n_sft), ("calibrate", n_calibrate), ("eval", n_eval)):
+        rows += [e.row() for e in generate_examples(n, seed, split, min_objects=min_objects, max_objects=max_objects)]
+    return pl.DataFrame(rows, schema=SCHEMA)
+
+
+def _check_image(data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+def validate_source(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Checks a source table and returns it with every column of ``SCHEMA``; ``name`` is used in errors."""
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise SourceDataError(f"{name}: missing required column(s) {missing}; a source table needs {list(REQUIRED)}")
+    for col, dtype in SCHEMA.items():
+        if col in df.columns and df.schema[col] != dtype and df.schema[col] != pl.Null:
+            raise SourceDataError(f"{name}: column {col!r} has type {df.schema[col]}, expected {dtype}")
+    df = df.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in OPTIONAL.items() if c not in df.columns])
+    df = df.select([pl.col(c).cast(t) for c, t in SCHEMA.items()]).with_columns(pl.col("kind").fill_null("open"))
+
+    for i, row in enumerate(df.iter_rows(named=True)):
+        where = f"{name}: row {i} (id {row['id']!r})"
+        for col in REQUIRED:
+            if row[col] is None or (col != "image" and not str(row[col]).strip()):
+                raise SourceDataError(f"{where}: column {col!r} is empty")
+        if row["split"] not in SPLITS:
+            raise SourceDataError(f"{where}: column 'split' has unknown value {row['split']!r}; expected one of {SPLITS}")
+        if row["kind"] not in KINDS:
+            raise SourceDataError(f"{where}: column 'kind' has unknown question kind {row['kind']!r}; expected one of {KINDS}")
+        if row["split"] == "sft" and not row["response"]:
+            raise SourceDataError(f"{where}: column 'response' is empty, but sft rows need a gold rationale response")
+        try:
+            _check_image(row["image"])
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise SourceDataError(f"{where}: column 'image' does not hold a decodable image ({e})") from e
+        if row["scene"] is not None or row["question_spec"] is not None:
+            try:
+                Scene.from_json(row["scene"])
+                Question.from_json(row["question_spec"])
+            except (TypeError, ValueError, KeyError) as e:
+                raise SourceDataError(f"{where}: columns 'scene'/'question_spec' are not valid domain JSON ({e})") from e
+    duplicated = df.filter(pl.col("id").is_duplicated())["id"].unique().to_list()
+    if duplicated:
+        raise SourceDataError(f"{name}: column 'id' has duplicate values {duplicated[:5]}")
+    return df
+
+
+def read_source_file(data: bytes, name: str) -> pl.DataFrame:
+    """Parses and validates one Parquet file's bytes; ``name`` (its URI) is used in errors."""
+    try:
+        df = pl.read_parquet(io.BytesIO(data))
+    except Exception as e:
+        raise SourceDataError(f"{name}: not a readable Parquet file ({e})") from e
+    return validate_source(df, name)
+
+
+def preview_rows(df: pl.DataFrame, n: int = 5) -> pl.DataFrame:
+    """A few rows without the image bytes, for metadata previews."""
+    return df.head(n).select([c for c in df.columns if df.schema[c] != pl.Binary])
+
+
+def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
+    """Concatenates validated tables; an id used by two files is an error naming both."""
+    if not named_frames:
+        return pl.DataFrame(schema=SCHEMA)
+    owner: dict[str, str] = {}
+    for name, df in named_frames:
+        for row_id in df["id"].to_list():
+            if row_id in owner:
+                raise SourceDataError(f"{name}: column 'id' value {row_id!r} is also used in {owner[row_id]}")
+            owner[row_id] = name
+    return pl.concat([df for _, df in named_frames], how="vertical")

@@ -1,0 +1,178 @@
+"""One store for every artefact: a local directory by default, or ``s3://bucket/prefix``.
+
+Tables are Parquet, JSON documents are JSON, checkpoints are Hugging Face model
+directories. Every write is atomic:
+
+- a file is written under a temporary name beside its target, then moved into
+  place (a rename on local disk; on S3 the object only appears once complete);
+- a model directory is uploaded to a fresh ``versions/<id>/`` folder, and only
+  then is the ``CURRENT`` pointer rewritten (one atomic file write). A reader
+  follows the pointer, so an interrupted upload is never seen, and the older
+  version stays in place.
+
+Credentials are never passed through here: s3fs reads them from the
+environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, or an
+instance role).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import polars as pl
+
+DEFAULT_STORE = ".src_store"
+STORE_ENV = "SRC_STORE_URI"
+ENDPOINT_ENV = "SRC_S3_ENDPOINT_URL"
+
+
+class StoreError(RuntimeError):
+    """A missing or unreadable artefact; the message names its URI."""
+
+
+class Store:
+    def __init__(self, base_uri: str | None = None, s3_endpoint_url: str | None = None, cache_dir: str | None = None):
+        base_uri = base_uri or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        self.is_local = "://" not in base_uri or base_uri.startswith("file://")
+        options = {}
+        if base_uri.startswith("s3://"):
+            endpoint = s3_endpoint_url or os.environ.get(ENDPOINT_ENV)
+            if endpoint:
+                options["endpoint_url"] = endpoint
+            # Listings must reflect writes made a moment ago by this or another process.
+            options["use_listings_cache"] = False
+            options["skip_instance_cache"] = True
+        elif self.is_local:
+            base_uri = str(Path(base_uri.removeprefix("file://")).expanduser().resolve())
+        self.fs, root = fsspec.core.url_to_fs(base_uri, **options)
+        self.root = root.rstrip("/")
+        self.base_uri = base_uri.rstrip("/")
+        self.cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "src_calibration_model_cache")
+
+    def __repr__(self) -> str:
+        return f"Store({self.base_uri!r})"
+
+    # -- paths ---------------------------------------------------------------
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        if not key or ".." in key.split("/"):
+            raise StoreError(f"invalid store key {key!r}")
+        return f"{self.root}/{key}"
+
+    def uri(self, key: str) -> str:
+        path = self._path(key)
+        return path if self.is_local else f"{self.base_uri.split('://', 1)[0]}://{path}"
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Keys (relative to the store) of the files under ``prefix`` ending with ``suffix``, sorted."""
+        base = self._path(prefix)
+        if not self.fs.exists(base):
+            return []
+        keys = []
+        for path in self.fs.find(base):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(suffix) and not name.startswith(".tmp-"):
+                keys.append(path[len(self.root) + 1 :])
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    # -- files ---------------------------------------------------------------
+    def write_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+        return self.uri(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(key))
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.uri(key)} does not exist") from e
+
+    def write_table(self, key: str, df: pl.DataFrame) -> str:
+        buf = io.BytesIO()
+        df.write_parquet(buf)
+        return self.write_bytes(key, buf.getvalue())
+
+    def read_table(self, key: str) -> pl.DataFrame:
+        data = self.read_bytes(key)
+        try:
+            return pl.read_parquet(io.BytesIO(data))
+        except Exception as e:
+            raise StoreError(f"{self.uri(key)} is not a readable Parquet file: {e}") from e
+
+    def write_json(self, key: str, value) -> str:
+        return self.write_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def read_json(self, key: str):
+        return json.loads(self.read_bytes(key))
+
+    # -- model directories ---------------------------------------------------
+    def put_model(self, key: str, local_dir: str | Path) -> str:
+        """Uploads a model directory as a new version of ``key`` and makes it current; returns its URI."""
+        local_dir = Path(local_dir)
+        if not (local_dir / "config.json").is_file():
+            raise StoreError(f"{local_dir} is not a model directory (no config.json)")
+        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        target = self._path(f"{key}/versions/{version}")
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            dest = f"{target}/{file.relative_to(local_dir).as_posix()}"
+            if self.is_local:
+                os.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(file), dest)
+        self.write_json(f"{key}/CURRENT", {"version": version})
+        return self.uri(f"{key}/versions/{version}")
+
+    def current_model(self, key: str) -> str | None:
+        """URI of the committed version of ``key``, or None when none was ever committed."""
+        if not self.exists(f"{key}/CURRENT"):
+            return None
+        return self.uri(f"{key}/versions/{self.read_json(f'{key}/CURRENT')['version']}")
+
+    def local_model_dir(self, uri: str) -> str:
+        """A local directory holding the model at ``uri``: the directory itself on local disk, else a cached download."""
+        if "://" not in uri:
+            if not Path(uri, "config.json").is_file():
+                raise StoreError(f"{uri} is not a model directory (no config.json)")
+            return uri
+        local = self.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
+        if local.is_dir():  # versions are immutable, so a cached copy never goes stale
+            return str(local)
+        path = uri.split("://", 1)[1]
+        if not self.fs.exists(f"{path}/config.json"):
+            raise StoreError(f"{uri} is not a model directory (no config.json)")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=self.cache_dir))
+        try:
+            self.fs.get(f"{path}/", f"{tmp}/", recursive=True)
+            tmp.rename(local)
+        except OSError:
+            if not local.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(local)

@@ -1,0 +1,233 @@
+"""The verifier: parses any response into claims and checks them against the scene.
+
+It is the evaluation metric of the embedded domain and the teacher that labels
+pairs for training the R-Scorer. It never raises on a response: empty,
+truncated, unknown words or a missing answer line are reported in
+``Verification.problems`` and scored as such.
+
+Metrics, each in [0, 1]:
+- ``correct``: the stated answer equals the gold answer.
+- ``factuality``: the fraction of the rationale's sentences that are true
+  claims about the scene (a sentence that parses as no claim counts as untrue).
+- ``completeness``: the fraction of the scene's objects the rationale correctly
+  mentions.
+- ``consistency``: the stated answer is what the rationale's own claims imply
+  (its perceived objects, and its conclusion sentence when it has one),
+  whether or not those claims are true.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .scenes import (
+    COLORS,
+    COLUMNS,
+    DOMAIN_WORDS,
+    NUMBER_WORDS,
+    ROWS,
+    SHAPES,
+    Question,
+    Scene,
+    SceneObject,
+    count_objects,
+    answer_question,
+)
+
+_WORD = re.compile(r"[a-z]+|[.?:!,]")
+_PLURALS = {f"{s}s": s for s in SHAPES}
+
+
+@dataclass(frozen=True)
+class Claim:
+    kind: str  # "object", "count", "exists", "attribute", "position", "unparsed"
+    text: str
+    true: bool
+    fields: tuple = ()
+
+
+@dataclass
+class Verification:
+    answer: str | None
+    correct: float
+    factuality: float
+    completeness: float
+    consistency: float
+    claims: list[Claim] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "correct": self.correct,
+            "factuality": self.factuality,
+            "completeness": self.completeness,
+            "consistency": self.consistency,
+        }
+
+
+def split_response(response: str) -> tuple[str, str | None]:
+    """(rationale, answer); the answer is the text after the last ``Answer:``, or None."""
+    matches = list(re.finditer(r"answer\s*:", response, re.IGNORECASE))
+    if not matches:
+        return response, None
+    last = matches[-1]
+    return response[: last.start()], (normalize_answer(response[last.end() :]) or None)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no trailing full stop: how answers are compared."""
+    return " ".join(text.split()).lower().strip(" .")
+
+
+def _sentences(rationale: str) -> list[list[str]]:
+    words = _WORD.findall(rationale.lower())
+    out, current = [], []
+    for w in words:
+        if w in ".?!":
+            if current:
+                out.append(current)
+            current = []
+        else:
+            current.append(w)
+    if current:
+        out.append(current)
+    return out
+
+
+def _position(words) -> str | None:
+    if len(words) == 2 and words[0] in ROWS and words[1] in COLUMNS:
+        return f"{words[0]} {words[1]}"
+    return None
+
+
+def _number(word) -> int | None:
+    return NUMBER_WORDS.index(word) if word in NUMBER_WORDS else None
+
+
+def _subject(words) -> tuple[str | None, str | None] | None:
+    """``red shapes`` -> (red, None); ``circles`` -> (None, circle)."""
+    if len(words) == 2 and words[0] in COLORS and words[1] == "shapes":
+        return words[0], None
+    if len(words) == 1 and words[0] in _PLURALS:
+        return None, _PLURALS[words[0]]
+    return None
+
+
+def _parse_sentence(w: list[str]):
+    """One sentence's words -> (kind, fields) or None when it is no claim the domain knows."""
+    if w[:3] == ["there", "is", "a"] and len(w) == 9 and w[5:7] == ["at", "the"]:
+        pos = _position(w[7:9])
+        if w[3] in COLORS and w[4] in SHAPES and pos:
+            return "object", (w[3], w[4], pos)
+    if w[:1] != ["so"]:
+        return None
+    w = w[1:]
+    # so the number of <subject> is <n> [and the number of <subject> is <n>]
+    if w[:3] == ["the", "number", "of"]:
+        parts, rest = [], w
+        while rest[:3] == ["the", "number", "of"] and "is" in rest:
+            i = rest.index("is")
+            subject, n = _subject(rest[3:i]), _number(rest[i + 1]) if i + 1 < len(rest) else None
+            if subject is None or n is None:
+                return None
+            parts.append((subject, n))
+            rest = rest[i + 2 :]
+            if rest[:1] == ["and"]:
+                rest = rest[1:]
+        if rest or not parts:
+            return None
+        return "count", tuple(parts)
+    if w[:2] == ["there", "is"] and len(w) == 5 and w[2] in ("a", "no") and w[3] in COLORS and w[4] in SHAPES:
+        return "exists", (w[3], w[4], w[2] == "a")
+    if w[:4] == ["the", "shape", "at", "the"] and len(w) == 8 and w[6] == "is":
+        pos = _position(w[4:6])
+        if pos and w[7] in COLORS:
+            return "attribute", (pos, w[7])
+    if len(w) == 8 and w[0] == "the" and w[1] in COLORS and w[2] in SHAPES and w[3:6] == ["is", "at", "the"]:
+        pos = _position(w[6:8])
+        if pos:
+            return "position", (w[1], w[2], pos)
+    return None
+
+
+def _claim_true(kind, fields, objects) -> bool:
+    if kind == "object":
+        color, shape, pos = fields
+        return any(o.color == color and o.shape == shape and o.position == pos for o in objects)
+    if kind == "count":
+        return all(count_objects(objects, color, shape) == n for (color, shape), n in fields)
+    if kind == "exists":
+        color, shape, present = fields
+        return (count_objects(objects, color, shape) > 0) == present
+    if kind == "attribute":
+        pos, color = fields
+        return any(o.position == pos and o.color == color for o in objects)
+    if kind == "position":
+        color, shape, pos = fields
+        return [o.position for o in objects if o.color == color and o.shape == shape] == [pos]
+    return False
+
+
+def _implied_by_conclusion(claim: Claim, q: Question) -> str | None:
+    """The answer a conclusion sentence commits to, if it is about the question's subject."""
+    if claim.kind == "count":
+        counts = dict(claim.fields)
+        if q.kind == "count" and (q.color, q.shape) in counts:
+            return NUMBER_WORDS[counts[(q.color, q.shape)]]
+        if q.kind == "compare" and (q.color, None) in counts and (q.other_color, None) in counts:
+            return "yes" if counts[(q.color, None)] > counts[(q.other_color, None)] else "no"
+    if claim.kind == "exists" and q.kind == "exists" and claim.fields[:2] == (q.color, q.shape):
+        return "yes" if claim.fields[2] else "no"
+    if claim.kind == "attribute" and q.kind == "attribute" and claim.fields[0] == q.position:
+        return claim.fields[1]
+    if claim.kind == "position" and q.kind == "position" and claim.fields[:2] == (q.color, q.shape):
+        return claim.fields[2]
+    return None
+
+
+def verify(response: str | None, scene: Scene, question: Question) -> Verification:
+    problems: list[str] = []
+    if not isinstance(response, str) or not response.strip():
+        return Verification(None, 0.0, 0.0, 0.0, 0.0, [], ["empty response"])
+
+    rationale, answer = split_response(response)
+    if answer is None:
+        problems.append("no answer line")
+    unknown = sorted({w for w in re.findall(r"[A-Za-z]+", response) if w.lower() not in _KNOWN_WORDS})
+    if unknown:
+        problems.append(f"unknown words: {' '.join(unknown[:10])}")
+
+    claims: list[Claim] = []
+    for words in _sentences(rationale):
+        text = " ".join(words)
+        parsed = _parse_sentence(words)
+        if parsed is None:
+            claims.append(Claim("unparsed", text, False))
+        else:
+            kind, fields = parsed
+            claims.append(Claim(kind, text, _claim_true(kind, fields, scene.objects), fields))
+    if any(c.kind == "unparsed" for c in claims):
+        problems.append("unparseable sentence")
+
+    gold = answer_question(scene.objects, question)
+    correct = float(answer is not None and answer == gold)
+    factuality = sum(c.true for c in claims) / len(claims) if claims else 0.0
+
+    mentioned = {c.fields for c in claims if c.kind == "object" and c.true}
+    completeness = len(mentioned) / len(scene.objects) if scene.objects else 1.0
+
+    claimed_objects = [SceneObject(c, s, *p.split(" ")) for c, s, p in (c.fields for c in claims if c.kind == "object")]
+    consistent = answer is not None and bool(claimed_objects)
+    if consistent:
+        consistent = answer_question(claimed_objects, question) == answer
+    for c in claims:
+        implied = _implied_by_conclusion(c, question)
+        if implied is not None and implied != answer:
+            consistent = False
+    if not consistent and answer is not None:
+        problems.append("answer does not follow from the rationale")
+    return Verification(answer, correct, factuality, completeness, float(consistent), claims, problems)
+
+
+_KNOWN_WORDS = {w.lower() for w in DOMAIN_WORDS}

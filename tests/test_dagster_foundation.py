@@ -1,0 +1,119 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import DagsterInstance, materialize
+
+from dagster_project.definitions import all_assets, build_resources, defs
+from dagster_project.resources import SettingsResource, StoreResource
+from src_assets.models import load_policy, load_scorer
+from src_assets.storage import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resources(base_uri, endpoint=""):
+    return build_resources(StoreResource(base_uri=base_uri, s3_endpoint_url=endpoint), SettingsResource(profile="smoke"))
+
+
+def test_definitions_validate_through_workspace_yaml(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Validation successful" in out.stderr + out.stdout
+
+
+def test_foundation_assets_materialize_with_metadata(tmp_path):
+    instance = DagsterInstance.ephemeral()
+    result = materialize(all_assets, instance=instance, resources=_resources(str(tmp_path)))
+    assert result.success
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert set(meta) == {"vqa_source", "rationale_sft_set", "eval_set", "base_policy_model", "base_r_scorer_model"}
+    assert meta["vqa_source"]["rows"].value == 60 + 12 + 20
+    assert meta["rationale_sft_set"]["rows"].value == 60
+    assert meta["eval_set"]["rows"].value == 20
+    for table in ("vqa_source", "rationale_sft_set", "eval_set"):
+        assert "| count |" in meta[table]["question_kinds"].value
+        assert len(meta[table]["preview"].value.records) > 0
+    assert meta["vqa_source"]["splits"].value == {"calibrate": 12, "eval": 20, "sft": 60}
+
+    store = Store(str(tmp_path))
+    assert store.read_table("assets/eval_set.parquet").height == 20
+    policy_uri = store.read_json("assets/base_policy_model.json")
+    assert policy_uri == store.current_model("models/base_policy_model")
+    assert meta["base_policy_model"]["architecture"].value == "LlavaForConditionalGeneration"
+    model, _ = load_policy(store.local_model_dir(policy_uri))
+    assert sum(p.numel() for p in model.parameters()) == meta["base_policy_model"]["parameters"].value
+    load_scorer(store.local_model_dir(store.read_json("assets/base_r_scorer_model.json")))
+
+
+def test_bad_source_file_fails_naming_it_and_keeps_the_stored_table(tmp_path):
+    store = Store(str(tmp_path))
+    resources = _resources(str(tmp_path))
+    instance = DagsterInstance.ephemeral()
+    assert materialize([a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=instance, resources=resources).success
+    before = store.read_bytes("assets/vqa_source.parquet")
+
+    bad = store.read_table("assets/vqa_source.parquet").head(3).drop("question")
+    store.write_table("source/new-batch.parquet", bad.with_columns(pl.col("id") + "-user"))
+    result = materialize(
+        [a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=instance, resources=resources, raise_on_error=False
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "source/new-batch.parquet: missing required column(s) ['question']" in failure.step_failure_data.error.message
+    assert store.read_bytes("assets/vqa_source.parquet") == before
+
+
+def test_user_parquet_files_join_the_source(tmp_path):
+    store = Store(str(tmp_path))
+    from src_assets.source_data import synthetic_source
+
+    extra = synthetic_source(seed=99, n_sft=0, n_calibrate=3, n_eval=0).with_columns(pl.col("id") + "-mine")
+    store.write_table("source/batch-001.parquet", extra.select("id", "split", "question", "answer", "image"))
+    result = materialize(
+        [a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=DagsterInstance.ephemeral(), resources=_resources(str(tmp_path))
+    )
+    df = store.read_table("assets/vqa_source.parquet")
+    assert df.height == 92 + 3 and df.filter(pl.col("kind") == "open").height == 3
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["source_files"].value == [store.uri("source/batch-001.parquet")]
+
+
+def test_assets_materialize_into_s3(s3_endpoint):
+    resources = _resources("s3://src-test/dagster-run", s3_endpoint)
+    wanted = {"vqa_source", "eval_set", "base_r_scorer_model"}
+    result = materialize([a for a in all_assets if a.key.to_user_string() in wanted], instance=DagsterInstance.ephemeral(), resources=resources)
+    assert result.success
+    store = Store("s3://src-test/dagster-run", s3_endpoint_url=s3_endpoint)
+    assert store.read_table("assets/eval_set.parquet").height == 20
+    scorer_uri = store.read_json("assets/base_r_scorer_model.json")
+    assert scorer_uri.startswith("s3://src-test/dagster-run/models/base_r_scorer_model/versions/")
+    load_scorer(store.local_model_dir(scorer_uri))
+
+
+def test_cli_run_records_history_in_a_persistent_instance(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "SRC_STORE_URI": str(tmp_path / "store")}
+    out = subprocess.run(
+        [sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)
+    assert {r["asset"] for r in rows} >= {"vqa_source", "eval_set", "base_policy_model"}
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert len(instance.get_runs()) == 1
+        from dagster import AssetKey
+
+        assert instance.get_latest_materialization_event(AssetKey("eval_set")) is not None
+
+
+def test_definitions_carry_the_resources():
+    assert set(defs.resources) == {"store", "io_manager", "settings"}

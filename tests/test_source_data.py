@@ -1,0 +1,90 @@
+import io
+
+import polars as pl
+import pytest
+
+from src_assets.rationale_sft import build_rationale_sft_set
+from src_assets.source_data import (
+    SCHEMA,
+    SourceDataError,
+    combine_sources,
+    read_source_file,
+    synthetic_source,
+    validate_source,
+)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return synthetic_source(seed=0, n_sft=10, n_calibrate=5, n_eval=5)
+
+
+def _parquet(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return buf.getvalue()
+
+
+def test_synthetic_source_has_the_schema_and_splits(source):
+    assert source.schema == pl.Schema(SCHEMA)
+    assert source.group_by("split").len().sort("split").rows() == [("calibrate", 5), ("eval", 5), ("sft", 10)]
+    assert validate_source(source, "synthetic").equals(source)
+
+
+def test_user_file_round_trips_through_parquet(source):
+    minimal = source.select("id", "split", "question", "answer", "image", "response")
+    df = read_source_file(_parquet(minimal), "s3://bucket/source/mine.parquet")
+    assert df.columns == list(SCHEMA)
+    assert df["kind"].unique().to_list() == ["open"]
+
+
+def test_missing_column_names_the_file_and_column(source):
+    with pytest.raises(SourceDataError, match=r"s3://b/source/x\.parquet: missing required column\(s\) \['answer'\]"):
+        read_source_file(_parquet(source.drop("answer")), "s3://b/source/x.parquet")
+
+
+def test_corrupt_png_names_the_row_and_column(source):
+    bad = source.with_row_index().with_columns(
+        pl.when(pl.col("index") == 3).then(pl.lit(b"\x89PNG\r\n\x1a\nnot really")).otherwise(pl.col("image")).alias("image")
+    ).drop("index")
+    with pytest.raises(SourceDataError, match=r"f\.parquet: row 3 \(id 'sft-0-000003'\): column 'image' does not hold a decodable image"):
+        read_source_file(_parquet(bad), "f.parquet")
+
+
+def test_unknown_question_kind_names_the_row_and_value(source):
+    bad = source.with_columns(pl.when(pl.col("id") == "sft-0-000004").then(pl.lit("colour")).otherwise(pl.col("kind")).alias("kind"))
+    with pytest.raises(SourceDataError, match=r"f\.parquet: row 4 \(id 'sft-0-000004'\): column 'kind' has unknown question kind 'colour'"):
+        validate_source(bad, "f.parquet")
+
+
+def test_other_bad_values_are_named(source):
+    with pytest.raises(SourceDataError, match=r"column 'split' has unknown value 'test'"):
+        validate_source(source.with_columns(pl.lit("test").alias("split")), "f.parquet")
+    with pytest.raises(SourceDataError, match=r"row 0 .*column 'question' is empty"):
+        validate_source(source.with_columns(pl.lit("").alias("question")), "f.parquet")
+    with pytest.raises(SourceDataError, match=r"column 'answer' has type Int32, expected String"):
+        validate_source(source.with_columns(pl.lit(1).alias("answer")), "f.parquet")
+    with pytest.raises(SourceDataError, match=r"f\.parquet: not a readable Parquet file"):
+        read_source_file(b"PAR1 garbage", "f.parquet")
+    with pytest.raises(SourceDataError, match=r"column 'id' has duplicate values \['sft-0-000000'\]"):
+        validate_source(pl.concat([source.head(1), source.head(1)]), "f.parquet")
+
+
+def test_an_id_in_two_files_names_both(source):
+    with pytest.raises(SourceDataError, match=r"b\.parquet: column 'id' value 'sft-0-000000' is also used in a\.parquet"):
+        combine_sources([("a.parquet", source), ("b.parquet", source.head(1))])
+
+
+def test_rationale_sft_set_takes_sft_rows_in_template(source):
+    sft = build_rationale_sft_set(source)
+    assert sft.height == 10 and sft.columns == ["id", "kind", "prompt", "completion", "image"]
+    assert all(c.split("\n")[-1].startswith("Answer: ") for c in sft["completion"])
+
+
+def test_rationale_sft_set_rejects_off_template_responses(source):
+    bad = source.with_columns(pl.when(pl.col("id") == "sft-0-000002").then(pl.lit("just two")).otherwise(pl.col("response")).alias("response"))
+    with pytest.raises(SourceDataError, match=r"sft row 'sft-0-000002': column 'response' is not in the rationale template"):
+        build_rationale_sft_set(bad)
+    wrong = source.with_columns(pl.when(pl.col("id") == "sft-0-000001").then(pl.lit("zzz")).otherwise(pl.col("answer")).alias("answer"))
+    with pytest.raises(SourceDataError, match=r"sft row 'sft-0-000001': column 'response' answers .* but column 'answer' is 'zzz'"):
+        build_rationale_sft_set(wrong)

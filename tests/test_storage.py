@@ -1,0 +1,96 @@
+import polars as pl
+import pytest
+
+from src_assets.storage import Store, StoreError
+
+
+def _stores(tmp_path, s3_endpoint):
+    return {"local": Store(str(tmp_path / "store")), "s3": Store("s3://src-test/run-prefix", s3_endpoint_url=s3_endpoint)}
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return Store(str(tmp_path / "store"))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return Store(f"s3://src-test/{tmp_path.name}", s3_endpoint_url=endpoint)
+
+
+def test_tables_and_json_round_trip(store):
+    df = pl.DataFrame({"id": ["a", "b"], "image": [b"\x89PNG", b""], "score": [0.5, 1.0]})
+    uri = store.write_table("assets/x.parquet", df)
+    assert uri.endswith("assets/x.parquet")
+    assert store.read_table("assets/x.parquet").equals(df)
+    store.write_json("assets/y.json", {"k": [1, 2]})
+    assert store.read_json("assets/y.json") == {"k": [1, 2]}
+    assert store.list("assets") == ["assets/x.parquet", "assets/y.json"]
+    assert store.list("assets", ".parquet") == ["assets/x.parquet"]
+    assert store.list("nothing-here") == []
+
+
+def test_missing_artefact_error_names_its_uri(store):
+    with pytest.raises(StoreError, match="assets/missing.parquet does not exist"):
+        store.read_table("assets/missing.parquet")
+
+
+def test_interrupted_file_write_keeps_the_old_version(store, monkeypatch):
+    store.write_json("assets/a.json", {"v": 1})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed between write and commit")
+
+    monkeypatch.setattr(store.fs, "mv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_json("assets/a.json", {"v": 2})
+    monkeypatch.undo()
+    assert store.read_json("assets/a.json") == {"v": 1}
+    assert store.list("assets") == ["assets/a.json"]  # the aside copy was cleaned up
+
+
+def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch):
+    scorer_dir = tiny_dirs[1]
+    first = store.put_model("models/scorer", scorer_dir)
+    assert store.current_model("models/scorer") == first
+
+    calls = []
+
+    def dies_on_third_file(src, dst, **kwargs):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("connection reset")
+        return original(src, dst, **kwargs)
+
+    original = store.fs.put_file
+    monkeypatch.setattr(store.fs, "put_file", dies_on_third_file)
+    with pytest.raises(OSError):
+        store.put_model("models/scorer", scorer_dir)
+    monkeypatch.undo()
+    assert store.current_model("models/scorer") == first  # the half-uploaded version is never current
+
+    second = store.put_model("models/scorer", scorer_dir)
+    assert second != first and store.current_model("models/scorer") == second
+    local = store.local_model_dir(second)
+    from src_assets.models import load_scorer
+
+    model, tok = load_scorer(local)
+    assert model.config.vocab_size == len(tok)
+    assert store.local_model_dir(first)  # the older version is still there
+
+
+def test_no_model_means_no_current_version(store):
+    assert store.current_model("models/never") is None
+
+
+def test_put_model_refuses_a_non_model_directory(store, tmp_path):
+    with pytest.raises(StoreError, match="no config.json"):
+        store.put_model("models/x", tmp_path)
+
+
+def test_store_uri_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRC_STORE_URI", str(tmp_path / "from-env"))
+    assert Store().base_uri == str(tmp_path / "from-env")
+
+
+def test_keys_cannot_escape_the_store(tmp_path):
+    with pytest.raises(StoreError, match="invalid store key"):
+        Store(str(tmp_path)).write_json("../outside.json", {})
