@@ -1,0 +1,170 @@
+"""Stages 4-5: aggregate pairwise judgements and curate confidence-weighted preference pairs.
+
+All aggregation goes through ``aggregate``: the Triton kernel on CUDA, the
+PyTorch reference elsewhere (both in ``kernels.pairwise``, same math).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from kernels.pairwise import PairwiseAggregate, aggregate_pairwise, aggregate_pairwise_reference
+
+from .verifier import normalize_answer
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    tau: float = 0.1  # pairs whose weight is below this are dropped
+    select_by: str = "strength"  # "strength" (Bradley-Terry) or "win_rate"
+    pairs_per_prompt: int = 1  # best vs worst, 2nd best vs 2nd worst, ...
+    require_correct_chosen: bool = True  # never keep a chosen response whose answer is wrong
+    bt_iters: int = 50
+    bt_tol: float = 1e-6
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.select_by not in ("strength", "win_rate"):
+            raise ValueError(f"select_by must be 'strength' or 'win_rate', got {self.select_by!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+        if self.pairs_per_prompt < 1:
+            raise ValueError(f"pairs_per_prompt must be at least 1, got {self.pairs_per_prompt}")
+
+
+def aggregate(p: torch.Tensor, valid: torch.Tensor | None, bt_iters=50, bt_tol=1e-6, backend="auto") -> PairwiseAggregate:
+    """The one aggregation function of the pipeline."""
+    if backend == "triton" or (backend == "auto" and p.is_cuda):
+        return aggregate_pairwise(p, valid, bt_iters, bt_tol)
+    return aggregate_pairwise_reference(p, valid, bt_iters, bt_tol)
+
+
+def pad_matrices(matrices: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt K_b x K_b matrices -> p [B, K, K] and valid [B, K], K = max K_b."""
+    K = max((len(m) for m in matrices), default=2)
+    K = max(K, 2)
+    p = torch.full((len(matrices), K, K), 0.5)
+    valid = torch.zeros((len(matrices), K), dtype=torch.bool)
+    for b, m in enumerate(matrices):
+        if m:
+            p[b, : len(m), : len(m)] = torch.tensor(m, dtype=torch.float32)
+            valid[b, : len(m)] = True
+    return p, valid
+
+
+def score_table(prompt_ids: list[str], matrices: list[list[list[float]]], cfg: CurationConfig = CurationConfig()) -> pl.DataFrame:
+    """The ``pairwise_scores`` rows: each prompt's judged and debiased matrices and per-candidate scores."""
+    p, valid = pad_matrices(matrices)
+    device = "cuda" if cfg.backend != "torch" and torch.cuda.is_available() else "cpu"
+    out = aggregate(p.to(device), valid.to(device), cfg.bt_iters, cfg.bt_tol, cfg.backend)
+    out = PairwiseAggregate(*(t.cpu() for t in out))
+    rows = []
+    for b, pid in enumerate(prompt_ids):
+        k = int(valid[b].sum())
+        rows.append(
+            {
+                "prompt_id": pid,
+                "n_candidates": k,
+                "p": p[b, :k, :k].tolist(),
+                "q": out.q[b, :k, :k].tolist(),
+                "win_rate": out.win_rate[b, :k].tolist(),
+                "strength": out.strength[b, :k].tolist(),
+                "chosen": int(out.chosen[b]),
+                "rejected": int(out.rejected[b]),
+                "confidence": float(out.confidence[b]),
+                "agreement": float(out.agreement[b]),
+            }
+        )
+    return pl.DataFrame(rows, schema=SCORE_SCHEMA)
+
+
+SCORE_SCHEMA = {
+    "prompt_id": pl.String,
+    "n_candidates": pl.Int64,
+    "p": pl.List(pl.List(pl.Float64)),
+    "q": pl.List(pl.List(pl.Float64)),
+    "win_rate": pl.List(pl.Float64),
+    "strength": pl.List(pl.Float64),
+    "chosen": pl.Int64,
+    "rejected": pl.Int64,
+    "confidence": pl.Float64,
+    "agreement": pl.Float64,
+}
+
+
+def _ranked_pairs(row: dict, cfg: CurationConfig) -> list[tuple[int, int, float]]:
+    """(chosen, rejected, weight) for each pair of one prompt, best first."""
+    k = row["n_candidates"]
+    if k < 2 or row["chosen"] < 0:
+        return []
+    if cfg.select_by == "strength" and cfg.pairs_per_prompt == 1:
+        if row["chosen"] == row["rejected"]:
+            return []
+        return [(row["chosen"], row["rejected"], row["confidence"])]
+    score = row[cfg.select_by]
+    best_first = sorted(range(k), key=lambda i: (-score[i], i))
+    worst_first = sorted(range(k), key=lambda i: (score[i], i))
+    pairs = []
+    for r in range(cfg.pairs_per_prompt):
+        c, w = best_first[r], worst_first[r]
+        if best_first.index(c) >= best_first.index(w) or score[c] == score[w]:
+            break
+        p, q = row["p"], row["q"]
+        agreement = 1 - abs(p[c][w] + p[w][c] - 1)
+        pairs.append((c, w, min(max(2 * q[c][w] - 1, 0.0), 1.0) * agreement))
+    return pairs
+
+
+def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
+    """The ``preference_set``: one row per pair considered, kept or dropped with the reason.
+
+    ``candidates``: prompt_id, candidate, text, answer. ``prompts``: id, question,
+    answer (gold, may be null) and image.
+    """
+    by_prompt = {pid: group for (pid,), group in candidates.group_by("prompt_id")}
+    prompt_rows = {r["id"]: r for r in prompts.iter_rows(named=True)}
+    rows = []
+    for s in scores.iter_rows(named=True):
+        prompt = prompt_rows[s["prompt_id"]]
+        group = by_prompt.get(s["prompt_id"])
+        texts = dict(zip(group["candidate"], group["text"])) if group is not None else {}
+        answers = dict(zip(group["candidate"], group["answer"])) if group is not None else {}
+        base = {"prompt_id": s["prompt_id"], "question": prompt["question"], "image": prompt["image"], "gold_answer": prompt["answer"]}
+        pairs = _ranked_pairs(s, cfg)
+        if not pairs:
+            reason = "fewer than 2 candidates" if s["n_candidates"] < 2 else "all candidates tied"
+            rows.append({**base, "chosen": None, "rejected": None, "chosen_answer": None, "rejected_answer": None,
+                         "weight": 0.0, "kept": False, "drop_reason": reason})
+            continue
+        for c, r, weight in pairs:
+            reason = None
+            gold = prompt["answer"]
+            if cfg.require_correct_chosen and gold is not None and normalize_answer(answers[c] or "") != normalize_answer(gold):
+                reason = f"chosen answer {answers[c]!r} is wrong (gold {gold!r})"
+            elif weight < cfg.tau:
+                reason = f"weight {weight:.3f} below tau {cfg.tau}"
+            rows.append({**base, "chosen": texts[c], "rejected": texts[r], "chosen_answer": answers[c],
+                         "rejected_answer": answers[r], "weight": float(weight), "kept": reason is None, "drop_reason": reason})
+    return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
+
+
+PREFERENCE_SCHEMA = {
+    "prompt_id": pl.String,
+    "question": pl.String,
+    "image": pl.Binary,
+    "gold_answer": pl.String,
+    "chosen": pl.String,
+    "rejected": pl.String,
+    "chosen_answer": pl.String,
+    "rejected_answer": pl.String,
+    "weight": pl.Float64,
+    "kept": pl.Boolean,
+    "drop_reason": pl.String,
+}

@@ -1,0 +1,75 @@
+import polars as pl
+import pytest
+import torch
+
+from src_assets.preference import CurationConfig, curate_preferences, score_table
+
+
+def _fixture(n_prompts=40, K=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [f"q{i}" for i in range(n_prompts)]
+    ks = [K if i % 7 else max(1, i % 3) for i in range(n_prompts)]  # some prompts with 1 or 2 candidates
+    matrices = [torch.rand(k, k, generator=g).tolist() for k in ks]
+    cand = []
+    for pid, k in zip(ids, ks):
+        for c in range(k):
+            answer = "two" if (c + len(pid)) % 2 else "three"
+            cand.append({"prompt_id": pid, "candidate": c, "text": f"{pid} candidate {c}\nAnswer: {answer}", "answer": answer})
+    prompts = pl.DataFrame({"id": ids, "question": ["how many?"] * n_prompts, "answer": ["two"] * n_prompts, "image": [b"png"] * n_prompts})
+    return ids, matrices, pl.DataFrame(cand), prompts
+
+
+def test_kernel_and_reference_give_the_same_preference_set():
+    ids, matrices, cand, prompts = _fixture()
+    cfg = CurationConfig(tau=0.05)
+    via_kernel = score_table(ids, matrices, CurationConfig(backend="triton"))
+    via_torch = score_table(ids, matrices, CurationConfig(backend="torch"))
+    assert via_kernel["chosen"].to_list() == via_torch["chosen"].to_list()
+    a = curate_preferences(cand, via_kernel, prompts, cfg)
+    b = curate_preferences(cand, via_torch, prompts, cfg)
+    assert a.drop("weight").equals(b.drop("weight"))
+    assert a["weight"].to_list() == pytest.approx(b["weight"].to_list(), abs=1e-6)
+    assert a["kept"].sum() > 0
+
+
+def test_curation_rules():
+    ids, matrices, cand, prompts = _fixture()
+    scores = score_table(ids, matrices, CurationConfig(backend="torch"))
+    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.2))
+    assert prefs.height == len(ids)  # one pair considered per prompt
+    assert ((prefs["weight"] >= 0) & (prefs["weight"] <= 1)).all()
+    kept = prefs.filter("kept")
+    assert (kept["chosen_answer"] == "two").all() and (kept["weight"] >= 0.2).all()
+    reasons = prefs.filter(~pl.col("kept"))["drop_reason"].to_list()
+    assert all(r is not None for r in reasons)
+    assert any(r == "fewer than 2 candidates" for r in reasons)
+    assert any(r.startswith("chosen answer 'three' is wrong (gold 'two')") for r in reasons)
+    assert any(r.startswith("weight ") and "below tau 0.2" in r for r in reasons)
+
+
+def test_weight_is_the_debiased_margin_times_order_agreement():
+    # Candidate 0 beats 1 in both orders: p(0,1) = 0.9 and p(1,0) = 0.3.
+    scores = score_table(["x"], [[[0.5, 0.9], [0.3, 0.5]]], CurationConfig(backend="torch"))
+    s = scores.row(0, named=True)
+    assert (s["chosen"], s["rejected"]) == (0, 1)
+    q01 = (0.9 + 1 - 0.3) / 2
+    agreement = 1 - abs(0.9 + 0.3 - 1)
+    assert s["confidence"] == pytest.approx((2 * q01 - 1) * agreement, abs=1e-6)
+
+
+def test_several_pairs_per_prompt_and_win_rate_selection():
+    ids, matrices, cand, prompts = _fixture(n_prompts=6, K=6)
+    scores = score_table(ids, matrices, CurationConfig(backend="torch"))
+    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=3, select_by="win_rate", require_correct_chosen=False))
+    per_prompt = prefs.group_by("prompt_id").len()
+    assert per_prompt.filter(pl.col("prompt_id") == "q1")["len"].item() == 3
+    s = scores.filter(pl.col("prompt_id") == "q1").row(0, named=True)
+    best = max(range(6), key=lambda i: (s["win_rate"][i], -i))
+    first = prefs.filter(pl.col("prompt_id") == "q1").row(0, named=True)
+    assert first["chosen"] == f"q1 candidate {best}" + ("\nAnswer: two" if (best + 2) % 2 else "\nAnswer: three")
+
+
+@pytest.mark.parametrize("kwargs, message", [({"select_by": "mean"}, "select_by"), ({"tau": 2.0}, "tau"), ({"backend": "cuda"}, "backend")])
+def test_bad_curation_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CurationConfig(**kwargs)
