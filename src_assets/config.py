@@ -28,6 +28,7 @@ class SRCConfig:
     # Models: "tiny", a local model directory, or a hub id.
     policy_model: str = TINY
     scorer_model: str = TINY
+    use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
     tiny_hidden_size: int = 128
     tiny_layers: int = 2
 

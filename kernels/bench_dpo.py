@@ -1,0 +1,178 @@
+"""Benchmark: confidence-weighted DPO loss, forward + backward, kernel against the baselines, in one process.
+
+    python -m kernels.bench_dpo [--out bench_dpo.json] [--reps 10] [--dtype bfloat16]
+
+Needs a CUDA GPU, torch and triton; Liger-Kernel is timed too when importable.
+Methods (each produces the loss and the gradients of hidden, LM head and bias):
+
+- ``triton``: ``kernels.dpo.weighted_dpo_loss``;
+- ``trl_full_logits``: every position through the LM head, selective log-softmax, masked sum (TRL's classic path);
+- ``liger_fused_linear_dpo``: ``LigerFusedLinearDPOLoss`` (chunked, all positions);
+- ``completion_only_eager``: ``weighted_dpo_loss_reference``;
+- ``three_gemms_floor``: the three completion-only GEMMs alone (logits, dlogits @ W, dlogits^T @ h).
+
+Time: median of ``--reps`` (CUDA events). Memory: peak allocated beyond the
+inputs and the gradients every method must produce, from a clean baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .dpo import dpo_loss_from_logps, weighted_dpo_loss, weighted_dpo_loss_reference
+
+# (pairs, T, completion tokens, H, V): DESIGN.md section 5, plus a long-vocabulary case at T=8192.
+SHAPES = (
+    (2, 2048, 256, 4096, 32000),
+    (2, 2048, 256, 3584, 152064),
+    (4, 4096, 512, 3584, 152064),
+    (2, 8192, 512, 3584, 256000),
+)
+BETA = 0.1
+
+
+def trl_full_logits(hidden, weight, labels, ref_logps, pair_weights, beta, bias):
+    logits = F.linear(hidden, weight, bias)  # [rows, T, V]: every position
+    mask = labels != -100
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    target = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float()
+    logps = ((target - lse) * mask).sum(-1)
+    return dpo_loss_from_logps(logps, ref_logps, pair_weights, beta), logps
+
+
+def _liger():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearDPOLoss(ignore_index=-100, beta=BETA, use_ref_model=True)
+
+
+def _liger_step(loss_fn, hidden, weight, labels, ref_logps, bias):
+    # Liger computes the reference log-probs itself from a reference input and head; giving it the same ones
+    # charges it one extra no-grad forward, which is what it costs in training.
+    out = loss_fn(weight, hidden, labels, bias, ref_input=hidden.detach(), ref_weight=weight.detach(),
+                  ref_bias=bias.detach() if bias is not None else None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _three_gemms(h_completion, weight, dlogits):
+    logits = h_completion @ weight.t()
+    dh = dlogits @ weight
+    dw = dlogits.t() @ h_completion
+    return logits, dh, dw
+
+
+def _time_and_memory(step, reps, grad_bytes):
+    step()  # warm-up: autotuning, compilation, allocator
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak_extra = torch.cuda.max_memory_allocated() - base - grad_bytes
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), max(peak_extra, 0) / 2**30
+
+
+def run_shape(P, T, C, H, V, dtype, reps):
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(2 * P, T, H, device=dev, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5).to(dtype).requires_grad_()
+    bias = None
+    labels = torch.randint(0, V, (2 * P, T), device=dev, generator=g)
+    labels[:, : T - C] = -100  # prompt and image positions
+    ref = torch.randn(2 * P, device=dev, generator=g) - 5.0 * C
+    pair_weights = torch.rand(P, device=dev, generator=g)
+    grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
+    params = [hidden, weight]
+
+    def loss_step(fn):
+        def step():
+            for p in params:
+                p.grad = None
+            loss, _ = fn(hidden, weight, labels, ref, pair_weights, BETA, bias)
+            loss.backward()
+        return step
+
+    methods = {
+        "triton": loss_step(weighted_dpo_loss),
+        "trl_full_logits": loss_step(trl_full_logits),
+        "completion_only_eager": loss_step(weighted_dpo_loss_reference),
+    }
+    liger = _liger()
+    if liger is not None:
+        def liger_step():
+            for p in params:
+                p.grad = None
+            _liger_step(liger, hidden, weight, labels, ref, bias).backward()
+        methods["liger_fused_linear_dpo"] = liger_step
+
+    h_c = hidden.detach()[:, T - C :].reshape(-1, H).contiguous()
+    dlogits = torch.randn(h_c.shape[0], V, device=dev, dtype=dtype, generator=g)
+    methods["three_gemms_floor"] = lambda: _three_gemms(h_c, weight.detach(), dlogits)
+
+    # Correctness on this shape: kernel against the completion-only reference.
+    lk, pk = weighted_dpo_loss(hidden, weight, labels, ref, pair_weights, BETA, bias)
+    lr, pr = weighted_dpo_loss_reference(hidden, weight, labels, ref, pair_weights, BETA, bias)
+    row = {"pairs": P, "T": T, "completion": C, "H": H, "V": V, "dtype": str(dtype).replace("torch.", ""),
+           "loss_abs_diff_vs_reference": float((lk - lr).abs()), "logps_max_abs_diff_vs_reference": float((pk - pr).abs().max())}
+    del lk, pk, lr, pr
+    for name, step in methods.items():
+        try:
+            ms, gib = _time_and_memory(step, reps, 0 if name == "three_gemms_floor" else grad_bytes)
+            row[f"{name}_ms"], row[f"{name}_peak_extra_GiB"] = ms, gib
+        except torch.cuda.OutOfMemoryError:
+            row[f"{name}_ms"] = row[f"{name}_peak_extra_GiB"] = "out of memory"
+        except Exception as e:  # a baseline that breaks (e.g. a Liger API change) must not hide the others
+            row[f"{name}_ms"] = f"error: {type(e).__name__}: {e}"[:300]
+        for p in params:
+            p.grad = None
+        torch.cuda.empty_cache()
+    t = row.get("triton_ms")
+    for base in ("trl_full_logits", "liger_fused_linear_dpo", "completion_only_eager", "three_gemms_floor"):
+        if isinstance(t, float) and isinstance(row.get(f"{base}_ms"), float):
+            row[f"triton_vs_{base}"] = row[f"{base}_ms"] / t
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_dpo.json"))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="run the first N shapes")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_dpo needs a CUDA GPU; the CPU tests (TRITON_INTERPRET=1) check correctness")
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for shape in SHAPES[: args.shapes]:
+        row = run_shape(*shape, dtype, args.reps)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    report = {"benchmark": "weighted_dpo_loss", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "reps": args.reps, "results": rows}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Stage 6: confidence-weighted DPO, as a subclass of TRL's ``DPOTrainer``.
+
+TRL prepares the batches (its own vision or text preference collators) and
+runs the training loop; this subclass changes only the loss:
+
+- each pair's loss is multiplied by the ``weight`` column of the preference
+  table (``c_i`` in ``mean_i c_i * -log sigmoid(beta * margin_i)``); with all
+  weights 1 it equals TRL's own ``sigmoid`` DPO loss;
+- the model runs its backbone once (``logits_to_keep=1``, so no full-sequence
+  logits), and only completion positions go through the LM head: the fused
+  Triton kernel from ``kernels.dpo`` on CUDA, its eager PyTorch reference
+  elsewhere or when ``use_fused_kernel=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from kernels.dpo import sequence_logps, sequence_logps_reference, weighted_dpo_loss, weighted_dpo_loss_reference
+
+WEIGHT_COLUMN = "weight"
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "pair_weights"}
+
+
+class WeightedPreferenceCollator:
+    """Wraps TRL's preference collator: the ``weight`` of each example becomes ``pair_weights`` [P]."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, examples):
+        weights = [float(e.pop(WEIGHT_COLUMN, 1.0)) for e in examples]
+        batch = self.base(examples)
+        batch["pair_weights"] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+
+def _peft_free(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class WeightedDPOTrainer(DPOTrainer):
+    def __init__(self, *args, use_fused_kernel: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if list(self.loss_types) != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
+            raise ValueError("WeightedDPOTrainer implements the sigmoid DPO loss only (loss_type='sigmoid', reverse KL, no ld_alpha)")
+        self.use_fused_kernel = use_fused_kernel
+        self.data_collator = WeightedPreferenceCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if WEIGHT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, WEIGHT_COLUMN]
+
+    def _fused(self, device: torch.device) -> bool:
+        return self.use_fused_kernel and device.type == "cuda"
+
+    def _completion_hidden(self, model, model_kwargs):
+        """Final hidden states of every position; the LM head runs on the last position only."""
+        outputs = model(**model_kwargs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return outputs.hidden_states[-1][:, :-1]
+
+    @staticmethod
+    def _lm_head(model):
+        head = _peft_free(model).get_output_embeddings()
+        return head.weight, head.bias
+
+    def _reference_logps(self, inputs, model_kwargs, labels):
+        if self.precompute_ref_logps:
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+        ref_model, adapter = self.ref_model, contextlib.nullcontext()
+        if ref_model is None:  # a PEFT policy: the reference is the model with its adapter switched off
+            ref_model = self.model
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
+            hidden = self._completion_hidden(ref_model, model_kwargs)
+            weight, bias = self._lm_head(self.accelerator.unwrap_model(ref_model))
+            logps_fn = sequence_logps if self._fused(hidden.device) else sequence_logps_reference
+            return logps_fn(hidden, weight, labels, bias)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        # labels[:, t] is the target of hidden[:, t]: the next token, counted only inside the completion.
+        labels = inputs["input_ids"][:, 1:].masked_fill(inputs["completion_mask"][:, 1:] == 0, -100)
+        hidden = self._completion_hidden(model, model_kwargs)
+        weight, bias = self._lm_head(self.accelerator.unwrap_model(model))
+        ref_logps = self._reference_logps(inputs, model_kwargs, labels)
+        pair_weights = inputs.get("pair_weights")
+        loss_fn = weighted_dpo_loss if self._fused(hidden.device) else weighted_dpo_loss_reference
+        loss, policy_logps = loss_fn(hidden, weight, labels, ref_logps, pair_weights, self.beta, bias)
+
+        with torch.no_grad():
+            chosen_logps, rejected_logps = policy_logps.chunk(2)
+            ref_chosen, ref_rejected = ref_logps.chunk(2)
+            chosen_rewards = self.beta * (chosen_logps - ref_chosen)
+            rejected_rewards = self.beta * (rejected_logps - ref_rejected)
+            gather = self.accelerator.gather
+            self._metrics[mode]["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+            self._metrics[mode]["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+            self._metrics[mode]["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+            self._metrics[mode]["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+            self._metrics[mode]["logps/chosen"].append(gather(chosen_logps).mean().item())
+            self._metrics[mode]["logps/rejected"].append(gather(rejected_logps).mean().item())
+            if pair_weights is not None:
+                self._metrics[mode]["pair_weight"].append(gather(pair_weights.to(loss.device)).mean().item())
+        return (loss, None) if return_outputs else loss

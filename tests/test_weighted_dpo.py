@@ -1,0 +1,106 @@
+"""The weighted DPO trainer against TRL's own DPO loss, on the tiny VLM."""
+
+import io
+
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+from trl import DPOConfig, DPOTrainer
+
+from src_assets.models import load_policy
+from src_assets.scenes import generate_examples
+from src_assets.weighted_dpo import WeightedDPOTrainer
+
+
+def _rows(n, weights):
+    rows = []
+    for e, w in zip(generate_examples(n, seed=4, split="calibrate"), weights):
+        r = e.row()
+        rows.append(
+            {
+                "images": [Image.open(io.BytesIO(r["image"])).convert("RGB")],
+                "prompt": [{"role": "user", "content": r["question"]}],
+                "chosen": [{"role": "assistant", "content": r["response"]}],
+                "rejected": [{"role": "assistant", "content": "there is a red circle at the top left.\nAnswer: no"}],
+                "weight": w,
+            }
+        )
+    return rows
+
+
+def _trainer(tiny_dirs, tmp_path, rows, **kwargs):
+    model, processor = load_policy(str(tiny_dirs[0]))
+    ref, _ = load_policy(str(tiny_dirs[0]))
+    # Perturb the policy so that policy and reference log-probs differ and the loss is not log(2).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
+                     max_steps=1, learning_rate=1e-3, save_strategy="no", beta=0.5)
+    dataset = Dataset.from_list(rows)
+    return WeightedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=processor, **kwargs)
+
+
+def _batch(trainer, rows):
+    return trainer.data_collator([dict(r) for r in rows])
+
+
+def test_all_weights_one_equals_trl_dpo_loss(tiny_dirs, tmp_path):
+    rows = _rows(4, [1.0] * 4)
+    trainer = _trainer(tiny_dirs, tmp_path, rows)
+    batch = _batch(trainer, rows)
+    assert batch["pair_weights"].tolist() == [1.0] * 4
+    ours = trainer._compute_loss(trainer.model, dict(batch), False)
+    trl_batch = {k: v for k, v in batch.items() if k != "pair_weights"}
+    theirs = DPOTrainer._compute_loss(trainer, trainer.model, trl_batch, False)
+    assert ours.item() != pytest.approx(0.6931, abs=1e-3)
+    # Sequence log-probs here are sums of ~100 fp32 token log-probs (about -250); TRL's tiled LM head and ours
+    # sum in different orders, which moves them by ~1e-3 and the loss by ~1e-4.
+    torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-4)
+
+
+def test_weights_scale_each_pair(tiny_dirs, tmp_path):
+    rows = _rows(3, [1.0, 1.0, 1.0])
+    trainer = _trainer(tiny_dirs, tmp_path, rows)
+    base = trainer._compute_loss(trainer.model, dict(_batch(trainer, rows)), False)
+    doubled = trainer._compute_loss(trainer.model, dict(_batch(trainer, _rows(3, [2.0, 2.0, 2.0]))), False)
+    torch.testing.assert_close(doubled, 2 * base)
+
+
+def test_zero_weight_pair_contributes_no_gradient(tiny_dirs, tmp_path):
+    rows = _rows(2, [0.0, 1.0])
+    trainer = _trainer(tiny_dirs, tmp_path, rows)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def grads(batch_rows):
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, dict(_batch(trainer, batch_rows)), False)
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    first = grads(rows)
+    changed = [dict(r) for r in rows]
+    changed[0]["rejected"] = [{"role": "assistant", "content": "there is a blue square at the bottom right.\nAnswer: yes"}]
+    second = grads(changed)
+    for a, b in zip(first, second):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert any(a is not None and a.abs().sum() > 0 for a in first)
+
+
+def test_train_step_runs_and_moves_the_policy(tiny_dirs, tmp_path):
+    rows = _rows(4, [0.2, 0.9, 1.0, 0.0])
+    trainer = _trainer(tiny_dirs, tmp_path, rows, use_fused_kernel=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert "pair_weight" in trainer.state.log_history[0] or trainer.state.global_step == 1
+
+
+def test_other_loss_types_are_refused(tiny_dirs, tmp_path):
+    model, processor = load_policy(str(tiny_dirs[0]))
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type=["ipo"])
+    with pytest.raises(ValueError, match="sigmoid DPO loss only"):
+        WeightedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(2, [1.0, 1.0])), processing_class=processor)
