@@ -1,4 +1,4 @@
-"""``src-calibrate``: runs the pipeline through Dagster into a persistent instance.
+"""``src-calibrate``: runs the SRC loop through Dagster into a persistent instance, or scores a checkpoint.
 
 The runs land in ``$DAGSTER_HOME`` (default ``./.dagster_home``), so
 ``dagster dev`` shows their history, metadata and checks afterwards.
@@ -12,60 +12,131 @@ from pathlib import Path
 
 from src_assets.config import PROFILES
 
+ITERATION_ROW = ("accuracy", "factuality", "consistency", "pairs_kept", "mean_weight")
+
 
 def _instance():
     from dagster import DagsterInstance
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch(exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
     return DagsterInstance.get()
+
+
+def _meta(result, asset: str) -> dict:
+    for event in result.get_asset_materialization_events():
+        if event.asset_key.to_user_string() == asset:
+            return {k: v.value for k, v in event.materialization.metadata.items()}
+    return {}
+
+
+def _failure(result) -> str:
+    for event in result.all_events:
+        if event.is_step_failure:
+            return f"step {event.step_key} failed: {event.step_failure_data.error.message.strip()}"
+    return "the run failed"
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes NAME=VALUE, got {pair!r}")
+        out[name] = json.loads(value) if value[:1] in "0123456789-[{" or value in ("true", "false") else value
+    return out
 
 
 def run(args) -> int:
     from dagster import materialize
 
     from .definitions import all_assets, build_resources
+    from .automation import ITERATION_ASSETS, ITERATION_TAG
+    from .loop_assets import iteration_key, iteration_partitions
     from .resources import SettingsResource, StoreResource
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
-    resources = build_resources(store, SettingsResource(profile=args.profile, seed=args.seed))
-    result = materialize(all_assets, instance=_instance(), resources=resources, raise_on_error=False)
-    rows = []
-    for event in result.get_asset_materialization_events():
-        meta = event.materialization.metadata
-        row = {"asset": event.asset_key.to_user_string()}
-        if "rows" in meta:
-            row["rows"] = meta["rows"].value
-        if "model" in meta:
-            row["model"] = meta["model"].value
-        row["stored_at"] = meta["stored_at"].value if "stored_at" in meta else None
-        rows.append(row)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(f"{'asset':<22} {'rows':>6}  stored at")
-        for r in rows:
-            print(f"{r['asset']:<22} {r.get('rows', ''):>6}  {r.get('model') or r['stored_at']}")
-        print(f"run {result.run_id} in DAGSTER_HOME={os.environ['DAGSTER_HOME']}")
+    settings = SettingsResource(profile=args.profile, seed=args.seed, overrides=_overrides(args.set))
+    settings.config()  # fails early on a bad setting
+    resources = build_resources(store, settings)
+    instance = _instance()
+    foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+    iteration = [a for a in all_assets if a not in foundation]
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"materializing data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
+    result = materialize(foundation, instance=instance, resources=resources, raise_on_error=False)
     if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure:
-                print(f"step {event.step_key} failed: {event.step_failure_data.error.message.strip()}", file=sys.stderr)
+        print(_failure(result), file=sys.stderr)
         return 1
+    sft = _meta(result, "sft_eval")
+    rows = [{"iteration": 0, **{k: sft.get(k) for k in ("accuracy", "factuality", "consistency")},
+             "pairs_kept": None, "mean_weight": None, "checkpoint": _meta(result, "sft_checkpoint").get("model")}]
+    keys = [iteration_key(k) for k in range(1, args.iterations + 1)]
+    instance.add_dynamic_partitions(iteration_partitions.name, keys)
+    for key in keys:
+        log(f"iteration {key}")
+        result = materialize(iteration + foundation, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance,
+                             resources=resources, raise_on_error=False, tags=ITERATION_TAG)
+        if not result.success:
+            print(_failure(result), file=sys.stderr)
+            return 1
+        m = _meta(result, "iteration_eval")
+        rows.append({"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")})
+    _print(rows, args.json)
+    return 0
+
+
+def _print(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'iteration':>9} {'accuracy':>9} {'factuality':>10} {'consistency':>11} {'pairs kept':>10} {'mean weight':>11}  checkpoint")
+    fmt = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"
+    for r in rows:
+        print(f"{r['iteration']:>9} {fmt(r.get('accuracy'), 9)} {fmt(r.get('factuality'), 10)} {fmt(r.get('consistency'), 11)} "
+              f"{fmt(r.get('pairs_kept'), 10)} {fmt(r.get('mean_weight'), 11)}  {r.get('checkpoint')}")
+
+
+def evaluate(args) -> int:
+    from src_assets.evaluation import evaluate_policy
+    from src_assets.models import load_policy
+    from src_assets.source_data import synthetic_source
+    from src_assets.storage import Store
+
+    store = Store(args.store) if args.store else Store()
+    model_dir = store.local_model_dir(args.checkpoint) if "://" in args.checkpoint or Path(args.checkpoint).is_dir() else args.checkpoint
+    model, processor = load_policy(model_dir)
+    held_out = synthetic_source(args.seed, 0, 0, args.n)
+    summary, _ = evaluate_policy(model, processor, held_out)
+    row = {"checkpoint": args.checkpoint, "seed": args.seed, **summary}
+    print(json.dumps(row, indent=1) if args.json else "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="src-calibrate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="materialize the pipeline")
+    p = sub.add_parser("run", help="materialize the whole graph: SFT, R-Scorer, then N iterations in order")
+    p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--store", help="base URI of the store (default: $SRC_STORE_URI or ./.src_store)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
+    p.set_defaults(fn=run)
+    e = sub.add_parser("evaluate", help="score a checkpoint on a freshly generated held-out set")
+    e.add_argument("--checkpoint", required=True, help="a model directory, a store URI, or a hub id")
+    e.add_argument("--store", help="the store holding s3:// checkpoints (default: $SRC_STORE_URI)")
+    e.add_argument("--seed", type=int, default=12345, help="seed of the held-out scenes")
+    e.add_argument("--n", type=int, default=500)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=evaluate)
     args = parser.parse_args(argv)
-    return run(args)
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 from dagster import Definitions, load_assets_from_modules
 
-from . import assets
+from . import assets, loop_assets
+from .automation import foundation_job, iteration_job, iteration_schedule, new_source_data_sensor
 from .resources import SettingsResource, StoreIOManager, StoreResource
 
-all_assets = load_assets_from_modules([assets])
+all_assets = load_assets_from_modules([assets, loop_assets])
 
 
 def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
@@ -14,4 +15,10 @@ def build_resources(store: StoreResource | None = None, settings: SettingsResour
     return {"store": store, "io_manager": StoreIOManager(store=store), "settings": settings or SettingsResource()}
 
 
-defs = Definitions(assets=all_assets, resources=build_resources())
+defs = Definitions(
+    assets=all_assets,
+    jobs=[foundation_job, iteration_job],
+    schedules=[iteration_schedule],
+    sensors=[new_source_data_sensor],
+    resources=build_resources(),
+)

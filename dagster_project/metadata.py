@@ -40,3 +40,26 @@ def vqa_table_metadata(df: pl.DataFrame) -> dict:
     if "split" in df.columns:
         meta["splits"] = MetadataValue.json(dict(sorted(df.group_by("split").len().iter_rows())))
     return meta
+
+
+def histogram_md(values: list[float], label: str, bins: int = 10) -> MetadataValue:
+    """A text histogram over [0, 1] (weights, confidences), rendered as a Markdown table with bars."""
+    counts = [0] * bins
+    for v in values:
+        counts[min(int(v * bins), bins - 1) if v == v else 0] += 1
+    peak = max(counts) or 1
+    rows = [f"| {i / bins:.1f}-{(i + 1) / bins:.1f} | {c} | {'#' * round(20 * c / peak)} |" for i, c in enumerate(counts)]
+    return MetadataValue.md(f"| {label} | pairs | |\n|---|---|---|\n" + "\n".join(rows))
+
+
+def matrix_md(q: list[list[float]], win_rate: list[float], strength: list[float], texts: list[str]) -> MetadataValue:
+    """One prompt's debiased pairwise matrix with each candidate's win rate, strength and text."""
+    k = len(q)
+    head = "| candidate | " + " | ".join(str(j) for j in range(k)) + " | win rate | strength | response |"
+    sep = "|---" * (k + 4) + "|"
+    rows = [
+        f"| {i} | " + " | ".join("-" if i == j else f"{q[i][j]:.2f}" for j in range(k))
+        + f" | {win_rate[i]:.2f} | {strength[i]:.2f} | {texts[i][:120].replace('|', '/').replace(chr(10), ' ')} |"
+        for i in range(k)
+    ]
+    return MetadataValue.md("\n".join([head, sep, *rows]))

@@ -2,6 +2,7 @@
 
 
 import os
+from typing import Any
 
 import polars as pl
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
@@ -31,7 +32,7 @@ class SettingsResource(ConfigurableResource):
     seed: int = 0
     policy_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
     scorer_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
-    overrides: dict[str, int] = Field(default_factory=dict, description="integer settings, e.g. {'n_sft': 500}")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="any SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}")
 
     def config(self) -> SRCConfig:
         return profile(

@@ -3,13 +3,18 @@
 Everything the pipeline can be told lives in ``SRCConfig``; a profile is a set
 of defaults. ``default`` is the embedded run the README's main command makes;
 ``smoke`` shrinks every size so that tests and quick checks finish in seconds.
+Each (chosen) choice of DESIGN.md section 1 is a field here.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from .candidate_search import SearchConfig
+from .preference import CurationConfig
+from .r_scorer import JudgeConfig
 from .tiny_models import TinySpec
+from .training import TrainSettings
 
 TINY = "tiny"  # a model reference meaning "build the tiny local model"
 
@@ -20,7 +25,7 @@ class SRCConfig:
     # Data: sizes of the synthetic splits (0 turns synthetic data off; Parquet
     # files under ``source_prefix`` in the store are added either way).
     n_sft: int = 2000
-    n_calibrate: int = 400
+    n_calibrate: int = 600
     n_eval: int = 500
     min_objects: int = 2
     max_objects: int = 5
@@ -28,12 +33,64 @@ class SRCConfig:
     # Models: "tiny", a local model directory, or a hub id.
     policy_model: str = TINY
     scorer_model: str = TINY
-    use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
     tiny_hidden_size: int = 128
     tiny_layers: int = 2
+    lora_r: int = 0  # 0: full fine-tuning everywhere; > 0: LoRA of this rank (peft), merged on save
+    # 1. Rationale SFT
+    sft_epochs: float = 8.0
+    sft_learning_rate: float = 2e-3
+    sft_batch_size: int = 32
+    # 2. Candidate search
+    prompts_per_iteration: int = 128
+    k: int = 6
+    beams: int = 3
+    samples_per_beam: int = 3
+    temperature: float = 1.0
+    max_sentences: int = 8
+    # 3. R-Scorer
+    scorer_prompts: int = 128  # calibrate prompts whose candidates the verifier labels to train the judge
+    scorer_max_pairs: int = 4000
+    scorer_epochs: float = 3.0
+    scorer_learning_rate: float = 2e-3
+    judge_template: str = "compact"  # "instruct" for a pretrained chat model used zero-shot
+    scoring: str = "pairwise"  # ablation: "independent" judges each candidate alone
+    # 4-5. Aggregation and curation
+    tau: float = 0.1
+    select_by: str = "strength"
+    pairs_per_prompt: int = 1
+    require_correct_chosen: bool = True
+    # 6. Weighted DPO
+    dpo_epochs: float = 2.0
+    dpo_learning_rate: float = 5e-4
+    dpo_batch_size: int = 16
+    beta: float = 0.1
+    weighted_dpo: bool = True  # ablation: False trains plain DPO on the same pairs
+    use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
+    # 8. Evaluation
+    regression_tolerance: float = 0.02  # an iteration may lose this much accuracy or consistency before a WARN
 
     def tiny_spec(self) -> TinySpec:
         return TinySpec(hidden_size=self.tiny_hidden_size, intermediate_size=2 * self.tiny_hidden_size, num_layers=self.tiny_layers)
+
+    def sft_settings(self) -> TrainSettings:
+        return TrainSettings(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size, self.lora_r, self.seed)
+
+    def scorer_settings(self) -> TrainSettings:
+        return TrainSettings(self.scorer_epochs, self.scorer_learning_rate, 32, self.lora_r, self.seed)
+
+    def dpo_settings(self) -> TrainSettings:
+        return TrainSettings(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size, self.lora_r, self.seed)
+
+    def search(self) -> SearchConfig:
+        return SearchConfig(k=self.k, beams=self.beams, samples_per_beam=self.samples_per_beam,
+                            temperature=self.temperature, max_sentences=self.max_sentences)
+
+    def judge(self) -> JudgeConfig:
+        return JudgeConfig(template=self.judge_template)
+
+    def curation(self) -> CurationConfig:
+        return CurationConfig(tau=self.tau, select_by=self.select_by, pairs_per_prompt=self.pairs_per_prompt,
+                              require_correct_chosen=self.require_correct_chosen)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,15 +98,24 @@ class SRCConfig:
 
 PROFILES: dict[str, SRCConfig] = {
     "default": SRCConfig(),
-    "smoke": SRCConfig(n_sft=60, n_calibrate=12, n_eval=20, tiny_hidden_size=32, tiny_layers=1),
+    "smoke": SRCConfig(
+        n_sft=60, n_calibrate=16, n_eval=20, tiny_hidden_size=32, tiny_layers=1, sft_epochs=1.0,
+        prompts_per_iteration=8, k=3, beams=2, samples_per_beam=2, max_sentences=7,
+        scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4, tau=0.0,
+        require_correct_chosen=False,  # untrained smoke models never answer right; this profile checks plumbing
+    ),
 }
 
 
 def profile(name: str, **overrides) -> SRCConfig:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
-    known = {f.name for f in fields(SRCConfig)}
-    unknown = sorted(set(overrides) - known)
+    known = {f.name: f.type for f in fields(SRCConfig)}
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; SRCConfig has {sorted(known)}")
-    return replace(PROFILES[name], **overrides)
+    cfg = replace(PROFILES[name], **overrides)
+    if cfg.scoring not in ("pairwise", "independent"):
+        raise ValueError(f"scoring must be 'pairwise' or 'independent', got {cfg.scoring!r}")
+    cfg.curation()  # validates tau, select_by and pairs_per_prompt
+    return cfg

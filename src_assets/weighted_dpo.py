@@ -111,3 +111,36 @@ class WeightedDPOTrainer(DPOTrainer):
             if pair_weights is not None:
                 self._metrics[mode]["pair_weight"].append(gather(pair_weights.to(loss.device)).mean().item())
         return (loss, None) if return_outputs else loss
+
+
+def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings, beta: float = 0.1,
+                       use_fused_kernel: bool = True, weighted: bool = True, callbacks=()) -> dict:
+    """One SRC iteration's preference fine-tuning: the policy trained on the kept pairs, reference = its start.
+
+    ``weighted=False`` trains on the same pairs with every weight 1 (plain DPO), the ablation of confidence weighting.
+    """
+    import tempfile
+
+    import polars as pl
+    from trl import DPOConfig
+
+    from .models import load_policy
+    from .training import quiet, save_trained, vision_dataset
+
+    kept = preference_set.filter(pl.col("kept"))
+    if kept.is_empty():
+        raise ValueError("the preference set keeps no pair: nothing to train on (lower tau, or check the judge)")
+    if not weighted:
+        kept = kept.with_columns(pl.lit(1.0).alias("weight"))
+    model, processor = load_policy(policy_model)
+    ref_model, _ = load_policy(policy_model)
+    dataset = vision_dataset(kept, {"chosen": "chosen", "rejected": "rejected", "weight": "weight"})
+    with tempfile.TemporaryDirectory() as scratch:
+        args = DPOConfig(**settings.trl_kwargs(scratch), beta=beta, max_length=None)
+        # With LoRA, TRL's reference is the policy with its adapter switched off.
+        trainer = WeightedDPOTrainer(model=model, ref_model=None if settings.lora_r > 0 else ref_model, args=args, train_dataset=dataset,
+                                     processing_class=processor, peft_config=settings.peft_config(),
+                                     use_fused_kernel=use_fused_kernel, callbacks=list(callbacks))
+        result = quiet(trainer).train()
+    save_trained(trainer, processor, out_dir)
+    return {"train_loss": result.training_loss, "steps": result.global_step, "pairs": kept.height, "log": trainer.state.log_history}

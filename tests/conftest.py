@@ -31,3 +31,16 @@ def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     spec = TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden_size=32, vision_layers=1)
     return build_tiny_vlm(root / "vlm", spec), build_tiny_scorer(root / "scorer", spec)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_vlm(tiny_dirs, tmp_path_factory):
+    """The smallest VLM after a short rationale SFT: it writes template-shaped responses that end, if not good ones."""
+    from src_assets.rationale_sft import build_rationale_sft_set, train_rationale_sft
+    from src_assets.source_data import synthetic_source
+    from src_assets.training import TrainSettings
+
+    out = tmp_path_factory.mktemp("sft")
+    sft = build_rationale_sft_set(synthetic_source(seed=0, n_sft=256, n_calibrate=0, n_eval=0))
+    train_rationale_sft(str(tiny_dirs[0]), sft, str(out), TrainSettings(epochs=4, learning_rate=5e-3, batch_size=16))
+    return out

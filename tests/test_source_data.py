@@ -77,7 +77,7 @@ def test_an_id_in_two_files_names_both(source):
 
 def test_rationale_sft_set_takes_sft_rows_in_template(source):
     sft = build_rationale_sft_set(source)
-    assert sft.height == 10 and sft.columns == ["id", "kind", "prompt", "completion", "image"]
+    assert sft.height == 10 and sft.columns == ["id", "kind", "question", "completion", "image"]
     assert all(c.split("\n")[-1].startswith("Answer: ") for c in sft["completion"])
 
 

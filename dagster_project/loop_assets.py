@@ -1,0 +1,253 @@
+"""The SRC loop as assets: SFT and R-Scorer checkpoints, then one partition per iteration.
+
+Dagster cannot declare "iteration k depends on policy k-1" (a cycle at the
+asset-key level), so ``candidate_pool[k]`` and ``policy_checkpoint[k]``
+resolve policy k-1 at run time from the store (k = 1: the SFT checkpoint) and
+fail with a clear message, writing nothing, when it is missing. Iterations are
+run one at a time, in order (see ``dagster.yaml``'s run queue).
+"""
+
+import tempfile
+
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    DynamicPartitionsDefinition,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from src_assets.candidate_search import sentence_beam_search
+from src_assets.evaluation import METRICS, evaluate_policy, judge_win_rate, summarize
+from src_assets.generation import generate_responses
+from src_assets.models import load_policy, load_scorer
+from src_assets.preference import curate_preferences, score_table
+from src_assets.r_scorer import independent_matrices, pairwise_matrices, train_r_scorer, verifier_judgements
+from src_assets.rationale_sft import train_rationale_sft
+from src_assets.weighted_dpo import train_weighted_dpo
+
+from .metadata import counts_table, histogram_md, matrix_md, table_preview
+from .resources import SettingsResource, StoreResource
+from .training_log import DagsterLogCallback
+
+iteration_partitions = DynamicPartitionsDefinition(name="iteration")
+GPU_POOL = "gpu"  # every asset that runs a model shares this concurrency pool
+
+
+def iteration_key(k: int) -> str:
+    return f"{k:03d}"
+
+
+def iteration_number(key: str) -> int:
+    if not key.isdigit() or int(key) < 1:
+        raise Failure(f"iteration partition keys are zero-padded positive numbers like '001', got {key!r}")
+    return int(key)
+
+
+POLICY_KEY = "models/policy_checkpoint"
+
+
+def previous_policy(store, sft_uri: str, key: str) -> str:
+    """The policy iteration ``key`` starts from: the SFT checkpoint for 001, else policy_checkpoint of k-1."""
+    k = iteration_number(key)
+    if k == 1:
+        return sft_uri
+    prev = iteration_key(k - 1)
+    uri = store.current_model(f"{POLICY_KEY}/{prev}")
+    if uri is None:
+        raise Failure(
+            f"iteration {key} needs the policy of iteration {prev}, but policy_checkpoint[{prev}] is not in the store "
+            f"({store.uri(POLICY_KEY + '/' + prev)}); materialize iteration {prev} first (iterations run in order)",
+            metadata={"missing_predecessor": MetadataValue.text(prev)},
+        )
+    return uri
+
+
+def _calibration_prompts(vqa_source: pl.DataFrame, key: str, n: int) -> pl.DataFrame:
+    """Iteration k's prompts: the k-th slice of the calibrate rows, wrapping around when they run out."""
+    rows = vqa_source.filter(pl.col("split") == "calibrate")
+    if rows.is_empty():
+        raise Failure("vqa_source has no rows with split 'calibrate' to calibrate on")
+    start = ((iteration_number(key) - 1) * n) % rows.height
+    take = rows.slice(start, n)
+    if take.height < n:
+        take = pl.concat([take, rows.head(min(n - take.height, rows.height - take.height))])
+    return take
+
+
+@asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
+def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
+                   settings: SettingsResource, store: StoreResource) -> str:
+    cfg, s = settings.config(), store.store()
+    with tempfile.TemporaryDirectory() as out:
+        result = train_rationale_sft(s.local_model_dir(base_policy_model), rationale_sft_set, out, cfg.sft_settings(),
+                                     callbacks=[DagsterLogCallback(context.log, "rationale SFT")])
+        uri = s.put_model("models/sft_checkpoint", out)
+    context.add_output_metadata({"model": MetadataValue.text(uri), "train_loss": result["train_loss"], "steps": result["steps"]})
+    return uri
+
+
+@asset(group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
+def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
+                        settings: SettingsResource, store: StoreResource) -> str:
+    cfg, s = settings.config(), store.store()
+    if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
+        context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
+        return base_r_scorer_model  # a pretrained judge, used zero-shot
+    prompts = vqa_source.filter(pl.col("split") == "calibrate").head(cfg.scorer_prompts)
+    policy, processor = load_policy(s.local_model_dir(sft_checkpoint))
+    pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919)
+    base_dir = s.local_model_dir(base_r_scorer_model)
+    _, tokenizer = load_scorer(base_dir)
+    judgements = verifier_judgements(pool, prompts, tokenizer, cfg.judge(), cfg.scorer_max_pairs, cfg.seed)
+    if judgements.is_empty():
+        raise Failure("no verifier-labelled pairs to train the R-Scorer on: the calibrate rows have no scene, "
+                      "so give a pretrained judge (scorer_model) with scorer_epochs=0")
+    with tempfile.TemporaryDirectory() as out:
+        result = train_r_scorer(base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")])
+        uri = s.put_model("models/r_scorer_checkpoint", out)
+    verdicts = dict(judgements.group_by("verdict").len().iter_rows())
+    context.add_output_metadata({"model": MetadataValue.text(uri), "training_pairs": judgements.height,
+                                 "verdicts": counts_table(verdicts, "verdict"), "train_loss": result["train_loss"]})
+    return uri
+
+
+@asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
+def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, store: StoreResource) -> pl.DataFrame:
+    model, processor = load_policy(store.store().local_model_dir(sft_checkpoint))
+    summary, scored = evaluate_policy(model, processor, eval_set)
+    context.add_output_metadata({**{k: float(summary[k]) for k in METRICS}, "preview": table_preview(scored)})
+    return scored
+
+
+@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+       description="K distinct complete responses per prompt from policy k-1, by sentence-level beam search.",
+       check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
+                                   description="At least 80% of prompts have 2 or more distinct complete candidates.")])
+def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_source: pl.DataFrame,
+                   settings: SettingsResource, store: StoreResource):
+    cfg, s, key = settings.config(), store.store(), context.partition_key
+    policy_uri = previous_policy(s, sft_checkpoint, key)
+    prompts = _calibration_prompts(vqa_source, key, cfg.prompts_per_iteration)
+    context.log.info(f"iteration {key}: sampling {prompts.height} prompts from {policy_uri}")
+    model, processor = load_policy(s.local_model_dir(policy_uri))
+    pool = sentence_beam_search(model, processor, prompts, cfg.search(), seed=cfg.seed * 1000 + iteration_number(key))
+    per_prompt = pool.group_by("prompt_id").len()["len"]
+    with_two = int((per_prompt >= 2).sum())
+    yield Output(pool, metadata={
+        "policy": MetadataValue.text(policy_uri), "prompts": prompts.height, "candidates": pool.height,
+        "mean_candidates_per_prompt": float(per_prompt.mean() or 0),
+        "candidates_per_prompt": counts_table(dict(sorted(pl.DataFrame({"k": per_prompt}).group_by("k").len().iter_rows())), "candidates"),
+        "preview": table_preview(pool.drop("params")),
+    })
+    yield AssetCheckResult(check_name="most_prompts_have_two_distinct_candidates", passed=with_two >= 0.8 * prompts.height,
+                           metadata={"prompts_with_two_or_more": with_two, "prompts": prompts.height})
+
+
+@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+       description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.")
+def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, r_scorer_checkpoint: str, vqa_source: pl.DataFrame,
+                    settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+    cfg, s = settings.config(), store.store()
+    prompts = vqa_source.filter(pl.col("id").is_in(candidate_pool["prompt_id"].unique().implode()))
+    scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
+    judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
+    ids, matrices = judge_all(scorer, tokenizer, candidate_pool, prompts, cfg.judge())
+    scores = score_table(ids, matrices, cfg.curation())
+    sample = scores.filter(pl.col("n_candidates") >= 2).head(1)
+    meta = {"prompts": scores.height, "scoring": cfg.scoring, "mean_confidence": float(scores["confidence"].mean() or 0),
+            "confidence_histogram": histogram_md(scores["confidence"].to_list(), "confidence")}
+    if sample.height:
+        row = sample.row(0, named=True)
+        texts = candidate_pool.filter(pl.col("prompt_id") == row["prompt_id"]).sort("candidate")["text"].to_list()
+        meta["sample_prompt"] = MetadataValue.text(row["prompt_id"])
+        meta["sample_matrix_q"] = matrix_md(row["q"], row["win_rate"], row["strength"], texts)
+    context.add_output_metadata(meta)
+    return scores
+
+
+@asset(group_name="iteration", partitions_def=iteration_partitions,
+       description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
+       check_specs=[
+           AssetCheckSpec("weights_in_unit_interval", asset="preference_set", description="Every pair weight is in [0, 1]."),
+           AssetCheckSpec("no_wrong_chosen_answer", asset="preference_set",
+                          description="No kept pair's chosen response has a wrong answer where the gold answer is known."),
+       ])
+def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
+                   vqa_source: pl.DataFrame, settings: SettingsResource):
+    cfg = settings.config()
+    prompts = vqa_source.filter(pl.col("id").is_in(pairwise_scores["prompt_id"].implode()))
+    prefs = curate_preferences(candidate_pool, pairwise_scores, prompts, cfg.curation())
+    kept = prefs.filter("kept")
+    reasons = prefs.filter(~pl.col("kept")).with_columns(pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "..."))
+    yield Output(prefs, metadata={
+        "pairs_considered": prefs.height, "pairs_kept": kept.height,
+        "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
+        "weight_histogram": histogram_md(kept["weight"].to_list(), "weight"),
+        "drop_reasons": counts_table(dict(reasons.group_by("drop_reason").len().iter_rows()), "reason"),
+        "preview": table_preview(prefs),
+    })
+    outside = prefs.filter((pl.col("weight") < 0) | (pl.col("weight") > 1)).height
+    yield AssetCheckResult(check_name="weights_in_unit_interval", passed=outside == 0, metadata={"outside_0_1": outside})
+    wrong = kept.filter(pl.col("gold_answer").is_not_null() & (
+        pl.col("chosen_answer").fill_null("").str.to_lowercase().str.strip_chars(" .") != pl.col("gold_answer").str.to_lowercase().str.strip_chars(" .")
+    )).height
+    yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong})
+
+
+@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+       description="Policy k: policy k-1 trained with confidence-weighted DPO on the kept pairs (reference = policy k-1).")
+def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, sft_checkpoint: str,
+                      settings: SettingsResource, store: StoreResource) -> str:
+    cfg, s, key = settings.config(), store.store(), context.partition_key
+    start = previous_policy(s, sft_checkpoint, key)
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            result = train_weighted_dpo(s.local_model_dir(start), preference_set, out, cfg.dpo_settings(), cfg.beta,
+                                        cfg.use_fused_dpo_kernel, cfg.weighted_dpo, [DagsterLogCallback(context.log, f"DPO {key}")])
+        except ValueError as e:
+            raise Failure(f"iteration {key}: {e}") from e
+        uri = s.put_model(f"{POLICY_KEY}/{key}", out)
+    context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start),
+                                 "train_loss": result["train_loss"], "pairs": result["pairs"], "steps": result["steps"]})
+    return uri
+
+
+@asset(group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
+       description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over policy k-1.",
+       check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
+                                   description="Accuracy and consistency do not fall below iteration k-1's by more than the tolerance (WARN).")])
+def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, eval_set: pl.DataFrame, sft_checkpoint: str,
+                   r_scorer_checkpoint: str, preference_set: pl.DataFrame, settings: SettingsResource, store: StoreResource):
+    s, key = store.store(), context.partition_key
+    cfg = settings.config()
+    model, processor = load_policy(s.local_model_dir(policy_checkpoint))
+    summary, scored = evaluate_policy(model, processor, eval_set)
+    previous, prev_processor = load_policy(s.local_model_dir(previous_policy(s, sft_checkpoint, key)))
+    old = generate_responses(previous, prev_processor, eval_set["question"].to_list(), eval_set["image"].to_list())
+    scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
+    win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, settings.config().judge())
+    kept = preference_set.filter("kept")
+    yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous")), metadata={
+        **{k: float(summary[k]) for k in METRICS},
+        "judge_win_rate_vs_previous": float(win),
+        "pairs_kept": kept.height,
+        "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
+        "checkpoint": MetadataValue.text(policy_checkpoint),
+        "preview": table_preview(scored),
+    })
+    k = iteration_number(key)
+    before_key = "assets/sft_eval.parquet" if k == 1 else f"assets/iteration_eval/{iteration_key(k - 1)}.parquet"
+    before = summarize(s.read_table(before_key)) if s.exists(before_key) else None
+    drops = {m: before[m] - summary[m] for m in ("accuracy", "consistency")} if before else {}
+    yield AssetCheckResult(
+        check_name="no_regression", severity=AssetCheckSeverity.WARN,
+        passed=all(d <= cfg.regression_tolerance for d in drops.values()),
+        metadata={**{f"{m}_drop": float(d) for m, d in drops.items()}, "tolerance": cfg.regression_tolerance,
+                  "compared_with": before_key if before else "nothing (no previous evaluation stored)"},
+    )

@@ -1,0 +1,145 @@
+"""Stage 2: a diverse pool of complete responses per prompt by sentence-level beam search.
+
+A response grows one sentence at a time. Every live beam is expanded with M
+sampled continuations, each stopping at the sentence delimiter (or the end of
+the response); of all extensions, duplicates are removed and the best B
+unfinished ones by length-normalised log-probability live on. Finished
+responses (those that reached the end-of-sequence token) join the prompt's
+pool, of which the best K distinct ones are kept.
+
+All prompts advance together: every step is batched across prompts and beams.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from .generation import encode_prompts, never_generate
+from .verifier import split_response
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    k: int = 8  # candidates kept per prompt
+    beams: int = 4  # B: live partial responses per prompt
+    samples_per_beam: int = 4  # M: sentence continuations sampled per beam
+    temperature: float = 1.0
+    max_sentences: int = 8
+    max_sentence_tokens: int = 24
+    batch_size: int = 512  # rows (prompt x beam x sample) per generate call
+    sentence_delimiter: str = "."
+
+
+@dataclass
+class _Beam:
+    tokens: tuple[int, ...]
+    logprob: float
+
+    @property
+    def score(self) -> float:
+        return self.logprob / max(len(self.tokens), 1)
+
+
+def _sample_sentences(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg: SearchConfig, generator_seed: int):
+    """Samples one sentence for each row; returns the new token tuples and their summed log-probs."""
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for r, ids in enumerate(prompt_ids):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        attention[r, width - len(ids) :] = 1
+    torch.manual_seed(generator_seed)
+    out = model.generate(
+        input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), pixel_values=pixel_values.to(model.device),
+        do_sample=True, temperature=cfg.temperature, top_k=None, top_p=None, max_new_tokens=cfg.max_sentence_tokens,
+        eos_token_id=list(stop_ids), pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
+        bad_words_ids=never_generate(model),
+    )
+    new = out.sequences[:, width:]
+    # Rank by the model's own log-probability (temperature 1), not the sampling distribution's.
+    logps = torch.stack(out.logits, 1).float().log_softmax(-1).gather(2, new[..., None]).squeeze(2)
+    sentences, sums = [], []
+    for r in range(new.shape[0]):
+        toks = new[r].tolist()
+        cut = next((i + 1 for i, t in enumerate(toks) if t in stop_ids), len(toks))
+        sentences.append(tuple(toks[:cut]))
+        sums.append(float(logps[r, :cut].sum()))
+    return sentences, sums
+
+
+@torch.no_grad()
+def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchConfig = SearchConfig(), seed: int = 0,
+                         progress: bool = True) -> pl.DataFrame:
+    """The candidate pool for ``prompts`` (columns ``id``, ``question``, ``image``): up to K rows per prompt."""
+    model.eval()
+    tok = processor.tokenizer
+    eos_id, pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    delim_ids = tok.convert_tokens_to_ids([cfg.sentence_delimiter])
+    stop_ids = {eos_id, *[d for d in delim_ids if d is not None and d != tok.unk_token_id]}
+
+    ids, questions, images = prompts["id"].to_list(), prompts["question"].to_list(), prompts["image"].to_list()
+    prompt_ids, pixels = [], []
+    for start in range(0, len(ids), 256):
+        enc = encode_prompts(processor, questions[start : start + 256], images[start : start + 256])
+        for row, mask in zip(enc["input_ids"], enc["attention_mask"]):
+            prompt_ids.append(row[mask.bool()].tolist())
+        pixels.append(enc["pixel_values"])
+    pixels = torch.cat(pixels) if pixels else torch.empty(0)
+
+    live: list[list[_Beam]] = [[_Beam((), 0.0)] for _ in ids]
+    finished: list[dict[tuple, _Beam]] = [{} for _ in ids]
+    step_bar = tqdm(range(cfg.max_sentences), desc="candidate search (sentences)", disable=not progress)
+    for step in step_bar:
+        rows = [(p, b) for p, beams in enumerate(live) for b in beams for _ in range(cfg.samples_per_beam)]
+        if not rows:
+            break
+        extended: list[dict[tuple, _Beam]] = [{} for _ in ids]
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start : start + cfg.batch_size]
+            sentences, sums = _sample_sentences(
+                model, [prompt_ids[p] + list(b.tokens) for p, b in chunk], pixels[[p for p, _ in chunk]],
+                pad_id, stop_ids, cfg, generator_seed=seed * 100_003 + step * 1_009 + start,
+            )
+            for (p, beam), sentence, logp in zip(chunk, sentences, sums):
+                if not sentence:
+                    continue
+                new = _Beam(beam.tokens + sentence, beam.logprob + logp)
+                target = finished[p] if sentence[-1] == eos_id else extended[p]
+                target.setdefault(new.tokens, new)
+        live = [sorted(ext.values(), key=lambda b: -b.score)[: cfg.beams] for ext in extended]
+        step_bar.set_postfix(finished=sum(len(f) for f in finished))
+
+    params = json.dumps(asdict(cfg) | {"seed": seed})
+    out = []
+    for pid, pool in zip(ids, finished):
+        best = sorted(pool.values(), key=lambda b: -b.score)
+        seen_texts = set()
+        for beam in best:
+            text = tok.decode(list(beam.tokens), skip_special_tokens=True).strip()
+            if text in seen_texts:  # distinct token sequences can decode alike
+                continue
+            seen_texts.add(text)
+            rationale, answer = split_response(text)
+            out.append({"prompt_id": pid, "candidate": len(seen_texts) - 1, "text": text,
+                        "rationale": rationale.strip(), "answer": answer, "logprob": beam.logprob,
+                        "n_tokens": len(beam.tokens), "params": params})
+            if len(seen_texts) == cfg.k:
+                break
+    return pl.DataFrame(out, schema=POOL_SCHEMA)
+
+
+POOL_SCHEMA = {
+    "prompt_id": pl.String,
+    "candidate": pl.Int64,
+    "text": pl.String,
+    "rationale": pl.String,
+    "answer": pl.String,
+    "logprob": pl.Float64,
+    "n_tokens": pl.Int64,
+    "params": pl.String,
+}

@@ -1,0 +1,186 @@
+"""Stage 3: the R-Scorer, a text-only judge LM that compares two candidates of one prompt.
+
+It reads the question, a reference (the image's reference description and the
+ground-truth answer) and candidates A and B, and its verdict is read from the
+next-token distribution over the verdict tokens {A, B, tie}:
+``p(i first, j second) = P(A) + P(tie) / 2``, the three renormalised among
+themselves. Only the last position's logits are computed (``logits_to_keep=1``).
+
+Training labels come from the domain verifier (the teacher, as a large judge
+model is in the paper), or from a user's table of judgements; the judge is
+trained with TRL's ``SFTTrainer`` on the verdict token alone. Any pretrained
+instruction-tuned causal LM can be used zero-shot instead, with the
+``instruct`` prompt template.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from itertools import permutations
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from .scenes import Question, Scene
+from .verifier import verify
+
+VERDICTS = ("A", "B", "tie")
+INSTRUCTION = (
+    "You judge two responses to a question about an image you cannot see; the reference describes it. "
+    "Prefer the response whose rationale states true facts about the image and whose final answer follows from "
+    "its own rationale and is correct. Reply with one word: A, B, or tie."
+)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    template: str = "compact"  # "compact" (the tiny judge) or "instruct" (a chat model used zero-shot)
+    batch_size: int = 128
+    tie_margin: float = 0.05  # verifier labels: quality gaps at most this are ties
+
+
+def judge_prompt(tokenizer, question: str, reference: str, answer: str | None, first: str, second: str, template: str = "compact") -> str:
+    ref = f"{reference} Answer : {answer}" if answer else reference
+    if template == "compact":
+        return f"question : {question} reference : {ref} candidate A : {first} candidate B : {second} verdict :"
+    if template == "instruct":
+        body = f"Question: {question}\nReference: {ref}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\nVerdict:"
+        messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": body}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown judge template {template!r}; expected 'compact' or 'instruct'")
+
+
+def verdict_token_ids(tokenizer) -> list[int]:
+    """The first token of each verdict word; they must be three distinct known tokens."""
+    ids = [tokenizer.encode(v, add_special_tokens=False)[0] for v in VERDICTS]
+    if len(set(ids)) != 3 or tokenizer.unk_token_id in ids:
+        raise ValueError(f"the judge's tokenizer does not give the verdicts {VERDICTS} three distinct tokens: {ids}")
+    return ids
+
+
+@torch.no_grad()
+def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+    """p(first beats second) for each judge prompt, from the verdict tokens at the last position."""
+    model.eval()
+    ids = verdict_token_ids(tokenizer)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the verdict is read at the last position of every row
+    out = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="judging pairs", disable=not progress):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            mask = batch["attention_mask"].to(model.device)
+            # Left padding: positions count from each row's first real token, as they did in training.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=mask, position_ids=positions,
+                           logits_to_keep=1).logits[:, -1, ids]
+            probs = logits.float().softmax(-1)
+            out.append(probs[:, 0] + probs[:, 2] / 2)
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def pairwise_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
+                      progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
+    """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5)."""
+    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
+    prompt_rows = {r["id"]: r for r in prompts.select("id", "question", "reference", "answer").iter_rows(named=True)}
+    ids, texts, index = [], [], []
+    for pid in prompts["id"].to_list():
+        group = by_prompt.get(pid)
+        cands = group["text"].to_list() if group is not None else []
+        ids.append(pid)
+        row = prompt_rows[pid]
+        for i, j in permutations(range(len(cands)), 2):
+            texts.append(judge_prompt(tokenizer, row["question"], row["reference"] or "", row["answer"], cands[i], cands[j], cfg.template))
+            index.append((len(ids) - 1, i, j))
+    probs = judge(model, tokenizer, texts, cfg.batch_size, progress).tolist()
+    sizes = [len(by_prompt[pid]) if pid in by_prompt else 0 for pid in ids]
+    matrices = [[[0.5] * k for _ in range(k)] for k in sizes]
+    for (b, i, j), p in zip(index, probs):
+        matrices[b][i][j] = p
+    return ids, matrices
+
+
+def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
+                         progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
+    """The ablation of pairwise judging: each candidate judged alone, against an empty response, in both orders.
+
+    Its score ``s_i`` becomes a matrix ``p_ij = sigmoid(logit s_i - logit s_j)`` so that aggregation and curation
+    run unchanged; only the judge's view differs (one candidate at a time instead of two side by side).
+    """
+    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
+    prompt_rows = {r["id"]: r for r in prompts.select("id", "question", "reference", "answer").iter_rows(named=True)}
+    ids, texts, sizes = [], [], []
+    for pid in prompts["id"].to_list():
+        group = by_prompt.get(pid)
+        cands = group["text"].to_list() if group is not None else []
+        row = prompt_rows[pid]
+        ids.append(pid)
+        sizes.append(len(cands))
+        for c in cands:
+            for first, second in ((c, ""), ("", c)):
+                texts.append(judge_prompt(tokenizer, row["question"], row["reference"] or "", row["answer"], first, second, cfg.template))
+    probs = judge(model, tokenizer, texts, cfg.batch_size, progress).view(-1, 2) if texts else torch.empty(0, 2)
+    alone = ((probs[:, 0] + 1 - probs[:, 1]) / 2).clamp(1e-4, 1 - 1e-4)
+    logit = torch.log(alone) - torch.log1p(-alone)
+    matrices, start = [], 0
+    for k in sizes:
+        l = logit[start : start + k]
+        matrices.append(torch.sigmoid(l[:, None] - l[None, :]).fill_diagonal_(0.5).tolist() if k else [])
+        start += k
+    return ids, matrices
+
+
+def response_quality(response: str, scene_json: str, question_json: str) -> float:
+    """The teacher's score of one response: answer correctness, rationale factuality and consistency."""
+    v = verify(response, Scene.from_json(scene_json), Question.from_json(question_json))
+    return v.correct + v.factuality + v.consistency
+
+
+def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(),
+                        max_pairs: int | None = None, seed: int = 0) -> pl.DataFrame:
+    """Judge training rows (prompt, completion = verdict) for ordered candidate pairs, labelled by the verifier."""
+    truth = {r["id"]: r for r in prompts.iter_rows(named=True)}
+    rows = []
+    for (pid,), group in candidates.group_by("prompt_id", maintain_order=True):
+        t = truth[pid]
+        if t["scene"] is None:
+            continue  # no verifier for this row: it needs judgements from elsewhere
+        texts = group["text"].to_list()
+        quality = [response_quality(x, t["scene"], t["question_spec"]) for x in texts]
+        for i, j in permutations(range(len(texts)), 2):
+            gap = quality[i] - quality[j]
+            verdict = "A" if gap > cfg.tie_margin else "B" if gap < -cfg.tie_margin else "tie"
+            rows.append({
+                "prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template),
+                "completion": f" {verdict}",
+                "verdict": verdict,
+            })
+    if max_pairs is not None and len(rows) > max_pairs:
+        rows = random.Random(seed).sample(rows, max_pairs)
+    return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
+
+
+def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, settings, callbacks=()) -> dict:
+    """Trains the judge on (prompt, completion = verdict) rows with TRL's SFTTrainer, loss on the verdict only."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from .models import load_scorer
+    from .training import quiet, save_trained
+
+    model, tokenizer = load_scorer(base_model)
+    dataset = Dataset.from_dict({"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()})
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(**settings.trl_kwargs(scratch), max_length=None, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=settings.peft_config(), callbacks=list(callbacks))
+        result = quiet(trainer).train()
+    save_trained(trainer, tokenizer, out_dir)
+    return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

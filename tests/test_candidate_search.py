@@ -1,0 +1,48 @@
+import json
+import re
+
+import polars as pl
+
+from src_assets.candidate_search import POOL_SCHEMA, SearchConfig, sentence_beam_search
+from src_assets.models import load_policy
+from src_assets.source_data import synthetic_source
+
+
+def test_beam_search_gives_k_distinct_complete_candidates(trained_tiny_vlm):
+    model, processor = load_policy(str(trained_tiny_vlm))
+    prompts = synthetic_source(seed=1, n_sft=0, n_calibrate=5, n_eval=0)
+    cfg = SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7, batch_size=7)  # batches split across prompts
+    pool = sentence_beam_search(model, processor, prompts, cfg, seed=0, progress=False)
+    assert pool.schema == pl.Schema(POOL_SCHEMA)
+    per_prompt = pool.group_by("prompt_id").agg(pl.len(), pl.col("text").n_unique().alias("distinct"), pl.col("candidate").sort())
+    assert set(per_prompt["prompt_id"]) <= set(prompts["id"])
+    assert (per_prompt["len"] <= 3).all() and (per_prompt["len"] == per_prompt["distinct"]).all()
+    assert all(c == list(range(len(c))) for c in per_prompt["candidate"].to_list())
+    assert per_prompt["len"].sum() >= 8  # most prompts reach K complete candidates
+    assert (pool["logprob"] < 0).all() and (pool["n_tokens"] > 0).all()
+    assert json.loads(pool["params"][0])["k"] == 3
+    # Candidates are ranked by length-normalised log-probability, best first.
+    for (_, group) in pool.group_by("prompt_id"):
+        norm = (group.sort("candidate")["logprob"] / group.sort("candidate")["n_tokens"]).to_list()
+        assert norm == sorted(norm, reverse=True)
+
+
+def test_same_seed_same_pool(trained_tiny_vlm):
+    model, processor = load_policy(str(trained_tiny_vlm))
+    prompts = synthetic_source(seed=2, n_sft=0, n_calibrate=2, n_eval=0)
+    cfg = SearchConfig(k=2, beams=2, samples_per_beam=2, max_sentences=7)
+    a = sentence_beam_search(model, processor, prompts, cfg, seed=5, progress=False)
+    b = sentence_beam_search(model, processor, prompts, cfg, seed=5, progress=False)
+    assert a.equals(b)
+
+
+def test_answer_and_rationale_are_parsed(trained_tiny_vlm):
+    model, processor = load_policy(str(trained_tiny_vlm))
+    pool = sentence_beam_search(model, processor, synthetic_source(seed=3, n_sft=0, n_calibrate=4, n_eval=0),
+                                SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7), progress=False)
+    for row in pool.iter_rows(named=True):
+        answer_lines = list(re.finditer(r"answer\s*:", row["text"], re.IGNORECASE))
+        if answer_lines and row["text"][answer_lines[-1].end():].strip(" ."):
+            assert row["answer"] is not None and row["rationale"] == row["text"][: answer_lines[-1].start()].strip()
+        else:
+            assert row["answer"] is None

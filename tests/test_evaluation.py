@@ -1,0 +1,30 @@
+import polars as pl
+import pytest
+
+from src_assets.evaluation import judge_win_rate, score_responses, summarize
+from src_assets.models import load_scorer
+from src_assets.source_data import synthetic_source
+
+
+def test_gold_responses_score_perfectly_and_wrong_ones_do_not():
+    ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=10)
+    perfect = summarize(score_responses(ev, ev["response"].to_list()))
+    assert perfect == {"accuracy": 1.0, "factuality": 1.0, "completeness": 1.0, "consistency": 1.0, "n": 10}
+    broken = summarize(score_responses(ev, ["", *ev["response"].to_list()[1:]]))
+    assert broken["accuracy"] == pytest.approx(0.9) and broken["consistency"] == pytest.approx(0.9)
+
+
+def test_rows_without_a_scene_are_left_unscored():
+    ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=3).with_columns(pl.lit(None, pl.String).alias("scene"))
+    scored = score_responses(ev, ev["response"].to_list())
+    assert scored["accuracy"].null_count() == 3
+
+
+def test_judge_win_rate_is_debiased(tiny_dirs):
+    model, tok = load_scorer(str(tiny_dirs[1]))
+    ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=4)
+    same = ev["response"].to_list()
+    # Both orders judged: a response against itself is exactly even, whatever the judge's position bias.
+    assert judge_win_rate(model, tok, ev, same, same) == pytest.approx(0.5, abs=1e-6)
+    other = ["Answer: no"] * 4
+    assert judge_win_rate(model, tok, ev, same, other) == pytest.approx(1 - judge_win_rate(model, tok, ev, other, same), abs=1e-6)

@@ -1,0 +1,122 @@
+"""The whole SRC graph through Dagster on the smoke profile: two iterations in order, checks, sensor, schedule."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    build_schedule_context,
+    build_sensor_context,
+    materialize,
+)
+
+from dagster_project.automation import ITERATION_ASSETS, iteration_schedule, new_source_data_sensor
+from dagster_project.definitions import all_assets, build_resources
+from dagster_project.loop_assets import iteration_partitions
+from dagster_project.resources import SettingsResource, StoreResource
+from src_assets.storage import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_two_iterations(tmp_path_factory):
+    """Materializes the foundation, then iterations 001 and 002, in one instance and store; returns both."""
+    root = tmp_path_factory.mktemp("pipeline")
+    instance = DagsterInstance.ephemeral()
+    resources = build_resources(StoreResource(base_uri=str(root / "store")), SettingsResource(profile="smoke"))
+    started = time.monotonic()
+    foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+    assert materialize(foundation, instance=instance, resources=resources).success
+    instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
+    results = {}
+    for key in ("001", "002"):
+        results[key] = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance, resources=resources)
+    return instance, Store(str(root / "store")), results, time.monotonic() - started, resources
+
+
+def test_two_iterations_materialize_every_asset_in_time(run_two_iterations):
+    instance, store, results, seconds, _ = run_two_iterations
+    assert seconds < 180, f"the smoke loop took {seconds:.0f}s"
+    for key, result in results.items():
+        assert result.success
+        done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert done == set(ITERATION_ASSETS)
+        for asset in ITERATION_ASSETS:
+            assert key in instance.get_materialized_partitions(AssetKey(asset))
+    assert store.read_table("assets/preference_set/002.parquet").height > 0
+    # Iteration 2 started from iteration 1's policy.
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in results["002"].get_asset_materialization_events()}
+    assert meta["policy_checkpoint"]["started_from"].value == store.current_model("models/policy_checkpoint/001")
+    assert meta["candidate_pool"]["policy"].value == store.current_model("models/policy_checkpoint/001")
+
+
+def test_metadata_and_checks_are_recorded(run_two_iterations):
+    _, _, results, _, _ = run_two_iterations
+    result = results["001"]
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    for metric in ("accuracy", "factuality", "completeness", "consistency", "judge_win_rate_vs_previous"):
+        assert isinstance(meta["iteration_eval"][metric].value, float)
+    assert "| candidate |" in meta["pairwise_scores"]["sample_matrix_q"].value
+    assert "| weight |" in meta["preference_set"]["weight_histogram"].value
+    checks = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data for e in result.get_asset_check_evaluations()}
+    assert set(checks) == {"most_prompts_have_two_distinct_candidates", "weights_in_unit_interval", "no_wrong_chosen_answer", "no_regression"}
+    assert checks["weights_in_unit_interval"].passed
+
+
+def test_missing_predecessor_fails_clearly_and_writes_nothing(run_two_iterations):
+    instance, store, _, _, resources = run_two_iterations
+    instance.add_dynamic_partitions(iteration_partitions.name, ["004"])
+    result = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="004", instance=instance,
+                         resources=resources, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.message
+    assert "iteration 004 needs the policy of iteration 003" in message and "materialize iteration 003 first" in message
+    assert not store.list("assets/candidate_pool", "004.parquet")
+    assert store.current_model("models/policy_checkpoint/004") is None
+
+
+def test_sensor_adds_the_next_iteration_when_source_files_arrive(tmp_path):
+    store = StoreResource(base_uri=str(tmp_path))
+    settings = SettingsResource(profile="smoke")
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(iteration_partitions.name, ["001"])
+        ctx = build_sensor_context(instance=instance, resources={"store": store, "settings": settings})
+        assert new_source_data_sensor(ctx).__class__.__name__ == "SkipReason"
+        Store(str(tmp_path)).write_table("source/batch-1.parquet", pl.DataFrame({"id": ["x"]}))
+        result = new_source_data_sensor(build_sensor_context(instance=instance, resources={"store": store, "settings": settings}))
+        assert [r.partition_key for r in result.run_requests] == ["002"]
+        assert result.dynamic_partitions_requests[0].partition_keys == ["002"]
+        # The same files again: nothing new.
+        again = new_source_data_sensor(build_sensor_context(instance=instance, cursor=result.cursor,
+                                                            resources={"store": store, "settings": settings}))
+        assert again.__class__.__name__ == "SkipReason"
+
+
+def test_schedule_requests_the_next_iteration():
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
+        request = iteration_schedule(build_schedule_context(instance=instance))
+        assert request.partition_key == "003"
+        assert "003" in instance.get_dynamic_partitions(iteration_partitions.name)
+
+
+def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "SRC_STORE_URI": str(tmp_path / "store")}
+    out = subprocess.run([sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "1", "--json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert set(rows[1]) >= {"accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "checkpoint"}
+    assert rows[1]["checkpoint"].startswith(str(tmp_path / "store"))
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert len(instance.get_runs()) == 2  # the foundation run and iteration 001's

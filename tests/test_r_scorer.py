@@ -1,0 +1,115 @@
+import polars as pl
+import pytest
+import torch
+
+from src_assets.models import load_scorer
+from src_assets.r_scorer import (
+    JudgeConfig,
+    independent_matrices,
+    judge,
+    judge_prompt,
+    pairwise_matrices,
+    train_r_scorer,
+    verdict_token_ids,
+    verifier_judgements,
+)
+from src_assets.source_data import synthetic_source
+from src_assets.training import TrainSettings
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_dirs):
+    return load_scorer(str(tiny_dirs[1]))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return synthetic_source(seed=3, n_sft=0, n_calibrate=3, n_eval=0)
+
+
+def _pool(prompts):
+    rows = []
+    for r in prompts.iter_rows(named=True):
+        wrong = "there is a red circle at the top left. so there is no red circle.\nAnswer: seven"
+        for c, text in enumerate([r["response"], wrong, r["response"].split("\n")[0] + "\nAnswer: nine"]):
+            rows.append({"prompt_id": r["id"], "candidate": c, "text": text})
+    return pl.DataFrame(rows)
+
+
+def test_verdict_tokens_are_distinct_and_known(scorer):
+    _, tok = scorer
+    ids = verdict_token_ids(tok)
+    assert len(set(ids)) == 3 and tok.unk_token_id not in ids
+
+
+def test_judge_reads_only_the_last_position(scorer, monkeypatch):
+    model, tok = scorer
+    seen = {}
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        out = original(*args, **kwargs)
+        seen["logits_shape"] = tuple(out.logits.shape)
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    p = judge(model, tok, ["question : how many red shapes are there ? verdict :"] * 2)
+    assert seen["logits_to_keep"] == 1 and seen["logits_shape"][1] == 1
+    assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_left_padding_does_not_change_a_verdict(scorer):
+    model, tok = scorer
+    short = "question : how many red shapes are there ? verdict :"
+    long = short.replace("?", "? there is a red circle at the top left . there is a blue square at the middle center .")
+    alone = judge(model, tok, [short])
+    padded = judge(model, tok, [long, short])
+    torch.testing.assert_close(alone[0], padded[1], atol=1e-5, rtol=1e-5)
+
+
+def test_every_ordered_pair_is_judged(scorer, prompts):
+    model, tok = scorer
+    pool = _pool(prompts)
+    ids, matrices = pairwise_matrices(model, tok, pool, prompts, progress=False)
+    assert ids == prompts["id"].to_list()
+    for m in matrices:
+        assert len(m) == 3 and all(m[i][i] == 0.5 for i in range(3))
+        assert all(0 <= m[i][j] <= 1 for i in range(3) for j in range(3))
+    # A prompt without candidates gets an empty matrix.
+    ids, matrices = pairwise_matrices(model, tok, pool.filter(pl.col("prompt_id") != ids[0]), prompts, progress=False)
+    assert matrices[0] == []
+
+
+def test_independent_scoring_builds_a_consistent_matrix(scorer, prompts):
+    model, tok = scorer
+    _, matrices = independent_matrices(model, tok, _pool(prompts), prompts, progress=False)
+    m = torch.tensor(matrices[0])
+    torch.testing.assert_close(m + m.T, torch.ones(3, 3))
+
+
+def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
+    _, tok = scorer
+    rows = verifier_judgements(_pool(prompts), prompts, tok)
+    assert rows.height == 3 * 6  # ordered pairs of 3 candidates, per prompt
+    gold = prompts["response"][0]
+    first_is_gold = rows.filter(pl.col("prompt").str.contains(f"candidate A : {gold}", literal=True))
+    assert set(first_is_gold["verdict"]) == {"A"}
+    assert rows["completion"].str.strip_chars().is_in(["A", "B", "tie"]).all()
+
+
+def test_instruct_template_uses_the_chat_template(scorer):
+    _, tok = scorer
+    text = judge_prompt(tok, "how many?", "ref", "two", "x", "y", template="instruct")
+    assert "Response A:" in text and "Reply with one word" in text
+    with pytest.raises(ValueError, match="unknown judge template"):
+        judge_prompt(tok, "q", "r", None, "a", "b", template="verbose")
+
+
+def test_training_teaches_the_verdict(tiny_dirs, tmp_path, prompts):
+    _, tok = load_scorer(str(tiny_dirs[1]))
+    rows = verifier_judgements(_pool(prompts), prompts, tok).filter(pl.col("verdict") == "A")
+    rows = pl.concat([rows] * 8)
+    train_r_scorer(str(tiny_dirs[1]), rows, str(tmp_path), TrainSettings(epochs=3, learning_rate=1e-2, batch_size=8))
+    model, tok = load_scorer(str(tmp_path))
+    assert judge(model, tok, rows["prompt"].head(4).to_list()).min() > 0.8

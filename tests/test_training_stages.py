@@ -1,0 +1,47 @@
+"""Rationale SFT (full and LoRA) and weighted DPO training, end to end on the smallest models."""
+
+import os
+
+import polars as pl
+
+from src_assets.models import load_policy
+from src_assets.preference import PREFERENCE_SCHEMA
+from src_assets.rationale_sft import build_rationale_sft_set, train_rationale_sft
+from src_assets.source_data import synthetic_source
+from src_assets.training import TrainSettings
+from src_assets.weighted_dpo import train_weighted_dpo
+
+
+def test_lora_sft_saves_a_merged_plain_checkpoint(tiny_dirs, tmp_path):
+    sft = build_rationale_sft_set(synthetic_source(seed=0, n_sft=16, n_calibrate=0, n_eval=0))
+    result = train_rationale_sft(str(tiny_dirs[0]), sft, str(tmp_path), TrainSettings(epochs=1, batch_size=8, lora_r=4))
+    assert result["steps"] == 2
+    assert not any(name.startswith("adapter") for name in os.listdir(tmp_path))
+    model, _ = load_policy(str(tmp_path))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+
+
+def _preferences(n=6):
+    src = synthetic_source(seed=5, n_sft=0, n_calibrate=n, n_eval=0)
+    rows = []
+    for i, r in enumerate(src.iter_rows(named=True)):
+        rows.append({"prompt_id": r["id"], "question": r["question"], "image": r["image"], "gold_answer": r["answer"],
+                     "chosen": r["response"], "rejected": "there is a red circle at the top left.\nAnswer: no",
+                     "chosen_answer": r["answer"], "rejected_answer": "no", "weight": 0.5 + 0.1 * i,
+                     "kept": i != 0, "drop_reason": None if i else "weight 0.000 below tau 0.1"})
+    return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
+
+
+def test_weighted_dpo_trains_on_kept_pairs_only(trained_tiny_vlm, tmp_path):
+    prefs = _preferences()
+    result = train_weighted_dpo(str(trained_tiny_vlm), prefs, str(tmp_path), TrainSettings(epochs=1, batch_size=5))
+    assert result["pairs"] == 5 and result["steps"] == 1
+    load_policy(str(tmp_path))
+
+
+def test_no_kept_pair_is_a_clear_error(trained_tiny_vlm, tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="keeps no pair"):
+        train_weighted_dpo(str(trained_tiny_vlm), _preferences().with_columns(pl.lit(False).alias("kept")), str(tmp_path),
+                           TrainSettings(epochs=1))
