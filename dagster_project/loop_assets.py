@@ -177,6 +177,8 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
            AssetCheckSpec("weights_in_unit_interval", asset="preference_set", description="Every pair weight is in [0, 1]."),
            AssetCheckSpec("no_wrong_chosen_answer", asset="preference_set",
                           description="No kept pair's chosen response has a wrong answer where the gold answer is known."),
+           AssetCheckSpec("keeps_pairs", asset="preference_set",
+                          description="At least one pair is kept; otherwise this iteration trains nothing (WARN)."),
        ])
 def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
                    vqa_source: pl.DataFrame, settings: SettingsResource):
@@ -198,6 +200,8 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
         pl.col("chosen_answer").fill_null("").str.to_lowercase().str.strip_chars(" .") != pl.col("gold_answer").str.to_lowercase().str.strip_chars(" .")
     )).height
     yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong})
+    yield AssetCheckResult(check_name="keeps_pairs", passed=kept.height > 0, severity=AssetCheckSeverity.WARN,
+                           metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
 
 
 @asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
@@ -206,14 +210,18 @@ def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFra
                       settings: SettingsResource, store: StoreResource) -> str:
     cfg, s, key = settings.config(), store.store(), context.partition_key
     start = previous_policy(s, sft_checkpoint, key)
+    if not preference_set["kept"].any():
+        # Nothing to learn from: policy k is policy k-1, stored as its own version so iteration k+1 can start.
+        context.log.warning(f"iteration {key}: the preference set keeps no pair; policy {key} is policy k-1 unchanged")
+        uri = s.put_model(f"{POLICY_KEY}/{key}", s.local_model_dir(start))
+        context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start),
+                                     "trained": False, "pairs": 0})
+        return uri
     with tempfile.TemporaryDirectory() as out:
-        try:
-            result = train_weighted_dpo(s.local_model_dir(start), preference_set, out, cfg.dpo_settings(), cfg.beta,
-                                        cfg.use_fused_dpo_kernel, cfg.weighted_dpo, [DagsterLogCallback(context.log, f"DPO {key}")])
-        except ValueError as e:
-            raise Failure(f"iteration {key}: {e}") from e
+        result = train_weighted_dpo(s.local_model_dir(start), preference_set, out, cfg.dpo_settings(), cfg.beta,
+                                    cfg.use_fused_dpo_kernel, cfg.weighted_dpo, [DagsterLogCallback(context.log, f"DPO {key}")])
         uri = s.put_model(f"{POLICY_KEY}/{key}", out)
-    context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start),
+    context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start), "trained": True,
                                  "train_loss": result["train_loss"], "pairs": result["pairs"], "steps": result["steps"]})
     return uri
 

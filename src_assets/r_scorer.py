@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from .scenes import Question, Scene
+from .scenes import COLORS, Question, Scene
 from .verifier import verify
 
 VERDICTS = ("A", "B", "tie")
@@ -38,7 +38,9 @@ INSTRUCTION = (
 class JudgeConfig:
     template: str = "compact"  # "compact" (the tiny judge) or "instruct" (a chat model used zero-shot)
     batch_size: int = 128
-    tie_margin: float = 0.05  # verifier labels: quality gaps at most this are ties
+    # Verifier labels: quality = weighted correctness + factuality + consistency; gaps up to tie_margin are ties.
+    quality_weights: tuple[float, float, float] = (2.0, 1.0, 2.0)
+    tie_margin: float = 0.5
 
 
 def judge_prompt(tokenizer, question: str, reference: str, answer: str | None, first: str, second: str, template: str = "compact") -> str:
@@ -135,24 +137,48 @@ def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl
     return ids, matrices
 
 
-def response_quality(response: str, scene_json: str, question_json: str) -> float:
-    """The teacher's score of one response: answer correctness, rationale factuality and consistency."""
+def response_quality(response: str, scene_json: str, question_json: str, weights=(2.0, 1.0, 2.0)) -> float:
+    """The teacher's score of one response: weighted answer correctness, rationale factuality and consistency."""
     v = verify(response, Scene.from_json(scene_json), Question.from_json(question_json))
-    return v.correct + v.factuality + v.consistency
+    return weights[0] * v.correct + weights[1] * v.factuality + weights[2] * v.consistency
+
+
+def perturbed_responses(gold: str, rng: random.Random) -> list[str]:
+    """Contrasting versions of a gold response: a wrong final answer, and one perceived object recoloured."""
+    rationale, answer = gold.rsplit("Answer:", 1)
+    wrong = rng.choice([a for a in ("zero", "one", "two", "three", "yes", "no", "red", "blue", "green", "yellow") if a != answer.strip()])
+    sentences = rationale.split(". ")
+    i = rng.randrange(len(sentences))
+    colours = [c for c in COLORS if c in sentences[i].split()]
+    if colours:
+        sentences[i] = sentences[i].replace(colours[0], rng.choice([c for c in COLORS if c != colours[0]]), 1)
+    return [f"{rationale}Answer: {wrong}", ". ".join(sentences) + f"Answer:{answer}"]
 
 
 def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(),
-                        max_pairs: int | None = None, seed: int = 0) -> pl.DataFrame:
-    """Judge training rows (prompt, completion = verdict) for ordered candidate pairs, labelled by the verifier."""
+                        max_pairs: int | None = None, seed: int = 0, contrast_pairs: bool = True) -> pl.DataFrame:
+    """Judge training rows (prompt, completion = verdict) for ordered candidate pairs, labelled by the verifier.
+
+    With ``contrast_pairs``, each prompt's gold response is also paired with perturbed copies of itself (a wrong
+    answer, a recoloured object), both orders, labelled by the verifier like any pair: clean contrasts that teach
+    a small judge what to compare far sooner than the policy's own candidates alone.
+    """
     truth = {r["id"]: r for r in prompts.iter_rows(named=True)}
+    rng = random.Random(seed)
     rows = []
     for (pid,), group in candidates.group_by("prompt_id", maintain_order=True):
         t = truth[pid]
         if t["scene"] is None:
             continue  # no verifier for this row: it needs judgements from elsewhere
         texts = group["text"].to_list()
-        quality = [response_quality(x, t["scene"], t["question_spec"]) for x in texts]
-        for i, j in permutations(range(len(texts)), 2):
+        quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
+        pairs = list(permutations(range(len(texts)), 2))
+        if contrast_pairs and t["response"]:
+            n = len(texts)
+            texts = texts + [t["response"], *perturbed_responses(t["response"], rng)]
+            quality += [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts[n:]]
+            pairs += [(n, n + 1), (n + 1, n), (n, n + 2), (n + 2, n)]
+        for i, j in pairs:
             gap = quality[i] - quality[j]
             verdict = "A" if gap > cfg.tie_margin else "B" if gap < -cfg.tie_margin else "tie"
             rows.append({

@@ -14,6 +14,7 @@ from dagster import (
     DagsterInstance,
     build_schedule_context,
     build_sensor_context,
+    instance_for_test,
     materialize,
 )
 
@@ -66,8 +67,9 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
         assert isinstance(meta["iteration_eval"][metric].value, float)
     assert "| candidate |" in meta["pairwise_scores"]["sample_matrix_q"].value
     assert "| weight |" in meta["preference_set"]["weight_histogram"].value
-    checks = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data for e in result.get_asset_check_evaluations()}
-    assert set(checks) == {"most_prompts_have_two_distinct_candidates", "weights_in_unit_interval", "no_wrong_chosen_answer", "no_regression"}
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(checks) == {"most_prompts_have_two_distinct_candidates", "weights_in_unit_interval", "no_wrong_chosen_answer",
+                           "keeps_pairs", "no_regression"}
     assert checks["weights_in_unit_interval"].passed
 
 
@@ -82,6 +84,20 @@ def test_missing_predecessor_fails_clearly_and_writes_nothing(run_two_iterations
     assert "iteration 004 needs the policy of iteration 003" in message and "materialize iteration 003 first" in message
     assert not store.list("assets/candidate_pool", "004.parquet")
     assert store.current_model("models/policy_checkpoint/004") is None
+
+
+def test_an_iteration_that_keeps_no_pair_carries_the_policy_forward(run_two_iterations):
+    # Runs after the missing-predecessor test, which needs iteration 003 to be absent.
+    instance, store, _, _, resources = run_two_iterations
+    strict = build_resources(resources["store"], SettingsResource(profile="smoke", overrides={"tau": 1.0}))
+    instance.add_dynamic_partitions(iteration_partitions.name, ["003"])
+    result = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="003", instance=instance, resources=strict)
+    assert result.success
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["policy_checkpoint"]["trained"].value is False
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["keeps_pairs"].passed
+    assert store.current_model("models/policy_checkpoint/003") != store.current_model("models/policy_checkpoint/002")
 
 
 def test_sensor_adds_the_next_iteration_when_source_files_arrive(tmp_path):
@@ -102,7 +118,7 @@ def test_sensor_adds_the_next_iteration_when_source_files_arrive(tmp_path):
 
 
 def test_schedule_requests_the_next_iteration():
-    with DagsterInstance.ephemeral() as instance:
+    with instance_for_test() as instance:
         instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
         request = iteration_schedule(build_schedule_context(instance=instance))
         assert request.partition_key == "003"

@@ -90,12 +90,21 @@ def test_independent_scoring_builds_a_consistent_matrix(scorer, prompts):
 
 def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
     _, tok = scorer
-    rows = verifier_judgements(_pool(prompts), prompts, tok)
+    rows = verifier_judgements(_pool(prompts), prompts, tok, contrast_pairs=False)
     assert rows.height == 3 * 6  # ordered pairs of 3 candidates, per prompt
     gold = prompts["response"][0]
     first_is_gold = rows.filter(pl.col("prompt").str.contains(f"candidate A : {gold}", literal=True))
     assert set(first_is_gold["verdict"]) == {"A"}
     assert rows["completion"].str.strip_chars().is_in(["A", "B", "tie"]).all()
+
+
+def test_contrast_pairs_add_gold_against_its_perturbed_copies(scorer, prompts):
+    _, tok = scorer
+    rows = verifier_judgements(_pool(prompts), prompts, tok, contrast_pairs=True)
+    assert rows.height == 3 * (6 + 4)  # plus gold vs wrong answer and gold vs recoloured object, both orders
+    gold = prompts["response"][0]
+    wrong_answer = rows.filter(pl.col("prompt").str.contains(f"candidate A : {gold} candidate B : {gold.rsplit('Answer:', 1)[0]}Answer:", literal=True))
+    assert wrong_answer.height >= 1 and set(wrong_answer["verdict"]) <= {"A", "tie"}
 
 
 def test_instruct_template_uses_the_chat_template(scorer):
