@@ -16,7 +16,7 @@ from src_assets.rationale_sft import build_rationale_sft_set
 from src_assets.source_data import SourceDataError, combine_sources, read_source_file, synthetic_source
 from src_assets.tiny_models import build_tiny_scorer, build_tiny_vlm
 
-from .metadata import table_preview, vqa_table_metadata
+from .metadata import vqa_table_metadata
 from .resources import SettingsResource, StoreResource
 
 

@@ -20,8 +20,9 @@ def _instance():
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
+    shipped = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the repository's instance settings
     if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+        (home / "dagster.yaml").write_text(shipped.read_text() if shipped.exists() else "")
     return DagsterInstance.get()
 
 

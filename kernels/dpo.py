@@ -25,6 +25,8 @@ eager PyTorch), ``sequence_logps`` (no grad; reference-model log-probs) and the
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -163,8 +165,6 @@ def _blocks(H: int, V: int):
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import pytest
 from dagster import DagsterInstance, materialize
 
 from dagster_project.definitions import all_assets as every_asset

@@ -101,7 +101,7 @@ def test_without_bias():
 
 def test_cost_follows_counted_positions_not_sequence_length():
     # A full sequence with its prompt masked gives exactly the completion-only result.
-    P, H, V, C = 2, 16, 40, 7
+    P, H, V = 2, 16, 40
     hidden, weight, b, labels, ref = make_inputs(P, 50, H, V, torch.float32, seed=5, prompt=41)
     short_h = hidden[:, 41:48].detach().clone().requires_grad_()
     full = sequence_logps(hidden, weight, labels, b)

@@ -4,7 +4,6 @@ import torch
 
 from src_assets.models import load_scorer
 from src_assets.r_scorer import (
-    JudgeConfig,
     independent_matrices,
     judge,
     judge_prompt,
