@@ -1,6 +1,6 @@
 """The code location: every asset, resource, check, job, schedule and sensor of the SRC pipeline."""
 
-from dagster import Definitions, load_assets_from_modules
+from dagster import Definitions, in_process_executor, load_assets_from_modules
 
 from . import assets, loop_assets
 from .automation import foundation_job, iteration_job, iteration_schedule, new_source_data_sensor
@@ -21,4 +21,7 @@ defs = Definitions(
     schedules=[iteration_schedule],
     sensors=[new_source_data_sensor],
     resources=build_resources(),
+    # Model steps share one device and run one after another anyway; in-process saves a Python start-up
+    # (torch, transformers) per step. Swap in multiprocess_executor, k8s_job_executor or celery_executor here.
+    executor=in_process_executor,
 )
