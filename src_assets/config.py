@@ -8,7 +8,7 @@ Each (chosen) choice of DESIGN.md section 1 is a field here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from .candidate_search import SearchConfig
 from .preference import CurationConfig
@@ -91,9 +91,6 @@ class SRCConfig:
     def curation(self) -> CurationConfig:
         return CurationConfig(tau=self.tau, select_by=self.select_by, pairs_per_prompt=self.pairs_per_prompt,
                               require_correct_chosen=self.require_correct_chosen)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PROFILES: dict[str, SRCConfig] = {

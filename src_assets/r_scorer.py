@@ -85,24 +85,24 @@ def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress:
     return torch.cat(out) if out else torch.empty(0)
 
 
+def _prompts_with_candidates(candidates: pl.DataFrame, prompts: pl.DataFrame):
+    """(prompt id, prompt row, candidate texts in candidate order) for each prompt, in the prompts' order."""
+    by_prompt = {pid: g.sort("candidate")["text"].to_list() for (pid,), g in candidates.group_by("prompt_id")}
+    for row in prompts.select("id", "question", "reference", "answer").iter_rows(named=True):
+        yield row["id"], row, by_prompt.get(row["id"], [])
+
+
 def pairwise_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
                       progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
     """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5)."""
-    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
-    prompt_rows = {r["id"]: r for r in prompts.select("id", "question", "reference", "answer").iter_rows(named=True)}
-    ids, texts, index = [], [], []
-    for pid in prompts["id"].to_list():
-        group = by_prompt.get(pid)
-        cands = group["text"].to_list() if group is not None else []
+    ids, matrices, texts, index = [], [], [], []
+    for pid, row, cands in _prompts_with_candidates(candidates, prompts):
         ids.append(pid)
-        row = prompt_rows[pid]
+        matrices.append([[0.5] * len(cands) for _ in cands])
         for i, j in permutations(range(len(cands)), 2):
             texts.append(judge_prompt(tokenizer, row["question"], row["reference"] or "", row["answer"], cands[i], cands[j], cfg.template))
             index.append((len(ids) - 1, i, j))
-    probs = judge(model, tokenizer, texts, cfg.batch_size, progress).tolist()
-    sizes = [len(by_prompt[pid]) if pid in by_prompt else 0 for pid in ids]
-    matrices = [[[0.5] * k for _ in range(k)] for k in sizes]
-    for (b, i, j), p in zip(index, probs):
+    for (b, i, j), p in zip(index, judge(model, tokenizer, texts, cfg.batch_size, progress).tolist()):
         matrices[b][i][j] = p
     return ids, matrices
 
@@ -114,13 +114,8 @@ def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl
     Its score ``s_i`` becomes a matrix ``p_ij = sigmoid(logit s_i - logit s_j)`` so that aggregation and curation
     run unchanged; only the judge's view differs (one candidate at a time instead of two side by side).
     """
-    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
-    prompt_rows = {r["id"]: r for r in prompts.select("id", "question", "reference", "answer").iter_rows(named=True)}
     ids, texts, sizes = [], [], []
-    for pid in prompts["id"].to_list():
-        group = by_prompt.get(pid)
-        cands = group["text"].to_list() if group is not None else []
-        row = prompt_rows[pid]
+    for pid, row, cands in _prompts_with_candidates(candidates, prompts):
         ids.append(pid)
         sizes.append(len(cands))
         for c in cands:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
@@ -282,7 +281,3 @@ def generate_examples(n: int, seed: int, split: str, kinds=QUESTION_KINDS, min_o
             question = generate_question(rng, scene, kinds[i % len(kinds)])
         out.append(Example(f"{split}-{seed}-{i:06d}", split, scene, question))
     return out
-
-
-def kind_distribution(kinds) -> dict[str, int]:
-    return dict(sorted(Counter(kinds).items()))

@@ -100,11 +100,6 @@ def read_source_file(data: bytes, name: str) -> pl.DataFrame:
     return validate_source(df, name)
 
 
-def preview_rows(df: pl.DataFrame, n: int = 5) -> pl.DataFrame:
-    """A few rows without the image bytes, for metadata previews."""
-    return df.head(n).select([c for c in df.columns if df.schema[c] != pl.Binary])
-
-
 def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
     """Concatenates validated tables; an id used by two files is an error naming both."""
     if not named_frames:
