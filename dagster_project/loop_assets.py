@@ -68,12 +68,13 @@ def previous_policy(store, sft_uri: str, key: str) -> str:
     return uri
 
 
-def _calibration_prompts(vqa_source: pl.DataFrame, key: str, n: int) -> pl.DataFrame:
-    """Iteration k's prompts: the k-th slice of the calibrate rows, wrapping around when they run out."""
+def _calibration_prompts(vqa_source: pl.DataFrame, key: str, n: int, skip: int) -> pl.DataFrame:
+    """Iteration k's prompts: the k-th slice of the calibrate rows after the ``skip`` the R-Scorer trained on,
+    wrapping around when they run out."""
     rows = vqa_source.filter(pl.col("split") == "calibrate")
     if rows.is_empty():
         raise Failure("vqa_source has no rows with split 'calibrate' to calibrate on")
-    start = ((iteration_number(key) - 1) * n) % rows.height
+    start = (skip + (iteration_number(key) - 1) * n) % rows.height
     take = rows.slice(start, n)
     if take.height < n:
         take = pl.concat([take, rows.head(min(n - take.height, rows.height - take.height))])
@@ -133,7 +134,7 @@ def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_sour
                    settings: SettingsResource, store: StoreResource):
     cfg, s, key = settings.config(), store.store(), context.partition_key
     policy_uri = previous_policy(s, sft_checkpoint, key)
-    prompts = _calibration_prompts(vqa_source, key, cfg.prompts_per_iteration)
+    prompts = _calibration_prompts(vqa_source, key, cfg.prompts_per_iteration, cfg.scorer_prompts)
     context.log.info(f"iteration {key}: sampling {prompts.height} prompts from {policy_uri}")
     model, processor = load_policy(s.local_model_dir(policy_uri))
     pool = sentence_beam_search(model, processor, prompts, cfg.search(), seed=cfg.seed * 1000 + iteration_number(key))
