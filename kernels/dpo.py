@@ -157,7 +157,7 @@ def _backward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_pt
         tl.atomic_add(dw_ptr + cols[:, None].to(tl.int64) * H + k[None, :], dw, mask=col_in[:, None] & k_in[None, :])
 
 
-def _blocks(H: int, V: int):
+def _blocks():
     # 16 is tl.dot's smallest tile. On a GPU the larger tiles keep the tensor cores busy.
     if torch.cuda.is_available() and not _interpreting():
         return 64, 128, 64, 8
@@ -187,7 +187,7 @@ def _token_lse(h, weight, bias, targets):
     lse = torch.empty(N, dtype=torch.float32, device=h.device)
     target_logit = torch.empty(N, dtype=torch.float32, device=h.device)
     if N:
-        BN, BV, BH, warps = _blocks(H, V)
+        BN, BV, BH, warps = _blocks()
         _forward_kernel[(triton.cdiv(N, BN),)](
             h, weight, bias if bias is not None else h, targets, lse, target_logit, N, V, H,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(h.dtype), num_warps=warps,
@@ -217,7 +217,7 @@ class _FusedSequenceLogps(torch.autograd.Function):
         dw = torch.zeros((V, H), dtype=torch.float32, device=h.device)
         db = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else dh
         if N:
-            BN, BV, BH, warps = _blocks(H, V)
+            BN, BV, BH, warps = _blocks()
             _backward_kernel[(triton.cdiv(N, BN), triton.cdiv(V, BV))](
                 h, weight, bias if bias is not None else h, targets, lse, g, dh, dw, db, N, V, H,
                 BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(h.dtype), num_warps=warps,
