@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config
+from src_assets.r_scorer import VERIFIER_JUDGE
 from src_assets.rationale_sft import build_rationale_sft_set
 from src_assets.source_data import SourceDataError, combine_sources, read_source_file, synthetic_source
 from src_assets.tiny_models import build_tiny_scorer, build_tiny_vlm
@@ -103,4 +104,7 @@ def base_policy_model(context: AssetExecutionContext, settings: SettingsResource
 @asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
+    if cfg.scorer_model == VERIFIER_JUDGE:
+        context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE)})
+        return VERIFIER_JUDGE  # the oracle judge has no model
     return _base_model(context, cfg.scorer_model, build_tiny_scorer, "models/base_r_scorer_model", store, cfg)

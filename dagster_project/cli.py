@@ -12,7 +12,9 @@ from pathlib import Path
 
 from src_assets.config import PROFILES
 
-ITERATION_ROW = ("accuracy", "factuality", "consistency", "pairs_kept", "mean_weight")
+from .experiments import VARIANTS, experiment
+
+ITERATION_ROW = ("accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "judge_agreement")
 
 
 def _instance():
@@ -53,7 +55,7 @@ def _overrides(pairs: list[str]) -> dict:
 def run(args) -> int:
     from dagster import materialize
 
-    from .definitions import all_assets, build_resources
+    from .definitions import all_assets, all_checks, build_resources
     from .automation import ITERATION_ASSETS, ITERATION_TAG
     from .loop_assets import iteration_key, iteration_partitions
     from .resources import SettingsResource, StoreResource
@@ -68,7 +70,7 @@ def run(args) -> int:
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"materializing data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
-    result = materialize(foundation, instance=instance, resources=resources, raise_on_error=False)
+    result = materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False)
     if not result.success:
         print(_failure(result), file=sys.stderr)
         return 1
@@ -84,25 +86,28 @@ def run(args) -> int:
         if not result.success:
             print(_failure(result), file=sys.stderr)
             return 1
-        m = _meta(result, "iteration_eval")
+        m = {**_meta(result, "pairwise_scores"), **_meta(result, "iteration_eval")}
         rows.append({"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")})
     _print(rows, args.json)
     return 0
 
 
 def _print(rows: list[dict], as_json: bool) -> None:
+    # NaN (e.g. no clear pair for judge_agreement) is not JSON: it is printed as null.
+    rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'iteration':>9} {'accuracy':>9} {'factuality':>10} {'consistency':>11} {'pairs kept':>10} {'mean weight':>11}  checkpoint")
+    print(f"{'iteration':>9} {'accuracy':>9} {'factuality':>10} {'consistency':>11} {'pairs kept':>10} {'mean weight':>11} "
+          f"{'judge agreement':>15}  checkpoint")
     fmt = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"
     for r in rows:
         print(f"{r['iteration']:>9} {fmt(r.get('accuracy'), 9)} {fmt(r.get('factuality'), 10)} {fmt(r.get('consistency'), 11)} "
-              f"{fmt(r.get('pairs_kept'), 10)} {fmt(r.get('mean_weight'), 11)}  {r.get('checkpoint')}")
+              f"{fmt(r.get('pairs_kept'), 10)} {fmt(r.get('mean_weight'), 11)} {fmt(r.get('judge_agreement'), 15)}  {r.get('checkpoint')}")
 
 
 def evaluate(args) -> int:
-    from src_assets.evaluation import evaluate_policy
+    from src_assets.evaluation import evaluate_policy, with_blank_images
     from src_assets.models import load_policy
     from src_assets.source_data import synthetic_source
     from src_assets.storage import Store
@@ -111,8 +116,10 @@ def evaluate(args) -> int:
     model_dir = store.local_model_dir(args.checkpoint) if "://" in args.checkpoint or Path(args.checkpoint).is_dir() else args.checkpoint
     model, processor = load_policy(model_dir)
     held_out = synthetic_source(args.seed, 0, 0, args.n)
+    if args.images == "blank":
+        held_out = with_blank_images(held_out)
     summary, _ = evaluate_policy(model, processor, held_out)
-    row = {"checkpoint": args.checkpoint, "seed": args.seed, **summary}
+    row = {"checkpoint": args.checkpoint, "seed": args.seed, "images": args.images, **summary}
     print(json.dumps(row, indent=1) if args.json else "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
 
@@ -134,8 +141,19 @@ def main(argv=None) -> int:
     e.add_argument("--store", help="the store holding s3:// checkpoints (default: $SRC_STORE_URI)")
     e.add_argument("--seed", type=int, default=12345, help="seed of the held-out scenes")
     e.add_argument("--n", type=int, default=500)
+    e.add_argument("--images", choices=("real", "blank"), default="real",
+                   help="blank: every image replaced by a blank one of the same size (does the policy use its image?)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=evaluate)
+    x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
+    x.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    x.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    x.add_argument("--iterations", type=int, default=2)
+    x.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    x.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="applied to every variant")
+    x.add_argument("--out", default="experiments", help="folder for each run's store and the table (JSON and Markdown)")
+    x.add_argument("--parallel", type=int, default=1, help="seeds at a time (each run gets cores / parallel torch threads)")
+    x.set_defaults(fn=experiment)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,12 +1,14 @@
 """The code location: every asset, resource, check, job, schedule and sensor of the SRC pipeline."""
 
-from dagster import Definitions, in_process_executor, load_assets_from_modules
+from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
 from . import assets, loop_assets
 from .automation import foundation_job, iteration_job, iteration_schedule, new_source_data_sensor
 from .resources import SettingsResource, StoreIOManager, StoreResource
 
 all_assets = load_assets_from_modules([assets, loop_assets])
+# Checks defined apart from their asset's function (those inside it travel with the asset).
+all_checks = load_asset_checks_from_modules([assets, loop_assets])
 
 
 def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
@@ -17,6 +19,7 @@ def build_resources(store: StoreResource | None = None, settings: SettingsResour
 
 defs = Definitions(
     assets=all_assets,
+    asset_checks=all_checks,
     jobs=[foundation_job, iteration_job],
     schedules=[iteration_schedule],
     sensors=[new_source_data_sensor],

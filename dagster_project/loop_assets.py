@@ -7,11 +7,15 @@ fail with a clear message, writing nothing, when it is missing. Iterations are
 run one at a time, in order (see ``dagster.yaml``'s run queue).
 """
 
+import hashlib
+import json
 import tempfile
+from dataclasses import asdict
 
 import polars as pl
 from dagster import (
     AssetCheckResult,
+    AssetIn,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
@@ -20,15 +24,26 @@ from dagster import (
     MetadataValue,
     Output,
     asset,
+    asset_check,
 )
 
 from src_assets.candidate_search import sentence_beam_search
-from src_assets.evaluation import METRICS, evaluate_policy, judge_win_rate, summarize
+from src_assets.evaluation import METRICS, evaluate_policy, judge_win_rate, summarize, verifier_win_rate, with_blank_images
 from src_assets.generation import generate_responses
 from src_assets.models import load_policy, load_scorer
 from src_assets.preference import curate_preferences, score_table
-from src_assets.r_scorer import independent_matrices, pairwise_matrices, train_r_scorer, verifier_judgements
+from src_assets.r_scorer import (
+    VERIFIER_JUDGE,
+    contrast_judgements,
+    independent_matrices,
+    judge_agreement,
+    pairwise_matrices,
+    train_r_scorer,
+    verifier_judgements,
+    verifier_matrices,
+)
 from src_assets.rationale_sft import train_rationale_sft
+from src_assets.storage import StoreError
 from src_assets.weighted_dpo import train_weighted_dpo
 
 from .metadata import counts_table, histogram_md, matrix_md, table_preview
@@ -50,6 +65,8 @@ def iteration_number(key: str) -> int:
 
 
 POLICY_KEY = "models/policy_checkpoint"
+SFT_KEY = "models/sft_checkpoint"
+SCORER_KEY = "models/r_scorer_checkpoint"
 
 
 def previous_policy(store, sft_uri: str, key: str) -> str:
@@ -81,15 +98,54 @@ def _calibration_prompts(vqa_source: pl.DataFrame, key: str, n: int, skip: int) 
     return take
 
 
+def _inputs_fingerprint(*parts) -> str:
+    """A digest of everything a training depends on: its settings, its base model's recipe, its data."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _table_digest(df: pl.DataFrame) -> str:
+    return str(int(df.hash_rows(seed=0).cast(pl.UInt64).sum()))
+
+
+def _trained_before(context, store, key: str, fingerprint: str, cfg) -> str | None:
+    """The model a previous run trained from exactly these inputs, if the store still holds it."""
+    record = f"{key}/by_inputs/{fingerprint}.json"
+    if not cfg.reuse_checkpoints or not store.exists(record):
+        return None
+    uri = store.read_json(record)["uri"]
+    try:
+        store.local_model_dir(uri)
+    except StoreError:
+        return None
+    context.log.info(f"{key}: reusing {uri}, trained earlier from the same inputs and settings (reuse_checkpoints=false retrains)")
+    return uri
+
+
+def _remember_trained(store, key: str, fingerprint: str, uri: str) -> None:
+    store.write_json(f"{key}/by_inputs/{fingerprint}.json", {"uri": uri})
+
+
+def _base_recipe(ref: str, cfg) -> dict:
+    """What a base model is: a tiny model is rebuilt each run from its sizes and seed; any other is its reference."""
+    return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed} if ref == "tiny" else {"ref": ref}
+
+
 @asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
+    fingerprint = _inputs_fingerprint(_base_recipe(cfg.policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
+    uri = _trained_before(context, s, SFT_KEY, fingerprint, cfg)
+    if uri is not None:
+        context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
+        return uri
     with tempfile.TemporaryDirectory() as out:
         result = train_rationale_sft(s.local_model_dir(base_policy_model), rationale_sft_set, out, cfg.sft_settings(),
                                      callbacks=[DagsterLogCallback(context.log, "rationale SFT")])
-        uri = s.put_model("models/sft_checkpoint", out)
-    context.add_output_metadata({"model": MetadataValue.text(uri), "train_loss": result["train_loss"], "steps": result["steps"]})
+        uri = s.put_model(SFT_KEY, out)
+    _remember_trained(s, SFT_KEY, fingerprint, uri)
+    context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
+                                 "train_loss": result["train_loss"], "steps": result["steps"]})
     return uri
 
 
@@ -97,23 +153,40 @@ def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFra
 def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
                         settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
+    if cfg.scorer_model == VERIFIER_JUDGE:
+        context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE), "trained": False})
+        return VERIFIER_JUDGE  # the oracle: the domain verifier judges every pair
     if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
         return base_r_scorer_model  # a pretrained judge, used zero-shot
     prompts = vqa_source.filter(pl.col("split") == "calibrate").head(cfg.scorer_prompts)
+    fingerprint = _inputs_fingerprint(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
+                                      asdict(cfg.judge()), asdict(cfg.search()), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
+                                      _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")))
+    uri = _trained_before(context, s, SCORER_KEY, fingerprint, cfg)
+    if uri is not None:
+        context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
+        return uri
     policy, processor = load_policy(s.local_model_dir(sft_checkpoint))
     pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919)
     base_dir = s.local_model_dir(base_r_scorer_model)
     _, tokenizer = load_scorer(base_dir)
     judgements = verifier_judgements(pool, prompts, tokenizer, cfg.judge(), cfg.scorer_max_pairs, cfg.seed)
+    if cfg.scorer_contrast_pairs:
+        # Gold responses of the SFT split against their own perturbed copies: a large corpus that costs no sampling.
+        contrast = contrast_judgements(vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge(),
+                                       cfg.scorer_contrast_pairs, cfg.seed)
+        judgements = pl.concat([judgements, contrast])
     if judgements.is_empty():
         raise Failure("no verifier-labelled pairs to train the R-Scorer on: the calibrate rows have no scene, "
                       "so give a pretrained judge (scorer_model) with scorer_epochs=0")
     with tempfile.TemporaryDirectory() as out:
         result = train_r_scorer(base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")])
-        uri = s.put_model("models/r_scorer_checkpoint", out)
+        uri = s.put_model(SCORER_KEY, out)
+    _remember_trained(s, SCORER_KEY, fingerprint, uri)
     verdicts = dict(judgements.group_by("verdict").len().iter_rows())
-    context.add_output_metadata({"model": MetadataValue.text(uri), "training_pairs": judgements.height,
+    context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
+                                 "training_pairs": judgements.height,
                                  "verdicts": counts_table(verdicts, "verdict"), "train_loss": result["train_loss"]})
     return uri
 
@@ -124,6 +197,22 @@ def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.D
     summary, scored = evaluate_policy(model, processor, eval_set)
     context.add_output_metadata({**{k: float(summary[k]) for k in METRICS}, "preview": table_preview(scored)})
     return scored
+
+
+@asset_check(asset=sft_checkpoint, additional_ins={"eval_set": AssetIn("eval_set"), "sft_eval": AssetIn("sft_eval")},
+             description="The SFT policy uses its image: held-out accuracy drops by at least min_blank_image_drop "
+                         "when every image is replaced by a blank one. A policy that ignores its image leaves "
+                         "calibration nothing to fix.")
+def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.DataFrame, sft_eval: pl.DataFrame,
+                                  settings: SettingsResource, store: StoreResource) -> AssetCheckResult:
+    cfg = settings.config()
+    model, processor = load_policy(store.store().local_model_dir(sft_checkpoint))
+    real = summarize(sft_eval)["accuracy"]
+    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set))
+    drop = real - blank["accuracy"]
+    return AssetCheckResult(passed=bool(drop >= cfg.min_blank_image_drop), metadata={
+        "accuracy": float(real), "accuracy_blank_images": float(blank["accuracy"]), "drop": float(drop),
+        "required_drop": cfg.min_blank_image_drop})
 
 
 @asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
@@ -156,12 +245,21 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
                     settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     prompts = vqa_source.filter(pl.col("id").is_in(candidate_pool["prompt_id"].unique().implode()))
-    scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
-    judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
-    ids, matrices = judge_all(scorer, tokenizer, candidate_pool, prompts, cfg.judge())
+    if r_scorer_checkpoint == VERIFIER_JUDGE:
+        ids, matrices = verifier_matrices(candidate_pool, prompts, cfg.judge())
+    else:
+        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
+        judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
+        ids, matrices = judge_all(scorer, tokenizer, candidate_pool, prompts, cfg.judge())
     scores = score_table(ids, matrices, cfg.curation())
+    # Held out: these prompts come after the ones the R-Scorer trained on.
+    agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, prompts, cfg.judge())
+    context.log.info(f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
+                     f"{agreement['judge_agreement']:.3f} (answer-only judge: {agreement['answer_only_agreement']:.3f})")
     sample = scores.filter(pl.col("n_candidates") >= 2).head(1)
-    meta = {"prompts": scores.height, "scoring": cfg.scoring, "mean_confidence": float(scores["confidence"].mean() or 0),
+    meta = {"prompts": scores.height, "scoring": cfg.scoring, "judge": MetadataValue.text(r_scorer_checkpoint),
+            **{k: float(v) for k, v in agreement.items()},
+            "mean_confidence": float(scores["confidence"].mean() or 0),
             "confidence_histogram": histogram_md(scores["confidence"].to_list(), "confidence")}
     if sample.height:
         row = sample.row(0, named=True)
@@ -220,7 +318,8 @@ def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFra
         return uri
     with tempfile.TemporaryDirectory() as out:
         result = train_weighted_dpo(s.local_model_dir(start), preference_set, out, cfg.dpo_settings(), cfg.beta,
-                                    cfg.use_fused_dpo_kernel, cfg.weighted_dpo, [DagsterLogCallback(context.log, f"DPO {key}")])
+                                    cfg.use_fused_dpo_kernel, cfg.weighted_dpo, cfg.dpo_nll_weight,
+                                    [DagsterLogCallback(context.log, f"DPO {key}")])
         uri = s.put_model(f"{POLICY_KEY}/{key}", out)
     context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start), "trained": True,
                                  "train_loss": result["train_loss"], "pairs": result["pairs"], "steps": result["steps"]})
@@ -245,8 +344,11 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, eval_
     else:
         previous, prev_processor = load_policy(s.local_model_dir(previous_policy(s, sft_checkpoint, key)))
         old = generate_responses(previous, prev_processor, eval_set["question"].to_list(), eval_set["image"].to_list())
-    scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
-    win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, settings.config().judge())
+    if r_scorer_checkpoint == VERIFIER_JUDGE:
+        win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge())
+    else:
+        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
+        win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge())
     kept = preference_set.filter("kept")
     yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous")), metadata={
         **{k: float(summary[k]) for k in METRICS},

@@ -35,9 +35,9 @@ class SettingsResource(ConfigurableResource):
     overrides: dict[str, Any] = Field(default_factory=dict, description="any SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}")
 
     def config(self) -> SRCConfig:
-        return profile(
-            self.profile, seed=self.seed, policy_model=self.policy_model, scorer_model=self.scorer_model, **self.overrides
-        )
+        # Overrides win over the typed fields, so ``--set policy_model=DIR`` and ``--set seed=3`` work too.
+        return profile(self.profile, **{"seed": self.seed, "policy_model": self.policy_model,
+                                        "scorer_model": self.scorer_model, **self.overrides})
 
 
 class StoreIOManager(ConfigurableIOManager):

@@ -33,6 +33,9 @@ class SearchConfig:
     max_sentence_tokens: int = 24
     batch_size: int = 512  # rows (prompt x beam x sample) per generate call
     sentence_delimiter: str = "."
+    # The policy's greedy response joins the pool too: it is what the policy answers when asked, so a pair that
+    # ranks it against a better sampled candidate corrects exactly the behaviour that gets evaluated.
+    include_greedy: bool = True
 
 
 @dataclass
@@ -45,18 +48,18 @@ class _Beam:
         return self.logprob / max(len(self.tokens), 1)
 
 
-def _sample_sentences(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg: SearchConfig, generator_seed: int):
-    """Samples one sentence for each row; returns the new token tuples and their summed log-probs."""
+def _generate(model, prompt_ids, pixel_values, pad_id, stop_ids, max_new_tokens: int, sample: bool, temperature: float):
+    """Continues each row (left-padded); returns the new token tuples, each cut after its first stop token,
+    and their summed log-probs under the model (temperature 1)."""
     width = max(len(p) for p in prompt_ids)
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for r, ids in enumerate(prompt_ids):
         input_ids[r, width - len(ids) :] = torch.tensor(ids)
         attention[r, width - len(ids) :] = 1
-    torch.manual_seed(generator_seed)
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), pixel_values=pixel_values.to(model.device),
-        do_sample=True, temperature=cfg.temperature, top_k=None, top_p=None, max_new_tokens=cfg.max_sentence_tokens,
+        do_sample=sample, temperature=temperature if sample else None, top_k=None, top_p=None, max_new_tokens=max_new_tokens,
         eos_token_id=list(stop_ids), pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
         bad_words_ids=never_generate(model),
     )
@@ -70,6 +73,12 @@ def _sample_sentences(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg: Se
         sentences.append(tuple(toks[:cut]))
         sums.append(float(logps[r, :cut].sum()))
     return sentences, sums
+
+
+def _sample_sentences(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg: SearchConfig, generator_seed: int):
+    """Samples one sentence for each row; returns the new token tuples and their summed log-probs."""
+    torch.manual_seed(generator_seed)
+    return _generate(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature)
 
 
 @torch.no_grad()
@@ -113,6 +122,15 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
                 target.setdefault(new.tokens, new)
         live = [sorted(ext.values(), key=lambda b: -b.score)[: cfg.beams] for ext in extended]
         step_bar.set_postfix(finished=sum(len(f) for f in finished))
+
+    if cfg.include_greedy:
+        limit = cfg.max_sentences * cfg.max_sentence_tokens
+        for start in range(0, len(ids), cfg.batch_size):
+            rows = list(range(start, min(start + cfg.batch_size, len(ids))))
+            responses, sums = _generate(model, [prompt_ids[p] for p in rows], pixels[rows], pad_id, {eos_id}, limit, False, 1.0)
+            for p, tokens, logp in zip(rows, responses, sums):
+                if tokens and tokens[-1] == eos_id:
+                    finished[p].setdefault(tokens, _Beam(tokens, logp))
 
     params = json.dumps(asdict(cfg) | {"seed": seed})
     out = []

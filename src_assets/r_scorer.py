@@ -23,8 +23,8 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from .scenes import COLORS, Question, Scene
-from .verifier import verify
+from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
+from .verifier import split_response, verify
 
 VERDICTS = ("A", "B", "tie")
 INSTRUCTION = (
@@ -46,7 +46,12 @@ class JudgeConfig:
 def judge_prompt(tokenizer, question: str, reference: str, answer: str | None, first: str, second: str, template: str = "compact") -> str:
     ref = f"{reference} Answer : {answer}" if answer else reference
     if template == "compact":
-        return f"question : {question} reference : {ref} candidate A : {first} candidate B : {second} verdict :"
+        # The final answers again, side by side just before the verdict: a small judge compares tokens that sit
+        # a few positions apart long before it learns to find them across the whole prompt.
+        recap = " ".join(f"{who} {split_response(text)[1] or 'none'}" for who, text in (("A", first), ("B", second)))
+        gold = f"reference {answer} " if answer else ""
+        return (f"question : {question} reference : {ref} candidate A : {first} candidate B : {second} "
+                f"answers : {gold}{recap} verdict :")
     if template == "instruct":
         body = f"Question: {question}\nReference: {ref}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\nVerdict:"
         messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": body}]
@@ -132,30 +137,130 @@ def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl
     return ids, matrices
 
 
+VERIFIER_JUDGE = "verifier"  # the scorer_model value that makes the domain verifier the judge (the oracle bound)
+
+
+def verifier_verdict(quality_first: float, quality_second: float, tie_margin: float) -> str:
+    """The teacher's verdict on an ordered pair: the better quality wins unless the gap is within ``tie_margin``."""
+    gap = quality_first - quality_second
+    return "A" if gap > tie_margin else "B" if gap < -tie_margin else "tie"
+
+
+def verifier_matrices(candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
+                      progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
+    """The oracle judge: ``p_ij`` is 1, 0 or 1/2 as the verifier's verdict on (i, j) is A, B or tie.
+
+    Every other stage is unchanged, so a loop run with it measures what the rest of SRC can achieve with a
+    perfect judge. It needs each prompt's ``scene`` and ``question_spec``; a prompt without them is an error.
+    """
+    truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec").iter_rows(named=True)}
+    ids, matrices = [], []
+    for pid, _, cands in _prompts_with_candidates(candidates, prompts):
+        t = truth[pid]
+        if t["scene"] is None or t["question_spec"] is None:
+            raise ValueError(f"prompt {pid!r} has no scene: the verifier judge works only on the synthetic domain")
+        quality = [response_quality(c, t["scene"], t["question_spec"], cfg.quality_weights) for c in cands]
+        value = {"A": 1.0, "B": 0.0, "tie": 0.5}
+        ids.append(pid)
+        matrices.append([[0.5 if i == j else value[verifier_verdict(qi, qj, cfg.tie_margin)] for j, qj in enumerate(quality)]
+                         for i, qi in enumerate(quality)])
+    return ids, matrices
+
+
+def judge_agreement(prompt_ids: list[str], q_matrices, candidates: pl.DataFrame, prompts: pl.DataFrame,
+                    cfg: JudgeConfig = JudgeConfig()) -> dict:
+    """How often the debiased judgement ``q_ij`` sides with the verifier on pairs the verifier does not call a tie.
+
+    Returns the agreement (NaN when no prompt has a scene or no pair is clear), the number of clear pairs, and
+    the agreement of the trivial judge that always prefers the correct answer (the bar a judge must clear).
+    """
+    truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec", "answer").iter_rows(named=True)}
+    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
+    agree = answer_agree = clear = 0
+    for pid, q in zip(prompt_ids, q_matrices):
+        t, group = truth.get(pid), by_prompt.get(pid)
+        if t is None or t["scene"] is None or group is None:
+            continue
+        texts = group["text"].to_list()
+        quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
+        correct = [verify(x, Scene.from_json(t["scene"]), Question.from_json(t["question_spec"])).correct for x in texts]
+        for i, j in permutations(range(len(texts)), 2):
+            verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
+            if verdict == "tie":
+                continue
+            clear += 1
+            agree += (q[i][j] > 0.5) == (verdict == "A")
+            answer_agree += (correct[i] > correct[j]) if verdict == "A" else (correct[j] > correct[i])
+    nan = float("nan")
+    return {"judge_agreement": agree / clear if clear else nan, "clear_pairs": clear,
+            "answer_only_agreement": answer_agree / clear if clear else nan}
+
+
 def response_quality(response: str, scene_json: str, question_json: str, weights=(2.0, 1.0, 2.0)) -> float:
     """The teacher's score of one response: weighted answer correctness, rationale factuality and consistency."""
     v = verify(response, Scene.from_json(scene_json), Question.from_json(question_json))
     return weights[0] * v.correct + weights[1] * v.factuality + weights[2] * v.consistency
 
 
+def _other_answers(answer: str) -> list[str]:
+    """Wrong answers of the same kind as ``answer``: another number, colour, position, or the other of yes/no."""
+    for space in (NUMBER_WORDS[:6], COLORS, ("yes", "no"), tuple(f"{r} {c}" for r in ROWS for c in COLUMNS)):
+        if answer in space:
+            return [a for a in space if a != answer]
+    return ["no"] if answer != "no" else ["yes"]
+
+
 def perturbed_responses(gold: str, rng: random.Random) -> list[str]:
-    """Contrasting versions of a gold response: a wrong final answer, and one perceived object recoloured."""
+    """Contrasting versions of a gold response, the mistakes a policy makes:
+
+    - a wrong final answer under the gold rationale (wrong and inconsistent);
+    - one perceived object recoloured (a false claim);
+    - a wrong conclusion sentence and answer that agree with each other (the rationale's reasoning goes wrong).
+    """
     rationale, answer = gold.rsplit("Answer:", 1)
-    wrong = rng.choice([a for a in ("zero", "one", "two", "three", "yes", "no", "red", "blue", "green", "yellow") if a != answer.strip()])
+    answer = answer.strip()
+    wrong = rng.choice(_other_answers(answer))
     sentences = rationale.split(". ")
-    i = rng.randrange(len(sentences))
+    i = rng.randrange(max(len(sentences) - 1, 1))  # a perception sentence, not the conclusion
     colours = [c for c in COLORS if c in sentences[i].split()]
+    recoloured = list(sentences)
     if colours:
-        sentences[i] = sentences[i].replace(colours[0], rng.choice([c for c in COLORS if c != colours[0]]), 1)
-    return [f"{rationale}Answer: {wrong}", ". ".join(sentences) + f"Answer:{answer}"]
+        recoloured[i] = sentences[i].replace(colours[0], rng.choice([c for c in COLORS if c != colours[0]]), 1)
+    out = [f"{rationale}Answer: {wrong}", ". ".join(recoloured) + f"Answer: {answer}"]
+    conclusion = sentences[-1]
+    if f" {answer}" in conclusion:
+        out.append(". ".join([*sentences[:-1], conclusion.replace(f" {answer}", f" {wrong}")]) + f"Answer: {wrong}")
+    elif answer in ("yes", "no") and (" is a " in conclusion or " is no " in conclusion):
+        flipped = conclusion.replace(" is a ", " is no ") if " is a " in conclusion else conclusion.replace(" is no ", " is a ")
+        out.append(". ".join([*sentences[:-1], flipped]) + f"Answer: {wrong}")
+    return out
+
+
+def contrast_judgements(rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(), max_pairs: int | None = None,
+                        seed: int = 0) -> pl.DataFrame:
+    """A cheap, large judge-training corpus that needs no sampling: each row's gold response and its perturbed
+    copies, every ordered pair of them labelled by the verifier. ``rows`` need ``response``, ``scene`` and
+    ``question_spec`` (the ``sft`` split has them)."""
+    rng = random.Random(seed)
+    out = []
+    for t in rows.filter(pl.col("scene").is_not_null() & pl.col("response").is_not_null()).iter_rows(named=True):
+        texts = [t["response"], *perturbed_responses(t["response"], rng)]
+        quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
+        for i, j in permutations(range(len(texts)), 2):
+            verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
+            out.append({"prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j],
+                                               cfg.template), "completion": f" {verdict}", "verdict": verdict})
+    if max_pairs is not None and len(out) > max_pairs:
+        out = random.Random(seed).sample(out, max_pairs)
+    return pl.DataFrame(out, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
 
 
 def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(),
                         max_pairs: int | None = None, seed: int = 0, contrast_pairs: bool = True) -> pl.DataFrame:
     """Judge training rows (prompt, completion = verdict) for ordered candidate pairs, labelled by the verifier.
 
-    With ``contrast_pairs``, each prompt's gold response is also paired with perturbed copies of itself (a wrong
-    answer, a recoloured object), both orders, labelled by the verifier like any pair: clean contrasts that teach
+    With ``contrast_pairs``, each prompt's gold response is also paired with perturbed copies of itself
+    (``perturbed_responses``), both orders, labelled by the verifier like any pair: clean contrasts that teach
     a small judge what to compare far sooner than the policy's own candidates alone.
     """
     truth = {r["id"]: r for r in prompts.iter_rows(named=True)}
@@ -172,10 +277,9 @@ def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokeniz
             n = len(texts)
             texts = texts + [t["response"], *perturbed_responses(t["response"], rng)]
             quality += [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts[n:]]
-            pairs += [(n, n + 1), (n + 1, n), (n, n + 2), (n + 2, n)]
+            pairs += [pair for m in range(n + 1, len(texts)) for pair in ((n, m), (m, n))]
         for i, j in pairs:
-            gap = quality[i] - quality[j]
-            verdict = "A" if gap > cfg.tie_margin else "B" if gap < -cfg.tie_margin else "tie"
+            verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
             rows.append({
                 "prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template),
                 "completion": f" {verdict}",

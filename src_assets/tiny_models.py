@@ -33,7 +33,7 @@ CHAT_WORDS = ("user", "assistant")
 # The judge prompt's words and the verdict tokens. "A" and "B" are upper case
 # so they never collide with the article "a" of the domain.
 VERDICT_TOKENS = ("A", "B", "tie")
-JUDGE_WORDS = ("question", "reference", "candidate", "which", "response", "better", "verdict", "A", "B", "tie")
+JUDGE_WORDS = ("question", "reference", "candidate", "which", "response", "better", "answers", "none", "verdict", "A", "B", "tie")
 
 # Turns separated by a space; an image item becomes the processor's <image> placeholder,
 # which LlavaProcessor expands to one token per image patch.

@@ -6,6 +6,10 @@ runs the training loop; this subclass changes only the loss:
 - each pair's loss is multiplied by the ``weight`` column of the preference
   table (``c_i`` in ``mean_i c_i * -log sigmoid(beta * margin_i)``); with all
   weights 1 it equals TRL's own ``sigmoid`` DPO loss;
+- TRL's likelihood anchor (``loss_type=["sigmoid", "sft"]`` with
+  ``loss_weights=[1, alpha]``, RPO) is kept: ``alpha`` times the chosen
+  responses' per-token negative log-likelihood, each pair's tokens weighted by
+  its ``c_i`` too (all weights 1: TRL's own ``sft`` term);
 - the model runs its backbone once (``logits_to_keep=1``, so no full-sequence
   logits), and only completion positions go through the LM head: the fused
   Triton kernel from ``kernels.dpo`` on CUDA, its eager PyTorch reference
@@ -47,8 +51,12 @@ def _peft_free(model):
 class WeightedDPOTrainer(DPOTrainer):
     def __init__(self, *args, use_fused_kernel: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        if list(self.loss_types) != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
-            raise ValueError("WeightedDPOTrainer implements the sigmoid DPO loss only (loss_type='sigmoid', reverse KL, no ld_alpha)")
+        if list(self.loss_types) not in (["sigmoid"], ["sigmoid", "sft"]) or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
+            raise ValueError("WeightedDPOTrainer implements the sigmoid DPO loss, optionally with TRL's 'sft' likelihood anchor "
+                             "(loss_type=['sigmoid'] or ['sigmoid', 'sft'], reverse KL, no ld_alpha)")
+        weights = list(self.args.loss_weights or [1.0] * len(self.loss_types))
+        self.nll_weight = weights[1] / weights[0] if len(weights) > 1 else 0.0
+        self.dpo_loss_weight = weights[0]
         self.use_fused_kernel = use_fused_kernel
         self.data_collator = WeightedPreferenceCollator(self.data_collator)
 
@@ -95,6 +103,13 @@ class WeightedDPOTrainer(DPOTrainer):
         pair_weights = inputs.get("pair_weights")
         loss_fn = weighted_dpo_loss if self._fused(hidden.device) else weighted_dpo_loss_reference
         loss, policy_logps = loss_fn(hidden, weight, labels, ref_logps, pair_weights, self.beta, bias)
+        loss = loss * self.dpo_loss_weight
+        if self.nll_weight:
+            chosen_tokens = (labels != -100).sum(1).chunk(2)[0].float()
+            w = pair_weights.to(loss.device) if pair_weights is not None else torch.ones_like(chosen_tokens)
+            nll = -(w * policy_logps.chunk(2)[0]).sum() / (w * chosen_tokens).sum().clamp(min=1.0)
+            loss = loss + self.dpo_loss_weight * self.nll_weight * nll
+            self._metrics[mode]["nll/chosen"].append(self.accelerator.gather(nll.detach()).mean().item())
 
         with torch.no_grad():
             chosen_logps, rejected_logps = policy_logps.chunk(2)
@@ -114,10 +129,11 @@ class WeightedDPOTrainer(DPOTrainer):
 
 
 def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings, beta: float = 0.1,
-                       use_fused_kernel: bool = True, weighted: bool = True, callbacks=()) -> dict:
+                       use_fused_kernel: bool = True, weighted: bool = True, nll_weight: float = 0.0, callbacks=()) -> dict:
     """One SRC iteration's preference fine-tuning: the policy trained on the kept pairs, reference = its start.
 
     ``weighted=False`` trains on the same pairs with every weight 1 (plain DPO), the ablation of confidence weighting.
+    ``nll_weight`` > 0 adds TRL's likelihood anchor on the chosen responses (RPO's ``alpha``).
     """
     import tempfile
 
@@ -136,7 +152,8 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
     ref_model, _ = load_policy(policy_model)
     dataset = vision_dataset(kept, {"chosen": "chosen", "rejected": "rejected", "weight": "weight"})
     with tempfile.TemporaryDirectory() as scratch:
-        args = DPOConfig(**settings.trl_kwargs(scratch), beta=beta, max_length=None)
+        anchor = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight]) if nll_weight > 0 else {}
+        args = DPOConfig(**settings.trl_kwargs(scratch), beta=beta, max_length=None, **anchor)
         # With LoRA, TRL's reference is the policy with its adapter switched off.
         trainer = WeightedDPOTrainer(model=model, ref_model=None if settings.lora_r > 0 else ref_model, args=args, train_dataset=dataset,
                                      processing_class=processor, peft_config=settings.peft_config(),

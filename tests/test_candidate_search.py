@@ -46,3 +46,18 @@ def test_answer_and_rationale_are_parsed(trained_tiny_vlm):
             assert row["answer"] is not None and row["rationale"] == row["text"][: answer_lines[-1].start()].strip()
         else:
             assert row["answer"] is None
+
+
+def test_the_greedy_response_joins_the_pool(trained_tiny_vlm):
+    from src_assets.generation import generate_responses
+
+    model, processor = load_policy(str(trained_tiny_vlm))
+    prompts = synthetic_source(seed=6, n_sft=0, n_calibrate=4, n_eval=0)
+    cfg = SearchConfig(k=4, beams=1, samples_per_beam=1, max_sentences=7, temperature=3.0)
+    pool = sentence_beam_search(model, processor, prompts, cfg, seed=0, progress=False)
+    greedy = generate_responses(model, processor, prompts["question"].to_list(), prompts["image"].to_list(),
+                                max_new_tokens=cfg.max_sentences * cfg.max_sentence_tokens)
+    norm = lambda t: " ".join(t.replace(".", " . ").replace(":", " : ").split())
+    for pid, text in zip(prompts["id"], greedy):
+        texts = [norm(t) for t in pool.filter(pl.col("prompt_id") == pid)["text"]]
+        assert norm(text) in texts

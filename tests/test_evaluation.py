@@ -1,7 +1,11 @@
 import polars as pl
 import pytest
 
-from src_assets.evaluation import judge_win_rate, score_responses, summarize
+import io
+
+from PIL import Image
+
+from src_assets.evaluation import judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
 from src_assets.models import load_scorer
 from src_assets.source_data import synthetic_source
 
@@ -14,10 +18,32 @@ def test_gold_responses_score_perfectly_and_wrong_ones_do_not():
     assert broken["accuracy"] == pytest.approx(0.9) and broken["consistency"] == pytest.approx(0.9)
 
 
-def test_rows_without_a_scene_are_left_unscored():
+def test_rows_without_a_scene_get_accuracy_from_the_answer_column_only():
     ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=3).with_columns(pl.lit(None, pl.String).alias("scene"))
-    scored = score_responses(ev, ev["response"].to_list())
-    assert scored["accuracy"].null_count() == 3
+    responses = ev["response"].to_list()
+    responses[0] = responses[0].rsplit("Answer:", 1)[0] + "Answer: purple"
+    scored = score_responses(ev, responses)
+    assert scored["accuracy"].to_list() == [0.0, 1.0, 1.0]
+    assert scored["consistency"].null_count() == 3 and scored["factuality"].null_count() == 3
+
+
+def test_blank_images_keep_the_size_and_carry_nothing():
+    ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=3)
+    blank = with_blank_images(ev)
+    assert blank["id"].to_list() == ev["id"].to_list()
+    for before, after in zip(ev["image"], blank["image"]):
+        original, image = Image.open(io.BytesIO(before)), Image.open(io.BytesIO(after)).convert("RGB")
+        assert image.size == original.size
+        assert image.getextrema() == ((255, 255), (255, 255), (255, 255))
+
+
+def test_verifier_win_rate_prefers_the_gold_response():
+    ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=4)
+    gold = ev["response"].to_list()
+    wrong = [g.rsplit("Answer:", 1)[0] + "Answer: purple" for g in gold]
+    assert verifier_win_rate(ev, gold, wrong) == 1.0
+    assert verifier_win_rate(ev, wrong, gold) == 0.0
+    assert verifier_win_rate(ev, gold, gold) == 0.5
 
 
 def test_judge_win_rate_is_debiased(tiny_dirs):

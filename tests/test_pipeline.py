@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from dagster_project.automation import ITERATION_ASSETS, iteration_schedule, new_source_data_sensor
-from dagster_project.definitions import all_assets, build_resources
+from dagster_project.definitions import all_assets, all_checks, build_resources
 from dagster_project.loop_assets import iteration_partitions
 from dagster_project.resources import SettingsResource, StoreResource
 from src_assets.storage import Store
@@ -35,9 +35,10 @@ def run_two_iterations(tmp_path_factory):
     resources = build_resources(StoreResource(base_uri=str(root / "store")), SettingsResource(profile="smoke"))
     started = time.monotonic()
     foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
-    assert materialize(foundation, instance=instance, resources=resources).success
+    foundation_result = materialize([*foundation, *all_checks], instance=instance, resources=resources)
+    assert foundation_result.success
     instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
-    results = {}
+    results = {"foundation": foundation_result}
     for key in ("001", "002"):
         results[key] = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance, resources=resources)
     return instance, Store(str(root / "store")), results, time.monotonic() - started, resources
@@ -47,6 +48,8 @@ def test_two_iterations_materialize_every_asset_in_time(run_two_iterations):
     instance, store, results, seconds, _ = run_two_iterations
     assert seconds < 180, f"the smoke loop took {seconds:.0f}s"
     for key, result in results.items():
+        if key == "foundation":
+            continue
         assert result.success
         done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
         assert done == set(ITERATION_ASSETS)
@@ -71,6 +74,18 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
     assert set(checks) == {"most_prompts_have_two_distinct_candidates", "weights_in_unit_interval", "no_wrong_chosen_answer",
                            "keeps_pairs", "no_regression"}
     assert checks["weights_in_unit_interval"].passed
+    agreement, clear = meta["pairwise_scores"]["judge_agreement"].value, meta["pairwise_scores"]["clear_pairs"].value
+    assert (clear > 0 and 0 <= agreement <= 1) or (clear == 0 and agreement != agreement)  # NaN when nothing to agree on
+
+
+def test_sft_checkpoint_is_checked_for_using_its_image(run_two_iterations):
+    _, _, results, _, _ = run_two_iterations
+    checks = {e.check_name: e for e in results["foundation"].get_asset_check_evaluations()}
+    check = checks["sft_checkpoint_uses_its_image"]
+    meta = {k: v.value for k, v in check.metadata.items()}
+    assert meta["drop"] == pytest.approx(meta["accuracy"] - meta["accuracy_blank_images"])
+    # The smoke profile's SFT is far too short to learn to see, and the check says so.
+    assert check.passed == (meta["drop"] >= 0.1)
 
 
 def test_missing_predecessor_fails_clearly_and_writes_nothing(run_two_iterations):
@@ -127,12 +142,15 @@ def test_schedule_requests_the_next_iteration():
 
 def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "SRC_STORE_URI": str(tmp_path / "store")}
-    out = subprocess.run([sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "1", "--json"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    # The oracle judge, set through --set like any model reference.
+    out = subprocess.run([sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "1", "--json",
+                          "--set", "scorer_model=verifier"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout)
     assert [r["iteration"] for r in rows] == [0, 1]
-    assert set(rows[1]) >= {"accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "checkpoint"}
+    assert set(rows[1]) >= {"accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "judge_agreement", "checkpoint"}
+    agreement = rows[1]["judge_agreement"]
+    assert agreement in (1.0, None)  # the verifier agrees with itself (null: no clear pair at all)
     assert rows[1]["checkpoint"].startswith(str(tmp_path / "store"))
     with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         assert len(instance.get_runs()) == 2  # the foundation run and iteration 001's

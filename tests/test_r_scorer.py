@@ -1,16 +1,23 @@
+import random
+
 import polars as pl
 import pytest
 import torch
 
 from src_assets.models import load_scorer
 from src_assets.r_scorer import (
+    contrast_judgements,
     independent_matrices,
     judge,
+    judge_agreement,
     judge_prompt,
     pairwise_matrices,
+    perturbed_responses,
+    response_quality,
     train_r_scorer,
     verdict_token_ids,
     verifier_judgements,
+    verifier_matrices,
 )
 from src_assets.source_data import synthetic_source
 from src_assets.training import TrainSettings
@@ -100,10 +107,27 @@ def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
 def test_contrast_pairs_add_gold_against_its_perturbed_copies(scorer, prompts):
     _, tok = scorer
     rows = verifier_judgements(_pool(prompts), prompts, tok, contrast_pairs=True)
-    assert rows.height == 3 * (6 + 4)  # plus gold vs wrong answer and gold vs recoloured object, both orders
+    # Plus gold against each perturbed copy (wrong answer, recoloured object, and for most questions a wrong
+    # conclusion with a matching answer), both orders.
+    extra = sum(2 * len(perturbed_responses(r, random.Random(0))) for r in prompts["response"])
+    assert rows.height == 3 * 6 + extra and extra >= 3 * 4
     gold = prompts["response"][0]
     wrong_answer = rows.filter(pl.col("prompt").str.contains(f"candidate A : {gold} candidate B : {gold.rsplit('Answer:', 1)[0]}Answer:", literal=True))
     assert wrong_answer.height >= 1 and set(wrong_answer["verdict"]) <= {"A", "tie"}
+
+
+def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scorer):
+    _, tok = scorer
+    rows = synthetic_source(seed=8, n_sft=30, n_calibrate=0, n_eval=0)
+    corpus = contrast_judgements(rows, tok)
+    assert corpus.height >= 30 * 6  # at least gold and two mistakes per row, every ordered pair
+    # Gold against its own wrong answer: the gold response always wins.
+    for r in rows.head(5).iter_rows(named=True):
+        wrong = perturbed_responses(r["response"], random.Random(0))[0]
+        assert response_quality(r["response"], r["scene"], r["question_spec"]) > response_quality(wrong, r["scene"], r["question_spec"])
+    assert set(corpus["verdict"]) == {"A", "B", "tie"}
+    assert corpus["prompt"].str.ends_with("verdict :").all() and corpus["prompt"].str.contains(" answers : reference ").all()
+    assert contrast_judgements(rows, tok, max_pairs=50).height == 50
 
 
 def test_instruct_template_uses_the_chat_template(scorer):
@@ -121,3 +145,23 @@ def test_training_teaches_the_verdict(tiny_dirs, tmp_path, prompts):
     train_r_scorer(str(tiny_dirs[1]), rows, str(tmp_path), TrainSettings(epochs=3, learning_rate=1e-2, batch_size=8))
     model, tok = load_scorer(str(tmp_path))
     assert judge(model, tok, rows["prompt"].head(4).to_list()).min() > 0.8
+
+
+def test_verifier_judge_prefers_the_gold_response_and_agrees_with_itself(prompts):
+    pool = _pool(prompts)
+    ids, matrices = verifier_matrices(pool, prompts)
+    assert ids == prompts["id"].to_list()
+    for m in matrices:
+        assert m[0][1] == 1.0 and m[1][0] == 0.0  # gold beats the wrong, inconsistent response
+        assert all(m[i][i] == 0.5 for i in range(3))
+        assert all(m[i][j] + m[j][i] == 1.0 for i in range(3) for j in range(3))
+    result = judge_agreement(ids, matrices, pool, prompts)
+    assert result["judge_agreement"] == 1.0 and result["clear_pairs"] > 0
+    flipped = [[[1 - x for x in row] for row in m] for m in matrices]
+    assert judge_agreement(ids, flipped, pool, prompts)["judge_agreement"] == 0.0
+
+
+def test_verifier_judge_refuses_prompts_without_a_scene(prompts):
+    no_scene = prompts.with_columns(pl.lit(None, pl.String).alias("scene"))
+    with pytest.raises(ValueError, match="has no scene"):
+        verifier_matrices(_pool(prompts), no_scene)

@@ -29,7 +29,7 @@ def _rows(n, weights):
     return rows
 
 
-def _trainer(tiny_dirs, tmp_path, rows, **kwargs):
+def _trainer(tiny_dirs, tmp_path, rows, loss=None, **kwargs):
     model, processor = load_policy(str(tiny_dirs[0]))
     ref, _ = load_policy(str(tiny_dirs[0]))
     # Perturb the policy so that policy and reference log-probs differ and the loss is not log(2).
@@ -37,7 +37,7 @@ def _trainer(tiny_dirs, tmp_path, rows, **kwargs):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
-                     max_steps=1, learning_rate=1e-3, save_strategy="no", beta=0.5)
+                     max_steps=1, learning_rate=1e-3, save_strategy="no", beta=0.5, **(loss or {}))
     dataset = Dataset.from_list(rows)
     return WeightedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=processor, **kwargs)
 
@@ -58,6 +58,19 @@ def test_all_weights_one_equals_trl_dpo_loss(tiny_dirs, tmp_path):
     # Sequence log-probs here are sums of ~100 fp32 token log-probs (about -250); TRL's tiled LM head and ours
     # sum in different orders, which moves them by ~1e-3 and the loss by ~1e-4.
     torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-4)
+
+
+def test_likelihood_anchor_equals_trl_sigmoid_plus_sft(tiny_dirs, tmp_path):
+    """RPO as TRL spells it (loss_type ['sigmoid', 'sft'], loss_weights [1, alpha]) gives TRL's own loss."""
+    rows = _rows(4, [1.0] * 4)
+    trainer = _trainer(tiny_dirs, tmp_path, rows, loss=dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7]))
+    batch = _batch(trainer, rows)
+    ours = trainer._compute_loss(trainer.model, dict(batch), False)
+    theirs = DPOTrainer._compute_loss(trainer, trainer.model, {k: v for k, v in batch.items() if k != "pair_weights"}, False)
+    torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-4)
+    trainer.nll_weight = 0.0
+    dpo_only = trainer._compute_loss(trainer.model, dict(batch), False)
+    assert ours.item() > dpo_only.item() + 0.1  # the anchor adds 0.7 x the chosen tokens' mean NLL
 
 
 def test_weights_scale_each_pair(tiny_dirs, tmp_path):
@@ -102,5 +115,5 @@ def test_train_step_runs_and_moves_the_policy(tiny_dirs, tmp_path):
 def test_other_loss_types_are_refused(tiny_dirs, tmp_path):
     model, processor = load_policy(str(tiny_dirs[0]))
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type=["ipo"])
-    with pytest.raises(ValueError, match="sigmoid DPO loss only"):
+    with pytest.raises(ValueError, match="implements the sigmoid DPO loss"):
         WeightedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(2, [1.0, 1.0])), processing_class=processor)

@@ -1,0 +1,62 @@
+"""The command line beyond ``run``: scoring a checkpoint with real or blank images, and the ablation table."""
+
+import json
+
+import pytest
+
+from dagster_project.cli import main
+from dagster_project.experiments import markdown, summarize_runs
+from dagster_project.resources import SettingsResource
+
+
+def test_evaluate_scores_a_checkpoint_with_real_and_with_blank_images(trained_tiny_vlm, capsys):
+    rows = {}
+    for images in ("real", "blank"):
+        assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "10", "--images", images, "--json"]) == 0
+        rows[images] = json.loads(capsys.readouterr().out)
+    assert rows["blank"]["images"] == "blank" and rows["real"]["images"] == "real"
+    for row in rows.values():
+        assert row["n"] == 10 and 0 <= row["accuracy"] <= 1
+
+
+def test_model_references_and_seed_can_be_overridden_like_any_setting():
+    cfg = SettingsResource(profile="smoke", overrides={"scorer_model": "verifier", "seed": 5, "policy_model": "/models/vlm"}).config()
+    assert (cfg.scorer_model, cfg.seed, cfg.policy_model) == ("verifier", 5, "/models/vlm")
+
+
+def _run(variant, seed, before, after, agreement):
+    row = lambda it, m, a: {"iteration": it, "accuracy": m[0], "consistency": m[1], "factuality": m[2], "judge_agreement": a}
+    return {"variant": variant, "seed": seed, "rows": [row(0, before, None), row(1, after, agreement)]}
+
+
+def test_the_ablation_table_reports_mean_and_sd_of_each_change_over_seeds():
+    runs = [_run("src", 1, (0.5, 0.4, 0.7), (0.6, 0.5, 0.7), 0.8), _run("src", 2, (0.4, 0.4, 0.7), (0.6, 0.3, 0.7), 0.9),
+            _run("oracle_judge", 1, (0.5, 0.4, 0.7), (0.7, 0.6, 0.8), 1.0),
+            {"variant": "oracle_judge", "seed": 2, "error": "exit 1"}]
+    table = {r["variant"]: r for r in summarize_runs(runs)}
+    src = table["src"]
+    assert src["seeds"] == [1, 2] and src["failed"] == []
+    assert src["accuracy_change"][0] == pytest.approx(0.15) and src["accuracy_change"][1] == pytest.approx(0.0707, abs=1e-4)
+    assert src["accuracy_improved_every_seed"] and not src["consistency_improved_every_seed"]
+    assert src["judge_agreement"][0] == pytest.approx(0.85)
+    assert table["oracle_judge"]["failed"] == [2] and table["oracle_judge"]["seeds"] == [1]
+    md = markdown(list(table.values()), 1, "500")
+    assert "| src (" in md and "+0.150 ± 0.071" in md and "500 held-out scenes" in md
+
+
+def test_experiment_runs_each_variant_and_trains_sft_once_per_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "exp"
+    code = main(["experiment", "--profile", "smoke", "--seeds", "4", "--variants", "src", "oracle_judge", "--iterations", "1",
+                 "--out", str(out)])
+    assert code == 0, (out / "seed4" / "src" / "run.log").read_text()[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in result["table"]] == ["src", "oracle_judge"]
+    assert all(len(r["rows"]) == 2 for r in result["runs"])
+    oracle = next(r for r in result["runs"] if r["variant"] == "oracle_judge")
+    agreement = oracle["rows"][1]["judge_agreement"]
+    assert agreement in (1.0, None)  # the verifier agrees with itself (null: no clear pair at all)
+    # Both variants started from the same SFT checkpoint, trained once.
+    assert len(list((out / "seed4" / "store" / "models" / "sft_checkpoint" / "versions").iterdir())) == 1
+    assert oracle["rows"][0]["checkpoint"] == next(r for r in result["runs"] if r["variant"] == "src")["rows"][0]["checkpoint"]
+    assert "| oracle_judge (" in (out / "results.md").read_text()
