@@ -108,7 +108,9 @@ def experiment(args) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         runs = [run for seed_runs in pool.map(one_seed, args.seeds) for run in seed_runs]
     table = summarize_runs(runs)
-    n_eval = next((str(x) for x in args.set if x.startswith("n_eval=")), "the profile's")
+    from src_assets.config import PROFILES
+
+    n_eval = next((x for x in args.set if x.startswith("n_eval=")), f"n_eval={PROFILES[args.profile].n_eval}")
     (out / "results.json").write_text(json.dumps({"iterations": args.iterations, "profile": args.profile,
                                                   "settings": args.set, "table": table, "runs": runs}, indent=1))
     (out / "results.md").write_text(markdown(table, args.iterations, n_eval.removeprefix("n_eval=")))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .dpo import dpo_loss_from_logps, weighted_dpo_loss, weighted_dpo_loss_reference
 
-# (pairs, T, completion tokens, H, V): DESIGN.md section 5, plus a long-vocabulary case at T=8192.
+# (pairs, T, completion tokens, H, V): 7B-class (LLaVA, Qwen2.5-VL) preference batches, plus a long-vocabulary case at T=8192.
 SHAPES = (
     (2, 2048, 256, 4096, 32000),
     (2, 2048, 256, 3584, 152064),
