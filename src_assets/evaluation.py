@@ -14,7 +14,7 @@ import polars as pl
 from PIL import Image
 
 from .generation import decode_image, generate_responses
-from .r_scorer import JudgeConfig, judge, judge_prompt, response_quality, verifier_verdict
+from .r_scorer import VERDICT_VALUE, JudgeConfig, judge, judge_prompt, response_quality, verifier_verdict
 from .scenes import Question, Scene
 from .verifier import normalize_answer, split_response, verify
 
@@ -42,9 +42,6 @@ def summarize(scored: pl.DataFrame) -> dict[str, float]:
     out = {k: float(scored[k].mean()) if scored[k].null_count() < scored.height else float("nan") for k in METRICS}
     out["n"] = scored.height
     return out
-
-
-IMAGE_MODES = ("real", "blank")
 
 
 def with_blank_images(rows: pl.DataFrame) -> pl.DataFrame:
@@ -81,9 +78,8 @@ def judge_win_rate(scorer, tokenizer, eval_set: pl.DataFrame, new: list[str], ol
 
 def verifier_win_rate(eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig()) -> float:
     """The oracle judge's win rate of ``new`` over ``old``: 1, 0 or 1/2 per prompt as the verifier's verdict goes."""
-    value = {"A": 1.0, "B": 0.0, "tie": 0.5}
     wins = [
-        value[verifier_verdict(response_quality(n, r["scene"], r["question_spec"], cfg.quality_weights),
+        VERDICT_VALUE[verifier_verdict(response_quality(n, r["scene"], r["question_spec"], cfg.quality_weights),
                                response_quality(o, r["scene"], r["question_spec"], cfg.quality_weights), cfg.tie_margin)]
         for r, n, o in zip(eval_set.select("scene", "question_spec").iter_rows(named=True), new, old) if r["scene"] is not None
     ]

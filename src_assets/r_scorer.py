@@ -138,6 +138,7 @@ def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl
 
 
 VERIFIER_JUDGE = "verifier"  # the scorer_model value that makes the domain verifier the judge (the oracle bound)
+VERDICT_VALUE = {"A": 1.0, "B": 0.0, "tie": 0.5}  # p(first beats second) that each verdict stands for
 
 
 def verifier_verdict(quality_first: float, quality_second: float, tie_margin: float) -> str:
@@ -160,9 +161,8 @@ def verifier_matrices(candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: Judg
         if t["scene"] is None or t["question_spec"] is None:
             raise ValueError(f"prompt {pid!r} has no scene: the verifier judge works only on the synthetic domain")
         quality = [response_quality(c, t["scene"], t["question_spec"], cfg.quality_weights) for c in cands]
-        value = {"A": 1.0, "B": 0.0, "tie": 0.5}
         ids.append(pid)
-        matrices.append([[0.5 if i == j else value[verifier_verdict(qi, qj, cfg.tie_margin)] for j, qj in enumerate(quality)]
+        matrices.append([[0.5 if i == j else VERDICT_VALUE[verifier_verdict(qi, qj, cfg.tie_margin)] for j, qj in enumerate(quality)]
                          for i, qi in enumerate(quality)])
     return ids, matrices
 
@@ -181,10 +181,11 @@ def judge_agreement(prompt_ids: list[str], q_matrices, candidates: pl.DataFrame,
         t, group = truth.get(pid), by_prompt.get(pid)
         if t is None or t["scene"] is None or group is None:
             continue
-        texts = group["text"].to_list()
-        quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
-        correct = [verify(x, Scene.from_json(t["scene"]), Question.from_json(t["question_spec"])).correct for x in texts]
-        for i, j in permutations(range(len(texts)), 2):
+        scene, question = Scene.from_json(t["scene"]), Question.from_json(t["question_spec"])
+        checked = [verify(x, scene, question) for x in group["text"].to_list()]
+        quality = [_quality(v, cfg.quality_weights) for v in checked]
+        correct = [v.correct for v in checked]
+        for i, j in permutations(range(len(checked)), 2):
             verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
             if verdict == "tie":
                 continue
@@ -198,7 +199,10 @@ def judge_agreement(prompt_ids: list[str], q_matrices, candidates: pl.DataFrame,
 
 def response_quality(response: str, scene_json: str, question_json: str, weights=(2.0, 1.0, 2.0)) -> float:
     """The teacher's score of one response: weighted answer correctness, rationale factuality and consistency."""
-    v = verify(response, Scene.from_json(scene_json), Question.from_json(question_json))
+    return _quality(verify(response, Scene.from_json(scene_json), Question.from_json(question_json)), weights)
+
+
+def _quality(v, weights) -> float:
     return weights[0] * v.correct + weights[1] * v.factuality + weights[2] * v.consistency
 
 
