@@ -14,8 +14,15 @@ from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config
 from src_assets.r_scorer import VERIFIER_JUDGE
 from src_assets.rationale_sft import build_rationale_sft_set
-from src_assets.source_data import SourceDataError, combine_sources, read_source_file, synthetic_source
-from src_assets.tiny_models import build_tiny_scorer, build_tiny_vlm
+from src_assets.source_data import (
+    JUDGEMENT_SCHEMA,
+    SourceDataError,
+    combine_sources,
+    read_judgements_file,
+    read_source_file,
+    synthetic_source,
+)
+from src_assets.tiny_models import build_tiny_judge, build_tiny_policy
 
 from .metadata import vqa_table_metadata
 from .resources import SettingsResource, StoreResource
@@ -45,6 +52,23 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
     return df
 
 
+@asset(group_name="data", description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.")
+def judgement_tables(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+    cfg, s = settings.config(), store.store()
+    files = s.list(cfg.judgements_prefix, ".parquet")
+    frames = []
+    for key in files:
+        context.log.info(f"reading judgement table {s.uri(key)}")
+        try:
+            frames.append(read_judgements_file(s.read_bytes(key), s.uri(key)))
+        except SourceDataError as e:
+            raise Failure(str(e)) from e
+    df = pl.concat(frames) if frames else pl.DataFrame(schema=JUDGEMENT_SCHEMA)
+    context.add_output_metadata({"judgements": df.height, "files": MetadataValue.json([s.uri(k) for k in files]),
+                                 "verdicts": MetadataValue.json(dict(df.group_by("verdict").len().iter_rows()))})
+    return df
+
+
 @asset(group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template.")
 def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     try:
@@ -66,11 +90,11 @@ def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.Dat
     return df
 
 
-def _base_model(context, ref: str, build, key: str, store: StoreResource, cfg) -> str:
+def _base_model(context, ref: str, build, architecture: str, key: str, store: StoreResource, cfg) -> str:
     """The tiny model built and stored, or a real model reference validated; returns what to load."""
     if ref == TINY:
         with tempfile.TemporaryDirectory() as tmp:
-            build(tmp, cfg.tiny_spec(), seed=cfg.seed)
+            build(tmp, architecture, cfg.tiny_spec(), seed=cfg.seed)
             uri = store.store().put_model(key, tmp)
             config = json.loads(Path(tmp, "config.json").read_text())
             n_params = _count_parameters(Path(tmp))
@@ -95,10 +119,10 @@ def _count_parameters(model_dir: Path) -> int:
     return total
 
 
-@asset(group_name="models", description="The policy VLM before any training: the tiny local LLaVA, or the configured real model.")
+@asset(group_name="models", description="The policy VLM before any training: a tiny local VLM (LLaVA by default), or the configured real model.")
 def base_policy_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
-    return _base_model(context, cfg.policy_model, build_tiny_vlm, "models/base_policy_model", store, cfg)
+    return _base_model(context, cfg.policy_model, build_tiny_policy, cfg.tiny_policy_architecture, "models/base_policy_model", store, cfg)
 
 
 @asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
@@ -107,4 +131,4 @@ def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResour
     if cfg.scorer_model == VERIFIER_JUDGE:
         context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE)})
         return VERIFIER_JUDGE  # the oracle judge has no model
-    return _base_model(context, cfg.scorer_model, build_tiny_scorer, "models/base_r_scorer_model", store, cfg)
+    return _base_model(context, cfg.scorer_model, build_tiny_judge, cfg.tiny_scorer_architecture, "models/base_r_scorer_model", store, cfg)

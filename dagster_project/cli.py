@@ -13,6 +13,7 @@ from pathlib import Path
 from src_assets.config import PROFILES
 
 from .experiments import VARIANTS, experiment
+from .generation_benchmark import bench_generation
 
 ITERATION_ROW = ("accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "judge_agreement")
 
@@ -154,6 +155,15 @@ def main(argv=None) -> int:
     x.add_argument("--out", default="experiments", help="folder for each run's store and the table (JSON and Markdown)")
     x.add_argument("--parallel", type=int, default=1, help="seeds at a time (each run gets cores / parallel torch threads)")
     x.set_defaults(fn=experiment)
+    b = sub.add_parser("bench-generation", help="tokens/s and peak memory of candidate search and judging")
+    b.add_argument("--prompts", type=int, default=64)
+    b.add_argument("--policy", help="a policy directory (default: the tiny LLaVA after a short SFT)")
+    b.add_argument("--judge", help="a judge directory (with --policy)")
+    b.add_argument("--sft-epochs", type=float, default=4.0)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--code", help="a checkout whose src_assets to time instead of this one (before/after comparisons)")
+    b.add_argument("--out", help="also write the JSON rows here")
+    b.set_defaults(fn=bench_generation)
     args = parser.parse_args(argv)
     return args.fn(args)
 

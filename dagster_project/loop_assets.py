@@ -30,7 +30,7 @@ from dagster import (
 from src_assets.candidate_search import sentence_beam_search
 from src_assets.evaluation import METRICS, evaluate_policy, judge_win_rate, summarize, verifier_win_rate, with_blank_images
 from src_assets.generation import generate_responses
-from src_assets.models import load_policy, load_scorer
+from src_assets.models import load_policy, load_scorer, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
 from src_assets.r_scorer import (
     VERIFIER_JUDGE,
@@ -39,6 +39,7 @@ from src_assets.r_scorer import (
     judge_agreement,
     pairwise_matrices,
     train_r_scorer,
+    user_judgements,
     verifier_judgements,
     verifier_matrices,
 )
@@ -46,7 +47,7 @@ from src_assets.rationale_sft import train_rationale_sft
 from src_assets.storage import StoreError
 from src_assets.weighted_dpo import train_weighted_dpo
 
-from .metadata import counts_table, histogram_md, matrix_md, table_preview
+from .metadata import counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .resources import SettingsResource, StoreResource
 from .training_log import DagsterLogCallback
 
@@ -127,7 +128,10 @@ def _remember_trained(store, key: str, fingerprint: str, uri: str) -> None:
 
 def _base_recipe(ref: str, cfg) -> dict:
     """What a base model is: a tiny model is rebuilt each run from its sizes and seed; any other is its reference."""
-    return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed} if ref == "tiny" else {"ref": ref}
+    if ref != "tiny":
+        return {"ref": ref}
+    architectures = [cfg.tiny_policy_architecture, cfg.tiny_scorer_architecture]
+    return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architectures": architectures}
 
 
 @asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
@@ -151,7 +155,7 @@ def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFra
 
 @asset(group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
 def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
-                        settings: SettingsResource, store: StoreResource) -> str:
+                        judgement_tables: pl.DataFrame, settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
     if cfg.scorer_model == VERIFIER_JUDGE:
         context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE), "trained": False})
@@ -162,40 +166,47 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     prompts = vqa_source.filter(pl.col("split") == "calibrate").head(cfg.scorer_prompts)
     fingerprint = _inputs_fingerprint(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
                                       asdict(cfg.judge()), asdict(cfg.search()), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
-                                      _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")))
+                                      _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
+                                      _table_digest(judgement_tables))
     uri = _trained_before(context, s, SCORER_KEY, fingerprint, cfg)
     if uri is not None:
         context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
         return uri
-    policy, processor = load_policy(s.local_model_dir(sft_checkpoint))
-    pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919)
     base_dir = s.local_model_dir(base_r_scorer_model)
-    _, tokenizer = load_scorer(base_dir)
-    judgements = verifier_judgements(pool, prompts, tokenizer, cfg.judge(), cfg.scorer_max_pairs, cfg.seed)
+    tokenizer = load_tokenizer(base_dir)
+    judgements = user_judgements(judgement_tables, tokenizer, cfg.judge())
+    if prompts["scene"].is_not_null().any():  # the verifier can label the SFT policy's own candidates
+        policy, processor = load_policy(s.local_model_dir(sft_checkpoint), cfg.runtime())
+        pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919)
+        del policy
+        judgements = pl.concat([judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge(), cfg.scorer_max_pairs, cfg.seed)])
     if cfg.scorer_contrast_pairs:
         # Gold responses of the SFT split against their own perturbed copies: a large corpus that costs no sampling.
         contrast = contrast_judgements(vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge(),
                                        cfg.scorer_contrast_pairs, cfg.seed)
         judgements = pl.concat([judgements, contrast])
     if judgements.is_empty():
-        raise Failure("no verifier-labelled pairs to train the R-Scorer on: the calibrate rows have no scene, "
-                      "so give a pretrained judge (scorer_model) with scorer_epochs=0")
+        raise Failure(f"nothing to train the R-Scorer on: the calibrate rows have no scene for the verifier to label, and "
+                      f"{s.uri(cfg.judgements_prefix)} holds no judgement table; add one (see the README), or give a "
+                      f"pretrained judge (scorer_model) with scorer_epochs=0")
     with tempfile.TemporaryDirectory() as out:
         result = train_r_scorer(base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")])
         uri = s.put_model(SCORER_KEY, out)
     _remember_trained(s, SCORER_KEY, fingerprint, uri)
     verdicts = dict(judgements.group_by("verdict").len().iter_rows())
     context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
-                                 "training_pairs": judgements.height,
+                                 "training_pairs": judgements.height, "user_judgements": judgement_tables.height,
                                  "verdicts": counts_table(verdicts, "verdict"), "train_loss": result["train_loss"]})
     return uri
 
 
 @asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
-def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, store: StoreResource) -> pl.DataFrame:
-    model, processor = load_policy(store.store().local_model_dir(sft_checkpoint))
-    summary, scored = evaluate_policy(model, processor, eval_set)
-    context.add_output_metadata({**{k: float(summary[k]) for k in METRICS}, "preview": table_preview(scored)})
+def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, settings: SettingsResource,
+             store: StoreResource) -> pl.DataFrame:
+    cfg = settings.config()
+    model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
+    summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens)
+    context.add_output_metadata({**metric_values(summary), "preview": table_preview(scored)})
     return scored
 
 
@@ -206,12 +217,12 @@ def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.D
 def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.DataFrame, sft_eval: pl.DataFrame,
                                   settings: SettingsResource, store: StoreResource) -> AssetCheckResult:
     cfg = settings.config()
-    model, processor = load_policy(store.store().local_model_dir(sft_checkpoint))
+    model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     real = summarize(sft_eval)["accuracy"]
-    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set))
+    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens)
     drop = real - blank["accuracy"]
     return AssetCheckResult(passed=bool(drop >= cfg.min_blank_image_drop), metadata={
-        "accuracy": float(real), "accuracy_blank_images": float(blank["accuracy"]), "drop": float(drop),
+        "accuracy": real, "accuracy_blank_images": blank["accuracy"], "drop": drop,
         "required_drop": cfg.min_blank_image_drop})
 
 
@@ -225,7 +236,7 @@ def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_sour
     policy_uri = previous_policy(s, sft_checkpoint, key)
     prompts = _calibration_prompts(vqa_source, key, cfg.prompts_per_iteration, cfg.scorer_prompts)
     context.log.info(f"iteration {key}: sampling {prompts.height} prompts from {policy_uri}")
-    model, processor = load_policy(s.local_model_dir(policy_uri))
+    model, processor = load_policy(s.local_model_dir(policy_uri), cfg.runtime())
     pool = sentence_beam_search(model, processor, prompts, cfg.search(), seed=cfg.seed * 1000 + iteration_number(key))
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
@@ -248,7 +259,7 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
     if r_scorer_checkpoint == VERIFIER_JUDGE:
         ids, matrices = verifier_matrices(candidate_pool, prompts, cfg.judge())
     else:
-        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
+        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
         judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
         ids, matrices = judge_all(scorer, tokenizer, candidate_pool, prompts, cfg.judge())
     scores = score_table(ids, matrices, cfg.curation())
@@ -334,24 +345,25 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, eval_
                    r_scorer_checkpoint: str, preference_set: pl.DataFrame, settings: SettingsResource, store: StoreResource):
     s, key = store.store(), context.partition_key
     cfg = settings.config()
-    model, processor = load_policy(s.local_model_dir(policy_checkpoint))
-    summary, scored = evaluate_policy(model, processor, eval_set)
+    model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())
+    summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens)
     k = iteration_number(key)
     before_key = "assets/sft_eval.parquet" if k == 1 else f"assets/iteration_eval/{iteration_key(k - 1)}.parquet"
     before = s.read_table(before_key) if s.exists(before_key) else None
     if before is not None and before["id"].to_list() == eval_set["id"].to_list():
         old = before["response"].to_list()  # policy k-1's greedy responses, already generated by its evaluation
     else:
-        previous, prev_processor = load_policy(s.local_model_dir(previous_policy(s, sft_checkpoint, key)))
-        old = generate_responses(previous, prev_processor, eval_set["question"].to_list(), eval_set["image"].to_list())
+        previous, prev_processor = load_policy(s.local_model_dir(previous_policy(s, sft_checkpoint, key)), cfg.runtime())
+        old = generate_responses(previous, prev_processor, eval_set["question"].to_list(), eval_set["image"].to_list(),
+                                 cfg.eval_max_new_tokens)
     if r_scorer_checkpoint == VERIFIER_JUDGE:
         win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge())
     else:
-        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint))
+        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
         win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge())
     kept = preference_set.filter("kept")
     yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous")), metadata={
-        **{k: float(summary[k]) for k in METRICS},
+        **metric_values(summary),
         "judge_win_rate_vs_previous": float(win),
         "pairs_kept": kept.height,
         "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
@@ -359,7 +371,9 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, eval_
         "preview": table_preview(scored),
     })
     before = summarize(before) if before is not None else None
-    drops = {m: before[m] - summary[m] for m in ("accuracy", "consistency")} if before else {}
+    # A metric that cannot be computed (null: e.g. consistency without a verifier) is skipped, not failed.
+    drops = {m: before[m] - summary[m] for m in ("accuracy", "consistency")
+             if before and before[m] is not None and summary[m] is not None}
     yield AssetCheckResult(
         check_name="no_regression", severity=AssetCheckSeverity.WARN,
         passed=all(d <= cfg.regression_tolerance for d in drops.values()),

@@ -63,3 +63,10 @@ def matrix_md(q: list[list[float]], win_rate: list[float], strength: list[float]
         for i in range(k)
     ]
     return MetadataValue.md("\n".join([head, sep, *rows]))
+
+
+def metric_values(summary: dict) -> dict[str, float]:
+    """The evaluation metrics that could be computed (a metric without a verifier is None and left out)."""
+    from src_assets.evaluation import METRICS
+
+    return {k: float(summary[k]) for k in METRICS if summary.get(k) is not None}

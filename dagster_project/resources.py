@@ -2,7 +2,7 @@
 
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import polars as pl
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
@@ -32,12 +32,30 @@ class SettingsResource(ConfigurableResource):
     seed: int = 0
     policy_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
     scorer_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="any SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}")
+    # What matters on a GPU, as typed Launchpad fields; None keeps the profile's value.
+    device: Optional[str] = Field(default=None, description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
+    dtype: Optional[str] = Field(default=None, description="'auto' (bfloat16 on a GPU that supports it), float32, bfloat16, float16")
+    attn_implementation: Optional[str] = Field(default=None, description="'' (transformers' choice), sdpa, flash_attention_2, eager")
+    lora_r: Optional[int] = Field(default=None, description="0: full fine-tuning; > 0: LoRA of this rank")
+    gradient_accumulation_steps: Optional[int] = None
+    gradient_checkpointing: Optional[bool] = None
+    max_length: Optional[int] = Field(default=None, description="> 0: truncate training examples to this many tokens")
+    report_to: Optional[str] = Field(default=None, description="comma-separated: tensorboard, wandb, mlflow")
+    image_min_pixels: Optional[int] = None
+    image_max_pixels: Optional[int] = None
+    eval_max_new_tokens: Optional[int] = None
+    judge_batch_size: Optional[int] = None
+    overrides: dict[str, Any] = Field(default_factory=dict, description="any other SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}")
 
     def config(self) -> SRCConfig:
+        typed = {name: getattr(self, name) for name in _TYPED_OPTIONAL if getattr(self, name) is not None}
         # Overrides win over the typed fields, so ``--set policy_model=DIR`` and ``--set seed=3`` work too.
         return profile(self.profile, **{"seed": self.seed, "policy_model": self.policy_model,
-                                        "scorer_model": self.scorer_model, **self.overrides})
+                                        "scorer_model": self.scorer_model, **typed, **self.overrides})
+
+
+_TYPED_OPTIONAL = ("device", "dtype", "attn_implementation", "lora_r", "gradient_accumulation_steps", "gradient_checkpointing",
+                   "max_length", "report_to", "image_min_pixels", "image_max_pixels", "eval_max_new_tokens", "judge_batch_size")
 
 
 class StoreIOManager(ConfigurableIOManager):

@@ -19,7 +19,9 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from .generation import encode_prompts, never_generate
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .generation import PromptInputs, collate_prompts, never_generate, prompt_inputs, to_model
 from .verifier import split_response
 
 
@@ -48,24 +50,45 @@ class _Beam:
         return self.logprob / max(len(self.tokens), 1)
 
 
-def _generate(model, prompt_ids, pixel_values, pad_id, stop_ids, max_new_tokens: int, sample: bool, temperature: float):
-    """Continues each row (left-padded); returns the new token tuples, each cut after its first stop token,
-    and their summed log-probs under the model (temperature 1)."""
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for r, ids in enumerate(prompt_ids):
-        input_ids[r, width - len(ids) :] = torch.tensor(ids)
-        attention[r, width - len(ids) :] = 1
+class _ChosenTokenLogps(LogitsProcessor):
+    """Records each sampled token's log-probability under the model (temperature 1) as generation goes.
+
+    ``generate`` applies user processors before its temperature warper, so ``scores`` here are the model's own
+    logits (with forbidden tokens masked). Only the previous step's log-softmax is held, never ``[rows, steps, V]``.
+    """
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._last = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, new tokens]: the log-probs, once the last sampled tokens are known."""
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, last_tokens[:, None]).squeeze(1))
+        return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+
+def _generate(model, rows: list[PromptInputs], extra: list[tuple[int, ...]], pad_id, stop_ids, max_new_tokens: int,
+              sample: bool, temperature: float):
+    """Continues each prompt row after its ``extra`` tokens; returns the new token tuples, each cut after its first
+    stop token, and their summed log-probs under the model (temperature 1)."""
+    batch = collate_prompts(rows, extra, pad_id)
+    width = batch["input_ids"].shape[1]
+    recorder = _ChosenTokenLogps()
     out = model.generate(
-        input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), pixel_values=pixel_values.to(model.device),
+        **to_model(batch, model),
         do_sample=sample, temperature=temperature if sample else None, top_k=None, top_p=None, max_new_tokens=max_new_tokens,
-        eos_token_id=list(stop_ids), pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
+        eos_token_id=list(stop_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
         bad_words_ids=never_generate(model),
     )
-    new = out.sequences[:, width:]
-    # Rank by the model's own log-probability (temperature 1), not the sampling distribution's.
-    logps = torch.stack(out.logits, 1).float().log_softmax(-1).gather(2, new[..., None]).squeeze(2)
+    new = out[:, width:]
+    logps = recorder.finish(new[:, -1]).cpu() if new.shape[1] else torch.zeros(len(rows), 0)
     sentences, sums = [], []
     for r in range(new.shape[0]):
         toks = new[r].tolist()
@@ -75,10 +98,20 @@ def _generate(model, prompt_ids, pixel_values, pad_id, stop_ids, max_new_tokens:
     return sentences, sums
 
 
-def _sample_sentences(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg: SearchConfig, generator_seed: int):
+def _sample_sentences(model, rows, extra, pad_id, stop_ids, cfg: SearchConfig, generator_seed: int):
     """Samples one sentence for each row; returns the new token tuples and their summed log-probs."""
     torch.manual_seed(generator_seed)
-    return _generate(model, prompt_ids, pixel_values, pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature)
+    return _generate(model, rows, extra, pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature)
+
+
+def sentence_stop_ids(tokenizer, delimiter: str) -> set[int]:
+    """Every token whose text contains the sentence delimiter, plus end-of-sequence: with a BPE vocabulary a
+    sentence can end inside a merged token such as ``".\n"``, so looking up ``"."`` alone would miss it."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.convert_ids_to_tokens(list(vocab.values()))
+    found = {i for i, t in zip(vocab.values(), texts) if i not in special and delimiter in tokenizer.convert_tokens_to_string([t])}
+    return found | {tokenizer.eos_token_id}
 
 
 @torch.no_grad()
@@ -88,17 +121,10 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
     model.eval()
     tok = processor.tokenizer
     eos_id, pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    delim_ids = tok.convert_tokens_to_ids([cfg.sentence_delimiter])
-    stop_ids = {eos_id, *[d for d in delim_ids if d is not None and d != tok.unk_token_id]}
+    stop_ids = sentence_stop_ids(tok, cfg.sentence_delimiter)
 
     ids, questions, images = prompts["id"].to_list(), prompts["question"].to_list(), prompts["image"].to_list()
-    prompt_ids, pixels = [], []
-    for start in range(0, len(ids), 256):
-        enc = encode_prompts(processor, questions[start : start + 256], images[start : start + 256])
-        for row, mask in zip(enc["input_ids"], enc["attention_mask"]):
-            prompt_ids.append(row[mask.bool()].tolist())
-        pixels.append(enc["pixel_values"])
-    pixels = torch.cat(pixels) if pixels else torch.empty(0)
+    inputs = [prompt_inputs(processor, q, image) for q, image in zip(questions, images)]
 
     live: list[list[_Beam]] = [[_Beam((), 0.0)] for _ in ids]
     finished: list[dict[tuple, _Beam]] = [{} for _ in ids]
@@ -111,7 +137,7 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
         for start in range(0, len(rows), cfg.batch_size):
             chunk = rows[start : start + cfg.batch_size]
             sentences, sums = _sample_sentences(
-                model, [prompt_ids[p] + list(b.tokens) for p, b in chunk], pixels[[p for p, _ in chunk]],
+                model, [inputs[p] for p, _ in chunk], [b.tokens for _, b in chunk],
                 pad_id, stop_ids, cfg, generator_seed=seed * 100_003 + step * 1_009 + start,
             )
             for (p, beam), sentence, logp in zip(chunk, sentences, sums):
@@ -127,7 +153,7 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
         limit = cfg.max_sentences * cfg.max_sentence_tokens
         for start in range(0, len(ids), cfg.batch_size):
             rows = list(range(start, min(start + cfg.batch_size, len(ids))))
-            responses, sums = _generate(model, [prompt_ids[p] for p in rows], pixels[rows], pad_id, {eos_id}, limit, False, 1.0)
+            responses, sums = _generate(model, [inputs[p] for p in rows], [()] * len(rows), pad_id, {eos_id}, limit, False, 1.0)
             for p, tokens, logp in zip(rows, responses, sums):
                 if tokens and tokens[-1] == eos_id:
                     finished[p].setdefault(tokens, _Beam(tokens, logp))

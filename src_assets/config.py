@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from .candidate_search import SearchConfig
+from .models import Runtime
 from .preference import CurationConfig
 from .r_scorer import JudgeConfig
-from .tiny_models import TinySpec
+from .tiny_models import POLICY_ARCHITECTURES, SCORER_ARCHITECTURES, TinySpec
 from .training import TrainSettings
 
 TINY = "tiny"  # a model reference meaning "build the tiny local model"
@@ -30,13 +31,27 @@ class SRCConfig:
     min_objects: int = 2
     max_objects: int = 5
     source_prefix: str = "source"
+    judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
     # Models: "tiny", a local model directory, or a hub id.
     policy_model: str = TINY
     scorer_model: str = TINY
+    tiny_policy_architecture: str = "llava"  # the tiny policy's family: llava, qwen2_vl, qwen2_5_vl or idefics3
+    tiny_scorer_architecture: str = "llama"  # the tiny judge's: llama (word-level tokenizer) or qwen2 (byte-level BPE)
     tiny_hidden_size: int = 128
     tiny_layers: int = 2
     lora_r: int = 0  # 0: full fine-tuning everywhere; > 0: LoRA of this rank (peft), merged on save
     reuse_checkpoints: bool = True  # an SFT checkpoint or R-Scorer trained earlier from the same inputs is reused
+    # Hardware and precision, for every stage that runs a model
+    device: str = "auto"  # CUDA when available, else CPU; or a torch device such as "cuda:1"
+    dtype: str = "auto"  # bfloat16 on a GPU that supports it, else float32; models train and are saved in it
+    attn_implementation: str = ""  # "" lets transformers choose; e.g. "sdpa" or "flash_attention_2"
+    image_min_pixels: int = 0  # > 0: Qwen-family processors' smallest image area
+    image_max_pixels: int = 0  # > 0: their largest, which bounds the image tokens per prompt
+    # Training controls shared by the three trainings
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_length: int = 0  # > 0: examples are truncated to this many tokens (0: never)
+    report_to: str = ""  # comma-separated transformers integrations: "tensorboard", "wandb", "mlflow"
     # 1. Rationale SFT
     sft_epochs: float = 32.0  # positions are learned by step ~600, colours and shapes past ~1,000 (later for some seeds)
     sft_learning_rate: float = 2e-3
@@ -55,6 +70,8 @@ class SRCConfig:
     scorer_contrast_pairs: int = 0  # > 0: this many more pairs of gold responses against their perturbed copies
     scorer_epochs: float = 3.0
     scorer_learning_rate: float = 2e-3
+    scorer_batch_size: int = 32
+    judge_batch_size: int = 128  # judge prompts per forward pass
     judge_template: str = "compact"  # "instruct" for a pretrained chat model used zero-shot
     scoring: str = "pairwise"  # ablation: "independent" judges each candidate alone
     # 4-5. Aggregation and curation
@@ -71,27 +88,36 @@ class SRCConfig:
     weighted_dpo: bool = True  # ablation: False trains plain DPO on the same pairs
     use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
     # 8. Evaluation
+    eval_max_new_tokens: int = 96
     regression_tolerance: float = 0.02  # an iteration may lose this much accuracy or consistency before a WARN
     min_blank_image_drop: float = 0.1  # the SFT policy must lose this much accuracy when its images are blanked
 
     def tiny_spec(self) -> TinySpec:
         return TinySpec(hidden_size=self.tiny_hidden_size, intermediate_size=2 * self.tiny_hidden_size, num_layers=self.tiny_layers)
 
+    def runtime(self) -> Runtime:
+        return Runtime(self.device, self.dtype, self.attn_implementation, self.image_min_pixels, self.image_max_pixels)
+
+    def _train(self, epochs: float, learning_rate: float, batch_size: int) -> TrainSettings:
+        return TrainSettings(epochs, learning_rate, batch_size, self.lora_r, self.seed, self.gradient_accumulation_steps,
+                             self.gradient_checkpointing, self.max_length,
+                             tuple(x.strip() for x in self.report_to.split(",") if x.strip()), self.runtime())
+
     def sft_settings(self) -> TrainSettings:
-        return TrainSettings(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size, self.lora_r, self.seed)
+        return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size)
 
     def scorer_settings(self) -> TrainSettings:
-        return TrainSettings(self.scorer_epochs, self.scorer_learning_rate, 32, self.lora_r, self.seed)
+        return self._train(self.scorer_epochs, self.scorer_learning_rate, self.scorer_batch_size)
 
     def dpo_settings(self) -> TrainSettings:
-        return TrainSettings(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size, self.lora_r, self.seed)
+        return self._train(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size)
 
     def search(self) -> SearchConfig:
         return SearchConfig(k=self.k, beams=self.beams, samples_per_beam=self.samples_per_beam,
                             temperature=self.temperature, max_sentences=self.max_sentences, include_greedy=self.include_greedy)
 
     def judge(self) -> JudgeConfig:
-        return JudgeConfig(template=self.judge_template)
+        return JudgeConfig(template=self.judge_template, batch_size=self.judge_batch_size)
 
     def curation(self) -> CurationConfig:
         return CurationConfig(tau=self.tau, select_by=self.select_by, pairs_per_prompt=self.pairs_per_prompt,
@@ -109,6 +135,33 @@ PROFILES: dict[str, SRCConfig] = {
 }
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def coerce_setting(name: str, value, kind: str):
+    """``value`` (a string from the command line, or a JSON value) as the setting's type; a clear error if it is not."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).strip().lower() in (*_TRUE, *_FALSE):
+            return str(value).strip().lower() in _TRUE
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind == "str":
+        return str(value)
+    raise ValueError(f"setting {name}: {str(value)[:80]!r} is not a valid {kind}")
+
+
 def profile(name: str, **overrides) -> SRCConfig:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
@@ -116,8 +169,14 @@ def profile(name: str, **overrides) -> SRCConfig:
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; SRCConfig has {sorted(known)}")
-    cfg = replace(PROFILES[name], **overrides)
+    typed = {k: coerce_setting(k, v, known[k]) for k, v in overrides.items()}
+    cfg = replace(PROFILES[name], **typed)
     if cfg.scoring not in ("pairwise", "independent"):
         raise ValueError(f"scoring must be 'pairwise' or 'independent', got {cfg.scoring!r}")
     cfg.curation()  # validates tau, select_by and pairs_per_prompt
+    if cfg.tiny_policy_architecture not in POLICY_ARCHITECTURES:
+        raise ValueError(f"tiny_policy_architecture must be one of {POLICY_ARCHITECTURES}, got {cfg.tiny_policy_architecture!r}")
+    if cfg.tiny_scorer_architecture not in SCORER_ARCHITECTURES:
+        raise ValueError(f"tiny_scorer_architecture must be one of {SCORER_ARCHITECTURES}, got {cfg.tiny_scorer_architecture!r}")
+    cfg.runtime().torch_dtype()  # validates dtype and device
     return cfg

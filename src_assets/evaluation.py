@@ -38,8 +38,9 @@ def score_responses(eval_set: pl.DataFrame, responses: list[str]) -> pl.DataFram
                                       **{k: pl.Float64 for k in METRICS}})
 
 
-def summarize(scored: pl.DataFrame) -> dict[str, float]:
-    out = {k: float(scored[k].mean()) if scored[k].null_count() < scored.height else float("nan") for k in METRICS}
+def summarize(scored: pl.DataFrame) -> dict[str, float | None]:
+    """Each metric's mean over the rows that have it; None where no row has it (no verifier for these rows)."""
+    out = {k: float(scored[k].mean()) if scored[k].null_count() < scored.height else None for k in METRICS}
     out["n"] = scored.height
     return out
 

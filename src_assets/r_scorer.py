@@ -59,35 +59,92 @@ def judge_prompt(tokenizer, question: str, reference: str, answer: str | None, f
     raise ValueError(f"unknown judge template {template!r}; expected 'compact' or 'instruct'")
 
 
-def verdict_token_ids(tokenizer) -> list[int]:
-    """The first token of each verdict word; they must be three distinct known tokens."""
-    ids = [tokenizer.encode(v, add_special_tokens=False)[0] for v in VERDICTS]
-    if len(set(ids)) != 3 or tokenizer.unk_token_id in ids:
-        raise ValueError(f"the judge's tokenizer does not give the verdicts {VERDICTS} three distinct tokens: {ids}")
-    return ids
+def verdict_completion(verdict: str) -> str:
+    """The text a judge is trained to write after its prompt, and whose probability is read back."""
+    return f" {verdict}"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def verdict_continuations(tokenizer, prompts: list[str]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Each prompt's token ids, and the tokens each verdict adds after it: exactly the tokens training put there.
+
+    TRL's ``SFTTrainer`` tokenizes ``prompt`` and ``prompt + completion`` each with the tokenizer's defaults and
+    trains on where they diverge; this does the same. With a word-level vocabulary a verdict is one token; a
+    byte-level BPE gives ``" A"`` as ``ĠA``; ``" tie"`` may be several tokens, and all of them are scored.
+    """
+    base = tokenizer(prompts)["input_ids"]
+    tails = [[] for _ in prompts]
+    for verdict in VERDICTS:
+        full = tokenizer([p + verdict_completion(verdict) for p in prompts])["input_ids"]
+        for r, (b, f) in enumerate(zip(base, full)):
+            n = _common_prefix(b, f)
+            tail = f[n:]
+            if n < len(b) or (tokenizer.eos_token_id is not None and tail[-1:] == [tokenizer.eos_token_id]):
+                tail = [t for t in tail if t != tokenizer.eos_token_id]
+            tails[r].append(tail)
+    for r, t in enumerate(tails):
+        if any(not x for x in t) or len({tuple(x) for x in t}) != len(VERDICTS) or tokenizer.unk_token_id in sum(t, []):
+            raise ValueError(f"the judge's tokenizer does not give the verdicts {VERDICTS} distinct known tokens after "
+                             f"judge prompt {r}: {t}")
+    return base, tails
+
+
+def _last_logits(model, seqs: list[list[int]], pad_id: int, keep: int) -> torch.Tensor:
+    """The logits of each row's last ``keep`` positions; left padding, positions counted from each row's first
+    real token, as in training."""
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for r, s in enumerate(seqs):
+        input_ids[r, width - len(s):] = torch.tensor(s)
+        mask[r, width - len(s):] = 1
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+
+
+def _verdict_logprobs(model, ids: list[list[int]], tails: list[list[int]], pad_id: int) -> torch.Tensor:
+    """log P(tail | ids) for each row, in one batched forward."""
+    keep = max(map(len, tails)) + 1
+    logp = _last_logits(model, [b + t for b, t in zip(ids, tails)], pad_id, keep).float().log_softmax(-1)
+    out = torch.zeros(len(ids), device=logp.device)
+    for r, t in enumerate(tails):
+        # logits at kept position j predict the token at sequence position width - keep + j + 1
+        for i, token in enumerate(t):
+            out[r] += logp[r, keep - len(t) - 1 + i, token]
+    return out
 
 
 @torch.no_grad()
-def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
-    """p(first beats second) for each judge prompt, from the verdict tokens at the last position."""
+def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+    """[prompts, 3]: P(A), P(B), P(tie) after each judge prompt, each verdict's whole token sequence scored and the
+    three renormalised among themselves."""
     model.eval()
-    ids = verdict_token_ids(tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # the verdict is read at the last position of every row
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="judging pairs", disable=not progress):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            mask = batch["attention_mask"].to(model.device)
-            # Left padding: positions count from each row's first real token, as they did in training.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=mask, position_ids=positions,
-                           logits_to_keep=1).logits[:, -1, ids]
-            probs = logits.float().softmax(-1)
-            out.append(probs[:, 0] + probs[:, 2] / 2)
-    finally:
-        tokenizer.padding_side = side
-    return torch.cat(out) if out else torch.empty(0)
+    for start in tqdm(range(0, len(prompts), batch_size), desc="judging pairs", disable=not progress):
+        ids, tails = verdict_continuations(tokenizer, prompts[start : start + batch_size])
+        if all(len(t) == 1 for row in tails for t in row):  # one forward: every verdict is one token
+            logits = _last_logits(model, ids, pad_id, 1)[:, -1]
+            index = torch.tensor([[t[0] for t in row] for row in tails], device=logits.device)
+            logp = logits.float().log_softmax(-1).gather(1, index)
+        else:
+            logp = torch.stack([_verdict_logprobs(model, ids, [row[v] for row in tails], pad_id)
+                                for v in range(len(VERDICTS))], 1)
+        out.append(logp.softmax(-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, len(VERDICTS))
+
+
+def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+    """p(first beats second) for each judge prompt: ``P(A) + P(tie) / 2``."""
+    probs = verdict_probabilities(model, tokenizer, prompts, batch_size, progress)
+    return probs[:, 0] + probs[:, 2] / 2
 
 
 def _prompts_with_candidates(candidates: pl.DataFrame, prompts: pl.DataFrame):
@@ -253,7 +310,7 @@ def contrast_judgements(rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeC
         for i, j in permutations(range(len(texts)), 2):
             verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
             out.append({"prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j],
-                                               cfg.template), "completion": f" {verdict}", "verdict": verdict})
+                                               cfg.template), "completion": verdict_completion(verdict), "verdict": verdict})
     if max_pairs is not None and len(out) > max_pairs:
         out = random.Random(seed).sample(out, max_pairs)
     return pl.DataFrame(out, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
@@ -286,11 +343,25 @@ def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokeniz
             verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
             rows.append({
                 "prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template),
-                "completion": f" {verdict}",
+                "completion": verdict_completion(verdict),
                 "verdict": verdict,
             })
     if max_pairs is not None and len(rows) > max_pairs:
         rows = random.Random(seed).sample(rows, max_pairs)
+    return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
+
+
+def user_judgements(table: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig()) -> pl.DataFrame:
+    """Judge training rows from a user's judgement table (``source_data.validate_judgements``): each pair in both
+    orders, the verdict swapped with the order, so the judge learns the judgement and not the position."""
+    swap = {"A": "B", "B": "A", "tie": "tie"}
+    rows = []
+    for t in table.iter_rows(named=True):
+        for first, second, verdict in ((t["response_a"], t["response_b"], t["verdict"]),
+                                       (t["response_b"], t["response_a"], swap[t["verdict"]])):
+            rows.append({"prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], first, second,
+                                                cfg.template),
+                         "completion": verdict_completion(verdict), "verdict": verdict})
     return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
 
 
@@ -304,10 +375,10 @@ def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, sett
     from .models import load_scorer
     from .training import quiet, save_trained
 
-    model, tokenizer = load_scorer(base_model)
+    model, tokenizer = load_scorer(base_model, settings.runtime)
     dataset = Dataset.from_dict({"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()})
     with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**settings.trl_kwargs(scratch), max_length=None, completion_only_loss=True)
+        args = SFTConfig(**settings.trl_kwargs(scratch), completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=settings.peft_config(), callbacks=list(callbacks))
         result = quiet(trainer).train()

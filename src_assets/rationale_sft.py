@@ -39,10 +39,10 @@ def train_rationale_sft(base_model: str, sft_set: pl.DataFrame, out_dir: str, se
 
     Loss is on the completion only (TRL's default for prompt-completion data). Returns the training metrics.
     """
-    model, processor = load_policy(base_model)
+    model, processor = load_policy(base_model, settings.runtime)
     dataset = vision_dataset(sft_set, {"completion": "completion"})
     with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**settings.trl_kwargs(scratch), max_length=None)
+        args = SFTConfig(**settings.trl_kwargs(scratch))
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                              peft_config=settings.peft_config(), callbacks=list(callbacks))
         result = quiet(trainer).train()

@@ -111,3 +111,40 @@ def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFram
                 raise SourceDataError(f"{name}: column 'id' value {row_id!r} is also used in {owner[row_id]}")
             owner[row_id] = name
     return pl.concat([df for _, df in named_frames], how="vertical")
+
+
+# --- The user's own judgements, to train the R-Scorer where no verifier exists --------------------------------
+
+JUDGEMENT_REQUIRED = {"question": pl.String, "response_a": pl.String, "response_b": pl.String, "verdict": pl.String}
+JUDGEMENT_OPTIONAL = {"reference": pl.String, "answer": pl.String}
+JUDGEMENT_SCHEMA = {**JUDGEMENT_REQUIRED, **JUDGEMENT_OPTIONAL}
+JUDGEMENT_VERDICTS = ("A", "B", "tie")
+
+
+def validate_judgements(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Checks a judgement table (one row per judged pair: ``verdict`` is ``A`` when ``response_a`` is the better
+    response, ``B`` for ``response_b``, ``tie``) and returns it with every column of ``JUDGEMENT_SCHEMA``."""
+    missing = [c for c in JUDGEMENT_REQUIRED if c not in df.columns]
+    if missing:
+        raise SourceDataError(f"{name}: missing required column(s) {missing}; a judgement table needs {list(JUDGEMENT_REQUIRED)}")
+    for col, dtype in JUDGEMENT_SCHEMA.items():
+        if col in df.columns and df.schema[col] != dtype and df.schema[col] != pl.Null:
+            raise SourceDataError(f"{name}: column {col!r} has type {df.schema[col]}, expected {dtype}")
+    df = df.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in JUDGEMENT_OPTIONAL.items() if c not in df.columns])
+    df = df.select([pl.col(c).cast(t) for c, t in JUDGEMENT_SCHEMA.items()])
+    for i, row in enumerate(df.iter_rows(named=True)):
+        for col in JUDGEMENT_REQUIRED:
+            if row[col] is None or not row[col].strip():
+                raise SourceDataError(f"{name}: row {i}: column {col!r} is empty")
+        if row["verdict"] not in JUDGEMENT_VERDICTS:
+            raise SourceDataError(f"{name}: row {i}: column 'verdict' has value {row['verdict'][:40]!r}; "
+                                  f"expected one of {JUDGEMENT_VERDICTS}")
+    return df
+
+
+def read_judgements_file(data: bytes, name: str) -> pl.DataFrame:
+    try:
+        df = pl.read_parquet(io.BytesIO(data))
+    except Exception as e:
+        raise SourceDataError(f"{name}: not a readable Parquet file ({e})") from e
+    return validate_judgements(df, name)

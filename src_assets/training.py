@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import torch
 from datasets import Dataset
 
 from .generation import decode_image, user_turn
+from .models import CPU_FLOAT32, Runtime
+from .processors import save_processor
 
 
 @dataclass(frozen=True)
@@ -18,9 +20,17 @@ class TrainSettings:
     batch_size: int = 32
     lora_r: int = 0  # 0: full fine-tuning; > 0: LoRA adapters of this rank (merged into the saved checkpoint)
     seed: int = 0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_length: int = 0  # 0: no truncation; > 0: TRL truncates each example to this many tokens
+    report_to: tuple[str, ...] = ()  # e.g. ("tensorboard",), ("wandb",), ("mlflow",): transformers' integrations
+    runtime: Runtime = field(default=CPU_FLOAT32)
 
     def trl_kwargs(self, output_dir: str) -> dict:
-        """The TrainingArguments every stage shares: CPU-friendly, no checkpoints or reporting of its own."""
+        """The TrainingArguments every stage shares: no checkpoints of its own, precision from the runtime's dtype.
+
+        The model is loaded in that dtype and trained in it, so the saved checkpoint keeps it too."""
+        dtype = self.runtime.torch_dtype()
         return dict(
             output_dir=output_dir,
             num_train_epochs=self.epochs,
@@ -30,13 +40,16 @@ class TrainSettings:
             warmup_steps=5,
             logging_steps=10,
             save_strategy="no",
-            report_to=[],
+            report_to=list(self.report_to),
             seed=self.seed,
-            gradient_checkpointing=False,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            gradient_checkpointing=self.gradient_checkpointing,
+            max_length=self.max_length or None,
             dataloader_num_workers=0,
             disable_tqdm=True,
-            # Mixed precision where a GPU supports it; fp32 on the CPU.
-            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=self.runtime.torch_device().type == "cpu",
         )
 
     def peft_config(self):
@@ -62,7 +75,10 @@ def save_trained(trainer, processing_class, out_dir: str) -> None:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
-    processing_class.save_pretrained(out_dir)
+    if hasattr(processing_class, "image_processor"):
+        save_processor(processing_class, out_dir)
+    else:
+        processing_class.save_pretrained(out_dir)
 
 
 def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:

@@ -10,6 +10,9 @@ runs the training loop; this subclass changes only the loss:
   ``loss_weights=[1, alpha]``, RPO) is kept: ``alpha`` times the chosen
   responses' per-token negative log-likelihood, each pair's tokens weighted by
   its ``c_i`` too (all weights 1: TRL's own ``sft`` term);
+- the reference log-probs are computed once per preference set, before
+  training, through the same fused path (``precompute_reference``), so no
+  second model is held while the policy trains;
 - the model runs its backbone once (``logits_to_keep=1``, so no full-sequence
   logits), and only completion positions go through the LM head: the fused
   Triton kernel from ``kernels.dpo`` on CUDA, its eager PyTorch reference
@@ -19,28 +22,46 @@ runs the training loop; this subclass changes only the loss:
 from __future__ import annotations
 
 import contextlib
+import copy
+from dataclasses import dataclass, field
 
 import torch
-from trl import DPOTrainer
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from kernels.dpo import sequence_logps, sequence_logps_reference, weighted_dpo_loss, weighted_dpo_loss_reference
 
-WEIGHT_COLUMN = "weight"
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "pair_weights"}
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+_NON_MODEL_KEYS = {"completion_mask", *REFERENCE_COLUMNS, "pair_weights"}
+
+
+@dataclass
+class WeightedDPOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` plus what the weighted loss needs."""
+
+    weight_column: str = field(default="weight", metadata={"help": "Column of per-pair confidence weights c_i."})
+    use_fused_kernel: bool = field(default=True, metadata={"help": "Triton loss on CUDA; off: the eager reference."})
+    precompute_reference: bool = field(default=True, metadata={
+        "help": "Compute the reference log-probs once before training, so no reference model is held while training."})
 
 
 class WeightedPreferenceCollator:
-    """Wraps TRL's preference collator: the ``weight`` of each example becomes ``pair_weights`` [P]."""
+    """Wraps TRL's preference collator: the weight of each example becomes ``pair_weights`` [P], and precomputed
+    reference log-probs (which TRL's vision collator does not carry) pass through."""
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, weight_column: str = "weight"):
+        self.base, self.weight_column = base, weight_column
 
     def __call__(self, examples):
-        weights = [float(e.pop(WEIGHT_COLUMN, 1.0)) for e in examples]
+        weights = [float(e.pop(self.weight_column, 1.0)) for e in examples]
+        reference = {c: [e.pop(c) for e in examples] for c in REFERENCE_COLUMNS if c in examples[0]}
         batch = self.base(examples)
         batch["pair_weights"] = torch.tensor(weights, dtype=torch.float32)
+        for column, values in reference.items():
+            batch[column] = torch.tensor(values, dtype=torch.float32)
         return batch
 
 
@@ -48,22 +69,56 @@ def _peft_free(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def shares_weights(model):
+    """A second module object over the same parameters: what TRL takes as the reference model when the reference
+    log-probs are precomputed from the policy's starting weights, so that TRL loads no copy of its own."""
+    return copy.copy(model)
+
+
 class WeightedDPOTrainer(DPOTrainer):
-    def __init__(self, *args, use_fused_kernel: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, ref_model=None, args: WeightedDPOConfig | None = None, *rest, use_fused_kernel: bool | None = None,
+                 **kwargs):
+        if args is not None and not isinstance(args, WeightedDPOConfig):
+            raise TypeError(f"WeightedDPOTrainer takes a WeightedDPOConfig, got {type(args).__name__}")
+        peft = kwargs.get("peft_config") is not None or hasattr(model, "peft_config")
+        if ref_model is None and args is not None and args.precompute_reference and not peft:
+            ref_model = shares_weights(model)
+        super().__init__(model, ref_model, args, *rest, **kwargs)
         if list(self.loss_types) not in (["sigmoid"], ["sigmoid", "sft"]) or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
             raise ValueError("WeightedDPOTrainer implements the sigmoid DPO loss, optionally with TRL's 'sft' likelihood anchor "
                              "(loss_type=['sigmoid'] or ['sigmoid', 'sft'], reverse KL, no ld_alpha)")
         weights = list(self.args.loss_weights or [1.0] * len(self.loss_types))
         self.nll_weight = weights[1] / weights[0] if len(weights) > 1 else 0.0
         self.dpo_loss_weight = weights[0]
-        self.use_fused_kernel = use_fused_kernel
-        self.data_collator = WeightedPreferenceCollator(self.data_collator)
+        self.use_fused_kernel = self.args.use_fused_kernel if use_fused_kernel is None else use_fused_kernel
+        self.data_collator = WeightedPreferenceCollator(self.data_collator, self.args.weight_column)
+        if self.args.precompute_reference:
+            self.train_dataset = self._with_reference_logps(self.train_dataset)
+            self.precompute_ref_logps = True
+            self.ref_model = None  # the shared-weights view would follow the policy as it trains
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if WEIGHT_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, WEIGHT_COLUMN]
+        extra = [c for c in (self.args.weight_column, *REFERENCE_COLUMNS) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
+
+    @torch.no_grad()
+    def _with_reference_logps(self, dataset):
+        """``dataset`` with each pair's reference log-probs, computed once with the model at its starting weights."""
+        device = self.accelerator.device
+        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, shuffle=False,
+                            collate_fn=self.data_collator)
+        self.model.to(device)
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc="reference log-probs", disable=self.args.disable_tqdm):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+            labels = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
+            with self.accelerator.autocast():
+                c, r = self._reference_logps(batch, model_kwargs, labels).chunk(2)
+            chosen += c.float().cpu().tolist()
+            rejected += r.float().cpu().tolist()
+        return dataset.add_column(REFERENCE_COLUMNS[0], chosen).add_column(REFERENCE_COLUMNS[1], rejected)
 
     def _fused(self, device: torch.device) -> bool:
         return self.use_fused_kernel and device.type == "cuda"
@@ -80,7 +135,7 @@ class WeightedDPOTrainer(DPOTrainer):
 
     def _reference_logps(self, inputs, model_kwargs, labels):
         if self.precompute_ref_logps:
-            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float().to(labels.device)
         ref_model, adapter = self.ref_model, contextlib.nullcontext()
         if ref_model is None:  # a PEFT policy: the reference is the model with its adapter switched off
             ref_model = self.model
@@ -138,7 +193,6 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
     import tempfile
 
     import polars as pl
-    from trl import DPOConfig
 
     from .models import load_policy
     from .training import quiet, save_trained, vision_dataset
@@ -148,16 +202,14 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
         raise ValueError("the preference set keeps no pair: nothing to train on (lower tau, or check the judge)")
     if not weighted:
         kept = kept.with_columns(pl.lit(1.0).alias("weight"))
-    model, processor = load_policy(policy_model)
-    ref_model, _ = load_policy(policy_model)
+    model, processor = load_policy(policy_model, settings.runtime)
     dataset = vision_dataset(kept, {"chosen": "chosen", "rejected": "rejected", "weight": "weight"})
     with tempfile.TemporaryDirectory() as scratch:
         anchor = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight]) if nll_weight > 0 else {}
-        args = DPOConfig(**settings.trl_kwargs(scratch), beta=beta, max_length=None, **anchor)
-        # With LoRA, TRL's reference is the policy with its adapter switched off.
-        trainer = WeightedDPOTrainer(model=model, ref_model=None if settings.lora_r > 0 else ref_model, args=args, train_dataset=dataset,
-                                     processing_class=processor, peft_config=settings.peft_config(),
-                                     use_fused_kernel=use_fused_kernel, callbacks=list(callbacks))
+        args = WeightedDPOConfig(**settings.trl_kwargs(scratch), beta=beta, use_fused_kernel=use_fused_kernel, **anchor)
+        # The reference log-probs are computed once from the starting weights (with LoRA: the adapter switched off).
+        trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                                     peft_config=settings.peft_config(), callbacks=list(callbacks))
         result = quiet(trainer).train()
     save_trained(trainer, processor, out_dir)
     return {"train_loss": result.training_loss, "steps": result.global_step, "pairs": kept.height, "log": trainer.state.log_history}

@@ -60,3 +60,22 @@ def test_experiment_runs_each_variant_and_trains_sft_once_per_seed(tmp_path, mon
     assert len(list((out / "seed4" / "store" / "models" / "sft_checkpoint" / "versions").iterdir())) == 1
     assert oracle["rows"][0]["checkpoint"] == next(r for r in result["runs"] if r["variant"] == "src")["rows"][0]["checkpoint"]
     assert "| oracle_judge (" in (out / "results.md").read_text()
+
+
+def test_overrides_are_coerced_to_each_settings_type():
+    cfg = SettingsResource(profile="smoke", overrides={"weighted_dpo": "false", "k": "4", "tau": "0.25", "gradient_checkpointing": "1",
+                                                       "report_to": "tensorboard"}).config()
+    assert cfg.weighted_dpo is False and cfg.k == 4 and cfg.tau == 0.25 and cfg.gradient_checkpointing is True
+    assert cfg.dpo_settings().report_to == ("tensorboard",)
+    for bad in ({"k": "abc"}, {"weighted_dpo": "maybe"}, {"tau": "x"}):
+        with pytest.raises(ValueError, match="is not a valid"):
+            SettingsResource(profile="smoke", overrides=bad).config()
+
+
+def test_gpu_settings_are_typed_launchpad_fields():
+    settings = SettingsResource(profile="smoke", device="cpu", dtype="float32", lora_r=8, gradient_accumulation_steps=2)
+    cfg = settings.config()
+    assert (cfg.device, cfg.dtype, cfg.lora_r, cfg.gradient_accumulation_steps) == ("cpu", "float32", 8, 2)
+    assert cfg.sft_settings().runtime.torch_device().type == "cpu"
+    with pytest.raises(Exception):
+        SettingsResource(profile="smoke", lora_r="many")

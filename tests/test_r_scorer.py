@@ -15,7 +15,9 @@ from src_assets.r_scorer import (
     perturbed_responses,
     response_quality,
     train_r_scorer,
-    verdict_token_ids,
+    user_judgements,
+    verdict_continuations,
+    verdict_probabilities,
     verifier_judgements,
     verifier_matrices,
 )
@@ -44,8 +46,56 @@ def _pool(prompts):
 
 def test_verdict_tokens_are_distinct_and_known(scorer):
     _, tok = scorer
-    ids = verdict_token_ids(tok)
-    assert len(set(ids)) == 3 and tok.unk_token_id not in ids
+    _, tails = verdict_continuations(tok, ["question : how many ? verdict :"])
+    assert tails[0] == [[tok.convert_tokens_to_ids(v)] for v in ("A", "B", "tie")]  # word-level: one token each
+
+
+@pytest.fixture(scope="module")
+def bpe_judge_dir(tmp_path_factory):
+    from src_assets.tiny_models import TinySpec, build_tiny_judge
+
+    return build_tiny_judge(tmp_path_factory.mktemp("bpe_judge"), "qwen2", TinySpec(hidden_size=32, intermediate_size=64, num_layers=1))
+
+
+def test_bpe_verdicts_are_the_tokens_training_puts_after_the_prompt(bpe_judge_dir):
+    """Byte-level BPE: " A" is one "ĠA" token, not "A"; " tie" is several tokens here, and all are read."""
+    from src_assets.models import load_tokenizer
+
+    tok = load_tokenizer(str(bpe_judge_dir))
+    prompt = "question : how many red shapes are there ? verdict :"
+    _, tails = verdict_continuations(tok, [prompt])
+    assert [tok.convert_ids_to_tokens(t) for t in tails[0][:2]] == [["ĠA"], ["ĠB"]]
+    assert len(tails[0][2]) > 1 and tok.decode(tails[0][2]) == " tie"
+    trained = tok(prompt + " tie")["input_ids"]
+    assert trained[-len(tails[0][2]):] == tails[0][2]
+
+
+@pytest.mark.parametrize("verdict, index", [("A", 0), ("tie", 2)])
+def test_a_bpe_judge_trained_on_one_verdict_reads_it_back(bpe_judge_dir, tmp_path, prompts, verdict, index):
+    """Trained on all-A (or all-tie) labels, the judge reads back P(verdict) > 0.9: the tokens read are the
+    tokens trained, including every sub-token of a multi-token "tie"."""
+    from src_assets.models import load_tokenizer
+
+    tok = load_tokenizer(str(bpe_judge_dir))
+    rows = verifier_judgements(_pool(prompts), prompts, tok).with_columns(
+        pl.lit(f" {verdict}").alias("completion"), pl.lit(verdict).alias("verdict"))
+    rows = pl.concat([rows] * 6)
+    train_r_scorer(str(bpe_judge_dir), rows, str(tmp_path), TrainSettings(epochs=2, learning_rate=1e-2, batch_size=8))
+    model, tok = load_scorer(str(tmp_path))
+    probs = verdict_probabilities(model, tok, rows["prompt"].head(6).to_list())
+    assert probs[:, index].min() > 0.9
+    expected = 1.0 if verdict == "A" else 0.5
+    torch.testing.assert_close(judge(model, tok, rows["prompt"].head(6).to_list()), torch.full((6,), expected), atol=0.06, rtol=0)
+
+
+def test_user_judgements_train_both_orders_with_the_verdict_swapped(scorer):
+    _, tok = scorer
+    table = pl.DataFrame({"question": ["how many red shapes are there?"], "response_a": ["there is one. Answer: one"],
+                          "response_b": ["there are two. Answer: two"], "verdict": ["B"], "reference": [None], "answer": ["two"]})
+    rows = user_judgements(table, tok)
+    assert rows["verdict"].to_list() == ["B", "A"] and rows["completion"].to_list() == [" B", " A"]
+    assert rows["prompt"][0].index("Answer: one") < rows["prompt"][0].index("Answer: two")
+    assert rows["prompt"][1].index("Answer: two") < rows["prompt"][1].index("Answer: one")
 
 
 def test_judge_reads_only_the_last_position(scorer, monkeypatch):

@@ -45,3 +45,35 @@ def test_no_kept_pair_is_a_clear_error(trained_tiny_vlm, tmp_path):
     with pytest.raises(ValueError, match="keeps no pair"):
         train_weighted_dpo(str(trained_tiny_vlm), _preferences().with_columns(pl.lit(False).alias("kept")), str(tmp_path),
                            TrainSettings(epochs=1))
+
+
+def test_a_bfloat16_runtime_loads_trains_and_saves_in_bfloat16(tiny_dirs, tmp_path):
+    """The runtime's dtype is the training dtype: SFT in bf16 (CPU autocast here) saves a bf16 checkpoint, and
+    generation loads it in bf16 on the runtime's device."""
+    import torch
+    from safetensors import safe_open
+
+    from src_assets.generation import generate_responses
+    from src_assets.models import Runtime
+
+    runtime = Runtime(device="cpu", dtype="bfloat16")
+    sft = build_rationale_sft_set(synthetic_source(seed=0, n_sft=8, n_calibrate=0, n_eval=0))
+    train_rationale_sft(str(tiny_dirs[0]), sft, str(tmp_path), TrainSettings(epochs=1, batch_size=8, runtime=runtime))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    model, processor = load_policy(str(tmp_path), runtime)
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert len(generate_responses(model, processor, sft["question"].to_list()[:2], sft["image"].to_list()[:2], 4)) == 2
+
+
+def test_auto_runtime_is_float32_on_a_machine_without_cuda():
+    import pytest
+    import torch
+
+    from src_assets.models import Runtime
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert Runtime().torch_device().type == "cpu" and Runtime().torch_dtype() == torch.float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        Runtime(dtype="int8").torch_dtype()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 
 from src_assets.models import load_policy
 from src_assets.scenes import generate_examples
-from src_assets.weighted_dpo import WeightedDPOTrainer
+from src_assets.weighted_dpo import WeightedDPOConfig, WeightedDPOTrainer
 
 
 def _rows(n, weights):
@@ -36,8 +36,10 @@ def _trainer(tiny_dirs, tmp_path, rows, loss=None, **kwargs):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
-                     max_steps=1, learning_rate=1e-3, save_strategy="no", beta=0.5, **(loss or {}))
+    # A live reference model, as TRL's own loss uses, so the two can be compared step for step.
+    args = WeightedDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
+                             max_steps=1, learning_rate=1e-3, save_strategy="no", beta=0.5, precompute_reference=False,
+                             **(loss or {}))
     dataset = Dataset.from_list(rows)
     return WeightedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=processor, **kwargs)
 
@@ -114,6 +116,43 @@ def test_train_step_runs_and_moves_the_policy(tiny_dirs, tmp_path):
 
 def test_other_loss_types_are_refused(tiny_dirs, tmp_path):
     model, processor = load_policy(str(tiny_dirs[0]))
-    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type=["ipo"])
+    args = WeightedDPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type=["ipo"])
     with pytest.raises(ValueError, match="implements the sigmoid DPO loss"):
         WeightedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(2, [1.0, 1.0])), processing_class=processor)
+
+
+def test_reference_log_probs_are_computed_once_without_a_second_model(tiny_dirs, tmp_path, monkeypatch):
+    """Precomputed reference log-probs give the loss a live reference model gives, and TRL never loads a copy."""
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    rows = _rows(4, [0.3, 1.0, 0.7, 1.0])
+    live = _trainer(tiny_dirs, tmp_path / "live", rows)
+    batch = _batch(live, rows)
+    expected = live._compute_loss(live.model, dict(batch), False)
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("TRL loaded a reference model")
+
+    monkeypatch.setattr(trl_dpo, "create_model_from_path", no_second_model)
+    args = WeightedDPOConfig(output_dir=str(tmp_path / "once"), per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             max_steps=1, beta=0.5, precompute_reference=True)
+    # The policy starts from the live trainer's reference weights, perturbed as there, so both see the same pair.
+    model, processor = load_policy(str(tiny_dirs[0]))
+    model.load_state_dict(live.model.state_dict())
+    reference = live.accelerator.unwrap_model(live.ref_model)
+    trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
+    assert trainer.ref_model is None
+    assert set(trainer.train_dataset.column_names) >= {"ref_chosen_logps", "ref_rejected_logps"}
+    # Here the reference is the policy's own start, so precomputed log-probs equal the policy's.
+    pre = _batch(trainer, [dict(r) for r in trainer.train_dataset])
+    assert pre["ref_chosen_logps"].shape == (4,)
+    loss = trainer._compute_loss(trainer.model, dict(pre), False)
+    # Margin 0: mean_i c_i log 2. Precomputed in batches of 2, here scored in one batch of 4: the padding differs,
+    # which moves ~100-token log-prob sums by ~1e-2 in fp32.
+    torch.testing.assert_close(loss, torch.tensor(0.6931 * 0.75), atol=5e-3, rtol=0)
+    # And with the live trainer's reference logps substituted, the loss is the live one.
+    live_ref = live._reference_logps(batch, {k: v for k, v in batch.items() if k not in ("completion_mask", "pair_weights")},
+                                     batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100))
+    assert reference is not None
+    pre["ref_chosen_logps"], pre["ref_rejected_logps"] = live_ref.chunk(2)
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, dict(pre), False), expected, atol=1e-4, rtol=1e-4)
