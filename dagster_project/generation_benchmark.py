@@ -82,8 +82,9 @@ def bench_generation(args) -> int:
         rows = []
         for stage, model_dir in (("search", policy), ("judge", judge_dir)):
             env = {**os.environ, "PYTHONPATH": str(code)}
-            done = subprocess.run([sys.executable, "-c", _STAGE, stage, str(model_dir), str(args.prompts), device],
-                                  env=env, capture_output=True, text=True)
+            # cwd too: ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH.
+            done = subprocess.run([sys.executable, "-c", _STAGE, stage, str(model_dir.resolve()), str(args.prompts), device],
+                                  env=env, cwd=code, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
