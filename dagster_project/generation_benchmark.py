@@ -43,9 +43,15 @@ else:
     model.to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rows = list(prompts.iter_rows(named=True))
-    texts = [judge_prompt(tok, r["question"], r["reference"], r["answer"], r["response"], r["response"].replace("one", "two"))
-             for r in rows for _ in range(30)]  # 30 ordered pairs per prompt, as K = 6 candidates give
+    import random
+    from itertools import permutations
+    from src_assets.r_scorer import perturbed_responses
+    rng, texts = random.Random(0), []
+    for r in prompts.iter_rows(named=True):  # K = 6 distinct candidates per prompt: every ordered pair, 30 in all
+        pool = list(dict.fromkeys([r["response"], *perturbed_responses(r["response"], rng), *perturbed_responses(r["response"], rng),
+                                   *perturbed_responses(r["response"], rng)]))[:6]
+        pool += [f"{r['response']} " * (i + 1) for i in range(6 - len(pool))]
+        texts += [judge_prompt(tok, r["question"], r["reference"], r["answer"], pool[i], pool[j]) for i, j in permutations(range(6), 2)]
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     judge(model, tok, texts)

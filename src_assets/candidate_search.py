@@ -7,7 +7,11 @@ unfinished ones by length-normalised log-probability live on. Finished
 responses (those that reached the end-of-sequence token) join the prompt's
 pool, of which the best K distinct ones are kept.
 
-All prompts advance together: every step is batched across prompts and beams.
+Prompts advance in groups that fill one batch of rows (prompt x beam x sample):
+every step is one batched ``generate`` call. Each prompt and its image are
+encoded once per group into a KV cache that every step continues, where the
+model's positions allow it (``reuses_prompt_cache``); only the chosen tokens'
+log-probs are kept, never a ``[rows, steps, vocabulary]`` tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tqdm.auto import tqdm
 
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .generation import PromptInputs, collate_prompts, never_generate, prompt_inputs, to_model
+from .generation import PromptInputs, cache_rows, collate_prompts, never_generate, prompt_inputs, to_model
 from .verifier import split_response
 
 
@@ -74,21 +78,19 @@ class _ChosenTokenLogps(LogitsProcessor):
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(last_tokens), 0)
 
 
-def _generate(model, rows: list[PromptInputs], extra: list[tuple[int, ...]], pad_id, stop_ids, max_new_tokens: int,
-              sample: bool, temperature: float):
-    """Continues each prompt row after its ``extra`` tokens; returns the new token tuples, each cut after its first
-    stop token, and their summed log-probs under the model (temperature 1)."""
-    batch = collate_prompts(rows, extra, pad_id)
+def _generate(model, batch: dict, pad_id, stop_ids, max_new_tokens: int, sample: bool, temperature: float, cache=None):
+    """Continues each row of ``batch``; returns the new token tuples, each cut after its first stop token, and their
+    summed log-probs under the model (temperature 1). With ``cache``, its columns are not encoded again."""
     width = batch["input_ids"].shape[1]
     recorder = _ChosenTokenLogps()
     out = model.generate(
-        **to_model(batch, model),
+        **to_model(batch, model), **({"cache": cache} if cache is not None else {}),
         do_sample=sample, temperature=temperature if sample else None, top_k=None, top_p=None, max_new_tokens=max_new_tokens,
         eos_token_id=list(stop_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
         bad_words_ids=never_generate(model),
     )
     new = out[:, width:]
-    logps = recorder.finish(new[:, -1]).cpu() if new.shape[1] else torch.zeros(len(rows), 0)
+    logps = recorder.finish(new[:, -1]).cpu() if new.shape[1] else torch.zeros(len(new), 0)
     sentences, sums = [], []
     for r in range(new.shape[0]):
         toks = new[r].tolist()
@@ -98,10 +100,47 @@ def _generate(model, rows: list[PromptInputs], extra: list[tuple[int, ...]], pad
     return sentences, sums
 
 
-def _sample_sentences(model, rows, extra, pad_id, stop_ids, cfg: SearchConfig, generator_seed: int):
-    """Samples one sentence for each row; returns the new token tuples and their summed log-probs."""
-    torch.manual_seed(generator_seed)
-    return _generate(model, rows, extra, pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature)
+def reuses_prompt_cache(model) -> bool:
+    """Whether a prompt's KV cache can be continued with padding between it and a beam's tokens.
+
+    Most decoders take each token's position from the attention mask, so padding holes are harmless. Models with
+    multimodal rotary positions (Qwen2-VL, Qwen2.5-VL: ``get_rope_index``) offset positions from the cache length
+    instead, which holes would shift; they re-encode the prompt at each sentence step.
+    """
+    return not any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)) if m is not None)
+
+
+class _Prompts:
+    """A group of prompts as ``generate`` gets them: re-encoded with their beam's tokens at every call, or, where
+    the model allows (``reuses_prompt_cache``), encoded once, images included, into a KV cache that every call
+    continues. The cache holds all but each prompt's last token, so every continuation starts with a real token
+    and no row ends on padding."""
+
+    def __init__(self, model, rows: list[PromptInputs], pad_id: int):
+        self.model, self.rows, self.pad_id, self.cache = model, rows, pad_id, None
+        if not reuses_prompt_cache(model):
+            return
+        batch = collate_prompts(rows, None, pad_id)
+        token_keys = {"attention_mask", *rows[0].tokens}
+        self.ids, self.mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+        self.last = batch["input_ids"][:, -1].tolist()
+        prefix = {k: v[:, :-1] if k in token_keys else v for k, v in batch.items()}
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded row
+        self.cache = model(**to_model(prefix, model), position_ids=positions.to(model.device), use_cache=True).cache
+
+    def batch(self, index: list[int], extra: list[tuple[int, ...]]):
+        """The inputs for prompts ``index``, each followed by its ``extra`` tokens, and the cache they continue."""
+        if self.cache is None:
+            return collate_prompts([self.rows[i] for i in index], extra, self.pad_id), None
+        tails = [[self.last[i], *e] for i, e in zip(index, extra)]
+        n = max(map(len, tails))
+        new_ids = torch.full((len(index), n), self.pad_id, dtype=torch.long)
+        new_mask = torch.zeros_like(new_ids)
+        for r, t in enumerate(tails):
+            new_ids[r, n - len(t):], new_mask[r, n - len(t):] = torch.tensor(t), 1
+        rows = torch.tensor(index)
+        batch = {"input_ids": torch.cat([self.ids[rows], new_ids], 1), "attention_mask": torch.cat([self.mask[rows], new_mask], 1)}
+        return batch, cache_rows(self.cache, index)
 
 
 def sentence_stop_ids(tokenizer, delimiter: str) -> set[int]:
@@ -114,6 +153,38 @@ def sentence_stop_ids(tokenizer, delimiter: str) -> set[int]:
     return found | {tokenizer.eos_token_id}
 
 
+def _search_group(model, prompts: _Prompts, n: int, cfg: SearchConfig, eos_id: int, stop_ids: set[int], seed: int):
+    """Sentence-level beam search for one group of ``n`` prompts; returns each prompt's finished responses."""
+    live: list[list[_Beam]] = [[_Beam((), 0.0)] for _ in range(n)]
+    finished: list[dict[tuple, _Beam]] = [{} for _ in range(n)]
+    for step in range(cfg.max_sentences):
+        rows = [(p, b) for p, beams in enumerate(live) for b in beams for _ in range(cfg.samples_per_beam)]
+        if not rows:
+            break
+        extended: list[dict[tuple, _Beam]] = [{} for _ in range(n)]
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start : start + cfg.batch_size]
+            batch, cache = prompts.batch([p for p, _ in chunk], [b.tokens for _, b in chunk])
+            torch.manual_seed(seed + step * 1_009 + start)
+            sentences, sums = _generate(model, batch, prompts.pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature, cache)
+            for (p, beam), sentence, logp in zip(chunk, sentences, sums):
+                if not sentence:
+                    continue
+                new = _Beam(beam.tokens + sentence, beam.logprob + logp)
+                target = finished[p] if sentence[-1] == eos_id else extended[p]
+                target.setdefault(new.tokens, new)
+        live = [sorted(ext.values(), key=lambda b: -b.score)[: cfg.beams] for ext in extended]
+
+    if cfg.include_greedy:
+        batch, cache = prompts.batch(list(range(n)), [()] * n)
+        responses, sums = _generate(model, batch, prompts.pad_id, {eos_id}, cfg.max_sentences * cfg.max_sentence_tokens,
+                                    False, 1.0, cache)
+        for p, tokens, logp in zip(range(n), responses, sums):
+            if tokens and tokens[-1] == eos_id:
+                finished[p].setdefault(tokens, _Beam(tokens, logp))
+    return finished
+
+
 @torch.no_grad()
 def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchConfig = SearchConfig(), seed: int = 0,
                          progress: bool = True) -> pl.DataFrame:
@@ -124,39 +195,16 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
     stop_ids = sentence_stop_ids(tok, cfg.sentence_delimiter)
 
     ids, questions, images = prompts["id"].to_list(), prompts["question"].to_list(), prompts["image"].to_list()
-    inputs = [prompt_inputs(processor, q, image) for q, image in zip(questions, images)]
-
-    live: list[list[_Beam]] = [[_Beam((), 0.0)] for _ in ids]
-    finished: list[dict[tuple, _Beam]] = [{} for _ in ids]
-    step_bar = tqdm(range(cfg.max_sentences), desc="candidate search (sentences)", disable=not progress)
-    for step in step_bar:
-        rows = [(p, b) for p, beams in enumerate(live) for b in beams for _ in range(cfg.samples_per_beam)]
-        if not rows:
-            break
-        extended: list[dict[tuple, _Beam]] = [{} for _ in ids]
-        for start in range(0, len(rows), cfg.batch_size):
-            chunk = rows[start : start + cfg.batch_size]
-            sentences, sums = _sample_sentences(
-                model, [inputs[p] for p, _ in chunk], [b.tokens for _, b in chunk],
-                pad_id, stop_ids, cfg, generator_seed=seed * 100_003 + step * 1_009 + start,
-            )
-            for (p, beam), sentence, logp in zip(chunk, sentences, sums):
-                if not sentence:
-                    continue
-                new = _Beam(beam.tokens + sentence, beam.logprob + logp)
-                target = finished[p] if sentence[-1] == eos_id else extended[p]
-                target.setdefault(new.tokens, new)
-        live = [sorted(ext.values(), key=lambda b: -b.score)[: cfg.beams] for ext in extended]
-        step_bar.set_postfix(finished=sum(len(f) for f in finished))
-
-    if cfg.include_greedy:
-        limit = cfg.max_sentences * cfg.max_sentence_tokens
-        for start in range(0, len(ids), cfg.batch_size):
-            rows = list(range(start, min(start + cfg.batch_size, len(ids))))
-            responses, sums = _generate(model, [inputs[p] for p in rows], [()] * len(rows), pad_id, {eos_id}, limit, False, 1.0)
-            for p, tokens, logp in zip(rows, responses, sums):
-                if tokens and tokens[-1] == eos_id:
-                    finished[p].setdefault(tokens, _Beam(tokens, logp))
+    finished: list[dict[tuple, _Beam]] = []
+    # Prompts go in groups whose rows (prompt x beam x sample) fill one generate call, so that one group's prompt
+    # cache is all that is held at a time.
+    group = max(1, cfg.batch_size // (cfg.beams * cfg.samples_per_beam))
+    bar = tqdm(total=len(ids), desc="candidate search (prompts)", disable=not progress)
+    for g0 in range(0, len(ids), group):
+        inputs = [prompt_inputs(processor, q, image) for q, image in zip(questions[g0 : g0 + group], images[g0 : g0 + group])]
+        finished += _search_group(model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, seed * 100_003 + g0)
+        bar.update(len(inputs))
+    bar.close()
 
     params = json.dumps(asdict(cfg) | {"seed": seed})
     out = []

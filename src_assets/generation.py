@@ -83,6 +83,18 @@ def to_model(batch: dict, model) -> dict:
     return {k: v.to(model.device, dtype=model.dtype) if v.is_floating_point() else v.to(model.device) for k, v in batch.items()}
 
 
+def cache_rows(cache, rows: list[int]):
+    """A new KV cache holding ``rows`` of ``cache`` (rows may repeat): how many continuations share one encoding."""
+    from transformers import DynamicCache
+
+    selected = DynamicCache()
+    index = torch.tensor(rows)
+    for layer_idx, layer in enumerate(cache.layers):
+        at = index.to(layer.keys.device)
+        selected.update(layer.keys[at], layer.values[at], layer_idx)
+    return selected
+
+
 def never_generate(model) -> list[list[int]] | None:
     """Token sequences a response must not contain: the image placeholder (it would desynchronise the image features)."""
     image_token = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
+from .generation import cache_rows
 from .verifier import split_response, verify
 
 VERDICTS = ("A", "B", "tie")
@@ -65,6 +66,8 @@ def verdict_completion(verdict: str) -> str:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
+    if b[: len(a)] == a:  # the usual case, compared in C
+        return len(a)
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -95,24 +98,61 @@ def verdict_continuations(tokenizer, prompts: list[str]) -> tuple[list[list[int]
     return base, tails
 
 
-def _last_logits(model, seqs: list[list[int]], pad_id: int, keep: int) -> torch.Tensor:
-    """The logits of each row's last ``keep`` positions; left padding, positions counted from each row's first
-    real token, as in training."""
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
+def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
     for r, s in enumerate(seqs):
-        input_ids[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
-    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        if s:
+            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
+    return ids, mask
 
 
-def _verdict_logprobs(model, ids: list[list[int]], tails: list[list[int]], pad_id: int) -> torch.Tensor:
+class _SharedPrefixes:
+    """Consecutive judge prompts that begin alike, encoded once: a prompt's K(K-1) pairs share the question and
+    the reference, which go into a KV cache that every pair of the group continues. Positions are counted from
+    each row's first real token, as in training, across the padding between the cached prefix and the rest."""
+
+    def __init__(self, model, ids: list[list[int]], pad_id: int, min_shared: int = 8):
+        self.model, self.pad_id, self.group, self.shared = model, pad_id, [], []
+        prefixes, r = [], 0
+        while r < len(ids):
+            n, end = len(ids[r]) - 1, r + 1  # each row keeps at least its last token out of the cache
+            while end < len(ids):
+                m = min(n, _common_prefix(ids[r], ids[end]), len(ids[end]) - 1)
+                if m < min_shared:
+                    break
+                n, end = m, end + 1
+            n = n if n >= min_shared else 0
+            prefixes.append(ids[r][:n])
+            self.group += [len(prefixes) - 1] * (end - r)
+            self.shared += [n] * (end - r)
+            r = end
+        self.ids, self.mask = _left_padded(prefixes, pad_id)
+        self.cache = None
+        if self.ids.shape[1]:
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            self.cache = model(input_ids=self.ids.to(model.device), attention_mask=self.mask.to(model.device),
+                               position_ids=positions.to(model.device), use_cache=True, logits_to_keep=1).cache
+
+    def last_logits(self, seqs: list[list[int]], keep: int) -> torch.Tensor:
+        """The logits of the last ``keep`` positions of each full sequence (row r of the prompts it was built on)."""
+        rest, rest_mask = _left_padded([s[n:] for s, n in zip(seqs, self.shared)], self.pad_id)
+        device = self.model.device
+        if self.cache is None:
+            positions = (rest_mask.cumsum(-1) - 1).clamp(min=0)
+            return self.model(input_ids=rest.to(device), attention_mask=rest_mask.to(device), position_ids=positions.to(device),
+                              logits_to_keep=keep).logits
+        mask = torch.cat([self.mask[self.group], rest_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.ids.shape[1]:]
+        return self.model(input_ids=rest.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                          cache=cache_rows(self.cache, self.group), logits_to_keep=keep).logits
+
+
+def _verdict_logprobs(prefixes: _SharedPrefixes, ids: list[list[int]], tails: list[list[int]]) -> torch.Tensor:
     """log P(tail | ids) for each row, in one batched forward."""
     keep = max(map(len, tails)) + 1
-    logp = _last_logits(model, [b + t for b, t in zip(ids, tails)], pad_id, keep).float().log_softmax(-1)
+    logp = prefixes.last_logits([b + t for b, t in zip(ids, tails)], keep).float().log_softmax(-1)
     out = torch.zeros(len(ids), device=logp.device)
     for r, t in enumerate(tails):
         # logits at kept position j predict the token at sequence position width - keep + j + 1
@@ -130,13 +170,13 @@ def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int 
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="judging pairs", disable=not progress):
         ids, tails = verdict_continuations(tokenizer, prompts[start : start + batch_size])
+        prefixes = _SharedPrefixes(model, ids, pad_id)
         if all(len(t) == 1 for row in tails for t in row):  # one forward: every verdict is one token
-            logits = _last_logits(model, ids, pad_id, 1)[:, -1]
+            logits = prefixes.last_logits(ids, 1)[:, -1]
             index = torch.tensor([[t[0] for t in row] for row in tails], device=logits.device)
             logp = logits.float().log_softmax(-1).gather(1, index)
         else:
-            logp = torch.stack([_verdict_logprobs(model, ids, [row[v] for row in tails], pad_id)
-                                for v in range(len(VERDICTS))], 1)
+            logp = torch.stack([_verdict_logprobs(prefixes, ids, [row[v] for row in tails]) for v in range(len(VERDICTS))], 1)
         out.append(logp.softmax(-1).cpu())
     return torch.cat(out) if out else torch.empty(0, len(VERDICTS))
 

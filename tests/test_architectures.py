@@ -77,3 +77,29 @@ def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, 
         assert row["factuality"] is None and row["consistency"] is None  # no verifier for these rows
     meta = store.read_json("models/r_scorer_checkpoint/CURRENT") if store.exists("models/r_scorer_checkpoint/CURRENT") else None
     assert meta is not None  # the judge was trained, on the user's judgements alone
+
+
+@pytest.mark.parametrize("architecture", POLICY_ARCHITECTURES)
+def test_candidate_search_continues_each_prompt_as_re_encoding_would(architecture, tmp_path):
+    """Where the model allows a prompt cache (positions from the attention mask), continuing it gives the same
+    greedy tokens and log-probs as re-encoding; Qwen's multimodal positions re-encode instead."""
+    import torch
+
+    from src_assets.candidate_search import _generate, _Prompts, reuses_prompt_cache, sentence_stop_ids
+    from src_assets.generation import collate_prompts, prompt_inputs
+    from src_assets.models import load_policy
+
+    model, processor = load_policy(str(build_tiny_policy(tmp_path / "policy", architecture, SPEC)))
+    assert reuses_prompt_cache(model) == (architecture in ("llava", "idefics3"))
+    rows = synthetic_source(seed=8, n_sft=0, n_calibrate=3, n_eval=0)
+    inputs = [prompt_inputs(processor, q, i) for q, i in zip(rows["question"], rows["image"])]
+    tok = processor.tokenizer
+    pad = tok.pad_token_id
+    words = tok(" there is a red circle", add_special_tokens=False)["input_ids"]
+    index, extra = [0, 1, 2, 1], [(), tuple(words), tuple(words[:2]), ()]
+    batch, cache = _Prompts(model, inputs, pad).batch(index, extra)
+    stop = sentence_stop_ids(tok, ".")
+    continued = _generate(model, batch, pad, stop, 8, False, 1.0, cache)
+    fresh = _generate(model, collate_prompts([inputs[i] for i in index], extra, pad), pad, stop, 8, False, 1.0)
+    assert continued[0] == fresh[0]
+    torch.testing.assert_close(torch.tensor(continued[1]), torch.tensor(fresh[1]), atol=1e-4, rtol=1e-5)

@@ -2,6 +2,7 @@ import json
 import re
 
 import polars as pl
+import torch
 
 from src_assets.candidate_search import POOL_SCHEMA, SearchConfig, sentence_beam_search
 from src_assets.models import load_policy
@@ -61,3 +62,26 @@ def test_the_greedy_response_joins_the_pool(trained_tiny_vlm):
     for pid, text in zip(prompts["id"], greedy):
         texts = [norm(t) for t in pool.filter(pl.col("prompt_id") == pid)["text"]]
         assert norm(text) in texts
+
+
+def test_continuing_the_prompt_cache_gives_what_re_encoding_gives(trained_tiny_vlm):
+    """Prompt and image encoded once, continued with padding between prompt and beam: the same greedy tokens and
+    log-probs as re-encoding each row from scratch."""
+    from src_assets.candidate_search import _generate, _Prompts, reuses_prompt_cache, sentence_stop_ids
+    from src_assets.generation import collate_prompts, prompt_inputs
+
+    model, processor = load_policy(str(trained_tiny_vlm))
+    assert reuses_prompt_cache(model)
+    rows = synthetic_source(seed=8, n_sft=0, n_calibrate=4, n_eval=0)
+    inputs = [prompt_inputs(processor, q, i) for q, i in zip(rows["question"], rows["image"])]
+    pad = processor.tokenizer.pad_token_id
+    words = processor.tokenizer.convert_tokens_to_ids(["there", "is", "a", "red", "circle"])
+    index, extra = [0, 1, 2, 3, 1], [(), tuple(words), tuple(words[:2]), (), tuple(words[:4])]
+    prompts = _Prompts(model, inputs, pad)
+    assert prompts.cache is not None
+    stop = sentence_stop_ids(processor.tokenizer, ".")
+    batch, cache = prompts.batch(index, extra)
+    cached = _generate(model, batch, pad, stop, 12, False, 1.0, cache)
+    fresh = _generate(model, collate_prompts([inputs[i] for i in index], extra, pad), pad, stop, 12, False, 1.0)
+    assert cached[0] == fresh[0]
+    torch.testing.assert_close(torch.tensor(cached[1]), torch.tensor(fresh[1]), atol=1e-4, rtol=1e-5)

@@ -215,3 +215,26 @@ def test_verifier_judge_refuses_prompts_without_a_scene(prompts):
     no_scene = prompts.with_columns(pl.lit(None, pl.String).alias("scene"))
     with pytest.raises(ValueError, match="has no scene"):
         verifier_matrices(_pool(prompts), no_scene)
+
+
+@pytest.mark.parametrize("judge_kind", ["word_level", "bpe"])
+def test_a_shared_prompt_prefix_encoded_once_gives_the_same_verdicts(judge_kind, scorer, bpe_judge_dir, prompts):
+    """A prompt's pairs share question and reference, which are encoded once and continued: the verdict
+    probabilities equal those of each judge prompt encoded alone (batch of one), single- and multi-token verdicts."""
+    from src_assets.r_scorer import _SharedPrefixes, _verdict_logprobs, verdict_continuations
+
+    model, tok = scorer if judge_kind == "word_level" else load_scorer(str(bpe_judge_dir))
+    row = prompts.row(0, named=True)
+    texts = [judge_prompt(tok, row["question"], row["reference"], row["answer"], a, b)
+             for a, b in ((row["response"], "no idea. Answer: one"), ("no idea. Answer: one", row["response"]),
+                          (row["response"], row["response"]))]
+    ids, _ = verdict_continuations(tok, texts)
+    assert min(_SharedPrefixes(model, ids, tok.pad_token_id).shared) > 10  # the question and reference are shared
+    together = verdict_probabilities(model, tok, texts, batch_size=8)
+    alone = []
+    for text in texts:  # each encoded whole, no cache: every verdict's tokens scored after the full prompt
+        one, tails = verdict_continuations(tok, [text])
+        uncached = _SharedPrefixes(model, one, tok.pad_token_id, min_shared=10**9)
+        assert uncached.cache is None
+        alone.append(torch.stack([_verdict_logprobs(uncached, one, [tails[0][v]]) for v in range(3)], 1).softmax(-1))
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
