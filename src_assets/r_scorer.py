@@ -415,7 +415,7 @@ def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, sett
     from .models import load_scorer
     from .training import quiet, save_trained
 
-    model, tokenizer = load_scorer(base_model, settings.runtime)
+    model, tokenizer = load_scorer(base_model, settings.weights_runtime())
     dataset = Dataset.from_dict({"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()})
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(**settings.trl_kwargs(scratch), completion_only_loss=True)

@@ -39,7 +39,7 @@ def train_rationale_sft(base_model: str, sft_set: pl.DataFrame, out_dir: str, se
 
     Loss is on the completion only (TRL's default for prompt-completion data). Returns the training metrics.
     """
-    model, processor = load_policy(base_model, settings.runtime)
+    model, processor = load_policy(base_model, settings.weights_runtime())
     dataset = vision_dataset(sft_set, {"completion": "completion"})
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(**settings.trl_kwargs(scratch))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 import torch
@@ -26,10 +26,17 @@ class TrainSettings:
     report_to: tuple[str, ...] = ()  # e.g. ("tensorboard",), ("wandb",), ("mlflow",): transformers' integrations
     runtime: Runtime = field(default=CPU_FLOAT32)
 
+    def weights_runtime(self) -> Runtime:
+        """Where and in what dtype the trained model is loaded: the runtime's, except that float16 trains as
+        mixed precision over float32 weights (gradients of float16 weights cannot be unscaled by the AMP scaler)."""
+        if self.runtime.torch_dtype() == torch.float16:
+            return replace(self.runtime, dtype="float32")
+        return self.runtime
+
     def trl_kwargs(self, output_dir: str) -> dict:
         """The TrainingArguments every stage shares: no checkpoints of its own, precision from the runtime's dtype.
 
-        The model is loaded in that dtype and trained in it, so the saved checkpoint keeps it too."""
+        The model is loaded in that dtype (``weights_runtime``) and trained in it, so the saved checkpoint keeps it."""
         dtype = self.runtime.torch_dtype()
         return dict(
             output_dir=output_dir,

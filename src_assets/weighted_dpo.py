@@ -202,7 +202,7 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
         raise ValueError("the preference set keeps no pair: nothing to train on (lower tau, or check the judge)")
     if not weighted:
         kept = kept.with_columns(pl.lit(1.0).alias("weight"))
-    model, processor = load_policy(policy_model, settings.runtime)
+    model, processor = load_policy(policy_model, settings.weights_runtime())
     dataset = vision_dataset(kept, {"chosen": "chosen", "rejected": "rejected", "weight": "weight"})
     with tempfile.TemporaryDirectory() as scratch:
         anchor = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight]) if nll_weight > 0 else {}

@@ -77,3 +77,6 @@ def test_auto_runtime_is_float32_on_a_machine_without_cuda():
     assert Runtime().torch_device().type == "cpu" and Runtime().torch_dtype() == torch.float32
     with pytest.raises(ValueError, match="dtype must be"):
         Runtime(dtype="int8").torch_dtype()
+    # float16 trains as mixed precision over float32 weights; bfloat16 trains bfloat16 weights.
+    assert TrainSettings(runtime=Runtime(dtype="float16")).weights_runtime().torch_dtype() == torch.float32
+    assert TrainSettings(runtime=Runtime(dtype="bfloat16")).weights_runtime().torch_dtype() == torch.bfloat16
