@@ -37,10 +37,43 @@ def _meta(result, asset: str) -> dict:
 
 
 def _failure(result) -> str:
+    """The failed step and its innermost cause: Dagster wraps an exception raised in a step as
+    'Error occurred while executing op ...', with the real error as its cause."""
     for event in result.all_events:
         if event.is_step_failure:
-            return f"step {event.step_key} failed: {event.step_failure_data.error.message.strip()}"
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            message = error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name
+            return f"step {event.step_key} failed: {message}"
     return "the run failed"
+
+
+def _failed_checks(result) -> tuple[list[str], list[str]]:
+    """One line per failed check, (ERROR-level, WARN-level)."""
+    errors, warnings = [], []
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        line = f"check {evaluation.asset_key.to_user_string()}.{evaluation.check_name} failed: " + ", ".join(
+            f"{k}={v.value}" for k, v in evaluation.metadata.items())
+        (warnings if evaluation.severity.value == "WARN" else errors).append(line)
+    return errors, warnings
+
+
+def _checks_passed(result, log) -> bool:
+    errors, warnings = _failed_checks(result)
+    for line in warnings:
+        log(f"warning: {line}")
+    for line in errors:
+        print(line, file=sys.stderr)
+    return not errors
+
+
+def _usage_error(message: str) -> int:
+    """A user error: one line on stderr, exit code 2, no traceback (as argparse reports its own)."""
+    print(f"src-calibrate: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -48,8 +81,8 @@ def _overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set takes NAME=VALUE, got {pair!r}")
-        out[name] = json.loads(value) if value[:1] in "0123456789-[{" or value in ("true", "false") else value
+            raise ValueError(f"--set takes NAME=VALUE, got {pair[:80]!r}")
+        out[name.strip()] = value  # read as the setting's type by SRCConfig's profile()
     return out
 
 
@@ -62,8 +95,11 @@ def run(args) -> int:
     from .resources import SettingsResource, StoreResource
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
-    settings = SettingsResource(profile=args.profile, seed=args.seed, overrides=_overrides(args.set))
-    settings.config()  # fails early on a bad setting
+    try:
+        settings = SettingsResource(profile=args.profile, seed=args.seed, overrides=_overrides(args.set))
+        settings.config()  # fails early on a bad setting
+    except ValueError as e:
+        return _usage_error(str(e))
     resources = build_resources(store, settings)
     instance = _instance()
     foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
@@ -74,6 +110,8 @@ def run(args) -> int:
     result = materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False)
     if not result.success:
         print(_failure(result), file=sys.stderr)
+        return 1
+    if not _checks_passed(result, log):
         return 1
     sft = _meta(result, "sft_eval")
     rows = [{"iteration": 0, **{k: sft.get(k) for k in ("accuracy", "factuality", "consistency")},
@@ -86,6 +124,8 @@ def run(args) -> int:
                              resources=resources, raise_on_error=False, tags=ITERATION_TAG)
         if not result.success:
             print(_failure(result), file=sys.stderr)
+            return 1
+        if not _checks_passed(result, log):
             return 1
         m = {**_meta(result, "pairwise_scores"), **_meta(result, "iteration_eval")}
         rows.append({"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")})

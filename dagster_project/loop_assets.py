@@ -229,7 +229,7 @@ def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.Dat
 @asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="K distinct complete responses per prompt from policy k-1, by sentence-level beam search.",
        check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
-                                   description="At least 80% of prompts have 2 or more distinct complete candidates.")])
+                                   description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).")])
 def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_source: pl.DataFrame,
                    settings: SettingsResource, store: StoreResource):
     cfg, s, key = settings.config(), store.store(), context.partition_key
@@ -247,6 +247,7 @@ def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_sour
         "preview": table_preview(pool.drop("params")),
     })
     yield AssetCheckResult(check_name="most_prompts_have_two_distinct_candidates", passed=with_two >= 0.8 * prompts.height,
+                           severity=AssetCheckSeverity.WARN,
                            metadata={"prompts_with_two_or_more": with_two, "prompts": prompts.height})
 
 
@@ -309,7 +310,9 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
     wrong = kept.filter(pl.col("gold_answer").is_not_null() & (
         pl.col("chosen_answer").fill_null("").str.to_lowercase().str.strip_chars(" .") != pl.col("gold_answer").str.to_lowercase().str.strip_chars(" .")
     )).height
-    yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong})
+    # An error unless the run chose to keep such pairs (require_correct_chosen=false): then it is reported only.
+    yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong},
+                           severity=AssetCheckSeverity.ERROR if cfg.require_correct_chosen else AssetCheckSeverity.WARN)
     yield AssetCheckResult(check_name="keeps_pairs", passed=kept.height > 0, severity=AssetCheckSeverity.WARN,
                            metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
 

@@ -131,6 +131,7 @@ PROFILES: dict[str, SRCConfig] = {
         prompts_per_iteration=8, k=3, beams=2, samples_per_beam=2, max_sentences=7,
         scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4, tau=0.0,
         require_correct_chosen=False,  # untrained smoke models never answer right; this profile checks plumbing
+        min_blank_image_drop=-1.0,  # nor do they see: the blank-image check is reported, not required
     ),
 }
 
@@ -162,6 +163,36 @@ def coerce_setting(name: str, value, kind: str):
     raise ValueError(f"setting {name}: {str(value)[:80]!r} is not a valid {kind}")
 
 
+# Each numeric setting's allowed range: (lowest, lowest allowed?, highest). Zeros that mean something are allowed
+# (n_sft=0 turns synthetic data off, scorer_epochs=0 uses a pretrained judge as it is, lora_r=0 is full fine-tuning).
+_RANGES = {
+    **{name: (0, True, None) for name in ("n_sft", "n_calibrate", "n_eval", "lora_r", "scorer_epochs", "scorer_max_pairs",
+                                           "scorer_contrast_pairs", "dpo_nll_weight", "max_length", "image_min_pixels",
+                                           "image_max_pixels", "regression_tolerance", "tiny_layers")},
+    **{name: (1, True, None) for name in ("min_objects", "max_objects", "prompts_per_iteration", "beams", "samples_per_beam",
+                                           "max_sentences", "scorer_prompts", "sft_batch_size", "scorer_batch_size", "dpo_batch_size",
+                                           "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
+                                           "eval_max_new_tokens", "tiny_hidden_size")},
+    **{name: (0, False, None) for name in ("sft_epochs", "dpo_epochs", "beta", "temperature", "sft_learning_rate",
+                                            "scorer_learning_rate", "dpo_learning_rate")},
+    "k": (2, True, None),
+    "tau": (0, True, 1),
+    "min_blank_image_drop": (-1, True, 1),  # a difference of two accuracies
+}
+
+
+def _check_ranges(cfg: "SRCConfig") -> None:
+    for name, (low, inclusive, high) in _RANGES.items():
+        value = getattr(cfg, name)
+        if (value < low if inclusive else value <= low) or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f"{'>=' if inclusive else '>'} {low}"
+            raise ValueError(f"setting {name}: {value!r} is out of range; it must be {bound}")
+    if cfg.min_objects > cfg.max_objects:
+        raise ValueError(f"settings min_objects ({cfg.min_objects}) and max_objects ({cfg.max_objects}): min is above max")
+    if cfg.tiny_hidden_size % 16:
+        raise ValueError(f"setting tiny_hidden_size: {cfg.tiny_hidden_size} must be a multiple of 16 (4 heads with even halves)")
+
+
 def profile(name: str, **overrides) -> SRCConfig:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
@@ -173,6 +204,7 @@ def profile(name: str, **overrides) -> SRCConfig:
     cfg = replace(PROFILES[name], **typed)
     if cfg.scoring not in ("pairwise", "independent"):
         raise ValueError(f"scoring must be 'pairwise' or 'independent', got {cfg.scoring!r}")
+    _check_ranges(cfg)
     cfg.curation()  # validates tau, select_by and pairs_per_prompt
     if cfg.tiny_policy_architecture not in POLICY_ARCHITECTURES:
         raise ValueError(f"tiny_policy_architecture must be one of {POLICY_ARCHITECTURES}, got {cfg.tiny_policy_architecture!r}")

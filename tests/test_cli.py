@@ -79,3 +79,49 @@ def test_gpu_settings_are_typed_launchpad_fields():
     assert cfg.sft_settings().runtime.torch_device().type == "cpu"
     with pytest.raises(Exception):
         SettingsResource(profile="smoke", lora_r="many")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("k=1", "setting k: 1 is out of range; it must be >= 2"),
+    ("k=abc", "setting k: 'abc' is not a valid int"),
+    ("tau=1.5", "setting tau: 1.5 is out of range; it must be in [0, 1]"),
+    ("tau=", "setting tau: '' is not a valid float"),
+    ("beta=-1", "setting beta: -1.0 is out of range; it must be > 0"),
+    ("temperature=0", "setting temperature: 0.0 is out of range; it must be > 0"),
+    ("dpo_batch_size=0", "setting dpo_batch_size: 0 is out of range; it must be >= 1"),
+    ("weighted_dpo=maybe", "setting weighted_dpo: 'maybe' is not a valid bool"),
+    ("nosuch=1", "unknown setting(s) ['nosuch']"),
+    ("tau", "--set takes NAME=VALUE, got 'tau'"),
+])
+def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", setting])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("src-calibrate: error: ") and message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "store").exists()  # refused before anything ran
+
+
+def test_meaningful_zeros_are_kept():
+    cfg = SettingsResource(profile="smoke", overrides={"n_sft": "0", "scorer_epochs": "0", "lora_r": "0"}).config()
+    assert (cfg.n_sft, cfg.scorer_epochs, cfg.lora_r) == (0, 0.0, 0)
+
+
+def test_a_failed_error_check_fails_the_run_and_names_the_check(tmp_path, monkeypatch, capsys):
+    """The smoke SFT cannot see; requiring that it does (an ERROR-level check) stops the run after the foundation."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", "min_blank_image_drop=1.0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "check sft_checkpoint.sft_checkpoint_uses_its_image failed: " in err and "required_drop=1.0" in err
+
+
+def test_a_failed_step_names_its_innermost_cause(tmp_path, monkeypatch, capsys):
+    """A model directory without config.json: the line names the directory, not Dagster's wrapper."""
+    (tmp_path / "empty_model").mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", f"policy_model={tmp_path / 'empty_model'}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert err.startswith("step base_policy_model failed: ") and "has no config.json" in err
+    assert "Error occurred while executing" not in err
