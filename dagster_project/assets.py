@@ -17,6 +17,7 @@ from src_assets.rationale_sft import build_rationale_sft_set
 from src_assets.source_data import (
     JUDGEMENT_SCHEMA,
     SourceDataError,
+    check_split_sizes,
     combine_sources,
     read_judgements_file,
     read_source_file,
@@ -42,12 +43,13 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
             named.append((s.uri(key), read_source_file(s.read_bytes(key), s.uri(key))))
         except SourceDataError as e:
             raise Failure(str(e)) from e
+    if not named:
+        raise Failure(f"no source rows: synthetic sizes are 0 and {s.uri(cfg.source_prefix)} holds no Parquet files")
     try:
         df = combine_sources(named)
+        check_split_sizes(df, cfg.scorer_prompts)
     except SourceDataError as e:
         raise Failure(str(e)) from e
-    if df.is_empty():
-        raise Failure(f"no source rows: synthetic sizes are 0 and {s.uri(cfg.source_prefix)} holds no Parquet files")
     context.add_output_metadata({**vqa_table_metadata(df), "source_files": MetadataValue.json([s.uri(k) for k in files])})
     return df
 

@@ -42,9 +42,10 @@ def _failure(result) -> str:
     for event in result.all_events:
         if event.is_step_failure:
             error = event.step_failure_data.error
-            while error.cause is not None:
+            while error.cause is not None and "Error occurred while executing" in error.message:
                 error = error.cause
             message = error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name
+            message = message.removeprefix("dagster._core.definitions.events.Failure: ")
             return f"step {event.step_key} failed: {message}"
     return "the run failed"
 

@@ -148,3 +148,16 @@ def read_judgements_file(data: bytes, name: str) -> pl.DataFrame:
     except Exception as e:
         raise SourceDataError(f"{name}: not a readable Parquet file ({e})") from e
     return validate_judgements(df, name)
+
+
+def check_split_sizes(df: pl.DataFrame, scorer_prompts: int) -> None:
+    """Every stage has rows to work on, checked once the source is read, before anything trains."""
+    counts = dict(df.group_by("split").len().iter_rows())
+    for split, why in (("sft", "rationale SFT"), ("eval", "evaluation")):
+        if not counts.get(split):
+            raise SourceDataError(f"the source has no {split!r} rows, which {why} needs: set n_{split} > 0 or add {split!r} "
+                                  f"rows to your Parquet files")
+    calibrate = counts.get("calibrate", 0)
+    if calibrate <= scorer_prompts:
+        raise SourceDataError(f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of "
+                              f"them train the R-Scorer and the iterations need more: raise n_calibrate or lower scorer_prompts")

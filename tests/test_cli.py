@@ -125,3 +125,12 @@ def test_a_failed_step_names_its_innermost_cause(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert err.startswith("step base_policy_model failed: ") and "has no config.json" in err
     assert "Error occurred while executing" not in err
+
+
+def test_split_sizes_are_checked_before_anything_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", "n_calibrate=8"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert err.startswith("step vqa_source failed: the source has 8 'calibrate' rows, but the first scorer_prompts=8")
+    assert not (tmp_path / "store" / "models" / "sft_checkpoint").exists()  # nothing was trained
