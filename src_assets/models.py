@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -108,6 +109,8 @@ def _from_pretrained(loader, ref: str, **kwargs):
         raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: {why}") from e
     except ValueError as e:  # e.g. a checkpoint that only ships .bin weights while safetensors are required
         raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: {e}") from e
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: its safetensors weights are unreadable ({e})") from e
     except ImportError as e:  # a model or processor class that needs a package this machine lacks
         raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: {str(e).strip().splitlines()[0]}") from e
 

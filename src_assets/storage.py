@@ -5,10 +5,12 @@ directories. Every write is atomic:
 
 - a file is written under a temporary name beside its target, then moved into
   place (a rename on local disk; on S3 the object only appears once complete);
-- a model directory is uploaded to a fresh ``versions/<id>/`` folder, and only
-  then is the ``CURRENT`` pointer rewritten (one atomic file write). A reader
-  follows the pointer, so an interrupted upload is never seen, and the older
-  version stays in place.
+- a model directory is uploaded to a fresh ``versions/<id>/`` folder, then its
+  ``MANIFEST.json`` (every file's size and sha256) is written last, and only
+  then is the ``CURRENT`` pointer rewritten (one atomic file write). A version
+  without a manifest is not a version: an interrupted upload is never used,
+  and the older version stays in place. Downloads are checked against the
+  manifest, into a cache private to the user (``~/.cache``, mode 0700).
 
 Credentials are never passed through here: s3fs reads them from the
 environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, or an
@@ -31,6 +33,7 @@ import fsspec
 import polars as pl
 
 DEFAULT_STORE = ".src_store"
+MANIFEST = "MANIFEST.json"
 STORE_ENV = "SRC_STORE_URI"
 ENDPOINT_ENV = "SRC_S3_ENDPOINT_URL"
 
@@ -56,7 +59,8 @@ class Store:
         self.fs, root = fsspec.core.url_to_fs(base_uri, **options)
         self.root = root.rstrip("/")
         self.base_uri = base_uri.rstrip("/")
-        self.cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "src_calibration_model_cache")
+        default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "src_calibration" / "models"
+        self.cache_dir = Path(cache_dir or default_cache)
 
     def __repr__(self) -> str:
         return f"Store({self.base_uri!r})"
@@ -129,21 +133,29 @@ class Store:
         return self.write_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode())
 
     def read_json(self, key: str):
-        return json.loads(self.read_bytes(key))
+        data = self.read_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise StoreError(f"{self.uri(key)} is not valid JSON ({e}); was it written by hand or cut short?") from e
 
     # -- model directories ---------------------------------------------------
     def put_model(self, key: str, local_dir: str | Path) -> str:
-        """Uploads a model directory as a new version of ``key`` and makes it current; returns its URI."""
+        """Uploads a model directory as a new version of ``key``, its manifest last, and makes it current."""
         local_dir = Path(local_dir)
         if not (local_dir / "config.json").is_file():
             raise StoreError(f"{local_dir} is not a model directory (no config.json)")
         version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         target = self._path(f"{key}/versions/{version}")
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            dest = f"{target}/{file.relative_to(local_dir).as_posix()}"
+        files = {}
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+            name = file.relative_to(local_dir).as_posix()
+            dest = f"{target}/{name}"
             if self.is_local:
                 os.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(file), dest)
+            files[name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        self.write_json(f"{key}/versions/{version}/{MANIFEST}", {"files": files})
         self.write_json(f"{key}/CURRENT", {"version": version})
         return self.uri(f"{key}/versions/{version}")
 
@@ -151,24 +163,51 @@ class Store:
         """URI of the committed version of ``key``, or None when none was ever committed."""
         if not self.exists(f"{key}/CURRENT"):
             return None
-        return self.uri(f"{key}/versions/{self.read_json(f'{key}/CURRENT')['version']}")
+        pointer = self.read_json(f"{key}/CURRENT")
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+            raise StoreError(f"{self.uri(key + '/CURRENT')} does not name a version: {str(pointer)[:80]!r}")
+        return self.uri(f"{key}/versions/{pointer['version']}")
+
+    def _manifest(self, path: str, uri: str) -> dict:
+        """A stored version's manifest, or StoreError: without one the version was never completed."""
+        try:
+            files = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))["files"]
+        except FileNotFoundError as e:
+            raise StoreError(f"{uri} has no {MANIFEST}: its upload never completed, so it is not used") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{uri}/{MANIFEST} is unreadable ({e})") from e
+        return files
 
     def local_model_dir(self, uri: str) -> str:
-        """A local directory holding the model at ``uri``: the directory itself on local disk, else a cached download."""
+        """A local directory holding the model at ``uri``.
+
+        A directory outside the store (your own model) is used as it is. A version in a local store is used in
+        place once its files match its manifest's sizes; one in a remote store is downloaded into the private
+        cache and checked against the manifest's sha256 sums (a cached copy is reused once its sizes match)."""
         if "://" not in uri:
             if not Path(uri, "config.json").is_file():
                 raise StoreError(f"{uri} is not a model directory (no config.json)")
+            if self.is_local and "/versions/" in uri and Path(uri).resolve().is_relative_to(Path(self.root)):
+                _check_files(Path(uri), self._manifest(uri, uri), uri, hashes=False)
             return uri
-        local = self.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
-        if local.is_dir():  # versions are immutable, so a cached copy never goes stale
-            return str(local)
         path = uri.split("://", 1)[1]
-        if not self.fs.exists(f"{path}/config.json"):
-            raise StoreError(f"{uri} is not a model directory (no config.json)")
+        files = self._manifest(path, uri)
+        local = self.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
+        if local.is_dir():
+            try:
+                _check_files(local, files, uri, hashes=False)
+                return str(local)
+            except StoreError:
+                shutil.rmtree(local, ignore_errors=True)  # a stale or planted copy: download it again
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.cache_dir, 0o700)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=self.cache_dir))
         try:
-            self.fs.get(f"{path}/", f"{tmp}/", recursive=True)
+            for name in files:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(f"{path}/{name}", str(tmp / name))
+            _check_files(tmp, files, uri, hashes=True)
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}))
             tmp.rename(local)
         except OSError:
             if not local.is_dir():
@@ -176,3 +215,23 @@ class Store:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(local)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_files(directory: Path, files: dict, uri: str, hashes: bool) -> None:
+    """Every manifest file is there with its size (and, with ``hashes``, its sha256); else StoreError naming it."""
+    for name, expected in files.items():
+        file = directory / name
+        if not file.is_file() or file.stat().st_size != expected["size"]:
+            found = file.stat().st_size if file.is_file() else "missing"
+            raise StoreError(f"{uri}/{name} does not match its manifest (size {found}, expected {expected['size']}): "
+                             f"the checkpoint is truncated or was changed")
+        if hashes and _sha256(file) != expected["sha256"]:
+            raise StoreError(f"{uri}/{name} does not match its manifest's sha256: the checkpoint is corrupt or was changed")

@@ -93,3 +93,11 @@ def test_our_kernels_package_is_not_taken_for_the_hub_kernels_library():
     from transformers.utils.import_utils import is_kernels_available
 
     assert not is_kernels_available()
+
+
+def test_a_truncated_weights_file_is_a_load_error_naming_the_directory(tiny_dirs, tmp_path):
+    shutil.copytree(tiny_dirs[1], tmp_path, dirs_exist_ok=True)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=f"from '{tmp_path}'.*safetensors weights are unreadable"):
+        load_scorer(str(tmp_path))

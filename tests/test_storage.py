@@ -13,7 +13,7 @@ def store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "store"))
     endpoint = request.getfixturevalue("s3_endpoint")
-    return Store(f"s3://src-test/{tmp_path.name}", s3_endpoint_url=endpoint)
+    return Store(f"s3://src-test/{tmp_path.name}", s3_endpoint_url=endpoint, cache_dir=str(tmp_path / "cache"))
 
 
 def test_tables_and_json_round_trip(store):
@@ -94,3 +94,75 @@ def test_store_uri_from_environment(tmp_path, monkeypatch):
 def test_keys_cannot_escape_the_store(tmp_path):
     with pytest.raises(StoreError, match="invalid store key"):
         Store(str(tmp_path)).write_json("../outside.json", {})
+
+
+def _versions(store, key):
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store._path(f"{key}/versions")))
+
+
+def test_a_version_whose_upload_died_is_never_used(store, tiny_dirs, monkeypatch):
+    """Files uploaded but no manifest (it is written last): the version is refused even when named directly."""
+    original = store.fs.put_file
+    calls = []
+
+    def dies_on_third_file(src, dst, **kwargs):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("connection reset")
+        return original(src, dst, **kwargs)
+
+    monkeypatch.setattr(store.fs, "put_file", dies_on_third_file)
+    with pytest.raises(OSError):
+        store.put_model("models/scorer", tiny_dirs[1])
+    monkeypatch.undo()
+    (partial,) = _versions(store, "models/scorer")
+    assert store.exists(f"models/scorer/versions/{partial}/config.json")  # config.json alone once passed as complete
+    with pytest.raises(StoreError, match="has no MANIFEST.json: its upload never completed"):
+        store.local_model_dir(store.uri(f"models/scorer/versions/{partial}"))
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(store, tiny_dirs):
+    uri = store.put_model("models/scorer", tiny_dirs[1])
+    path = store._path("models/scorer/versions/" + uri.rstrip("/").rsplit("/", 1)[-1] + "/model.safetensors")
+    data = store.fs.cat_file(path)
+    store.fs.pipe_file(path, data[: len(data) // 2])
+    with pytest.raises(StoreError, match="model.safetensors does not match its manifest"):
+        store.local_model_dir(uri)
+
+
+def test_a_current_pointer_that_is_not_json_names_its_path(store, tiny_dirs):
+    store.put_model("models/scorer", tiny_dirs[1])
+    store.write_bytes("models/scorer/CURRENT", b"{half a pointer")
+    with pytest.raises(StoreError, match="models/scorer/CURRENT is not valid JSON"):
+        store.current_model("models/scorer")
+
+
+def test_remote_checkpoints_are_verified_into_a_private_cache(s3_endpoint, tiny_dirs, tmp_path):
+    import os
+    import stat
+
+    store = Store(f"s3://src-test/{tmp_path.name}", s3_endpoint_url=s3_endpoint, cache_dir=str(tmp_path / "cache"))
+    uri = store.put_model("models/scorer", tiny_dirs[1])
+    local = store.local_model_dir(uri)
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    # A directory planted where the cached copy goes is not trusted: it is replaced by a verified download.
+    import shutil
+
+    shutil.rmtree(local)
+    os.makedirs(local)
+    (tmp_path / "cache" / os.path.basename(local) / "config.json").write_text("{}")
+    again = store.local_model_dir(uri)
+    assert again == local and os.path.getsize(os.path.join(local, "model.safetensors")) > 1000
+    # A remote file changed after its manifest was written fails the sha256 check.
+    version = uri.rstrip("/").rsplit("/", 1)[-1]
+    path = store._path(f"models/scorer/versions/{version}/config.json")
+    text = store.fs.cat_file(path)
+    store.fs.pipe_file(path, text.replace(b"{", b"[", 1))  # same size, different bytes
+    shutil.rmtree(local)
+    with pytest.raises(StoreError, match="config.json does not match its manifest's sha256"):
+        store.local_model_dir(uri)
+
+
+def test_the_default_model_cache_is_per_user(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Store(str(tmp_path / "store")).cache_dir == tmp_path / "xdg" / "src_calibration" / "models"
