@@ -40,7 +40,9 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
     for key in files:
         context.log.info(f"reading source file {s.uri(key)}")
         try:
-            named.append((s.uri(key), read_source_file(s.read_bytes(key), s.uri(key))))
+            with s.open(key) as file:
+                named.append((s.uri(key), read_source_file(file, s.uri(key), s.size(key), cfg.max_source_file_bytes,
+                                                           cfg.max_image_pixels)))
         except SourceDataError as e:
             raise Failure(str(e)) from e
     if not named:

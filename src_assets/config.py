@@ -32,6 +32,8 @@ class SRCConfig:
     max_objects: int = 5
     source_prefix: str = "source"
     judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
+    max_source_file_bytes: int = 4 * 2**30  # a source file over this is refused before it is read
+    max_image_pixels: int = 4096 * 4096  # an image over this area is refused before it is decoded
     # Models: "tiny", a local model directory, or a hub id.
     policy_model: str = TINY
     scorer_model: str = TINY
@@ -169,7 +171,7 @@ _RANGES = {
     **{name: (0, True, None) for name in ("n_sft", "n_calibrate", "n_eval", "lora_r", "scorer_epochs", "scorer_max_pairs",
                                            "scorer_contrast_pairs", "dpo_nll_weight", "max_length", "image_min_pixels",
                                            "image_max_pixels", "regression_tolerance", "tiny_layers")},
-    **{name: (1, True, None) for name in ("min_objects", "max_objects", "prompts_per_iteration", "beams", "samples_per_beam",
+    **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "min_objects", "max_objects", "prompts_per_iteration", "beams", "samples_per_beam",
                                            "max_sentences", "scorer_prompts", "sft_batch_size", "scorer_batch_size", "dpo_batch_size",
                                            "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
                                            "eval_max_new_tokens", "tiny_hidden_size")},

@@ -48,13 +48,29 @@ def synthetic_source(seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_o
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
-def _check_image(data: bytes) -> None:
+MAX_IMAGE_PIXELS = 4096 * 4096  # the default cap on one image's area (width x height), checked before decoding
+MAX_FILE_BYTES = 4 * 2**30  # the default cap on one source file's size, checked before reading it
+
+
+def quoted(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: a bad value is shown, not copied whole into the log."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     with Image.open(io.BytesIO(data)) as image:
+        # The header gives the size; a decompression bomb is refused before its pixels are inflated.
+        width, height = image.size
+        if width * height > max_pixels:
+            raise SourceDataError(f"the image is {width}x{height} pixels, over the cap of {max_pixels} "
+                                  f"(max_image_pixels); a decompression bomb or an oversized image")
         image.load()
 
 
-def validate_source(df: pl.DataFrame, name: str) -> pl.DataFrame:
-    """Checks a source table and returns it with every column of ``SCHEMA``; ``name`` is used in errors."""
+def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMAGE_PIXELS, first_row: int = 0) -> pl.DataFrame:
+    """Checks a source table and returns it with every column of ``SCHEMA``; ``name`` is used in errors, and rows are
+    numbered from ``first_row`` (a row group's offset in its file)."""
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise SourceDataError(f"{name}: missing required column(s) {missing}; a source table needs {list(REQUIRED)}")
@@ -64,21 +80,23 @@ def validate_source(df: pl.DataFrame, name: str) -> pl.DataFrame:
     df = df.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in OPTIONAL.items() if c not in df.columns])
     df = df.select([pl.col(c).cast(t) for c, t in SCHEMA.items()]).with_columns(pl.col("kind").fill_null("open"))
 
-    for i, row in enumerate(df.iter_rows(named=True)):
-        where = f"{name}: row {i} (id {row['id']!r})"
+    for i, row in enumerate(df.iter_rows(named=True), start=first_row):
+        where = f"{name}: row {i} (id {quoted(row['id'])})"
         for col in REQUIRED:
             if row[col] is None or (col != "image" and not str(row[col]).strip()):
                 raise SourceDataError(f"{where}: column {col!r} is empty")
         if row["split"] not in SPLITS:
-            raise SourceDataError(f"{where}: column 'split' has unknown value {row['split']!r}; expected one of {SPLITS}")
+            raise SourceDataError(f"{where}: column 'split' has unknown value {quoted(row['split'])}; expected one of {SPLITS}")
         if row["kind"] not in KINDS:
-            raise SourceDataError(f"{where}: column 'kind' has unknown question kind {row['kind']!r}; expected one of {KINDS}")
+            raise SourceDataError(f"{where}: column 'kind' has unknown question kind {quoted(row['kind'])}; expected one of {KINDS}")
         if row["split"] == "sft" and not row["response"]:
             raise SourceDataError(f"{where}: column 'response' is empty, but sft rows need a gold rationale response")
         try:
-            _check_image(row["image"])
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise SourceDataError(f"{where}: column 'image' does not hold a decodable image ({e})") from e
+            _check_image(row["image"], max_image_pixels)
+        except SourceDataError as e:
+            raise SourceDataError(f"{where}: column 'image': {e}") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise SourceDataError(f"{where}: column 'image' does not hold a decodable image ({quoted(str(e))})") from e
         if row["scene"] is not None or row["question_spec"] is not None:
             try:
                 Scene.from_json(row["scene"])
@@ -87,17 +105,36 @@ def validate_source(df: pl.DataFrame, name: str) -> pl.DataFrame:
                 raise SourceDataError(f"{where}: columns 'scene'/'question_spec' are not valid domain JSON ({e})") from e
     duplicated = df.filter(pl.col("id").is_duplicated())["id"].unique().to_list()
     if duplicated:
-        raise SourceDataError(f"{name}: column 'id' has duplicate values {duplicated[:5]}")
+        raise SourceDataError(f"{name}: column 'id' has duplicate values {quoted(duplicated[:5])}")
     return df
 
 
-def read_source_file(data: bytes, name: str) -> pl.DataFrame:
-    """Parses and validates one Parquet file's bytes; ``name`` (its URI) is used in errors."""
+def read_source_file(file, name: str, size: int | None = None, max_bytes: int = MAX_FILE_BYTES,
+                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> pl.DataFrame:
+    """Parses and validates one Parquet file (bytes or an open binary file), one row group at a time, so that a bad
+    row stops the read where it is; ``name`` (its URI) is used in errors. A file over ``max_bytes`` is refused
+    unread."""
+    import pyarrow.parquet as pq
+
+    if isinstance(file, bytes):
+        size, file = len(file), io.BytesIO(file)
+    if size is not None and size > max_bytes:
+        raise SourceDataError(f"{name}: the file is {size} bytes, over the cap of {max_bytes} (max_source_file_bytes)")
     try:
-        df = pl.read_parquet(io.BytesIO(data))
+        parquet = pq.ParquetFile(file)
     except Exception as e:
-        raise SourceDataError(f"{name}: not a readable Parquet file ({e})") from e
-    return validate_source(df, name)
+        raise SourceDataError(f"{name}: not a readable Parquet file ({quoted(str(e))})") from e
+    parts, offset = [], 0
+    for group in range(parquet.num_row_groups):
+        try:
+            df = pl.from_arrow(parquet.read_row_group(group))
+        except Exception as e:
+            raise SourceDataError(f"{name}: row group {group} is not readable ({quoted(str(e))})") from e
+        parts.append(validate_source(df, name, max_image_pixels, first_row=offset))
+        offset += df.height
+    if not parts:
+        return validate_source(pl.from_arrow(parquet.schema_arrow.empty_table()), name, max_image_pixels)
+    return combine_sources([(f"{name} (row group {i})", p) for i, p in enumerate(parts)]) if len(parts) > 1 else parts[0]
 
 
 def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
@@ -108,7 +145,7 @@ def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFram
     for name, df in named_frames:
         for row_id in df["id"].to_list():
             if row_id in owner:
-                raise SourceDataError(f"{name}: column 'id' value {row_id!r} is also used in {owner[row_id]}")
+                raise SourceDataError(f"{name}: column 'id' value {quoted(row_id)} is also used in {owner[row_id]}")
             owner[row_id] = name
     return pl.concat([df for _, df in named_frames], how="vertical")
 

@@ -117,6 +117,16 @@ class Store:
         except FileNotFoundError as e:
             raise StoreError(f"{self.uri(key)} does not exist") from e
 
+    def size(self, key: str) -> int:
+        try:
+            return int(self.fs.size(self._path(key)))
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.uri(key)} does not exist") from e
+
+    def open(self, key: str):
+        """A binary file object for reading ``key`` piece by piece (Parquet row groups), not whole."""
+        return self.fs.open(self._path(key), "rb")
+
     def write_table(self, key: str, df: pl.DataFrame) -> str:
         buf = io.BytesIO()
         df.write_parquet(buf)

@@ -88,3 +88,36 @@ def test_rationale_sft_set_rejects_off_template_responses(source):
     wrong = source.with_columns(pl.when(pl.col("id") == "sft-0-000001").then(pl.lit("zzz")).otherwise(pl.col("answer")).alias("answer"))
     with pytest.raises(SourceDataError, match=r"sft row 'sft-0-000001': column 'response' answers .* but column 'answer' is 'zzz'"):
         build_rationale_sft_set(wrong)
+
+
+def _png(width, height) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (255, 255, 255)).save(buf, format="PNG")  # a few kB: PNG compresses flat colour
+    return buf.getvalue()
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(source):
+    bomb = _png(6000, 6000)  # 36 Mpixel, over the default 16.8 Mpixel cap, in about 100 kB
+    assert len(bomb) < 500_000
+    df = source.head(3).with_columns(pl.Series("image", [source["image"][0], bomb, source["image"][0]], dtype=pl.Binary))
+    with pytest.raises(SourceDataError, match=r"mine.parquet: row 1 .*column 'image': the image is 6000x6000 pixels, over the cap"):
+        read_source_file(_parquet(df), "mine.parquet")
+    read_source_file(_parquet(df), "mine.parquet", max_image_pixels=6000 * 6000)  # the cap is a setting
+
+
+def test_an_oversized_file_is_refused_unread(source):
+    with pytest.raises(SourceDataError, match="the file is 5000000000 bytes, over the cap"):
+        read_source_file(io.BytesIO(b"not even parquet"), "huge.parquet", size=5_000_000_000)
+
+
+def test_rows_are_numbered_across_row_groups_and_values_are_cut(source):
+    df = source.with_columns(pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("x" * 200_000)).otherwise(pl.col("split")).alias("split"))
+    buf = io.BytesIO()
+    df.write_parquet(buf, row_group_size=5)
+    with pytest.raises(SourceDataError) as error:
+        read_source_file(buf.getvalue(), "groups.parquet")
+    message = str(error.value)
+    assert "groups.parquet: row 17 " in message and "column 'split' has unknown value 'xxx" in message
+    assert len(message) < 400 and "(200002 characters)" in message
