@@ -1,13 +1,16 @@
 """Jobs, the schedule and the sensor: how iterations get started without a person clicking."""
 
+import hashlib
 import json
 import os
+import uuid
 
 from dagster import (
     AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
+    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -16,7 +19,7 @@ from dagster import (
     sensor,
 )
 
-from .loop_assets import iteration_key, iteration_partitions
+from .loop_assets import POLICY_KEY, iteration_key, iteration_partitions
 from .resources import SettingsResource, StoreResource
 
 ITERATION_ASSETS = ("candidate_pool", "pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval")
@@ -37,13 +40,26 @@ iteration_job = define_asset_job(
 )
 
 
-def next_iteration(instance) -> str:
-    keys = instance.get_dynamic_partitions(iteration_partitions.name)
-    return iteration_key(max((int(k) for k in keys), default=0) + 1)
+new_data_job = define_asset_job(
+    "src_new_data_iteration",
+    selection=AssetSelection.assets("vqa_source", "eval_set", *ITERATION_ASSETS),
+    partitions_def=iteration_partitions,
+    tags=ITERATION_TAG,
+    description="New source data: the source table read and validated again (new files included), then one iteration.",
+)
 
 
-@sensor(job=iteration_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.STOPPED,
-        description="New Parquet files under the store's source prefix: add the next iteration and run it.")
+def next_iteration(store) -> str:
+    """The first iteration whose policy is not committed in the store: after a failed iteration it is that one
+    again (retried, not skipped), and iterations stay in order."""
+    k = 1
+    while store.current_model(f"{POLICY_KEY}/{iteration_key(k)}") is not None:
+        k += 1
+    return iteration_key(k)
+
+
+@sensor(job=new_data_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.STOPPED,
+        description="New Parquet files under the store's source prefix: read them into the source table and run the next iteration.")
 def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResource, settings: SettingsResource):
     s = store.store()
     files = s.list(settings.config().source_prefix, ".parquet")
@@ -51,10 +67,12 @@ def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResourc
     new = sorted(set(files) - seen)
     if not new:
         return SkipReason(f"no new Parquet files under {s.uri(settings.config().source_prefix)}")
-    key = next_iteration(context.instance)
+    key = next_iteration(s)
     context.log.info(f"{len(new)} new source file(s) ({', '.join(new[:3])}...): starting iteration {key}")
+    # The run key names the files, so the same iteration can be asked for again when more data arrives.
+    digest = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:12]
     return SensorResult(
-        run_requests=[RunRequest(partition_key=key, run_key=f"iteration-{key}", tags={"src/new_files": str(len(new))})],
+        run_requests=[RunRequest(partition_key=key, run_key=f"iteration-{key}-{digest}", tags={"src/new_files": str(len(new))})],
         dynamic_partitions_requests=[iteration_partitions.build_add_request([key])],
         cursor=json.dumps(sorted(files)),
     )
@@ -62,7 +80,8 @@ def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResourc
 
 @schedule(job=iteration_job, cron_schedule=os.environ.get("SRC_SCHEDULE_CRON", "0 3 * * 1"),
           default_status=DefaultScheduleStatus.STOPPED, description="Runs the next iteration on a cron (SRC_SCHEDULE_CRON).")
-def iteration_schedule(context):
-    key = next_iteration(context.instance)
+def iteration_schedule(context: ScheduleEvaluationContext, store: StoreResource):
+    key = next_iteration(store.store())
     context.instance.add_dynamic_partitions(iteration_partitions.name, [key])
-    return RunRequest(partition_key=key, run_key=f"iteration-{key}")
+    # One run key per tick, so an iteration that failed on one tick is asked for again on the next.
+    return RunRequest(partition_key=key, run_key=f"iteration-{key}-{uuid.uuid4().hex[:12]}")

@@ -3,7 +3,7 @@
 from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
 from . import assets, loop_assets
-from .automation import foundation_job, iteration_job, iteration_schedule, new_source_data_sensor
+from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
 from .resources import SettingsResource, StoreIOManager, StoreResource
 
 all_assets = load_assets_from_modules([assets, loop_assets])
@@ -20,7 +20,7 @@ def build_resources(store: StoreResource | None = None, settings: SettingsResour
 defs = Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[foundation_job, iteration_job],
+    jobs=[foundation_job, iteration_job, new_data_job],
     schedules=[iteration_schedule],
     sensors=[new_source_data_sensor],
     resources=build_resources(),

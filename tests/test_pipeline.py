@@ -115,29 +115,68 @@ def test_an_iteration_that_keeps_no_pair_carries_the_policy_forward(run_two_iter
     assert store.current_model("models/policy_checkpoint/003") != store.current_model("models/policy_checkpoint/002")
 
 
-def test_sensor_adds_the_next_iteration_when_source_files_arrive(tmp_path):
+def _commit_policy(store: Store, key: str, model_dir) -> None:
+    store.put_model(f"models/policy_checkpoint/{key}", model_dir)
+
+
+def test_sensor_reads_new_files_and_runs_the_first_uncommitted_iteration(tmp_path, tiny_dirs):
     store = StoreResource(base_uri=str(tmp_path))
     settings = SettingsResource(profile="smoke")
     with DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions(iteration_partitions.name, ["001"])
+        instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
+        _commit_policy(Store(str(tmp_path)), "001", tiny_dirs[0])  # 001 done; 002 was added but failed, so not committed
         ctx = build_sensor_context(instance=instance, resources={"store": store, "settings": settings})
         assert new_source_data_sensor(ctx).__class__.__name__ == "SkipReason"
         Store(str(tmp_path)).write_table("source/batch-1.parquet", pl.DataFrame({"id": ["x"]}))
         result = new_source_data_sensor(build_sensor_context(instance=instance, resources={"store": store, "settings": settings}))
-        assert [r.partition_key for r in result.run_requests] == ["002"]
+        assert [r.partition_key for r in result.run_requests] == ["002"]  # retried, not skipped for 003
         assert result.dynamic_partitions_requests[0].partition_keys == ["002"]
         # The same files again: nothing new.
         again = new_source_data_sensor(build_sensor_context(instance=instance, cursor=result.cursor,
                                                             resources={"store": store, "settings": settings}))
         assert again.__class__.__name__ == "SkipReason"
+        # More files later: 002 may be asked for again, under a new run key.
+        Store(str(tmp_path)).write_table("source/batch-2.parquet", pl.DataFrame({"id": ["y"]}))
+        later = new_source_data_sensor(build_sensor_context(instance=instance, cursor=result.cursor,
+                                                            resources={"store": store, "settings": settings}))
+        assert later.run_requests[0].partition_key == "002" and later.run_requests[0].run_key != result.run_requests[0].run_key
 
 
-def test_schedule_requests_the_next_iteration():
+def test_the_sensor_job_reads_and_validates_the_source_table_again():
+    from dagster_project.automation import new_data_job
+    from dagster_project.definitions import defs
+
+    job = defs.resolve_job_def(new_data_job.name)
+    assets = {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
+    assert {"vqa_source", "eval_set", *ITERATION_ASSETS} <= assets
+    assert "sft_checkpoint" not in assets and "r_scorer_checkpoint" not in assets
+
+
+def test_a_new_invalid_source_file_fails_the_sensor_run_naming_the_file(tmp_path):
+    from dagster_project.automation import new_data_job
+    from dagster_project.definitions import defs
+
+    Store(str(tmp_path / "store")).write_table("source/bad.parquet", pl.DataFrame({"id": ["x"], "split": ["sft"]}))
+    resources = build_resources(StoreResource(base_uri=str(tmp_path / "store")), SettingsResource(profile="smoke"))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(iteration_partitions.name, ["001"])
+        job = defs.resolve_job_def(new_data_job.name)
+        result = job.execute_in_process(instance=instance, partition_key="001", resources=resources, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == "vqa_source" and "bad.parquet: missing required column(s)" in failure.step_failure_data.error.message
+
+
+def test_schedule_requests_the_first_uncommitted_iteration(tmp_path, tiny_dirs):
+    store = StoreResource(base_uri=str(tmp_path))
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
-        request = iteration_schedule(build_schedule_context(instance=instance))
-        assert request.partition_key == "003"
-        assert "003" in instance.get_dynamic_partitions(iteration_partitions.name)
+        request = iteration_schedule(build_schedule_context(instance=instance, resources={"store": store}))
+        assert request.partition_key == "001"
+        _commit_policy(Store(str(tmp_path)), "001", tiny_dirs[0])
+        request = iteration_schedule(build_schedule_context(instance=instance, resources={"store": store}))
+        assert request.partition_key == "002"
+        assert "002" in instance.get_dynamic_partitions(iteration_partitions.name)
 
 
 def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
