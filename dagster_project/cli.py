@@ -87,7 +87,74 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+RUN_HOST_TAG, RUN_PID_TAG, SETTINGS_TAG = "src/host", "src/pid", "src/settings"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release_dead_runs(instance, log) -> None:
+    """A run whose process died (``kill -9``, a lost machine) stays STARTED in the instance and keeps its ``gpu``
+    pool slot, which would block every later run. Runs this machine's ``src-calibrate`` started whose process is
+    gone are reported failed, and slots still held by runs that have ended are freed."""
+    import socket
+
+    from dagster import DagsterRunStatus, RunsFilter
+
+    live = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
+    for run in instance.get_runs(RunsFilter(statuses=live, tags={RUN_HOST_TAG: socket.gethostname()})):
+        pid = int(run.tags.get(RUN_PID_TAG, "0"))
+        if pid and pid != os.getpid() and not _alive(pid):
+            instance.report_run_failed(run, message=f"its src-calibrate process {pid} is gone")
+            log(f"run {run.run_id[:8]} died with its process {pid}: marked failed")
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    for run_id in storage.get_concurrency_run_ids():
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            storage.free_concurrency_slots_for_run(run_id)
+            log(f"freed the pool slot held by run {run_id[:8]}, which has ended")
+    for pool in storage.get_concurrency_keys():
+        holders = set(storage.get_concurrency_info(pool).active_run_ids)
+        if holders:
+            log(f"pool {pool!r} is held by run(s) {', '.join(r[:8] for r in sorted(holders))}: model steps wait for it")
+
+
+def _completed_iteration(instance, store, key: str, start: str, settings_digest: str) -> dict | None:
+    """Iteration ``key``'s row if an earlier run completed it with these settings from this start policy and its
+    policy is still the committed one: a rerun after a crash continues from there instead of recomputing it."""
+    from dagster import AssetKey, AssetRecordsFilter
+
+    from .loop_assets import POLICY_KEY
+
+    events = {}
+    for asset in ("pairwise_scores", "policy_checkpoint", "iteration_eval"):
+        records = instance.fetch_materializations(AssetRecordsFilter(AssetKey(asset), asset_partitions=[key]), limit=1).records
+        if not records:
+            return None
+        events[asset] = records[0].event_log_entry
+    meta = {a: {k: v.value for k, v in e.asset_materialization.metadata.items()} for a, e in events.items()}
+    run = instance.get_run_by_id(events["iteration_eval"].run_id)
+    if (run is None or run.tags.get(SETTINGS_TAG) != settings_digest or meta["policy_checkpoint"].get("started_from") != start
+            or meta["iteration_eval"].get("checkpoint") != store.current_model(f"{POLICY_KEY}/{key}")):
+        return None
+    m = {**meta["pairwise_scores"], **meta["iteration_eval"]}
+    return {"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")}
+
+
 def run(args) -> int:
+    import hashlib
+    import socket
+    from dataclasses import asdict
+
     from dagster import materialize
 
     from .definitions import all_assets, all_checks, build_resources
@@ -97,32 +164,45 @@ def run(args) -> int:
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
     try:
-        settings = SettingsResource(profile=args.profile, seed=args.seed, overrides=_overrides(args.set))
-        settings.config()  # fails early on a bad setting
+        overrides = _overrides(args.set)
+        if args.fresh:
+            overrides["reuse_checkpoints"] = "false"
+        settings = SettingsResource(profile=args.profile, seed=args.seed, overrides=overrides)
+        cfg = settings.config()  # fails early on a bad setting
     except ValueError as e:
         return _usage_error(str(e))
     resources = build_resources(store, settings)
     instance = _instance()
     foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
     iteration = [a for a in all_assets if a not in foundation]
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest}
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    _release_dead_runs(instance, log)
     log(f"materializing data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
-    result = materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False)
+    result = materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False, tags=tags)
     if not result.success:
         print(_failure(result), file=sys.stderr)
         return 1
     if not _checks_passed(result, log):
         return 1
     sft = _meta(result, "sft_eval")
+    start = _meta(result, "sft_checkpoint").get("model")
     rows = [{"iteration": 0, **{k: sft.get(k) for k in ("accuracy", "factuality", "consistency")},
-             "pairs_kept": None, "mean_weight": None, "checkpoint": _meta(result, "sft_checkpoint").get("model")}]
+             "pairs_kept": None, "mean_weight": None, "checkpoint": start}]
     keys = [iteration_key(k) for k in range(1, args.iterations + 1)]
     instance.add_dynamic_partitions(iteration_partitions.name, keys)
     for key in keys:
+        done = None if args.fresh else _completed_iteration(instance, store.store(), key, start, digest)
+        if done is not None:
+            log(f"iteration {key}: already complete with these settings (policy {done['checkpoint']}); --fresh recomputes it")
+            rows.append(done)
+            start = done["checkpoint"]
+            continue
         log(f"iteration {key}")
         result = materialize(iteration + foundation, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance,
-                             resources=resources, raise_on_error=False, tags=ITERATION_TAG)
+                             resources=resources, raise_on_error=False, tags={**ITERATION_TAG, **tags})
         if not result.success:
             print(_failure(result), file=sys.stderr)
             return 1
@@ -130,6 +210,7 @@ def run(args) -> int:
             return 1
         m = {**_meta(result, "pairwise_scores"), **_meta(result, "iteration_eval")}
         rows.append({"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")})
+        start = m.get("checkpoint")
     _print(rows, args.json)
     return 0
 
@@ -177,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
+    p.add_argument("--fresh", action="store_true",
+                   help="recompute everything: no SFT, R-Scorer or completed iteration of an earlier run is reused")
     p.set_defaults(fn=run)
     e = sub.add_parser("evaluate", help="score a checkpoint on a freshly generated held-out set")
     e.add_argument("--checkpoint", required=True, help="a model directory, a store URI, or a hub id")

@@ -5,6 +5,9 @@ asset-key level), so ``candidate_pool[k]`` and ``policy_checkpoint[k]``
 resolve policy k-1 at run time from the store (k = 1: the SFT checkpoint) and
 fail with a clear message, writing nothing, when it is missing. Iterations are
 run one at a time, in order (see ``dagster.yaml``'s run queue).
+
+Every asset has a ``code_version``: bump it when the code that produces the asset changes, and Dagster marks
+it and what depends on it stale.
 """
 
 import hashlib
@@ -134,7 +137,7 @@ def _base_recipe(ref: str, cfg) -> dict:
     return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architectures": architectures}
 
 
-@asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
+@asset(code_version="1", group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
@@ -153,7 +156,7 @@ def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFra
     return uri
 
 
-@asset(group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
+@asset(code_version="1", group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
 def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
                         judgement_tables: pl.DataFrame, settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
@@ -200,7 +203,7 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     return uri
 
 
-@asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
+@asset(code_version="1", group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
 def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, settings: SettingsResource,
              store: StoreResource) -> pl.DataFrame:
     cfg = settings.config()
@@ -226,7 +229,7 @@ def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.Dat
         "required_drop": cfg.min_blank_image_drop})
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="K distinct complete responses per prompt from policy k-1, by sentence-level beam search.",
        check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
                                    description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).")])
@@ -251,7 +254,7 @@ def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_sour
                            metadata={"prompts_with_two_or_more": with_two, "prompts": prompts.height})
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.")
 def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, r_scorer_checkpoint: str, vqa_source: pl.DataFrame,
                     settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
@@ -282,7 +285,7 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
     return scores
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions,
+@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions,
        description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
        check_specs=[
            AssetCheckSpec("weights_in_unit_interval", asset="preference_set", description="Every pair weight is in [0, 1]."),
@@ -317,7 +320,7 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
                            metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="Policy k: policy k-1 trained with confidence-weighted DPO on the kept pairs (reference = policy k-1).")
 def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, sft_checkpoint: str,
                       settings: SettingsResource, store: StoreResource) -> str:
@@ -340,7 +343,7 @@ def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFra
     return uri
 
 
-@asset(group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(code_version="1", group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over policy k-1.",
        check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
                                    description="Accuracy and consistency do not fall below iteration k-1's by more than the tolerance (WARN).")])

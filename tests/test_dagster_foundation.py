@@ -102,3 +102,10 @@ def test_assets_materialize_into_s3(s3_endpoint):
 
 def test_definitions_carry_the_resources():
     assert set(defs.resources) == {"store", "io_manager", "settings"}
+
+
+def test_every_asset_has_a_code_version():
+    from dagster_project.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys() if graph.get(k).code_version is None} == {}
