@@ -68,17 +68,23 @@ def _check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         image.load()
 
 
+def _conform(df: pl.DataFrame, name: str, required: dict, optional: dict, what: str) -> pl.DataFrame:
+    """``df`` with exactly the required then optional columns, in their types; missing optional ones are null."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise SourceDataError(f"{name}: missing required column(s) {missing}; {what} needs {list(required)}")
+    schema = {**required, **optional}
+    for col, dtype in schema.items():
+        if col in df.columns and df.schema[col] != dtype and df.schema[col] != pl.Null:
+            raise SourceDataError(f"{name}: column {col!r} has type {df.schema[col]}, expected {dtype}")
+    df = df.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in optional.items() if c not in df.columns])
+    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
 def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMAGE_PIXELS, first_row: int = 0) -> pl.DataFrame:
     """Checks a source table and returns it with every column of ``SCHEMA``; ``name`` is used in errors, and rows are
     numbered from ``first_row`` (a row group's offset in its file)."""
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise SourceDataError(f"{name}: missing required column(s) {missing}; a source table needs {list(REQUIRED)}")
-    for col, dtype in SCHEMA.items():
-        if col in df.columns and df.schema[col] != dtype and df.schema[col] != pl.Null:
-            raise SourceDataError(f"{name}: column {col!r} has type {df.schema[col]}, expected {dtype}")
-    df = df.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in OPTIONAL.items() if c not in df.columns])
-    df = df.select([pl.col(c).cast(t) for c, t in SCHEMA.items()]).with_columns(pl.col("kind").fill_null("open"))
+    df = _conform(df, name, REQUIRED, OPTIONAL, "a source table").with_columns(pl.col("kind").fill_null("open"))
 
     for i, row in enumerate(df.iter_rows(named=True), start=first_row):
         where = f"{name}: row {i} (id {quoted(row['id'])})"
@@ -161,14 +167,7 @@ JUDGEMENT_VERDICTS = ("A", "B", "tie")
 def validate_judgements(df: pl.DataFrame, name: str) -> pl.DataFrame:
     """Checks a judgement table (one row per judged pair: ``verdict`` is ``A`` when ``response_a`` is the better
     response, ``B`` for ``response_b``, ``tie``) and returns it with every column of ``JUDGEMENT_SCHEMA``."""
-    missing = [c for c in JUDGEMENT_REQUIRED if c not in df.columns]
-    if missing:
-        raise SourceDataError(f"{name}: missing required column(s) {missing}; a judgement table needs {list(JUDGEMENT_REQUIRED)}")
-    for col, dtype in JUDGEMENT_SCHEMA.items():
-        if col in df.columns and df.schema[col] != dtype and df.schema[col] != pl.Null:
-            raise SourceDataError(f"{name}: column {col!r} has type {df.schema[col]}, expected {dtype}")
-    df = df.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in JUDGEMENT_OPTIONAL.items() if c not in df.columns])
-    df = df.select([pl.col(c).cast(t) for c, t in JUDGEMENT_SCHEMA.items()])
+    df = _conform(df, name, JUDGEMENT_REQUIRED, JUDGEMENT_OPTIONAL, "a judgement table")
     for i, row in enumerate(df.iter_rows(named=True)):
         for col in JUDGEMENT_REQUIRED:
             if row[col] is None or not row[col].strip():

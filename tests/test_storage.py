@@ -47,12 +47,9 @@ def test_interrupted_file_write_keeps_the_old_version(store, monkeypatch):
     assert store.list("assets") == ["assets/a.json"]  # the aside copy was cleaned up
 
 
-def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch):
-    scorer_dir = tiny_dirs[1]
-    first = store.put_model("models/scorer", scorer_dir)
-    assert store.current_model("models/scorer") == first
-
-    calls = []
+def _upload_dies_on_third_file(store, model_dir, monkeypatch):
+    """``put_model`` with the connection lost at the third file it uploads."""
+    original, calls = store.fs.put_file, []
 
     def dies_on_third_file(src, dst, **kwargs):
         calls.append(dst)
@@ -60,11 +57,18 @@ def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch):
             raise OSError("connection reset")
         return original(src, dst, **kwargs)
 
-    original = store.fs.put_file
     monkeypatch.setattr(store.fs, "put_file", dies_on_third_file)
     with pytest.raises(OSError):
-        store.put_model("models/scorer", scorer_dir)
+        store.put_model("models/scorer", model_dir)
     monkeypatch.undo()
+
+
+def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch):
+    scorer_dir = tiny_dirs[1]
+    first = store.put_model("models/scorer", scorer_dir)
+    assert store.current_model("models/scorer") == first
+
+    _upload_dies_on_third_file(store, scorer_dir, monkeypatch)
     assert store.current_model("models/scorer") == first  # the half-uploaded version is never current
 
     second = store.put_model("models/scorer", scorer_dir)
@@ -102,19 +106,7 @@ def _versions(store, key):
 
 def test_a_version_whose_upload_died_is_never_used(store, tiny_dirs, monkeypatch):
     """Files uploaded but no manifest (it is written last): the version is refused even when named directly."""
-    original = store.fs.put_file
-    calls = []
-
-    def dies_on_third_file(src, dst, **kwargs):
-        calls.append(dst)
-        if len(calls) == 3:
-            raise OSError("connection reset")
-        return original(src, dst, **kwargs)
-
-    monkeypatch.setattr(store.fs, "put_file", dies_on_third_file)
-    with pytest.raises(OSError):
-        store.put_model("models/scorer", tiny_dirs[1])
-    monkeypatch.undo()
+    _upload_dies_on_third_file(store, tiny_dirs[1], monkeypatch)
     (partial,) = _versions(store, "models/scorer")
     assert store.exists(f"models/scorer/versions/{partial}/config.json")  # config.json alone once passed as complete
     with pytest.raises(StoreError, match="has no MANIFEST.json: its upload never completed"):
