@@ -231,13 +231,13 @@ def _print(rows: list[dict], as_json: bool) -> None:
 
 def evaluate(args) -> int:
     from src_assets.evaluation import evaluate_policy, with_blank_images
-    from src_assets.models import load_policy
+    from src_assets.models import Runtime, load_policy
     from src_assets.source_data import synthetic_source
     from src_assets.storage import Store
 
     store = Store(args.store) if args.store else Store()
     model_dir = store.local_model_dir(args.checkpoint) if "://" in args.checkpoint or Path(args.checkpoint).is_dir() else args.checkpoint
-    model, processor = load_policy(model_dir)
+    model, processor = load_policy(model_dir, Runtime(args.device, args.dtype))
     held_out = synthetic_source(args.seed, 0, 0, args.n)
     if args.images == "blank":
         held_out = with_blank_images(held_out)
@@ -268,6 +268,8 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--images", choices=("real", "blank"), default="real",
                    help="blank: every image replaced by a blank one of the same size (does the policy use its image?)")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    e.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that supports it), float32, bfloat16, float16")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=evaluate)
     x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
