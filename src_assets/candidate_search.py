@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .generation import PromptInputs, cache_rows, collate_prompts, never_generate, prompt_inputs, to_model
+from .generation import PromptInputs, cache_rows, collate_prompts, left_padded, never_generate, prompt_inputs, to_model
 from .verifier import split_response
 
 
@@ -132,12 +132,7 @@ class _Prompts:
         """The inputs for prompts ``index``, each followed by its ``extra`` tokens, and the cache they continue."""
         if self.cache is None:
             return collate_prompts([self.rows[i] for i in index], extra, self.pad_id), None
-        tails = [[self.last[i], *e] for i, e in zip(index, extra)]
-        n = max(map(len, tails))
-        new_ids = torch.full((len(index), n), self.pad_id, dtype=torch.long)
-        new_mask = torch.zeros_like(new_ids)
-        for r, t in enumerate(tails):
-            new_ids[r, n - len(t):], new_mask[r, n - len(t):] = torch.tensor(t), 1
+        new_ids, new_mask = left_padded([[self.last[i], *e] for i, e in zip(index, extra)], self.pad_id)
         rows = torch.tensor(index)
         batch = {"input_ids": torch.cat([self.ids[rows], new_ids], 1), "attention_mask": torch.cat([self.mask[rows], new_mask], 1)}
         return batch, cache_rows(self.cache, index)

@@ -83,6 +83,17 @@ def to_model(batch: dict, model) -> dict:
     return {k: v.to(model.device, dtype=model.dtype) if v.is_floating_point() else v.to(model.device) for k, v in batch.items()}
 
 
+def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch: ids and attention mask."""
+    width = max(map(len, seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
 def cache_rows(cache, rows: list[int]):
     """A new KV cache holding ``rows`` of ``cache`` (rows may repeat): how many continuations share one encoding."""
     from transformers import DynamicCache

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
-from .generation import cache_rows
+from .generation import cache_rows, left_padded
 from .verifier import split_response, verify
 
 VERDICTS = ("A", "B", "tie")
@@ -98,16 +98,6 @@ def verdict_continuations(tokenizer, prompts: list[str]) -> tuple[list[list[int]
     return base, tails
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
-    return ids, mask
-
-
 class _SharedPrefixes:
     """Consecutive judge prompts that begin alike, encoded once: a prompt's K(K-1) pairs share the question and
     the reference, which go into a KV cache that every pair of the group continues. Positions are counted from
@@ -128,7 +118,7 @@ class _SharedPrefixes:
             self.group += [len(prefixes) - 1] * (end - r)
             self.shared += [n] * (end - r)
             r = end
-        self.ids, self.mask = _left_padded(prefixes, pad_id)
+        self.ids, self.mask = left_padded(prefixes, pad_id)
         self.cache = None
         if self.ids.shape[1]:
             positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
@@ -137,7 +127,7 @@ class _SharedPrefixes:
 
     def last_logits(self, seqs: list[list[int]], keep: int) -> torch.Tensor:
         """The logits of the last ``keep`` positions of each full sequence (row r of the prompts it was built on)."""
-        rest, rest_mask = _left_padded([s[n:] for s, n in zip(seqs, self.shared)], self.pad_id)
+        rest, rest_mask = left_padded([s[n:] for s, n in zip(seqs, self.shared)], self.pad_id)
         device = self.model.device
         if self.cache is None:
             positions = (rest_mask.cumsum(-1) - 1).clamp(min=0)
