@@ -29,7 +29,7 @@ from .metadata import vqa_table_metadata
 from .resources import SettingsResource, StoreResource
 
 
-@asset(code_version="1", group_name="data", description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.")
+@asset(group_name="data", description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.")
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     named = []
@@ -56,7 +56,7 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
     return df
 
 
-@asset(code_version="1", group_name="data", description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.")
+@asset(group_name="data", description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.")
 def judgement_tables(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     files = s.list(cfg.judgements_prefix, ".parquet")
@@ -73,7 +73,7 @@ def judgement_tables(context: AssetExecutionContext, settings: SettingsResource,
     return df
 
 
-@asset(code_version="1", group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template.")
+@asset(group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template.")
 def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     try:
         df = build_rationale_sft_set(vqa_source)
@@ -85,7 +85,7 @@ def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) 
     return df
 
 
-@asset(code_version="1", group_name="data", description="The held-out rows every iteration is evaluated on.")
+@asset(group_name="data", description="The held-out rows every iteration is evaluated on.")
 def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     df = vqa_source.filter(pl.col("split") == "eval")
     if df.is_empty():
@@ -123,13 +123,13 @@ def _count_parameters(model_dir: Path) -> int:
     return total
 
 
-@asset(code_version="1", group_name="models", description="The policy VLM before any training: a tiny local VLM (LLaVA by default), or the configured real model.")
+@asset(group_name="models", description="The policy VLM before any training: a tiny local VLM (LLaVA by default), or the configured real model.")
 def base_policy_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
     return _base_model(context, cfg.policy_model, build_tiny_policy, cfg.tiny_policy_architecture, "models/base_policy_model", store, cfg)
 
 
-@asset(code_version="1", group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
+@asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
     if cfg.scorer_model == VERIFIER_JUDGE:

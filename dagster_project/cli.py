@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from src_assets.config import PROFILES
+from src_assets.storage import process_alive
 
 from .experiments import VARIANTS, experiment
 from .generation_benchmark import bench_generation
@@ -36,17 +37,22 @@ def _meta(result, asset: str) -> dict:
     return {}
 
 
+def _innermost(error) -> str:
+    """Dagster wraps an exception raised in a step or a resource ('Error occurred while executing op ...',
+    'Error executing resource_fn ...') with the real error as its cause: that cause's last line."""
+    while error.cause is not None and ("Error occurred while executing" in error.message or "resource_fn" in error.message):
+        error = error.cause
+    message = error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name
+    return message.removeprefix("dagster._core.definitions.events.Failure: ")
+
+
 def _failure(result) -> str:
-    """The failed step and its innermost cause: Dagster wraps an exception raised in a step as
-    'Error occurred while executing op ...', with the real error as its cause."""
+    """The failed step (or the resource that could not start) and its innermost cause."""
     for event in result.all_events:
         if event.is_step_failure:
-            error = event.step_failure_data.error
-            while error.cause is not None and "Error occurred while executing" in error.message:
-                error = error.cause
-            message = error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name
-            message = message.removeprefix("dagster._core.definitions.events.Failure: ")
-            return f"step {event.step_key} failed: {message}"
+            return f"step {event.step_key} failed: {_innermost(event.step_failure_data.error)}"
+        if event.event_type_value == "RESOURCE_INIT_FAILURE" and getattr(event.event_specific_data, "error", None):
+            return f"the run could not start: {_innermost(event.event_specific_data.error)}"
     return "the run failed"
 
 
@@ -90,16 +96,6 @@ def _overrides(pairs: list[str]) -> dict:
 RUN_HOST_TAG, RUN_PID_TAG, SETTINGS_TAG = "src/host", "src/pid", "src/settings"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _release_dead_runs(instance, log) -> None:
     """A run whose process died (``kill -9``, a lost machine) stays STARTED in the instance and keeps its ``gpu``
     pool slot, which would block every later run. Runs this machine's ``src-calibrate`` started whose process is
@@ -111,7 +107,7 @@ def _release_dead_runs(instance, log) -> None:
     live = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
     for run in instance.get_runs(RunsFilter(statuses=live, tags={RUN_HOST_TAG: socket.gethostname()})):
         pid = int(run.tags.get(RUN_PID_TAG, "0"))
-        if pid and pid != os.getpid() and not _alive(pid):
+        if pid and pid != os.getpid() and not process_alive(pid):
             instance.report_run_failed(run, message=f"its src-calibrate process {pid} is gone")
             log(f"run {run.run_id[:8]} died with its process {pid}: marked failed")
     storage = instance.event_log_storage
@@ -161,6 +157,7 @@ def run(args) -> int:
     from .automation import ITERATION_ASSETS, ITERATION_TAG
     from .loop_assets import iteration_key, iteration_partitions
     from .resources import SettingsResource, StoreResource
+    from .versions import with_code_versions
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
     try:
@@ -173,8 +170,9 @@ def run(args) -> int:
         return _usage_error(str(e))
     resources = build_resources(store, settings)
     instance = _instance()
-    foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
-    iteration = [a for a in all_assets if a not in foundation]
+    assets = with_code_versions(all_assets, cfg)  # so Dagster records the versions of this run's settings
+    foundation = [a for a in assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+    iteration = [a for a in assets if a not in foundation]
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
     tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest}
 

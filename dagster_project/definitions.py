@@ -4,9 +4,11 @@ from dagster import Definitions, in_process_executor, load_asset_checks_from_mod
 
 from . import assets, loop_assets
 from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
-from .resources import SettingsResource, StoreIOManager, StoreResource
+from .versions import with_code_versions
+from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource
 
-all_assets = load_assets_from_modules([assets, loop_assets])
+# Code versions under the environment's settings (SRC_PROFILE): what `dagster dev` materializes with.
+all_assets = with_code_versions(load_assets_from_modules([assets, loop_assets]), SettingsResource().config())
 # Checks defined apart from their asset's function (those inside it travel with the asset).
 all_checks = load_asset_checks_from_modules([assets, loop_assets])
 
@@ -14,7 +16,8 @@ all_checks = load_asset_checks_from_modules([assets, loop_assets])
 def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
     """The resources of a run; with no arguments, the store and profile come from the environment."""
     store = store or StoreResource()
-    return {"store": store, "io_manager": StoreIOManager(store=store), "settings": settings or SettingsResource()}
+    return {"store": store, "io_manager": StoreIOManager(store=store), "settings": settings or SettingsResource(),
+            "iteration_lease": IterationLeaseResource(store=store)}
 
 
 defs = Definitions(

@@ -6,12 +6,10 @@ resolve policy k-1 at run time from the store (k = 1: the SFT checkpoint) and
 fail with a clear message, writing nothing, when it is missing. Iterations are
 run one at a time, in order (see ``dagster.yaml``'s run queue).
 
-Every asset has a ``code_version``: bump it when the code that produces the asset changes, and Dagster marks
-it and what depends on it stale.
+Every asset's ``code_version`` follows its code and the settings it reads (``versions.py``), so Dagster marks it
+and what depends on it stale when either changes.
 """
 
-import hashlib
-import json
 import tempfile
 from dataclasses import asdict
 
@@ -51,8 +49,9 @@ from src_assets.storage import StoreError
 from src_assets.weighted_dpo import train_weighted_dpo
 
 from .metadata import counts_table, histogram_md, matrix_md, metric_values, table_preview
-from .resources import SettingsResource, StoreResource
+from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .training_log import DagsterLogCallback
+from .versions import digest
 
 iteration_partitions = DynamicPartitionsDefinition(name="iteration")
 GPU_POOL = "gpu"  # every asset that runs a model shares this concurrency pool
@@ -102,11 +101,6 @@ def _calibration_prompts(vqa_source: pl.DataFrame, key: str, n: int, skip: int) 
     return take
 
 
-def _inputs_fingerprint(*parts) -> str:
-    """A digest of everything a training depends on: its settings, its base model's recipe, its data."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _table_digest(df: pl.DataFrame) -> str:
     return str(int(df.hash_rows(seed=0).cast(pl.UInt64).sum()))
 
@@ -137,11 +131,11 @@ def _base_recipe(ref: str, cfg) -> dict:
     return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architectures": architectures}
 
 
-@asset(code_version="1", group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
+@asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
-    fingerprint = _inputs_fingerprint(_base_recipe(cfg.policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
+    fingerprint = digest(_base_recipe(cfg.policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
     uri = _trained_before(context, s, SFT_KEY, fingerprint, cfg)
     if uri is not None:
         context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
@@ -156,7 +150,7 @@ def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFra
     return uri
 
 
-@asset(code_version="1", group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
+@asset(group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
 def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
                         judgement_tables: pl.DataFrame, settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
@@ -167,7 +161,7 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
         return base_r_scorer_model  # a pretrained judge, used zero-shot
     prompts = vqa_source.filter(pl.col("split") == "calibrate").head(cfg.scorer_prompts)
-    fingerprint = _inputs_fingerprint(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
+    fingerprint = digest(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
                                       asdict(cfg.judge()), asdict(cfg.search()), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
                                       _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
                                       _table_digest(judgement_tables))
@@ -203,7 +197,7 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     return uri
 
 
-@asset(code_version="1", group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
+@asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
 def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, settings: SettingsResource,
              store: StoreResource) -> pl.DataFrame:
     cfg = settings.config()
@@ -229,12 +223,12 @@ def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.Dat
         "required_drop": cfg.min_blank_image_drop})
 
 
-@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="K distinct complete responses per prompt from policy k-1, by sentence-level beam search.",
        check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
                                    description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).")])
 def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_source: pl.DataFrame,
-                   settings: SettingsResource, store: StoreResource):
+                   settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource):
     cfg, s, key = settings.config(), store.store(), context.partition_key
     policy_uri = previous_policy(s, sft_checkpoint, key)
     prompts = _calibration_prompts(vqa_source, key, cfg.prompts_per_iteration, cfg.scorer_prompts)
@@ -254,10 +248,10 @@ def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_sour
                            metadata={"prompts_with_two_or_more": with_two, "prompts": prompts.height})
 
 
-@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.")
 def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, r_scorer_checkpoint: str, vqa_source: pl.DataFrame,
-                    settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+                    settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     prompts = vqa_source.filter(pl.col("id").is_in(candidate_pool["prompt_id"].unique().implode()))
     if r_scorer_checkpoint == VERIFIER_JUDGE:
@@ -285,7 +279,7 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
     return scores
 
 
-@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions,
+@asset(group_name="iteration", partitions_def=iteration_partitions,
        description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
        check_specs=[
            AssetCheckSpec("weights_in_unit_interval", asset="preference_set", description="Every pair weight is in [0, 1]."),
@@ -295,7 +289,7 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
                           description="At least one pair is kept; otherwise this iteration trains nothing (WARN)."),
        ])
 def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
-                   vqa_source: pl.DataFrame, settings: SettingsResource):
+                   vqa_source: pl.DataFrame, settings: SettingsResource, iteration_lease: IterationLeaseResource):
     cfg = settings.config()
     prompts = vqa_source.filter(pl.col("id").is_in(pairwise_scores["prompt_id"].implode()))
     prefs = curate_preferences(candidate_pool, pairwise_scores, prompts, cfg.curation())
@@ -320,10 +314,10 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
                            metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
 
 
-@asset(code_version="1", group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="Policy k: policy k-1 trained with confidence-weighted DPO on the kept pairs (reference = policy k-1).")
 def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, sft_checkpoint: str,
-                      settings: SettingsResource, store: StoreResource) -> str:
+                      settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource) -> str:
     cfg, s, key = settings.config(), store.store(), context.partition_key
     start = previous_policy(s, sft_checkpoint, key)
     if not preference_set["kept"].any():
@@ -343,12 +337,12 @@ def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFra
     return uri
 
 
-@asset(code_version="1", group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
        description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over policy k-1.",
        check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
                                    description="Accuracy and consistency do not fall below iteration k-1's by more than the tolerance (WARN).")])
 def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, eval_set: pl.DataFrame, sft_checkpoint: str,
-                   r_scorer_checkpoint: str, preference_set: pl.DataFrame, settings: SettingsResource, store: StoreResource):
+                   r_scorer_checkpoint: str, preference_set: pl.DataFrame, settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource):
     s, key = store.store(), context.partition_key
     cfg = settings.config()
     model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())

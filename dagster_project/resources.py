@@ -1,15 +1,16 @@
 """Resources: where artefacts live (the store), how tables travel (the IO manager), and the run settings."""
 
 
+import contextlib
 import os
 from typing import Any, Optional
 
 import polars as pl
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from dagster import ConfigurableIOManager, ConfigurableResource, Failure, InitResourceContext, InputContext, OutputContext
 from pydantic import Field
 
 from src_assets.config import SRCConfig, TINY, profile
-from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, STORE_ENV, Store
+from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, LEASE_TTL_S, STORE_ENV, LeaseHeld, Store
 
 
 class StoreResource(ConfigurableResource):
@@ -23,6 +24,42 @@ class StoreResource(ConfigurableResource):
 
     def store(self) -> Store:
         return Store(self.base_uri, self.s3_endpoint_url or None)
+
+
+PARTITION_TAG = "dagster/partition"
+
+
+class IterationLeaseResource(ConfigurableResource):
+    """One writer per iteration. A run of iteration k holds the store's lease ``leases/iteration/<k>.json`` from
+    the start of its first iteration step to the end of its last; a second run of k, from this Dagster instance
+    or another one sharing the store, fails before it writes anything, naming the run that holds it. A run
+    killed with ``kill -9`` stops its heartbeat: its lease is taken over at once on the same host (its process
+    is gone) and after ``ttl_s`` seconds from any other."""
+
+    store: StoreResource
+    ttl_s: float = LEASE_TTL_S
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: InitResourceContext):
+        run = context.dagster_run
+        key = run.tags.get(PARTITION_TAG) if run is not None else None
+        if key is None:  # not a run of one iteration (e.g. a direct call in a test): nothing to guard
+            yield self
+            return
+        try:
+            lease = self.store.store().acquire_lease(lease_key(key), run.run_id, self.ttl_s, job=run.job_name)
+        except LeaseHeld as e:
+            raise Failure(f"iteration {key} is being written by another run, so this run writes nothing: its lease {e}. "
+                          f"Wait for that run to end; a dead run's lease is taken over once its heartbeat is "
+                          f"{self.ttl_s:.0f} s old") from e
+        try:
+            yield self
+        finally:
+            lease.release()
+
+
+def lease_key(iteration: str) -> str:
+    return f"leases/iteration/{iteration}.json"
 
 
 class SettingsResource(ConfigurableResource):

@@ -12,6 +12,14 @@ directories. Every write is atomic:
   and the older version stays in place. Downloads are checked against the
   manifest, into a cache private to the user (``~/.cache``, mode 0700).
 
+One writer at a time: ``acquire_lease`` creates a lease file only if none
+exists (``O_EXCL`` semantics: a hard link on local disk, a conditional put,
+``If-None-Match: *``, on S3), so of two runs that want to write the same
+iteration, from one Dagster instance or from two sharing the store, exactly one
+gets it. The holder's heartbeat keeps it fresh; a lease whose process is gone
+(same host) or whose heartbeat stopped (any host, after its ``ttl_s``) is taken
+over, so a killed run blocks nobody for long.
+
 Credentials are never passed through here: s3fs reads them from the
 environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, or an
 instance role).
@@ -24,7 +32,9 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,8 +48,15 @@ STORE_ENV = "SRC_STORE_URI"
 ENDPOINT_ENV = "SRC_S3_ENDPOINT_URL"
 
 
+LEASE_TTL_S = 300.0  # a lease whose heartbeat is older than this is abandoned (its holder died on another host)
+
+
 class StoreError(RuntimeError):
     """A missing or unreadable artefact; the message names its URI."""
+
+
+class LeaseHeld(StoreError):
+    """Another live writer holds the lease; the message names it (run, host, pid, since when)."""
 
 
 class Store:
@@ -149,6 +166,75 @@ class Store:
         except ValueError as e:
             raise StoreError(f"{self.uri(key)} is not valid JSON ({e}); was it written by hand or cut short?") from e
 
+    # -- leases: one writer at a time ------------------------------------------
+    def _create_exclusive(self, key: str, data: bytes) -> bool:
+        """Writes ``key`` only if it does not exist; False if it does. The file appears whole or not at all."""
+        path = self._path(key)
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(path, data, mode="create")  # PutObject with If-None-Match: *
+                return True
+            except FileExistsError:
+                return False
+        parent = path.rsplit("/", 1)[0]
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)  # fails if the lease exists, atomically, like O_EXCL, but never leaves it half-written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _read_lease(self, key: str) -> dict | None:
+        try:
+            record = json.loads(self.fs.cat_file(self._path(key)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # unreadable: treated as abandoned once its file is older than the TTL
+        return record if isinstance(record, dict) else {}
+
+    def acquire_lease(self, key: str, owner: str, ttl_s: float = LEASE_TTL_S, **about) -> "Lease":
+        """The lease ``key`` for ``owner`` (a run id), or ``LeaseHeld`` naming the live holder.
+
+        The same owner may acquire it again (a retried step of the same run). A lease whose holder is gone is
+        taken over: its process is dead on this host, or its heartbeat is older than its own ``ttl_s``."""
+        record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "acquired": time.time(),
+                  "ttl_s": ttl_s, **about}
+        for _ in range(3):
+            if self._create_exclusive(key, json.dumps({**record, "heartbeat": time.time()}).encode()):
+                return Lease(self, key, record)
+            held = self._read_lease(key)
+            if held is None:
+                continue  # released meanwhile: try again
+            if held.get("owner") == owner:
+                return Lease(self, key, record)
+            why = self._abandoned(key, held)
+            if why is None:
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("acquired", 0)))
+                raise LeaseHeld(f"{self.uri(key)} is held by {held.get('owner', '?')} (host {held.get('host', '?')}, "
+                                f"pid {held.get('pid', '?')}, since {since})")
+            if self._read_lease(key) == held:  # nobody took it over between our two reads
+                self.delete(key)
+        raise LeaseHeld(f"{self.uri(key)}: could not take the lease; another writer keeps taking it")
+
+    def _abandoned(self, key: str, held: dict) -> str | None:
+        """Why a lease's holder is gone, or None while it lives."""
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not process_alive(held["pid"]):
+            return f"its process {held['pid']} is gone"
+        heartbeat = held.get("heartbeat")
+        if heartbeat is None:
+            try:
+                heartbeat = self.fs.modified(self._path(key)).timestamp()
+            except (FileNotFoundError, NotImplementedError, AttributeError):
+                return None
+        age = time.time() - float(heartbeat)
+        return f"no heartbeat for {age:.0f} s" if age > float(held.get("ttl_s", LEASE_TTL_S)) else None
+
     # -- model directories ---------------------------------------------------
     def put_model(self, key: str, local_dir: str | Path) -> str:
         """Uploads a model directory as a new version of ``key``, its manifest last, and makes it current."""
@@ -225,6 +311,57 @@ class Store:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(local)
+
+
+class Lease:
+    """A held lease: a daemon thread refreshes its heartbeat every ``ttl_s / 5`` until ``release()``.
+
+    A process that dies stops beating, which is how other writers learn it is gone."""
+
+    def __init__(self, store: Store, key: str, record: dict):
+        self.store, self.key, self.record = store, key, record
+        self.lost = False  # set when another writer took the lease over (this one was thought dead)
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._beat_until_released, name=f"lease {key}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        held = self.store._read_lease(self.key)
+        if held is not None and held and held.get("owner") != self.record["owner"]:
+            self.lost = True
+            return
+        self.store.write_json(self.key, {**self.record, "heartbeat": time.time()})
+
+    def _beat_until_released(self) -> None:
+        while not self._stop.wait(self.record["ttl_s"] / 5):
+            try:
+                self._beat()
+            except Exception:  # a store that is briefly unreachable: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        held = self.store._read_lease(self.key)
+        if held is not None and held.get("owner") == self.record["owner"]:
+            self.store.delete(self.key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, alive
+    return True
 
 
 def _sha256(file: Path) -> str:

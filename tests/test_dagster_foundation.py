@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, Definitions, materialize
 
 from dagster_project.definitions import all_assets as every_asset
 from dagster_project.definitions import build_resources, defs
@@ -101,7 +101,7 @@ def test_assets_materialize_into_s3(s3_endpoint):
 
 
 def test_definitions_carry_the_resources():
-    assert set(defs.resources) == {"store", "io_manager", "settings"}
+    assert set(defs.resources) == {"store", "io_manager", "settings", "iteration_lease"}
 
 
 def test_every_asset_has_a_code_version():
@@ -109,3 +109,43 @@ def test_every_asset_has_a_code_version():
 
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys() if graph.get(k).code_version is None} == {}
+
+
+def _versions(cfg):
+    from dagster_project.versions import with_code_versions
+
+    return {a.key.to_user_string(): a.specs_by_key[a.key].code_version for a in with_code_versions(every_asset, cfg)}
+
+
+def test_a_setting_changes_the_code_version_of_exactly_the_assets_that_read_it():
+    from src_assets.config import profile
+
+    base = _versions(profile("smoke"))
+    changed = lambda **kw: {name for name, v in _versions(profile("smoke", **kw)).items() if v != base[name]}
+    assert changed(tau=0.3) == {"pairwise_scores", "preference_set"}
+    assert changed(sft_epochs=2.0) == {"sft_checkpoint"}
+    assert changed(beta=0.2) == {"policy_checkpoint"}
+    assert changed(n_sft=61) == {"vqa_source"}
+    assert changed(seed=1) >= {"vqa_source", "base_policy_model", "sft_checkpoint", "candidate_pool"}
+    assert all(".settings-" in v and v.startswith("code-") for v in base.values())
+
+
+def test_dagster_marks_an_asset_stale_when_its_settings_change(tmp_path):
+    from dagster import AssetKey
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    from dagster_project.versions import with_code_versions
+    from src_assets.config import profile
+
+    instance = DagsterInstance.ephemeral()
+    data = [a for a in every_asset if a.key.to_user_string() in ("vqa_source", "rationale_sft_set")]
+    assert materialize(with_code_versions(data, profile("smoke")), instance=instance, resources=_resources(str(tmp_path))).success
+
+    def status(cfg, name):
+        graph = Definitions(assets=with_code_versions(data, cfg), resources=_resources(str(tmp_path))).resolve_asset_graph()
+        return CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance)).get_status(AssetKey(name))
+
+    assert status(profile("smoke"), "vqa_source") == StaleStatus.FRESH
+    assert status(profile("smoke", n_sft=61), "vqa_source") == StaleStatus.STALE
+    assert status(profile("smoke", tau=0.3), "vqa_source") == StaleStatus.FRESH  # vqa_source does not read tau

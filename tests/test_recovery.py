@@ -50,3 +50,39 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     again = subprocess.run(fresh, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(_versions(store_dir, "sft_checkpoint")) == 2 and len(_versions(store_dir, "policy_checkpoint/001")) == 2
+
+
+def test_two_runs_of_one_iteration_exactly_one_writes(tmp_path):
+    """Run A holds iteration 001's lease (stopped with SIGSTOP while it does). Run B, from another Dagster
+    instance sharing the store, is refused before writing anything; run C, from A's own instance, waits for
+    the pool A holds and then finds the iteration complete. One policy version is written, and A's evaluation
+    names A's checkpoint."""
+    command, env_a = _cli(tmp_path, "--iterations", "1")
+    store = Store(str(tmp_path / "store"))
+    a = subprocess.Popen(command, env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not store.exists("leases/iteration/001.json"):
+        assert a.poll() is None, "run A ended before it held the lease"
+        assert time.monotonic() < deadline, "run A never started iteration 001"
+        time.sleep(0.05)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        env_b = {**env_a, "DAGSTER_HOME": str(tmp_path / "home_b")}
+        b = subprocess.run(command, env=env_b, capture_output=True, text=True, timeout=300)
+        assert b.returncode == 1
+        assert "iteration 001 is being written by another run, so this run writes nothing" in b.stderr
+        assert store.read_json("leases/iteration/001.json")["pid"] == a.pid  # B took nothing over
+        c = subprocess.Popen(command, env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)  # C starts while A is still stopped: its model steps wait for the gpu pool
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out_a, err_a = a.communicate(timeout=300)
+    assert a.returncode == 0, err_a[-3000:]
+    out_c, err_c = c.communicate(timeout=300)
+    assert c.returncode == 0, err_c[-3000:]
+    assert "iteration 001: already complete" in err_c
+    assert len(_versions(tmp_path / "store" / "models", "policy_checkpoint/001")) == 1
+    row_a, row_c = json.loads(out_a)[1], json.loads(out_c)[1]
+    committed = store.current_model("models/policy_checkpoint/001")
+    assert row_a["checkpoint"] == row_c["checkpoint"] == committed
+    assert not store.exists("leases/iteration/001.json")  # released at the end of A's run

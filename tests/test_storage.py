@@ -158,3 +158,108 @@ def test_remote_checkpoints_are_verified_into_a_private_cache(s3_endpoint, tiny_
 def test_the_default_model_cache_is_per_user(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert Store(str(tmp_path / "store")).cache_dir == tmp_path / "xdg" / "src_calibration" / "models"
+
+
+# -- one writer at a time ---------------------------------------------------------------------------------------
+
+
+def test_a_lease_has_one_holder_until_it_is_released(store):
+    from src_assets.storage import LeaseHeld
+
+    first = store.acquire_lease("leases/iteration/001.json", "run-a", ttl_s=60)
+    with pytest.raises(LeaseHeld, match=r"leases/iteration/001.json is held by run-a \(host .*, pid \d+, since"):
+        store.acquire_lease("leases/iteration/001.json", "run-b", ttl_s=60)
+    again = store.acquire_lease("leases/iteration/001.json", "run-a", ttl_s=60)  # the same run's next step
+    again.release()
+    first.release()  # already released by the same run: nothing left to delete
+    assert not store.exists("leases/iteration/001.json")
+    with store.acquire_lease("leases/iteration/001.json", "run-b", ttl_s=60):
+        assert store.read_json("leases/iteration/001.json")["owner"] == "run-b"
+    assert not store.exists("leases/iteration/001.json")
+
+
+def test_a_lease_whose_holder_died_is_taken_over(store):
+    import socket
+    import subprocess
+    import time
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no process has any more
+    here = {"owner": "run-dead", "host": socket.gethostname(), "pid": dead.pid, "acquired": time.time(),
+            "heartbeat": time.time(), "ttl_s": 60}
+    store.write_json("leases/a.json", here)
+    with store.acquire_lease("leases/a.json", "run-new", ttl_s=60):
+        assert store.read_json("leases/a.json")["owner"] == "run-new"
+    # On another host only the heartbeat tells: a fresh one is respected, one older than its TTL is not.
+    from src_assets.storage import LeaseHeld
+
+    elsewhere = {**here, "host": "another-host", "pid": 1}
+    store.write_json("leases/b.json", elsewhere)
+    with pytest.raises(LeaseHeld, match="held by run-dead"):
+        store.acquire_lease("leases/b.json", "run-new", ttl_s=60)
+    store.write_json("leases/b.json", {**elsewhere, "heartbeat": time.time() - 61})
+    with store.acquire_lease("leases/b.json", "run-new", ttl_s=60):
+        pass
+
+
+def test_the_holder_heartbeat_keeps_a_lease_fresh(tmp_path):
+    import time
+
+    store = Store(str(tmp_path / "store"))
+    with store.acquire_lease("leases/x.json", "run-a", ttl_s=0.5):
+        first = store.read_json("leases/x.json")["heartbeat"]
+        time.sleep(0.6)
+        assert store.read_json("leases/x.json")["heartbeat"] > first  # beats every ttl/5
+        from src_assets.storage import LeaseHeld
+
+        with pytest.raises(LeaseHeld):
+            store.acquire_lease("leases/x.json", "run-b", ttl_s=0.5)
+
+
+def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tiny_dirs, tmp_path):
+    """A real S3 server (moto's, on loopback) stopped after the second file of an upload, then restarted with
+    its data: the half-uploaded version is never current, never downloaded, and the next upload commits."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from src_assets.models import load_scorer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import os
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="stopped-mid-upload")
+    store = Store("s3://stopped-mid-upload/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path / "cache"))
+    try:
+        first = store.put_model("models/scorer", tiny_dirs[1])
+        original, uploaded = store.fs.put_file, []
+
+        def server_stops_after_two_files(src, dst, **kwargs):
+            if len(uploaded) == 2:
+                server.stop()
+            uploaded.append(dst)
+            return original(src, dst, **kwargs)
+
+        store.fs.put_file = server_stops_after_two_files
+        with pytest.raises(Exception) as died:
+            store.put_model("models/scorer", tiny_dirs[1])
+        assert "connect" in str(died.value).lower()
+        del store.fs.put_file
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # same data, same port
+        server.start()
+        fresh = Store("s3://stopped-mid-upload/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path / "cache2"))
+        versions = _versions(fresh, "models/scorer")
+        assert len(versions) == 2 and fresh.current_model("models/scorer") == first
+        (partial,) = [v for v in versions if not first.endswith(v)]
+        with pytest.raises(StoreError, match="has no MANIFEST.json"):
+            fresh.local_model_dir(fresh.uri(f"models/scorer/versions/{partial}"))
+        assert not any((tmp_path / "cache2").glob("*/config.json"))  # nothing of it was cached
+        second = fresh.put_model("models/scorer", tiny_dirs[1])
+        assert fresh.current_model("models/scorer") == second
+        model, tokenizer = load_scorer(fresh.local_model_dir(second))
+        assert model.config.vocab_size == len(tokenizer)
+    finally:
+        server.stop()
