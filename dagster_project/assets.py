@@ -25,6 +25,7 @@ from src_assets.source_data import (
 )
 from src_assets.tiny_models import build_tiny_judge, build_tiny_policy
 
+from . import store_layout
 from .metadata import vqa_table_metadata
 from .resources import SettingsResource, StoreResource
 
@@ -126,7 +127,7 @@ def _count_parameters(model_dir: Path) -> int:
 @asset(group_name="models", description="The policy VLM before any training: a tiny local VLM (LLaVA by default), or the configured real model.")
 def base_policy_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
-    return _base_model(context, cfg.policy_model, build_tiny_policy, cfg.tiny_policy_architecture, "models/base_policy_model", store, cfg)
+    return _base_model(context, cfg.policy_model, build_tiny_policy, cfg.tiny_policy_architecture, store_layout.BASE_POLICY_MODEL, store, cfg)
 
 
 @asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
@@ -135,4 +136,4 @@ def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResour
     if cfg.scorer_model == VERIFIER_JUDGE:
         context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE)})
         return VERIFIER_JUDGE  # the oracle judge has no model
-    return _base_model(context, cfg.scorer_model, build_tiny_judge, cfg.tiny_scorer_architecture, "models/base_r_scorer_model", store, cfg)
+    return _base_model(context, cfg.scorer_model, build_tiny_judge, cfg.tiny_scorer_architecture, store_layout.BASE_SCORER_MODEL, store, cfg)

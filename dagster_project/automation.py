@@ -19,10 +19,12 @@ from dagster import (
     sensor,
 )
 
-from .loop_assets import POLICY_KEY, iteration_key, iteration_partitions
+from . import store_layout
+from .loop_assets import iteration_key, iteration_partitions
 from .resources import SettingsResource, StoreResource
 
-ITERATION_ASSETS = ("candidate_pool", "pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval")
+ITERATION_ASSETS = ("start_policy", "calibration_prompts", "candidate_pool", "pairwise_scores", "preference_set",
+                    "policy_checkpoint", "iteration_eval")
 # Runs of this job carry this tag; dagster.yaml's run queue lets one such run go at a time, so iterations run in order.
 ITERATION_TAG = {"src/iteration_run": "true"}
 
@@ -53,7 +55,7 @@ def next_iteration(store) -> str:
     """The first iteration whose policy is not committed in the store: after a failed iteration it is that one
     again (retried, not skipped), and iterations stay in order."""
     k = 1
-    while store.current_model(f"{POLICY_KEY}/{iteration_key(k)}") is not None:
+    while store.current_model(store_layout.policy_model(iteration_key(k))) is not None:
         k += 1
     return iteration_key(k)
 

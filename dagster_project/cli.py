@@ -129,10 +129,10 @@ def _completed_iteration(instance, store, key: str, start: str, settings_digest:
     policy is still the committed one: a rerun after a crash continues from there instead of recomputing it."""
     from dagster import AssetKey, AssetRecordsFilter
 
-    from .loop_assets import POLICY_KEY
+    from . import store_layout
 
     events = {}
-    for asset in ("pairwise_scores", "policy_checkpoint", "iteration_eval"):
+    for asset in ("pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval"):
         records = instance.fetch_materializations(AssetRecordsFilter(AssetKey(asset), asset_partitions=[key]), limit=1).records
         if not records:
             return None
@@ -140,18 +140,47 @@ def _completed_iteration(instance, store, key: str, start: str, settings_digest:
     meta = {a: {k: v.value for k, v in e.asset_materialization.metadata.items()} for a, e in events.items()}
     run = instance.get_run_by_id(events["iteration_eval"].run_id)
     if (run is None or run.tags.get(SETTINGS_TAG) != settings_digest or meta["policy_checkpoint"].get("started_from") != start
-            or meta["iteration_eval"].get("checkpoint") != store.current_model(f"{POLICY_KEY}/{key}")):
+            or meta["iteration_eval"].get("checkpoint") != store.current_model(store_layout.policy_model(key))):
         return None
-    m = {**meta["pairwise_scores"], **meta["iteration_eval"]}
+    m = {**meta["pairwise_scores"], **meta["preference_set"], **meta["iteration_eval"]}
     return {"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")}
+
+
+def _quiet_libraries() -> None:
+    """Without -v: no per-file loading bars, dataset-map bars or deprecation warnings from the libraries, so a
+    run's stderr is its step lines and progress bars."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _materialize(assets, instance, resources, tags, verbose: bool, selection=None, partition_key=None):
+    """One run of ``assets`` (``selection`` of them) in ``instance``; its log is one line per finished step
+    (``step_log``), or Dagster's event stream with ``verbose``."""
+    from dagster import Definitions, define_asset_job
+
+    from .step_log import step_lines
+
+    job = "src_calibrate_run"
+    defs = Definitions(assets=assets, jobs=[define_asset_job(job, selection=selection)], resources=resources,
+                       loggers={} if verbose else {"console": step_lines})  # execute_in_process runs in this process
+    return defs.resolve_job_def(job).execute_in_process(
+        run_config=None if verbose else {"loggers": {"console": {}}}, instance=instance, partition_key=partition_key,
+        raise_on_error=False, tags=tags)
 
 
 def run(args) -> int:
     import hashlib
     import socket
     from dataclasses import asdict
-
-    from dagster import materialize
 
     from .definitions import all_assets, all_checks, build_resources
     from .automation import ITERATION_ASSETS, ITERATION_TAG
@@ -177,9 +206,11 @@ def run(args) -> int:
     tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest}
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if not args.verbose:
+        _quiet_libraries()
     _release_dead_runs(instance, log)
-    log(f"materializing data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
-    result = materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False, tags=tags)
+    log(f"data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
+    result = _materialize([*foundation, *all_checks], instance, resources, tags, args.verbose)
     if not result.success:
         print(_failure(result), file=sys.stderr)
         return 1
@@ -199,14 +230,14 @@ def run(args) -> int:
             start = done["checkpoint"]
             continue
         log(f"iteration {key}")
-        result = materialize(iteration + foundation, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance,
-                             resources=resources, raise_on_error=False, tags={**ITERATION_TAG, **tags})
+        result = _materialize(iteration + foundation, instance, resources, {**ITERATION_TAG, **tags}, args.verbose,
+                              selection=list(ITERATION_ASSETS), partition_key=key)
         if not result.success:
             print(_failure(result), file=sys.stderr)
             return 1
         if not _checks_passed(result, log):
             return 1
-        m = {**_meta(result, "pairwise_scores"), **_meta(result, "iteration_eval")}
+        m = {**_meta(result, "pairwise_scores"), **_meta(result, "preference_set"), **_meta(result, "iteration_eval")}
         rows.append({"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")})
         start = m.get("checkpoint")
     _print(rows, args.json)
@@ -256,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event stream and the libraries' own output")
     p.add_argument("--fresh", action="store_true",
                    help="recompute everything: no SFT, R-Scorer or completed iteration of an earlier run is reused")
     p.set_defaults(fn=run)

@@ -1,13 +1,22 @@
 """The SRC loop as assets: SFT and R-Scorer checkpoints, then one partition per iteration.
 
-Dagster cannot declare "iteration k depends on policy k-1" (a cycle at the
-asset-key level), so ``candidate_pool[k]`` and ``policy_checkpoint[k]``
-resolve policy k-1 at run time from the store (k = 1: the SFT checkpoint) and
-fail with a clear message, writing nothing, when it is missing. Iterations are
-run one at a time, in order (see ``dagster.yaml``'s run queue).
+One iteration reads top to bottom (docs/method.md explains each stage):
+
+    start_policy[k]         policy k-1, resolved once (k = 1: the SFT checkpoint) and recorded
+    calibration_prompts[k]  iteration k's prompt rows (never the R-Scorer's)
+    candidate_pool[k]       K responses per prompt from start_policy[k]
+    pairwise_scores[k]      every ordered pair judged, debiased, aggregated
+    preference_set[k]       confidence-weighted (chosen, rejected) pairs; a blocking check guards training
+    policy_checkpoint[k]    weighted DPO from start_policy[k] (also the reference)
+    iteration_eval[k]       policy k on the held-out set, and its win rate over start_policy[k]
+
+Dagster cannot declare "iteration k depends on policy k-1" (a cycle at the asset-key level), so
+``start_policy[k]`` looks policy k-1 up in the store at run time and fails with a clear message, writing
+nothing, when it is missing; every later step takes it from there. Iterations run one at a time, in order
+(``dagster.yaml``'s run queue), and one run at a time writes an iteration (``IterationLeaseResource``).
 
 Every asset's ``code_version`` follows its code and the settings it reads (``versions.py``), so Dagster marks it
-and what depends on it stale when either changes.
+stale when either changes.
 """
 
 import tempfile
@@ -16,10 +25,10 @@ from dataclasses import asdict
 import polars as pl
 from dagster import (
     AssetCheckResult,
-    AssetIn,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
     DynamicPartitionsDefinition,
     Failure,
     MetadataValue,
@@ -29,7 +38,7 @@ from dagster import (
 )
 
 from src_assets.candidate_search import sentence_beam_search
-from src_assets.evaluation import METRICS, evaluate_policy, judge_win_rate, summarize, verifier_win_rate, with_blank_images
+from src_assets.evaluation import evaluate_policy, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
 from src_assets.generation import generate_responses
 from src_assets.models import load_policy, load_scorer, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
@@ -45,9 +54,11 @@ from src_assets.r_scorer import (
     verifier_matrices,
 )
 from src_assets.rationale_sft import train_rationale_sft
+from src_assets.source_data import SourceDataError, iteration_prompt_rows, scorer_prompt_rows
 from src_assets.storage import StoreError
 from src_assets.weighted_dpo import train_weighted_dpo
 
+from . import store_layout
 from .metadata import counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .training_log import DagsterLogCallback
@@ -67,47 +78,13 @@ def iteration_number(key: str) -> int:
     return int(key)
 
 
-POLICY_KEY = "models/policy_checkpoint"
-SFT_KEY = "models/sft_checkpoint"
-SCORER_KEY = "models/r_scorer_checkpoint"
-
-
-def previous_policy(store, sft_uri: str, key: str) -> str:
-    """The policy iteration ``key`` starts from: the SFT checkpoint for 001, else policy_checkpoint of k-1."""
-    k = iteration_number(key)
-    if k == 1:
-        return sft_uri
-    prev = iteration_key(k - 1)
-    uri = store.current_model(f"{POLICY_KEY}/{prev}")
-    if uri is None:
-        raise Failure(
-            f"iteration {key} needs the policy of iteration {prev}, but policy_checkpoint[{prev}] is not in the store "
-            f"({store.uri(POLICY_KEY + '/' + prev)}); materialize iteration {prev} first (iterations run in order)",
-            metadata={"missing_predecessor": MetadataValue.text(prev)},
-        )
-    return uri
-
-
-def _calibration_prompts(vqa_source: pl.DataFrame, key: str, n: int, skip: int) -> pl.DataFrame:
-    """Iteration k's prompts: the k-th slice of the calibrate rows after the ``skip`` the R-Scorer trained on,
-    wrapping around when they run out."""
-    rows = vqa_source.filter(pl.col("split") == "calibrate")
-    if rows.is_empty():
-        raise Failure("vqa_source has no rows with split 'calibrate' to calibrate on")
-    start = (skip + (iteration_number(key) - 1) * n) % rows.height
-    take = rows.slice(start, n)
-    if take.height < n:
-        take = pl.concat([take, rows.head(min(n - take.height, rows.height - take.height))])
-    return take
-
-
 def _table_digest(df: pl.DataFrame) -> str:
     return str(int(df.hash_rows(seed=0).cast(pl.UInt64).sum()))
 
 
 def _trained_before(context, store, key: str, fingerprint: str, cfg) -> str | None:
     """The model a previous run trained from exactly these inputs, if the store still holds it."""
-    record = f"{key}/by_inputs/{fingerprint}.json"
+    record = store_layout.trained_from(key, fingerprint)
     if not cfg.reuse_checkpoints or not store.exists(record):
         return None
     uri = store.read_json(record)["uri"]
@@ -120,7 +97,7 @@ def _trained_before(context, store, key: str, fingerprint: str, cfg) -> str | No
 
 
 def _remember_trained(store, key: str, fingerprint: str, uri: str) -> None:
-    store.write_json(f"{key}/by_inputs/{fingerprint}.json", {"uri": uri})
+    store.write_json(store_layout.trained_from(key, fingerprint), {"uri": uri})
 
 
 def _base_recipe(ref: str, cfg) -> dict:
@@ -136,15 +113,15 @@ def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFra
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
     fingerprint = digest(_base_recipe(cfg.policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
-    uri = _trained_before(context, s, SFT_KEY, fingerprint, cfg)
+    uri = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
     if uri is not None:
         context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
         return uri
     with tempfile.TemporaryDirectory() as out:
         result = train_rationale_sft(s.local_model_dir(base_policy_model), rationale_sft_set, out, cfg.sft_settings(),
                                      callbacks=[DagsterLogCallback(context.log, "rationale SFT")])
-        uri = s.put_model(SFT_KEY, out)
-    _remember_trained(s, SFT_KEY, fingerprint, uri)
+        uri = s.put_model(store_layout.SFT_MODEL, out)
+    _remember_trained(s, store_layout.SFT_MODEL, fingerprint, uri)
     context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
                                  "train_loss": result["train_loss"], "steps": result["steps"]})
     return uri
@@ -160,12 +137,12 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
         return base_r_scorer_model  # a pretrained judge, used zero-shot
-    prompts = vqa_source.filter(pl.col("split") == "calibrate").head(cfg.scorer_prompts)
+    prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
     fingerprint = digest(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
                                       asdict(cfg.judge()), asdict(cfg.search()), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
                                       _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
                                       _table_digest(judgement_tables))
-    uri = _trained_before(context, s, SCORER_KEY, fingerprint, cfg)
+    uri = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
     if uri is not None:
         context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
         return uri
@@ -174,7 +151,7 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     judgements = user_judgements(judgement_tables, tokenizer, cfg.judge())
     if prompts["scene"].is_not_null().any():  # the verifier can label the SFT policy's own candidates
         policy, processor = load_policy(s.local_model_dir(sft_checkpoint), cfg.runtime())
-        pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919)
+        pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919, progress=context.log.info)
         del policy
         judgements = pl.concat([judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge(), cfg.scorer_max_pairs, cfg.seed)])
     if cfg.scorer_contrast_pairs:
@@ -188,8 +165,8 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
                       f"pretrained judge (scorer_model) with scorer_epochs=0")
     with tempfile.TemporaryDirectory() as out:
         result = train_r_scorer(base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")])
-        uri = s.put_model(SCORER_KEY, out)
-    _remember_trained(s, SCORER_KEY, fingerprint, uri)
+        uri = s.put_model(store_layout.SCORER_MODEL, out)
+    _remember_trained(s, store_layout.SCORER_MODEL, fingerprint, uri)
     verdicts = dict(judgements.group_by("verdict").len().iter_rows())
     context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
                                  "training_pairs": judgements.height, "user_judgements": judgement_tables.height,
@@ -202,9 +179,9 @@ def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.D
              store: StoreResource) -> pl.DataFrame:
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
-    summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens)
+    summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
     context.add_output_metadata({**metric_values(summary), "preview": table_preview(scored)})
-    return scored
+    return scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint"))
 
 
 @asset_check(asset=sft_checkpoint, additional_ins={"eval_set": AssetIn("eval_set"), "sft_eval": AssetIn("sft_eval")},
@@ -216,58 +193,95 @@ def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.Dat
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     real = summarize(sft_eval)["accuracy"]
-    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens)
+    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens, progress=context.log.info)
     drop = real - blank["accuracy"]
     return AssetCheckResult(passed=bool(drop >= cfg.min_blank_image_drop), metadata={
         "accuracy": real, "accuracy_blank_images": blank["accuracy"], "drop": drop,
         "required_drop": cfg.min_blank_image_drop})
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
-       description="K distinct complete responses per prompt from policy k-1, by sentence-level beam search.",
+ITERATION = dict(group_name="iteration", partitions_def=iteration_partitions)
+
+
+@asset(**ITERATION, description="The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), "
+                                "resolved once from the store. Every later step of the iteration uses this URI.")
+def start_policy(context: AssetExecutionContext, sft_checkpoint: str, store: StoreResource,
+                 iteration_lease: IterationLeaseResource) -> str:
+    s, key = store.store(), context.partition_key
+    k = iteration_number(key)
+    if k == 1:
+        uri = sft_checkpoint
+    else:
+        prev = iteration_key(k - 1)
+        uri = s.current_model(store_layout.policy_model(prev))
+        if uri is None:
+            raise Failure(
+                f"iteration {key} needs the policy of iteration {prev}, but policy_checkpoint[{prev}] is not in the store "
+                f"({s.uri(store_layout.policy_model(prev))}); materialize iteration {prev} first (iterations run in order)",
+                metadata={"missing_predecessor": MetadataValue.text(prev)})
+    context.add_output_metadata({"policy": MetadataValue.text(uri)})
+    return uri
+
+
+@asset(**ITERATION, deps=[start_policy],  # after it: an iteration whose predecessor is missing writes nothing
+       description="Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own.")
+def calibration_prompts(context: AssetExecutionContext, vqa_source: pl.DataFrame, settings: SettingsResource,
+                        iteration_lease: IterationLeaseResource) -> pl.DataFrame:
+    cfg = settings.config()
+    try:
+        rows = iteration_prompt_rows(vqa_source, iteration_number(context.partition_key), cfg.prompts_per_iteration,
+                                     cfg.scorer_prompts)
+    except SourceDataError as e:
+        raise Failure(str(e)) from e
+    context.add_output_metadata({"prompts": rows.height, "first_id": rows["id"][0], "last_id": rows["id"][-1],
+                                 "kinds": counts_table(dict(rows.group_by("kind").len().sort("kind").iter_rows()), "kind")})
+    return rows
+
+
+@asset(**ITERATION, pool=GPU_POOL,
+       description="K distinct complete responses per prompt from the start policy, by sentence-level beam search.",
        check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
                                    description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).")])
-def candidate_pool(context: AssetExecutionContext, sft_checkpoint: str, vqa_source: pl.DataFrame,
+def candidate_pool(context: AssetExecutionContext, calibration_prompts: pl.DataFrame, start_policy: str,
                    settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource):
-    cfg, s, key = settings.config(), store.store(), context.partition_key
-    policy_uri = previous_policy(s, sft_checkpoint, key)
-    prompts = _calibration_prompts(vqa_source, key, cfg.prompts_per_iteration, cfg.scorer_prompts)
-    context.log.info(f"iteration {key}: sampling {prompts.height} prompts from {policy_uri}")
-    model, processor = load_policy(s.local_model_dir(policy_uri), cfg.runtime())
-    pool = sentence_beam_search(model, processor, prompts, cfg.search(), seed=cfg.seed * 1000 + iteration_number(key))
+    cfg, key = settings.config(), context.partition_key
+    context.log.info(f"iteration {key}: sampling {calibration_prompts.height} prompts from {start_policy}")
+    model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
+    pool = sentence_beam_search(model, processor, calibration_prompts, cfg.search(),
+                                seed=cfg.seed * 1000 + iteration_number(key), progress=context.log.info)
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
     yield Output(pool, metadata={
-        "policy": MetadataValue.text(policy_uri), "prompts": prompts.height, "candidates": pool.height,
+        "policy": MetadataValue.text(start_policy), "prompts": calibration_prompts.height, "candidates": pool.height,
         "mean_candidates_per_prompt": float(per_prompt.mean() or 0),
         "candidates_per_prompt": counts_table(dict(sorted(pl.DataFrame({"k": per_prompt}).group_by("k").len().iter_rows())), "candidates"),
         "preview": table_preview(pool.drop("params")),
     })
-    yield AssetCheckResult(check_name="most_prompts_have_two_distinct_candidates", passed=with_two >= 0.8 * prompts.height,
+    yield AssetCheckResult(check_name="most_prompts_have_two_distinct_candidates", passed=with_two >= 0.8 * calibration_prompts.height,
                            severity=AssetCheckSeverity.WARN,
-                           metadata={"prompts_with_two_or_more": with_two, "prompts": prompts.height})
+                           metadata={"prompts_with_two_or_more": with_two, "prompts": calibration_prompts.height})
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
+@asset(**ITERATION, pool=GPU_POOL,
        description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.")
-def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, r_scorer_checkpoint: str, vqa_source: pl.DataFrame,
-                    settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource) -> pl.DataFrame:
-    cfg, s = settings.config(), store.store()
-    prompts = vqa_source.filter(pl.col("id").is_in(candidate_pool["prompt_id"].unique().implode()))
+def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame,
+                    r_scorer_checkpoint: str, settings: SettingsResource, store: StoreResource,
+                    iteration_lease: IterationLeaseResource) -> pl.DataFrame:
+    cfg = settings.config()
     if r_scorer_checkpoint == VERIFIER_JUDGE:
-        ids, matrices = verifier_matrices(candidate_pool, prompts, cfg.judge())
+        ids, matrices = verifier_matrices(candidate_pool, calibration_prompts, cfg.judge())
     else:
-        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
+        scorer, tokenizer = load_scorer(store.store().local_model_dir(r_scorer_checkpoint), cfg.runtime())
         judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
-        ids, matrices = judge_all(scorer, tokenizer, candidate_pool, prompts, cfg.judge())
+        ids, matrices = judge_all(scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge(), progress=context.log.info)
     scores = score_table(ids, matrices, cfg.curation())
-    # Held out: these prompts come after the ones the R-Scorer trained on.
-    agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, prompts, cfg.judge())
+    # Held out: the R-Scorer never trained on calibration prompts.
+    agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge())
     context.log.info(f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
                      f"{agreement['judge_agreement']:.3f} (answer-only judge: {agreement['answer_only_agreement']:.3f})")
     sample = scores.filter(pl.col("n_candidates") >= 2).head(1)
     meta = {"prompts": scores.height, "scoring": cfg.scoring, "judge": MetadataValue.text(r_scorer_checkpoint),
-            **{k: float(v) for k, v in agreement.items()},
+            **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items()},
             "mean_confidence": float(scores["confidence"].mean() or 0),
             "confidence_histogram": histogram_md(scores["confidence"].to_list(), "confidence")}
     if sample.height:
@@ -279,20 +293,21 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
     return scores
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions,
+@asset(**ITERATION,
        description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
        check_specs=[
-           AssetCheckSpec("weights_in_unit_interval", asset="preference_set", description="Every pair weight is in [0, 1]."),
-           AssetCheckSpec("no_wrong_chosen_answer", asset="preference_set",
-                          description="No kept pair's chosen response has a wrong answer where the gold answer is known."),
+           AssetCheckSpec("weights_in_unit_interval", asset="preference_set", blocking=True,
+                          description="Every pair weight is in [0, 1]; blocks training otherwise."),
+           AssetCheckSpec("no_wrong_chosen_answer", asset="preference_set", blocking=True,
+                          description="No kept pair's chosen response has a wrong answer where the gold answer is known; "
+                                      "blocks training otherwise (a WARN that blocks nothing with require_correct_chosen=false)."),
            AssetCheckSpec("keeps_pairs", asset="preference_set",
                           description="At least one pair is kept; otherwise this iteration trains nothing (WARN)."),
        ])
 def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
-                   vqa_source: pl.DataFrame, settings: SettingsResource, iteration_lease: IterationLeaseResource):
+                   calibration_prompts: pl.DataFrame, settings: SettingsResource, iteration_lease: IterationLeaseResource):
     cfg = settings.config()
-    prompts = vqa_source.filter(pl.col("id").is_in(pairwise_scores["prompt_id"].implode()))
-    prefs = curate_preferences(candidate_pool, pairwise_scores, prompts, cfg.curation())
+    prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation())
     kept = prefs.filter("kept")
     reasons = prefs.filter(~pl.col("kept")).with_columns(pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "..."))
     yield Output(prefs, metadata={
@@ -304,9 +319,7 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
     })
     outside = prefs.filter((pl.col("weight") < 0) | (pl.col("weight") > 1)).height
     yield AssetCheckResult(check_name="weights_in_unit_interval", passed=outside == 0, metadata={"outside_0_1": outside})
-    wrong = kept.filter(pl.col("gold_answer").is_not_null() & (
-        pl.col("chosen_answer").fill_null("").str.to_lowercase().str.strip_chars(" .") != pl.col("gold_answer").str.to_lowercase().str.strip_chars(" .")
-    )).height
+    wrong = kept.filter(pl.col("chosen_correct").eq(False)).height  # the same normalize_answer that curation uses
     # An error unless the run chose to keep such pairs (require_correct_chosen=false): then it is reported only.
     yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong},
                            severity=AssetCheckSeverity.ERROR if cfg.require_correct_chosen else AssetCheckSeverity.WARN)
@@ -314,69 +327,78 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
                            metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
 
 
-@asset(group_name="iteration", partitions_def=iteration_partitions, pool=GPU_POOL,
-       description="Policy k: policy k-1 trained with confidence-weighted DPO on the kept pairs (reference = policy k-1).")
-def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, sft_checkpoint: str,
+@asset(**ITERATION, pool=GPU_POOL,
+       description="Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference).")
+def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, start_policy: str,
                       settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource) -> str:
     cfg, s, key = settings.config(), store.store(), context.partition_key
-    start = previous_policy(s, sft_checkpoint, key)
     if not preference_set["kept"].any():
         # Nothing to learn from: policy k is policy k-1, stored as its own version so iteration k+1 can start.
         context.log.warning(f"iteration {key}: the preference set keeps no pair; policy {key} is policy k-1 unchanged")
-        uri = s.put_model(f"{POLICY_KEY}/{key}", s.local_model_dir(start))
-        context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start),
+        uri = s.put_model(store_layout.policy_model(key), s.local_model_dir(start_policy))
+        context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start_policy),
                                      "trained": False, "pairs": 0})
         return uri
     with tempfile.TemporaryDirectory() as out:
-        result = train_weighted_dpo(s.local_model_dir(start), preference_set, out, cfg.dpo_settings(), cfg.beta,
+        result = train_weighted_dpo(s.local_model_dir(start_policy), preference_set, out, cfg.dpo_settings(), cfg.beta,
                                     cfg.use_fused_dpo_kernel, cfg.weighted_dpo, cfg.dpo_nll_weight,
                                     [DagsterLogCallback(context.log, f"DPO {key}")])
-        uri = s.put_model(f"{POLICY_KEY}/{key}", out)
-    context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start), "trained": True,
+        uri = s.put_model(store_layout.policy_model(key), out)
+    context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start_policy), "trained": True,
                                  "train_loss": result["train_loss"], "pairs": result["pairs"], "steps": result["steps"]})
     return uri
 
 
-@asset(group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
-       description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over policy k-1.",
-       check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
-                                   description="Accuracy and consistency do not fall below iteration k-1's by more than the tolerance (WARN).")])
-def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, eval_set: pl.DataFrame, sft_checkpoint: str,
-                   r_scorer_checkpoint: str, preference_set: pl.DataFrame, settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource):
-    s, key = store.store(), context.partition_key
-    cfg = settings.config()
-    model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())
-    summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens)
+def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.DataFrame) -> pl.DataFrame | None:
+    """The stored held-out evaluation of the start policy (sft_eval, or iteration_eval[k-1]) if it evaluated
+    exactly this checkpoint on exactly these rows; its greedy responses need not be generated again."""
     k = iteration_number(key)
-    before_key = "assets/sft_eval.parquet" if k == 1 else f"assets/iteration_eval/{iteration_key(k - 1)}.parquet"
-    before = s.read_table(before_key) if s.exists(before_key) else None
-    if before is not None and before["id"].to_list() == eval_set["id"].to_list():
-        old = before["response"].to_list()  # policy k-1's greedy responses, already generated by its evaluation
-    else:
-        previous, prev_processor = load_policy(s.local_model_dir(previous_policy(s, sft_checkpoint, key)), cfg.runtime())
-        old = generate_responses(previous, prev_processor, eval_set["question"].to_list(), eval_set["image"].to_list(),
-                                 cfg.eval_max_new_tokens)
+    table = store_layout.asset_table("sft_eval") if k == 1 else store_layout.asset_table("iteration_eval", iteration_key(k - 1))
+    if not store.exists(table):
+        return None
+    before = store.read_table(table)
+    same = ("checkpoint" in before.columns and before["checkpoint"].unique().to_list() == [start_policy]
+            and before["id"].to_list() == eval_set["id"].to_list())
+    return before if same else None
+
+
+@asset(group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
+       description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over the start policy.",
+       check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
+                                   description="Accuracy and consistency do not fall below the start policy's by more than the tolerance (WARN).")])
+def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start_policy: str, eval_set: pl.DataFrame,
+                   r_scorer_checkpoint: str, settings: SettingsResource, store: StoreResource,
+                   iteration_lease: IterationLeaseResource):
+    s, key, cfg = store.store(), context.partition_key, settings.config()
+    model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())
+    summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
+    before = _start_policy_evaluation(s, key, start_policy, eval_set)
+    if before is None:  # e.g. the held-out set changed since: the start policy answers it again
+        previous, prev_processor = load_policy(s.local_model_dir(start_policy), cfg.runtime())
+        before = score_responses(eval_set, generate_responses(previous, prev_processor, eval_set["question"].to_list(),
+                                                              eval_set["image"].to_list(), cfg.eval_max_new_tokens,
+                                                              progress=context.log.info))
+    old = before["response"].to_list()
     if r_scorer_checkpoint == VERIFIER_JUDGE:
         win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge())
     else:
         scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
-        win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge())
-    kept = preference_set.filter("kept")
-    yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous")), metadata={
+        win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge(), progress=context.log.info)
+    yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous"),
+                                     pl.lit(policy_checkpoint).alias("checkpoint")), metadata={
         **metric_values(summary),
         "judge_win_rate_vs_previous": float(win),
-        "pairs_kept": kept.height,
-        "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
         "checkpoint": MetadataValue.text(policy_checkpoint),
+        "compared_with": MetadataValue.text(start_policy),
         "preview": table_preview(scored),
     })
-    before = summarize(before) if before is not None else None
+    previous = summarize(before)
     # A metric that cannot be computed (null: e.g. consistency without a verifier) is skipped, not failed.
-    drops = {m: before[m] - summary[m] for m in ("accuracy", "consistency")
-             if before and before[m] is not None and summary[m] is not None}
+    drops = {m: previous[m] - summary[m] for m in ("accuracy", "consistency")
+             if previous[m] is not None and summary[m] is not None}
     yield AssetCheckResult(
         check_name="no_regression", severity=AssetCheckSeverity.WARN,
         passed=all(d <= cfg.regression_tolerance for d in drops.values()),
         metadata={**{f"{m}_drop": float(d) for m, d in drops.items()}, "tolerance": cfg.regression_tolerance,
-                  "compared_with": before_key if before else "nothing (no previous evaluation stored)"},
+                  "compared_with": MetadataValue.text(start_policy)},
     )

@@ -10,6 +10,7 @@ from dagster import ConfigurableIOManager, ConfigurableResource, Failure, InitRe
 from pydantic import Field
 
 from src_assets.config import SRCConfig, TINY, profile
+from . import store_layout
 from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, LEASE_TTL_S, STORE_ENV, LeaseHeld, Store
 
 
@@ -47,7 +48,7 @@ class IterationLeaseResource(ConfigurableResource):
             yield self
             return
         try:
-            lease = self.store.store().acquire_lease(lease_key(key), run.run_id, self.ttl_s, job=run.job_name)
+            lease = self.store.store().acquire_lease(store_layout.iteration_lease(key), run.run_id, self.ttl_s, job=run.job_name)
         except LeaseHeld as e:
             raise Failure(f"iteration {key} is being written by another run, so this run writes nothing: its lease {e}. "
                           f"Wait for that run to end; a dead run's lease is taken over once its heartbeat is "
@@ -56,10 +57,6 @@ class IterationLeaseResource(ConfigurableResource):
             yield self
         finally:
             lease.release()
-
-
-def lease_key(iteration: str) -> str:
-    return f"leases/iteration/{iteration}.json"
 
 
 class SettingsResource(ConfigurableResource):
@@ -101,10 +98,8 @@ class StoreIOManager(ConfigurableIOManager):
     store: StoreResource
 
     def _key(self, context: InputContext | OutputContext) -> str:
-        key = "assets/" + "/".join(context.asset_key.path)
-        if context.has_asset_partitions:
-            key += f"/{context.asset_partition_key}"
-        return key
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        return store_layout.asset_value("/".join(context.asset_key.path), partition)
 
     def handle_output(self, context: OutputContext, obj) -> None:
         store = self.store.store()

@@ -45,8 +45,9 @@ _INPUTS = {
         **asdict(cfg.scorer_settings()), **asdict(cfg.judge()), **asdict(cfg.search()),
         **_fields("scorer_model", "scorer_prompts", "scorer_max_pairs", "scorer_contrast_pairs", "seed")(cfg)}),
     "sft_eval": (("evaluation", "generation", "verifier"), lambda cfg: {**_runtime(cfg), "eval_max_new_tokens": cfg.eval_max_new_tokens}),
-    "candidate_pool": (("candidate_search", "generation"), lambda cfg: {
-        **asdict(cfg.search()), **_runtime(cfg), **_fields("prompts_per_iteration", "scorer_prompts", "seed")(cfg)}),
+    "start_policy": ((), _fields()),
+    "calibration_prompts": (("source_data",), _fields("prompts_per_iteration", "scorer_prompts")),
+    "candidate_pool": (("candidate_search", "generation"), lambda cfg: {**asdict(cfg.search()), **_runtime(cfg), "seed": cfg.seed}),
     "pairwise_scores": (("r_scorer", "preference", "verifier"), lambda cfg: {
         **asdict(cfg.judge()), **asdict(cfg.curation()), **_runtime(cfg), "scoring": cfg.scoring}),
     "preference_set": (("preference", "verifier"), lambda cfg: asdict(cfg.curation())),

@@ -46,6 +46,25 @@ class PairwiseAggregate(NamedTuple):
     agreement: torch.Tensor  # [B] fp32
 
 
+# The formulas, in one place: the reference below, curation, independent scoring and evaluation all use these
+# (the Triton kernel computes the same expressions on chip). Each takes tensors or plain floats.
+def debias(p_ij, p_ji):
+    """``q_ij``: the judged preference of i over j with both presentation orders averaged (``q_ij + q_ji = 1``)."""
+    return (p_ij + 1 - p_ji) * 0.5
+
+
+def order_agreement(p_ij, p_ji):
+    """1 when the two orders' judgements agree (``p_ij + p_ji = 1``), falling to 0 as they contradict."""
+    return 1 - abs(p_ij + p_ji - 1)
+
+
+def pair_confidence(p_ij, p_ji):
+    """The weight of the pair (i chosen, j rejected): ``clip(2 q_ij - 1, 0, 1) * agreement``."""
+    margin = 2 * debias(p_ij, p_ji) - 1
+    margin = margin.clamp(0, 1) if isinstance(margin, torch.Tensor) else min(max(margin, 0.0), 1.0)
+    return margin * order_agreement(p_ij, p_ji)
+
+
 def _check_inputs(p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if p.dim() != 3 or p.shape[1] != p.shape[2]:
         raise ValueError(f"p must have shape [B, K, K], got {tuple(p.shape)}")
@@ -73,7 +92,7 @@ def aggregate_pairwise_reference(p, valid=None, bt_iters: int = 50, bt_tol: floa
     if not torch.isfinite(p[pair]).all():
         raise _non_finite_error(p, pair)
     p = p.float()
-    q = torch.where(pair, (p + 1 - p.transpose(1, 2)) * 0.5, 0.0)
+    q = torch.where(pair, debias(p, p.transpose(1, 2)), 0.0)
     n_valid = valid.sum(1)
     wins = q.sum(2)
     win_rate = torch.where(valid, wins / (n_valid - 1).clamp(min=1)[:, None], 0.0)
@@ -98,8 +117,8 @@ def aggregate_pairwise_reference(p, valid=None, bt_iters: int = 50, bt_tol: floa
     ok = (n_valid >= 2) & (chosen != rejected)
     rows = torch.arange(B, device=p.device)
     p_cr, p_rc = p[rows, chosen, rejected], p[rows, rejected, chosen]
-    agreement = torch.where(ok, 1 - (p_cr + p_rc - 1).abs(), 0.0)
-    confidence = torch.where(ok, (2 * q[rows, chosen, rejected] - 1).clamp(0, 1) * agreement, 0.0)
+    agreement = torch.where(ok, order_agreement(p_cr, p_rc), 0.0)
+    confidence = torch.where(ok, pair_confidence(p_cr, p_rc), 0.0)
     few = n_valid < 2
     chosen = torch.where(few, -1, chosen)
     rejected = torch.where(few, -1, rejected)

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .generation import PromptInputs, cache_rows, collate_prompts, left_padded, never_generate, prompt_inputs, to_model
+from .progress import Progress, ProgressBar
 from .verifier import split_response
 
 
@@ -182,7 +182,7 @@ def _search_group(model, prompts: _Prompts, n: int, cfg: SearchConfig, eos_id: i
 
 @torch.no_grad()
 def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchConfig = SearchConfig(), seed: int = 0,
-                         progress: bool = True) -> pl.DataFrame:
+                         progress: Progress = True) -> pl.DataFrame:
     """The candidate pool for ``prompts`` (columns ``id``, ``question``, ``image``): up to K rows per prompt."""
     model.eval()
     tok = processor.tokenizer
@@ -194,7 +194,7 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
     # Prompts go in groups whose rows (prompt x beam x sample) fill one generate call, so that one group's prompt
     # cache is all that is held at a time.
     group = max(1, cfg.batch_size // (cfg.beams * cfg.samples_per_beam))
-    bar = tqdm(total=len(ids), desc="candidate search (prompts)", disable=not progress)
+    bar = ProgressBar(len(ids), "candidate search (prompts)", progress)
     for g0 in range(0, len(ids), group):
         inputs = [prompt_inputs(processor, q, image) for q, image in zip(questions[g0 : g0 + group], images[g0 : g0 + group])]
         finished += _search_group(model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, seed * 100_003 + g0)

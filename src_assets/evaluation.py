@@ -13,7 +13,10 @@ import io
 import polars as pl
 from PIL import Image
 
+from kernels.pairwise import debias
+
 from .generation import decode_image, generate_responses
+from .progress import Progress
 from .r_scorer import VERDICT_VALUE, JudgeConfig, judge, judge_prompt, response_quality, verifier_verdict
 from .scenes import Question, Scene
 from .verifier import normalize_answer, split_response, verify
@@ -60,21 +63,25 @@ def with_blank_images(rows: pl.DataFrame) -> pl.DataFrame:
     return rows.with_columns(pl.Series("image", out, dtype=pl.Binary))
 
 
-def evaluate_policy(model, processor, eval_set: pl.DataFrame, max_new_tokens: int = 96) -> tuple[dict, pl.DataFrame]:
-    responses = generate_responses(model, processor, eval_set["question"].to_list(), eval_set["image"].to_list(), max_new_tokens)
+def evaluate_policy(model, processor, eval_set: pl.DataFrame, max_new_tokens: int = 96,
+                    progress: Progress = False) -> tuple[dict, pl.DataFrame]:
+    responses = generate_responses(model, processor, eval_set["question"].to_list(), eval_set["image"].to_list(), max_new_tokens,
+                                   progress=progress)
     scored = score_responses(eval_set, responses)
     return summarize(scored), scored
 
 
-def judge_win_rate(scorer, tokenizer, eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig()) -> float:
+def judge_win_rate(scorer, tokenizer, eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig(),
+                   progress: Progress = False) -> float:
     """Mean debiased judge preference of ``new`` over ``old`` responses, both orders judged."""
     if not new:
         return float("nan")
     rows = list(eval_set.select("question", "reference", "answer").iter_rows(named=True))
     first = [judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], n, o, cfg.template) for r, n, o in zip(rows, new, old)]
     second = [judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], o, n, cfg.template) for r, n, o in zip(rows, new, old)]
-    p_new_first, p_old_first = judge(scorer, tokenizer, first, cfg.batch_size), judge(scorer, tokenizer, second, cfg.batch_size)
-    return float(((p_new_first + 1 - p_old_first) / 2).mean())
+    p_new_first = judge(scorer, tokenizer, first, cfg.batch_size, progress)
+    p_old_first = judge(scorer, tokenizer, second, cfg.batch_size, progress)
+    return float(debias(p_new_first, p_old_first).mean())
 
 
 def verifier_win_rate(eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig()) -> float:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .progress import Progress, ProgressBar
+
 
 def decode_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
@@ -114,10 +116,11 @@ def never_generate(model) -> list[list[int]] | None:
 
 @torch.no_grad()
 def generate_responses(model, processor, questions, images, max_new_tokens: int = 96, batch_size: int = 128,
-                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+                       do_sample: bool = False, temperature: float = 1.0, progress: Progress = False) -> list[str]:
     """One response per prompt, greedy by default; decoded without special tokens."""
     model.eval()
     out = []
+    bar = ProgressBar(len(questions), "generating responses", progress)
     for start in range(0, len(questions), batch_size):
         batch = encode_prompts(processor, questions[start : start + batch_size], images[start : start + batch_size])
         batch = to_model(batch, model)
@@ -125,4 +128,6 @@ def generate_responses(model, processor, questions, images, max_new_tokens: int 
                              temperature=temperature if do_sample else None, top_p=None, top_k=None,
                              bad_words_ids=never_generate(model))
         out += processor.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        bar.update(len(ids))
+    bar.close()
     return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from kernels.pairwise import PairwiseAggregate, aggregate_pairwise, aggregate_pairwise_reference
+from kernels.pairwise import PairwiseAggregate, aggregate_pairwise, aggregate_pairwise_reference, pair_confidence
 
 from .verifier import normalize_answer
 
@@ -116,9 +116,7 @@ def _ranked_pairs(row: dict, cfg: CurationConfig) -> list[tuple[int, int, float]
         c, w = best_first[r], worst_first[r]
         if best_first.index(c) >= best_first.index(w) or score[c] == score[w]:
             break
-        p, q = row["p"], row["q"]
-        agreement = 1 - abs(p[c][w] + p[w][c] - 1)
-        pairs.append((c, w, min(max(2 * q[c][w] - 1, 0.0), 1.0) * agreement))
+        pairs.append((c, w, pair_confidence(row["p"][c][w], row["p"][w][c])))
     return pairs
 
 
@@ -141,17 +139,19 @@ def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: 
         if not pairs:
             reason = "fewer than 2 candidates" if s["n_candidates"] < 2 else "all candidates tied"
             rows.append({**base, "chosen": None, "rejected": None, "chosen_answer": None, "rejected_answer": None,
-                         "weight": 0.0, "kept": False, "drop_reason": reason})
+                         "chosen_correct": None, "weight": 0.0, "kept": False, "drop_reason": reason})
             continue
         for c, r, weight in pairs:
             reason = None
             gold = prompt["answer"]
-            if cfg.require_correct_chosen and gold is not None and normalize_answer(answers[c] or "") != normalize_answer(gold):
+            correct = None if gold is None else normalize_answer(answers[c] or "") == normalize_answer(gold)
+            if cfg.require_correct_chosen and correct is False:
                 reason = f"chosen answer {answers[c]!r} is wrong (gold {gold!r})"
             elif weight < cfg.tau:
                 reason = f"weight {weight:.3f} below tau {cfg.tau}"
             rows.append({**base, "chosen": texts[c], "rejected": texts[r], "chosen_answer": answers[c],
-                         "rejected_answer": answers[r], "weight": float(weight), "kept": reason is None, "drop_reason": reason})
+                         "rejected_answer": answers[r], "chosen_correct": correct, "weight": float(weight),
+                         "kept": reason is None, "drop_reason": reason})
     return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
 
 
@@ -164,6 +164,7 @@ PREFERENCE_SCHEMA = {
     "rejected": pl.String,
     "chosen_answer": pl.String,
     "rejected_answer": pl.String,
+    "chosen_correct": pl.Boolean,  # the chosen answer equals the gold one (normalize_answer); null without gold
     "weight": pl.Float64,
     "kept": pl.Boolean,
     "drop_reason": pl.String,

@@ -21,10 +21,12 @@ from itertools import permutations
 
 import polars as pl
 import torch
-from tqdm.auto import tqdm
+
+from kernels.pairwise import debias
 
 from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
 from .generation import cache_rows, left_padded
+from .progress import Progress, ProgressBar
 from .verifier import split_response, verify
 
 VERDICTS = ("A", "B", "tie")
@@ -152,13 +154,14 @@ def _verdict_logprobs(prefixes: _SharedPrefixes, ids: list[list[int]], tails: li
 
 
 @torch.no_grad()
-def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False) -> torch.Tensor:
     """[prompts, 3]: P(A), P(B), P(tie) after each judge prompt, each verdict's whole token sequence scored and the
     three renormalised among themselves."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="judging pairs", disable=not progress):
+    bar = ProgressBar(len(prompts), "judging pairs", progress)
+    for start in range(0, len(prompts), batch_size):
         ids, tails = verdict_continuations(tokenizer, prompts[start : start + batch_size])
         prefixes = _SharedPrefixes(model, ids, pad_id)
         if all(len(t) == 1 for row in tails for t in row):  # one forward: every verdict is one token
@@ -168,10 +171,12 @@ def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int 
         else:
             logp = torch.stack([_verdict_logprobs(prefixes, ids, [row[v] for row in tails]) for v in range(len(VERDICTS))], 1)
         out.append(logp.softmax(-1).cpu())
+        bar.update(len(ids))
+    bar.close()
     return torch.cat(out) if out else torch.empty(0, len(VERDICTS))
 
 
-def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False) -> torch.Tensor:
     """p(first beats second) for each judge prompt: ``P(A) + P(tie) / 2``."""
     probs = verdict_probabilities(model, tokenizer, prompts, batch_size, progress)
     return probs[:, 0] + probs[:, 2] / 2
@@ -185,7 +190,7 @@ def _prompts_with_candidates(candidates: pl.DataFrame, prompts: pl.DataFrame):
 
 
 def pairwise_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
-                      progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
+                      progress: Progress = True) -> tuple[list[str], list[list[list[float]]]]:
     """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5)."""
     ids, matrices, texts, index = [], [], [], []
     for pid, row, cands in _prompts_with_candidates(candidates, prompts):
@@ -200,7 +205,7 @@ def pairwise_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.Da
 
 
 def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
-                         progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
+                         progress: Progress = True) -> tuple[list[str], list[list[list[float]]]]:
     """The ablation of pairwise judging: each candidate judged alone, against an empty response, in both orders.
 
     Its score ``s_i`` becomes a matrix ``p_ij = sigmoid(logit s_i - logit s_j)`` so that aggregation and curation
@@ -214,7 +219,7 @@ def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl
             for first, second in ((c, ""), ("", c)):
                 texts.append(judge_prompt(tokenizer, row["question"], row["reference"] or "", row["answer"], first, second, cfg.template))
     probs = judge(model, tokenizer, texts, cfg.batch_size, progress).view(-1, 2) if texts else torch.empty(0, 2)
-    alone = ((probs[:, 0] + 1 - probs[:, 1]) / 2).clamp(1e-4, 1 - 1e-4)
+    alone = debias(probs[:, 0], probs[:, 1]).clamp(1e-4, 1 - 1e-4)  # candidate first vs. empty, empty first vs. it
     logit = torch.log(alone) - torch.log1p(-alone)
     matrices, start = [], 0
     for k in sizes:
@@ -235,7 +240,7 @@ def verifier_verdict(quality_first: float, quality_second: float, tie_margin: fl
 
 
 def verifier_matrices(candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
-                      progress: bool = True) -> tuple[list[str], list[list[list[float]]]]:
+                      progress: Progress = True) -> tuple[list[str], list[list[list[float]]]]:
     """The oracle judge: ``p_ij`` is 1, 0 or 1/2 as the verifier's verdict on (i, j) is A, B or tie.
 
     Every other stage is unchanged, so a loop run with it measures what the rest of SRC can achieve with a
@@ -411,6 +416,6 @@ def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, sett
         args = SFTConfig(**settings.trl_kwargs(scratch), completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=settings.peft_config(), callbacks=list(callbacks))
-        result = quiet(trainer).train()
+        result = quiet(trainer, "R-Scorer training (steps)").train()
     save_trained(trainer, tokenizer, out_dir)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

@@ -45,6 +45,6 @@ def train_rationale_sft(base_model: str, sft_set: pl.DataFrame, out_dir: str, se
         args = SFTConfig(**settings.trl_kwargs(scratch))
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                              peft_config=settings.peft_config(), callbacks=list(callbacks))
-        result = quiet(trainer).train()
+        result = quiet(trainer, "rationale SFT (steps)").train()
     save_trained(trainer, processor, out_dir)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

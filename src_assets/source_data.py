@@ -197,3 +197,22 @@ def check_split_sizes(df: pl.DataFrame, scorer_prompts: int) -> None:
     if calibrate <= scorer_prompts:
         raise SourceDataError(f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of "
                               f"them train the R-Scorer and the iterations need more: raise n_calibrate or lower scorer_prompts")
+
+
+def scorer_prompt_rows(df: pl.DataFrame, scorer_prompts: int) -> pl.DataFrame:
+    """The R-Scorer's training prompts: the first ``scorer_prompts`` calibrate rows. No iteration calibrates on
+    them, so the judge is always measured on prompts it did not train on."""
+    return df.filter(pl.col("split") == "calibrate").head(scorer_prompts)
+
+
+def iteration_prompt_rows(df: pl.DataFrame, iteration: int, n: int, scorer_prompts: int) -> pl.DataFrame:
+    """Iteration ``iteration``'s prompts (1-based): the next ``n`` calibrate rows after the R-Scorer's, iteration
+    after iteration, wrapping around within those rows (never into the R-Scorer's)."""
+    rows = df.filter(pl.col("split") == "calibrate").slice(scorer_prompts)
+    if rows.is_empty():
+        raise SourceDataError(f"no 'calibrate' rows are left to calibrate on after the R-Scorer's scorer_prompts={scorer_prompts}")
+    start = ((iteration - 1) * n) % rows.height
+    take = rows.slice(start, n)
+    if take.height < n:
+        take = pl.concat([take, rows.head(min(n - take.height, rows.height - take.height))])
+    return take

@@ -11,6 +11,7 @@ from datasets import Dataset
 from .generation import decode_image, user_turn
 from .models import CPU_FLOAT32, Runtime
 from .processors import save_processor
+from .progress import ProgressBar
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,24 @@ class TrainSettings:
         return LoraConfig(r=self.lora_r, lora_alpha=2 * self.lora_r, target_modules="all-linear", lora_dropout=0.0)
 
 
-def quiet(trainer):
-    """Keeps the trainer's log lines off stdout (which carries ``src-calibrate --json``); callbacks still get them."""
-    from transformers import PrinterCallback, ProgressCallback
+def quiet(trainer, desc: str):
+    """Keeps the trainer's log lines off stdout (which carries ``src-calibrate --json``); callbacks still get them.
+    A progress bar of its steps goes to stderr instead of the trainer's own."""
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+    class StepBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = ProgressBar(state.max_steps, desc)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StepBar())
     return trainer
 
 

@@ -210,6 +210,6 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
         # The reference log-probs are computed once from the starting weights (with LoRA: the adapter switched off).
         trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                      peft_config=settings.peft_config(), callbacks=list(callbacks))
-        result = quiet(trainer).train()
+        result = quiet(trainer, "weighted DPO (steps)").train()
     save_trained(trainer, processor, out_dir)
     return {"train_loss": result.training_loss, "steps": result.global_step, "pairs": kept.height, "log": trainer.state.log_history}

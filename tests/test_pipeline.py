@@ -115,6 +115,68 @@ def test_an_iteration_that_keeps_no_pair_carries_the_policy_forward(run_two_iter
     assert store.current_model("models/policy_checkpoint/003") != store.current_model("models/policy_checkpoint/002")
 
 
+def test_an_iteration_uses_the_start_policy_it_resolved_even_if_current_moves(run_two_iterations):
+    """start_policy[k] is resolved once; a new version of policy k-1 committed mid-iteration changes nothing
+    downstream: DPO starts from, and the evaluation compares with, the recorded policy."""
+    instance, store, _, _, resources = run_two_iterations
+    policy_3 = store.local_model_dir(store.current_model("models/policy_checkpoint/003"))
+    store.put_model("models/policy_checkpoint/004", policy_3)
+    instance.add_dynamic_partitions(iteration_partitions.name, ["005"])
+    first = materialize(all_assets, selection=["start_policy", "calibration_prompts", "candidate_pool"], partition_key="005",
+                        instance=instance, resources=resources)
+    resolved = store.read_json("assets/start_policy/005.json")
+    assert first.success and resolved == store.current_model("models/policy_checkpoint/004")
+    moved = store.put_model("models/policy_checkpoint/004", policy_3)  # as if iteration 004 were rerun meanwhile
+    assert store.current_model("models/policy_checkpoint/004") == moved != resolved
+    rest = materialize(all_assets, selection=["pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval"],
+                       partition_key="005", instance=instance, resources=resources)
+    assert rest.success
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in rest.get_asset_materialization_events()}
+    assert meta["policy_checkpoint"]["started_from"].value == resolved
+    assert meta["iteration_eval"]["compared_with"].value == resolved
+    assert meta["iteration_eval"]["checkpoint"].value == store.read_json("assets/policy_checkpoint/005.json")
+
+
+def test_calibration_prompts_are_a_slice_disjoint_from_the_r_scorers(run_two_iterations):
+    _, store, _, _, _ = run_two_iterations
+    source = store.read_table("assets/vqa_source.parquet")
+    scorer = set(source.filter(pl.col("split") == "calibrate").head(8)["id"])  # smoke: scorer_prompts=8
+    first, second = (set(store.read_table(f"assets/calibration_prompts/{k}.parquet")["id"]) for k in ("001", "002"))
+    assert len(first) == 8 and not first & scorer and not second & scorer
+
+
+def test_the_run_log_shows_generation_and_judging_progress(run_two_iterations):
+    instance, _, results, _, _ = run_two_iterations
+    messages = [e.user_message for e in instance.all_logs(results["001"].run_id)]
+    for stage in ("candidate search (prompts): 8/8", "judging pairs: ", "generating responses: 20/20"):
+        assert any(stage in m for m in messages), stage
+
+
+def test_a_preference_set_that_fails_its_error_check_blocks_training(run_two_iterations, monkeypatch):
+    """A chosen response with a wrong answer among the kept pairs (here forced by a broken curation): the
+    blocking check fails and policy_checkpoint is not trained on it."""
+    import dagster_project.loop_assets as loop_assets
+
+    instance, store, _, _, resources = run_two_iterations
+    strict = build_resources(resources["store"], SettingsResource(profile="smoke", overrides={"require_correct_chosen": "true"}))
+    real = loop_assets.curate_preferences
+
+    def keeps_a_wrong_answer(*args, **kwargs):
+        prefs = real(*args, **kwargs)
+        forced = pl.col("chosen").is_not_null()
+        return prefs.with_columns(kept=forced, chosen_correct=pl.when(forced).then(False).otherwise(pl.col("chosen_correct")))
+
+    monkeypatch.setattr(loop_assets, "curate_preferences", keeps_a_wrong_answer)
+    before = store.current_model("models/policy_checkpoint/001")
+    result = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="001", instance=instance,
+                         resources=strict, raise_on_error=False)
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["no_wrong_chosen_answer"].passed
+    assert not result.success
+    assert not [e for e in result.all_events if e.step_key == "policy_checkpoint" and e.is_step_start]  # never started
+    assert store.current_model("models/policy_checkpoint/001") == before  # no new policy was committed
+
+
 def _commit_policy(store: Store, key: str, model_dir) -> None:
     store.put_model(f"models/policy_checkpoint/{key}", model_dir)
 
@@ -163,8 +225,9 @@ def test_a_new_invalid_source_file_fails_the_sensor_run_naming_the_file(tmp_path
         job = defs.resolve_job_def(new_data_job.name)
         result = job.execute_in_process(instance=instance, partition_key="001", resources=resources, raise_on_error=False)
     assert not result.success
-    failure = next(e for e in result.all_events if e.is_step_failure)
-    assert failure.step_key == "vqa_source" and "bad.parquet: missing required column(s)" in failure.step_failure_data.error.message
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "vqa_source")
+    assert "bad.parquet: missing required column(s)" in failure.step_failure_data.error.message
+    assert not result.is_node_success("candidate_pool")  # nothing is sampled from unvalidated data
 
 
 def test_schedule_requests_the_first_uncommitted_iteration(tmp_path, tiny_dirs):

@@ -1,0 +1,41 @@
+"""Where everything lives in the store: the one owner of store keys.
+
+The IO manager, the model-training assets, the iteration lease, the sensor and
+the CLI all take their keys from here, so the layout can be read (and changed)
+in one place:
+
+    assets/<asset>[/<iteration>].parquet|json   asset values (the IO manager)
+    models/<asset>[/<iteration>]/versions/...    model directories, CURRENT, MANIFEST.json (Store.put_model)
+    models/<asset>/by_inputs/<digest>.json       which version a training with these inputs produced
+    leases/iteration/<iteration>.json            the run writing an iteration now
+    source/*.parquet, judgements/*.parquet       your data (prefixes are settings)
+"""
+
+
+def asset_value(asset: str, partition: str | None = None) -> str:
+    """The key of an asset's stored value, without its suffix (``.parquet`` for tables, ``.json`` otherwise)."""
+    return f"assets/{asset}" + (f"/{partition}" if partition is not None else "")
+
+
+def asset_table(asset: str, partition: str | None = None) -> str:
+    return asset_value(asset, partition) + ".parquet"
+
+
+BASE_POLICY_MODEL = "models/base_policy_model"
+BASE_SCORER_MODEL = "models/base_r_scorer_model"
+SFT_MODEL = "models/sft_checkpoint"
+SCORER_MODEL = "models/r_scorer_checkpoint"
+
+
+def policy_model(iteration: str) -> str:
+    """Policy k's model key (its versions and CURRENT pointer)."""
+    return f"models/policy_checkpoint/{iteration}"
+
+
+def trained_from(model: str, inputs_digest: str) -> str:
+    """The record of which version of ``model`` a training from these inputs produced."""
+    return f"{model}/by_inputs/{inputs_digest}.json"
+
+
+def iteration_lease(iteration: str) -> str:
+    return f"leases/iteration/{iteration}.json"
