@@ -33,7 +33,7 @@ if stage == "search":
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    pool = sentence_beam_search(model, processor, prompts, SearchConfig(k=6, beams=3, samples_per_beam=3, temperature=1.5),
+    pool = sentence_beam_search(model, processor, prompts, SearchConfig(),
                                 seed=0, progress=False)
     seconds = time.perf_counter() - start
     tokens = int(pool["n_tokens"].sum())

@@ -139,7 +139,7 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
         return base_r_scorer_model  # a pretrained judge, used zero-shot
     prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
     fingerprint = digest(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
-                                      asdict(cfg.judge()), asdict(cfg.search()), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
+                                      asdict(cfg.judge), asdict(cfg.search), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
                                       _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
                                       _table_digest(judgement_tables))
     uri = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
@@ -148,15 +148,15 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
         return uri
     base_dir = s.local_model_dir(base_r_scorer_model)
     tokenizer = load_tokenizer(base_dir)
-    judgements = user_judgements(judgement_tables, tokenizer, cfg.judge())
+    judgements = user_judgements(judgement_tables, tokenizer, cfg.judge)
     if prompts["scene"].is_not_null().any():  # the verifier can label the SFT policy's own candidates
         policy, processor = load_policy(s.local_model_dir(sft_checkpoint), cfg.runtime())
-        pool = sentence_beam_search(policy, processor, prompts, cfg.search(), seed=cfg.seed + 7919, progress=context.log.info)
+        pool = sentence_beam_search(policy, processor, prompts, cfg.search, seed=cfg.seed + 7919, progress=context.log.info)
         del policy
-        judgements = pl.concat([judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge(), cfg.scorer_max_pairs, cfg.seed)])
+        judgements = pl.concat([judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge, cfg.scorer_max_pairs, cfg.seed)])
     if cfg.scorer_contrast_pairs:
         # Gold responses of the SFT split against their own perturbed copies: a large corpus that costs no sampling.
-        contrast = contrast_judgements(vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge(),
+        contrast = contrast_judgements(vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge,
                                        cfg.scorer_contrast_pairs, cfg.seed)
         judgements = pl.concat([judgements, contrast])
     if judgements.is_empty():
@@ -247,7 +247,7 @@ def candidate_pool(context: AssetExecutionContext, calibration_prompts: pl.DataF
     cfg, key = settings.config(), context.partition_key
     context.log.info(f"iteration {key}: sampling {calibration_prompts.height} prompts from {start_policy}")
     model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
-    pool = sentence_beam_search(model, processor, calibration_prompts, cfg.search(),
+    pool = sentence_beam_search(model, processor, calibration_prompts, cfg.search,
                                 seed=cfg.seed * 1000 + iteration_number(key), progress=context.log.info)
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
@@ -269,14 +269,14 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
                     iteration_lease: IterationLeaseResource) -> pl.DataFrame:
     cfg = settings.config()
     if r_scorer_checkpoint == VERIFIER_JUDGE:
-        ids, matrices = verifier_matrices(candidate_pool, calibration_prompts, cfg.judge())
+        ids, matrices = verifier_matrices(candidate_pool, calibration_prompts, cfg.judge)
     else:
         scorer, tokenizer = load_scorer(store.store().local_model_dir(r_scorer_checkpoint), cfg.runtime())
         judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
-        ids, matrices = judge_all(scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge(), progress=context.log.info)
-    scores = score_table(ids, matrices, cfg.curation())
+        ids, matrices = judge_all(scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge, progress=context.log.info)
+    scores = score_table(ids, matrices, cfg.curation)
     # Held out: the R-Scorer never trained on calibration prompts.
-    agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge())
+    agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge)
     context.log.info(f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
                      f"{agreement['judge_agreement']:.3f} (answer-only judge: {agreement['answer_only_agreement']:.3f})")
     sample = scores.filter(pl.col("n_candidates") >= 2).head(1)
@@ -307,7 +307,7 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
 def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
                    calibration_prompts: pl.DataFrame, settings: SettingsResource, iteration_lease: IterationLeaseResource):
     cfg = settings.config()
-    prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation())
+    prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation)
     kept = prefs.filter("kept")
     reasons = prefs.filter(~pl.col("kept")).with_columns(pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "..."))
     yield Output(prefs, metadata={
@@ -322,7 +322,7 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
     wrong = kept.filter(pl.col("chosen_correct").eq(False)).height  # the same normalize_answer that curation uses
     # An error unless the run chose to keep such pairs (require_correct_chosen=false): then it is reported only.
     yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong},
-                           severity=AssetCheckSeverity.ERROR if cfg.require_correct_chosen else AssetCheckSeverity.WARN)
+                           severity=AssetCheckSeverity.ERROR if cfg.curation.require_correct_chosen else AssetCheckSeverity.WARN)
     yield AssetCheckResult(check_name="keeps_pairs", passed=kept.height > 0, severity=AssetCheckSeverity.WARN,
                            metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
 
@@ -380,10 +380,10 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start
                                                               progress=context.log.info))
     old = before["response"].to_list()
     if r_scorer_checkpoint == VERIFIER_JUDGE:
-        win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge())
+        win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge)
     else:
         scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
-        win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge(), progress=context.log.info)
+        win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge, progress=context.log.info)
     yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous"),
                                      pl.lit(policy_checkpoint).alias("checkpoint")), metadata={
         **metric_values(summary),

@@ -42,19 +42,19 @@ _INPUTS = {
                             _fields("scorer_model", "tiny_scorer_architecture", "tiny_hidden_size", "tiny_layers", "seed")),
     "sft_checkpoint": (("rationale_sft", "training", "models"), lambda cfg: asdict(cfg.sft_settings())),
     "r_scorer_checkpoint": (("r_scorer", "candidate_search", "generation", "training", "verifier"), lambda cfg: {
-        **asdict(cfg.scorer_settings()), **asdict(cfg.judge()), **asdict(cfg.search()),
+        **asdict(cfg.scorer_settings()), **asdict(cfg.judge), **asdict(cfg.search),
         **_fields("scorer_model", "scorer_prompts", "scorer_max_pairs", "scorer_contrast_pairs", "seed")(cfg)}),
     "sft_eval": (("evaluation", "generation", "verifier"), lambda cfg: {**_runtime(cfg), "eval_max_new_tokens": cfg.eval_max_new_tokens}),
     "start_policy": ((), _fields()),
     "calibration_prompts": (("source_data",), _fields("prompts_per_iteration", "scorer_prompts")),
-    "candidate_pool": (("candidate_search", "generation"), lambda cfg: {**asdict(cfg.search()), **_runtime(cfg), "seed": cfg.seed}),
+    "candidate_pool": (("candidate_search", "generation"), lambda cfg: {**asdict(cfg.search), **_runtime(cfg), "seed": cfg.seed}),
     "pairwise_scores": (("r_scorer", "preference", "verifier"), lambda cfg: {
-        **asdict(cfg.judge()), **asdict(cfg.curation()), **_runtime(cfg), "scoring": cfg.scoring}),
-    "preference_set": (("preference", "verifier"), lambda cfg: asdict(cfg.curation())),
+        **asdict(cfg.judge), **asdict(cfg.curation), **_runtime(cfg), "scoring": cfg.scoring}),
+    "preference_set": (("preference", "verifier"), lambda cfg: asdict(cfg.curation)),
     "policy_checkpoint": (("weighted_dpo", "training"), lambda cfg: {
         **asdict(cfg.dpo_settings()), **_fields("beta", "use_fused_dpo_kernel", "weighted_dpo", "dpo_nll_weight")(cfg)}),
     "iteration_eval": (("evaluation", "generation", "r_scorer", "verifier"), lambda cfg: {
-        **_runtime(cfg), **asdict(cfg.judge()), **_fields("eval_max_new_tokens", "regression_tolerance")(cfg)}),
+        **_runtime(cfg), **asdict(cfg.judge), **_fields("eval_max_new_tokens", "regression_tolerance")(cfg)}),
 }
 
 

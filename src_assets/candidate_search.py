@@ -31,10 +31,10 @@ from .verifier import split_response
 
 @dataclass(frozen=True)
 class SearchConfig:
-    k: int = 8  # candidates kept per prompt
-    beams: int = 4  # B: live partial responses per prompt
-    samples_per_beam: int = 4  # M: sentence continuations sampled per beam
-    temperature: float = 1.0
+    k: int = 6  # candidates kept per prompt
+    beams: int = 3  # B: live partial responses per prompt
+    samples_per_beam: int = 3  # M: sentence continuations sampled per beam
+    temperature: float = 1.5  # 1.0 leaves 2-3 distinct candidates per prompt and 4 prompts in 10 all tied
     max_sentences: int = 8
     max_sentence_tokens: int = 24
     batch_size: int = 512  # rows (prompt x beam x sample) per generate call

@@ -3,12 +3,17 @@
 Everything the pipeline can be told lives in ``SRCConfig``; a profile is a set
 of defaults. ``default`` is the embedded run the README's main command makes;
 ``smoke`` shrinks every size so that tests and quick checks finish in seconds.
-Each choice this project made where the paper is silent is a field here (see the README's Method choices).
+Each choice this project made where the paper is silent is a setting (docs/method.md maps them to the method).
+
+The stages' own settings types (``SearchConfig``, ``JudgeConfig``, ``CurationConfig``) hold their defaults;
+``SRCConfig`` holds one of each, and every setting has one flat name for ``--set`` (``k``, ``tau``,
+``judge_template``...; see ``setting_names``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import functools
+from dataclasses import dataclass, field, fields, replace
 
 from .candidate_search import SearchConfig
 from .models import Runtime
@@ -58,29 +63,20 @@ class SRCConfig:
     sft_epochs: float = 32.0  # positions are learned by step ~600, colours and shapes past ~1,000 (later for some seeds)
     sft_learning_rate: float = 2e-3
     sft_batch_size: int = 32
-    # 2. Candidate search
+    # 2. Candidate search: k, beams, samples_per_beam, temperature, max_sentences, include_greedy...
     prompts_per_iteration: int = 1024
-    k: int = 6
-    beams: int = 3
-    samples_per_beam: int = 3
-    temperature: float = 1.5  # 1.0 leaves 2-3 distinct candidates per prompt and 4 prompts in 10 all tied
-    max_sentences: int = 8
-    include_greedy: bool = True  # the policy's greedy response joins each prompt's pool
-    # 3. R-Scorer
+    search: SearchConfig = field(default_factory=SearchConfig)
+    # 3. R-Scorer (judging itself: judge_template, judge_batch_size, judge_tie_margin...)
     scorer_prompts: int = 128  # calibrate prompts whose candidates the verifier labels to train the judge
     scorer_max_pairs: int = 4000
     scorer_contrast_pairs: int = 0  # > 0: this many more pairs of gold responses against their perturbed copies
     scorer_epochs: float = 3.0
     scorer_learning_rate: float = 2e-3
     scorer_batch_size: int = 32
-    judge_batch_size: int = 128  # judge prompts per forward pass
-    judge_template: str = "compact"  # "instruct" for a pretrained chat model used zero-shot
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     scoring: str = "pairwise"  # ablation: "independent" judges each candidate alone
-    # 4-5. Aggregation and curation
-    tau: float = 0.1
-    select_by: str = "strength"
-    pairs_per_prompt: int = 2
-    require_correct_chosen: bool = True
+    # 4-5. Aggregation and curation: tau, select_by, pairs_per_prompt, require_correct_chosen...
+    curation: CurationConfig = field(default_factory=CurationConfig)
     # 6. Weighted DPO
     dpo_epochs: float = 2.0
     dpo_learning_rate: float = 1e-4  # 5e-4 without the anchor collapsed a perceiving policy (0.52 -> 0.19 accuracy)
@@ -114,25 +110,20 @@ class SRCConfig:
     def dpo_settings(self) -> TrainSettings:
         return self._train(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size)
 
-    def search(self) -> SearchConfig:
-        return SearchConfig(k=self.k, beams=self.beams, samples_per_beam=self.samples_per_beam,
-                            temperature=self.temperature, max_sentences=self.max_sentences, include_greedy=self.include_greedy)
-
-    def judge(self) -> JudgeConfig:
-        return JudgeConfig(template=self.judge_template, batch_size=self.judge_batch_size)
-
-    def curation(self) -> CurationConfig:
-        return CurationConfig(tau=self.tau, select_by=self.select_by, pairs_per_prompt=self.pairs_per_prompt,
-                              require_correct_chosen=self.require_correct_chosen)
+    def setting(self, name: str):
+        """A setting by its flat name (``k`` is ``self.search.k``)."""
+        group, attr, _ = setting_names()[name]
+        return getattr(getattr(self, group) if group else self, attr)
 
 
 PROFILES: dict[str, SRCConfig] = {
     "default": SRCConfig(),
     "smoke": SRCConfig(
         n_sft=60, n_calibrate=16, n_eval=20, tiny_hidden_size=32, tiny_layers=1, sft_epochs=1.0,
-        prompts_per_iteration=8, k=3, beams=2, samples_per_beam=2, max_sentences=7,
-        scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4, tau=0.0,
-        require_correct_chosen=False,  # untrained smoke models never answer right; this profile checks plumbing
+        prompts_per_iteration=8, search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
+        scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4,
+        # untrained smoke models never answer right; this profile checks plumbing
+        curation=CurationConfig(tau=0.0, require_correct_chosen=False),
         min_blank_image_drop=-1.0,  # nor do they see: the blank-image check is reported, not required
     ),
 }
@@ -183,31 +174,63 @@ _RANGES = {
 }
 
 
+# The nested settings and the prefix of their flat names, and the names that would be unclear alone.
+_GROUPS = {"search": "", "judge": "judge_", "curation": ""}
+_RENAMED = {("search", "batch_size"): "search_batch_size", ("curation", "backend"): "aggregation_backend"}
+
+
+@functools.cache
+def setting_names() -> dict[str, tuple[str | None, str, str]]:
+    """Every setting's flat name -> (nested group or None, its field there, its type name)."""
+    types = {"search": SearchConfig, "judge": JudgeConfig, "curation": CurationConfig}
+    out = {f.name: (None, f.name, f.type) for f in fields(SRCConfig) if f.name not in _GROUPS}
+    for group, prefix in _GROUPS.items():
+        for f in fields(types[group]):
+            name = _RENAMED.get((group, f.name), f"{prefix}{f.name}")
+            if name in out:
+                raise RuntimeError(f"setting name {name!r} is taken twice; add it to _RENAMED")
+            out[name] = (group, f.name, f.type)
+    return out
+
+
 def _check_ranges(cfg: "SRCConfig") -> None:
     for name, (low, inclusive, high) in _RANGES.items():
-        value = getattr(cfg, name)
+        value = cfg.setting(name)
         if (value < low if inclusive else value <= low) or (high is not None and value > high):
             bound = f"in [{low}, {high}]" if high is not None else f"{'>=' if inclusive else '>'} {low}"
             raise ValueError(f"setting {name}: {value!r} is out of range; it must be {bound}")
-    if cfg.min_objects > cfg.max_objects:
-        raise ValueError(f"settings min_objects ({cfg.min_objects}) and max_objects ({cfg.max_objects}): min is above max")
-    if cfg.tiny_hidden_size % 16:
-        raise ValueError(f"setting tiny_hidden_size: {cfg.tiny_hidden_size} must be a multiple of 16 (4 heads with even halves)")
+    low, high, hidden = cfg.setting("min_objects"), cfg.setting("max_objects"), cfg.setting("tiny_hidden_size")
+    if low > high:
+        raise ValueError(f"settings min_objects ({low}) and max_objects ({high}): min is above max")
+    if hidden % 16:
+        raise ValueError(f"setting tiny_hidden_size: {hidden} must be a multiple of 16 (4 heads with even halves)")
+
+
+class _Unchecked:
+    """A flat view of a profile with overrides, to check ranges before the stage types validate themselves."""
+
+    def __init__(self, base: SRCConfig, typed: dict):
+        self.base, self.typed = base, typed
+
+    def setting(self, name: str):
+        return self.typed[name] if name in self.typed else self.base.setting(name)
 
 
 def profile(name: str, **overrides) -> SRCConfig:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
-    known = {f.name: f.type for f in fields(SRCConfig)}
+    known = setting_names()
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; SRCConfig has {sorted(known)}")
-    typed = {k: coerce_setting(k, v, known[k]) for k, v in overrides.items()}
-    cfg = replace(PROFILES[name], **typed)
+        raise ValueError(f"unknown setting(s) {unknown}; the settings are {sorted(known)}")
+    typed = {k: coerce_setting(k, v, known[k][2]) for k, v in overrides.items()}
+    _check_ranges(_Unchecked(PROFILES[name], typed))
+    top = {k: v for k, v in typed.items() if known[k][0] is None}
+    nested = {g: replace(getattr(PROFILES[name], g), **{known[k][1]: v for k, v in typed.items() if known[k][0] == g})
+              for g in _GROUPS}  # each stage type validates its own fields (select_by, backend...)
+    cfg = replace(PROFILES[name], **top, **nested)
     if cfg.scoring not in ("pairwise", "independent"):
         raise ValueError(f"scoring must be 'pairwise' or 'independent', got {cfg.scoring!r}")
-    _check_ranges(cfg)
-    cfg.curation()  # validates tau, select_by and pairs_per_prompt
     if cfg.tiny_policy_architecture not in POLICY_ARCHITECTURES:
         raise ValueError(f"tiny_policy_architecture must be one of {POLICY_ARCHITECTURES}, got {cfg.tiny_policy_architecture!r}")
     if cfg.tiny_scorer_architecture not in SCORER_ARCHITECTURES:

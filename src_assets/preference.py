@@ -22,7 +22,7 @@ BACKENDS = ("auto", "triton", "torch")
 class CurationConfig:
     tau: float = 0.1  # pairs whose weight is below this are dropped
     select_by: str = "strength"  # "strength" (Bradley-Terry) or "win_rate"
-    pairs_per_prompt: int = 1  # best vs worst, 2nd best vs 2nd worst, ...
+    pairs_per_prompt: int = 2  # best vs worst, 2nd best vs 2nd worst, ...
     require_correct_chosen: bool = True  # never keep a chosen response whose answer is wrong
     bt_iters: int = 50
     bt_tol: float = 1e-6

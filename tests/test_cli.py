@@ -65,11 +65,28 @@ def test_experiment_runs_each_variant_and_trains_sft_once_per_seed(tmp_path, mon
 def test_overrides_are_coerced_to_each_settings_type():
     cfg = SettingsResource(profile="smoke", overrides={"weighted_dpo": "false", "k": "4", "tau": "0.25", "gradient_checkpointing": "1",
                                                        "report_to": "tensorboard"}).config()
-    assert cfg.weighted_dpo is False and cfg.k == 4 and cfg.tau == 0.25 and cfg.gradient_checkpointing is True
+    assert cfg.weighted_dpo is False and cfg.search.k == 4 and cfg.curation.tau == 0.25 and cfg.gradient_checkpointing is True
     assert cfg.dpo_settings().report_to == ("tensorboard",)
     for bad in ({"k": "abc"}, {"weighted_dpo": "maybe"}, {"tau": "x"}):
         with pytest.raises(ValueError, match="is not a valid"):
             SettingsResource(profile="smoke", overrides=bad).config()
+
+
+def test_each_default_lives_in_its_stage_settings_type():
+    """The run settings hold the stages' own settings types; their defaults are the default profile's."""
+    from dataclasses import fields
+
+    from src_assets.candidate_search import SearchConfig
+    from src_assets.config import PROFILES, SRCConfig, setting_names
+    from src_assets.preference import CurationConfig
+    from src_assets.r_scorer import JudgeConfig
+
+    default = PROFILES["default"]
+    assert (default.search, default.curation, default.judge) == (SearchConfig(), CurationConfig(), JudgeConfig())
+    names = {f.name for f in fields(SRCConfig)}
+    assert not names & {"k", "beams", "tau", "select_by", "judge_template"}  # not copied: composed
+    assert setting_names()["k"][:2] == ("search", "k") and setting_names()["judge_template"][:2] == ("judge", "template")
+    assert setting_names()["search_batch_size"][:2] == ("search", "batch_size")
 
 
 def test_gpu_settings_are_typed_launchpad_fields():
@@ -134,3 +151,18 @@ def test_split_sizes_are_checked_before_anything_trains(tmp_path, monkeypatch, c
     assert code == 1
     assert err.startswith("step vqa_source failed: the source has 8 'calibrate' rows, but the first scorer_prompts=8")
     assert not (tmp_path / "store" / "models" / "sft_checkpoint").exists()  # nothing was trained
+
+
+def test_a_run_prints_one_line_per_step_and_v_shows_dagsters_events(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    store = str(tmp_path / "store")
+    assert main(["run", "--profile", "smoke", "--iterations", "1", "--store", store, "--json"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) < 40, "\n".join(lines)  # fits on one screen, progress bars aside
+    assert "DEBUG" not in err and "STEP_SUCCESS" not in err
+    steps = [line.split()[0] for line in lines if line.startswith("  ") and " s" in line]
+    assert {"sft_checkpoint", "start_policy", "candidate_pool", "policy_checkpoint", "iteration_eval"} <= set(steps)
+    assert any(line.split()[0] == "preference_set" and "pairs_kept=" in line for line in lines)
+    assert main(["run", "--profile", "smoke", "--iterations", "1", "--store", store, "--json", "-v", "--fresh"]) == 0
+    assert "STEP_SUCCESS" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_kernel_and_reference_give_the_same_preference_set():
 def test_curation_rules():
     ids, matrices, cand, prompts = _fixture()
     scores = score_table(ids, matrices, CurationConfig(backend="torch"))
-    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.2))
+    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.2, pairs_per_prompt=1))
     assert prefs.height == len(ids)  # one pair considered per prompt
     assert ((prefs["weight"] >= 0) & (prefs["weight"] <= 1)).all()
     kept = prefs.filter("kept")
@@ -73,3 +73,14 @@ def test_several_pairs_per_prompt_and_win_rate_selection():
 def test_bad_curation_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CurationConfig(**kwargs)
+
+
+def test_the_check_and_curation_compare_answers_alike():
+    """``chosen_correct`` is curation's own comparison (whitespace and case normalised), which the
+    ``no_wrong_chosen_answer`` check reads: an answer that differs only in spacing is correct for both."""
+    cand = pl.DataFrame({"prompt_id": ["p", "p"], "candidate": [0, 1], "text": ["a", "b"],
+                         "answer": ["Top  left.", "bottom right"]})
+    prompts = pl.DataFrame({"id": ["p"], "question": ["where?"], "answer": ["top left"], "image": [b""]})
+    scores = score_table(["p"], [[[0.5, 0.95], [0.05, 0.5]]], CurationConfig(backend="torch"))
+    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=1))
+    assert prefs["kept"].to_list() == [True] and prefs["chosen_correct"].to_list() == [True]
