@@ -3,16 +3,19 @@
     python -m kernels.bench_dpo [--out bench_dpo.json] [--reps 10] [--dtype bfloat16]
 
 Needs a CUDA GPU, torch and triton; Liger-Kernel is timed too when importable.
-Methods (each produces the loss and the gradients of hidden, LM head and bias):
+Methods, trained LM head (each produces the loss and the gradients of hidden and LM head):
 
-- ``triton``: ``kernels.dpo.weighted_dpo_loss``;
+- ``kernel_trained_head``: ``kernels.dpo.weighted_dpo_loss`` (4 GEMMs, one chunk of workspace);
 - ``trl_full_logits``: every position through the LM head, selective log-softmax, masked sum (TRL's classic path);
 - ``liger_fused_linear_dpo``: ``LigerFusedLinearDPOLoss`` (chunked, all positions);
-- ``completion_only_eager``: ``weighted_dpo_loss_reference``;
+- ``completion_only_eager``: ``weighted_dpo_loss_reference``, and ``completion_only_compiled``, its ``torch.compile``;
 - ``three_gemms_floor``: the three completion-only GEMMs alone (logits, dlogits @ W, dlogits^T @ h).
 
-Time: median of ``--reps`` (CUDA events). Memory: peak allocated beyond the
-inputs and the gradients every method must produce, from a clean baseline.
+Frozen LM head (LoRA; only the hidden gradient): ``kernel_frozen_head``, ``completion_only_eager_frozen_head``
+and ``two_gemms_floor`` (logits, dlogits @ W).
+
+One JSON row per (shape, method): median ms of ``--reps`` (CUDA events) and the workspace, the peak allocated
+beyond the inputs and the gradients every method must produce, from a clean baseline, in GiB.
 """
 
 from __future__ import annotations
@@ -28,12 +31,11 @@ import torch.nn.functional as F
 
 from .dpo import dpo_loss_from_logps, weighted_dpo_loss, weighted_dpo_loss_reference
 
-# (pairs, T, completion tokens, H, V): 7B-class (LLaVA, Qwen2.5-VL) preference batches, plus a long-vocabulary case at T=8192.
+# (pairs, T, completion tokens, H, V): 7B-class preference batches (LLaVA's vocabulary, then Qwen2.5-VL's).
 SHAPES = (
     (2, 2048, 256, 4096, 32000),
     (2, 2048, 256, 3584, 152064),
     (4, 4096, 512, 3584, 152064),
-    (2, 8192, 512, 3584, 256000),
 )
 BETA = 0.1
 
@@ -70,6 +72,10 @@ def _three_gemms(h_completion, weight, dlogits):
     return logits, dh, dw
 
 
+def _two_gemms(h_completion, weight, dlogits):
+    return h_completion @ weight.t(), dlogits @ weight
+
+
 def _time_and_memory(step, reps, grad_bytes):
     step()  # warm-up: autotuning, compilation, allocator
     torch.cuda.synchronize()
@@ -91,65 +97,72 @@ def _time_and_memory(step, reps, grad_bytes):
 
 
 def run_shape(P, T, C, H, V, dtype, reps):
+    """The rows of one shape: every method's median ms and workspace GiB, and the kernel's error on it."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     hidden = torch.randn(2 * P, T, H, device=dev, dtype=dtype, generator=g).requires_grad_()
     weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5).to(dtype).requires_grad_()
+    frozen_weight = weight.detach()
     bias = None
     labels = torch.randint(0, V, (2 * P, T), device=dev, generator=g)
     labels[:, : T - C] = -100  # prompt and image positions
     ref = torch.randn(2 * P, device=dev, generator=g) - 5.0 * C
     pair_weights = torch.rand(P, device=dev, generator=g)
-    grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
-    params = [hidden, weight]
+    hidden_bytes = hidden.numel() * hidden.element_size()
+    weight_bytes = weight.numel() * weight.element_size()
 
-    def loss_step(fn):
+    def loss_step(fn, head):
         def step():
-            for p in params:
-                p.grad = None
-            loss, _ = fn(hidden, weight, labels, ref, pair_weights, BETA, bias)
+            hidden.grad = weight.grad = None
+            loss, _ = fn(hidden, head, labels, ref, pair_weights, BETA, bias)
             loss.backward()
         return step
 
-    methods = {
-        "triton": loss_step(weighted_dpo_loss),
-        "trl_full_logits": loss_step(trl_full_logits),
-        "completion_only_eager": loss_step(weighted_dpo_loss_reference),
+    compiled = torch.compile(weighted_dpo_loss_reference)
+    methods = {  # name -> (step, gradient bytes it must produce)
+        "kernel_trained_head": (loss_step(weighted_dpo_loss, weight), hidden_bytes + weight_bytes),
+        "kernel_frozen_head": (loss_step(weighted_dpo_loss, frozen_weight), hidden_bytes),
+        "trl_full_logits": (loss_step(trl_full_logits, weight), hidden_bytes + weight_bytes),
+        "completion_only_eager": (loss_step(weighted_dpo_loss_reference, weight), hidden_bytes + weight_bytes),
+        "completion_only_eager_frozen_head": (loss_step(weighted_dpo_loss_reference, frozen_weight), hidden_bytes),
+        "completion_only_compiled": (loss_step(compiled, weight), hidden_bytes + weight_bytes),
     }
     liger = _liger()
     if liger is not None:
         def liger_step():
-            for p in params:
-                p.grad = None
+            hidden.grad = weight.grad = None
             _liger_step(liger, hidden, weight, labels, ref, bias).backward()
-        methods["liger_fused_linear_dpo"] = liger_step
-
+        methods["liger_fused_linear_dpo"] = (liger_step, hidden_bytes + weight_bytes)
     h_c = hidden.detach()[:, T - C :].reshape(-1, H).contiguous()
     dlogits = torch.randn(h_c.shape[0], V, device=dev, dtype=dtype, generator=g)
-    methods["three_gemms_floor"] = lambda: _three_gemms(h_c, weight.detach(), dlogits)
+    methods["three_gemms_floor"] = (lambda: _three_gemms(h_c, frozen_weight, dlogits), 0)
+    methods["two_gemms_floor"] = (lambda: _two_gemms(h_c, frozen_weight, dlogits), 0)
 
-    # Correctness on this shape: kernel against the completion-only reference.
+    shape = {"pairs": P, "T": T, "completion": C, "H": H, "V": V, "dtype": str(dtype).replace("torch.", "")}
     lk, pk = weighted_dpo_loss(hidden, weight, labels, ref, pair_weights, BETA, bias)
     lr, pr = weighted_dpo_loss_reference(hidden, weight, labels, ref, pair_weights, BETA, bias)
-    row = {"pairs": P, "T": T, "completion": C, "H": H, "V": V, "dtype": str(dtype).replace("torch.", ""),
-           "loss_abs_diff_vs_reference": float((lk - lr).abs()), "logps_max_abs_diff_vs_reference": float((pk - pr).abs().max())}
+    rows = [{**shape, "method": "correctness", "loss_abs_diff_vs_reference": float((lk - lr).abs()),
+             "logps_max_abs_diff_vs_reference": float((pk - pr).abs().max())}]
     del lk, pk, lr, pr
-    for name, step in methods.items():
+    for name, (step, grad_bytes) in methods.items():
+        row = {**shape, "method": name}
         try:
-            ms, gib = _time_and_memory(step, reps, 0 if name == "three_gemms_floor" else grad_bytes)
-            row[f"{name}_ms"], row[f"{name}_peak_extra_GiB"] = ms, gib
+            row["median_ms"], row["workspace_GiB"] = _time_and_memory(step, reps, grad_bytes)
         except torch.cuda.OutOfMemoryError:
-            row[f"{name}_ms"] = row[f"{name}_peak_extra_GiB"] = "out of memory"
+            row["median_ms"] = row["workspace_GiB"] = "out of memory"
         except Exception as e:  # a baseline that breaks (e.g. a Liger API change) must not hide the others
-            row[f"{name}_ms"] = f"error: {type(e).__name__}: {e}"[:300]
-        for p in params:
-            p.grad = None
+            row["median_ms"] = f"error: {type(e).__name__}: {e}"[:300]
+        hidden.grad = weight.grad = None
         torch.cuda.empty_cache()
-    t = row.get("triton_ms")
-    for base in ("trl_full_logits", "liger_fused_linear_dpo", "completion_only_eager", "three_gemms_floor"):
-        if isinstance(t, float) and isinstance(row.get(f"{base}_ms"), float):
-            row[f"triton_vs_{base}"] = row[f"{base}_ms"] / t
-    return row
+        rows.append(row)
+    ms = {r["method"]: r.get("median_ms") for r in rows}
+    for r in rows:  # each kernel row against its floor and against TRL-style full logits
+        floor = {"kernel_trained_head": "three_gemms_floor", "kernel_frozen_head": "two_gemms_floor"}.get(r["method"])
+        if floor and isinstance(r.get("median_ms"), float):
+            for base in (floor, "trl_full_logits", "completion_only_eager"):
+                if isinstance(ms.get(base), float):
+                    r[f"vs_{base}"] = r["median_ms"] / ms[base]
+    return rows
 
 
 def main(argv=None) -> None:
@@ -164,9 +177,9 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     rows = []
     for shape in SHAPES[: args.shapes]:
-        row = run_shape(*shape, dtype, args.reps)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for row in run_shape(*shape, dtype, args.reps):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     report = {"benchmark": "weighted_dpo_loss", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "reps": args.reps, "results": rows}
     with open(args.out, "w") as f:

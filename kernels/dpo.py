@@ -2,17 +2,29 @@
 
 DPO needs, per sequence, the sum of the log-probs of its completion tokens.
 The usual path projects *every* position (image, prompt, padding) through the
-LM head and takes a full ``[tokens x vocab]`` log-softmax. Here only the
-positions whose label is not ``ignore_index`` are gathered, and the Triton
-kernels stream the LM head over the vocabulary with an online log-sum-exp, so
-no ``[tokens x V]`` tensor ever exists:
+LM head and takes a full ``[tokens x vocab]`` log-softmax. Here only the N
+positions whose label is not ``ignore_index`` are projected, a chunk of rows at
+a time, so no ``[N x V]`` tensor ever exists. Each chunk is cuBLAS GEMMs
+(``torch.mm``) around one Triton kernel, ``_row_log_softmax`` (one program per
+row, streaming over V: online log-sum-exp, target gather, and in place the
+gradient ``scale * (onehot - softmax)``), as Liger's fused linear cross-entropy
+does. Two paths, chosen by what needs a gradient:
 
-- forward: one pass over V per block of tokens gives each token's log-sum-exp
-  and target logit (one GEMM's worth of work);
-- backward: one program per (token block, vocab block) tile recomputes its
-  logits, forms ``dlogits = g * (onehot - softmax)``, and adds
-  ``dlogits @ W`` into the hidden-state gradient and ``dlogits^T @ h`` into
-  the LM-head gradient (three GEMMs' worth), accumulating in fp32.
+- **frozen LM head** (``weight`` and ``bias`` need no grad, e.g. LoRA): the
+  forward forms ``(onehot - softmax) @ W`` for every row into an ``[N, H]``
+  buffer; the backward only scales its rows by each token's ``d loss / d logp``
+  (known only after the loss, but a scalar per row). GEMMs: 2 (logits, dH), the
+  floor's. Workspace: the ``[N, H]`` buffer plus one chunk.
+- **trained LM head**: the forward keeps each token's log-sum-exp; the backward
+  recomputes each chunk's logits and turns them into ``dlogits`` in place, then
+  ``dH_chunk = dlogits @ W`` goes straight into the hidden gradient and
+  ``dW += dlogits^T @ h_chunk`` (``addmm_``, in the weight's dtype). GEMMs: 4
+  (logits, logits again, dH, dW) against the floor's 3. Workspace: one chunk.
+  No V x H fp32 accumulator and no atomics, so the result is deterministic.
+
+A chunk is ``rows x (V + 2H)`` elements of the hidden dtype (its logits, its
+gathered hidden rows and its dH rows), at most ``chunk_bytes`` (default 64 MiB,
+``SRC_DPO_CHUNK_BYTES``), whatever T and V are.
 
 The DPO loss on top is a few ops on ``[P]`` tensors in plain PyTorch:
 ``loss = mean_i w_i * -logsigmoid(beta * ((pc_i - rc_i) - (pr_i - rr_i)))``.
@@ -33,13 +45,12 @@ import triton
 import triton.language as tl
 
 
-def _gather_completion(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """Rows of ``hidden`` whose label counts, their targets, and the sequence each belongs to."""
+def _completion_rows(hidden, labels, ignore_index):
+    """Flat indices of the counted positions, their targets, and the sequence each belongs to."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [rows, T, H] and labels [rows, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
-    rows, T, H = hidden.shape
     flat = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
-    return hidden.reshape(-1, H).index_select(0, flat), labels.reshape(-1).index_select(0, flat), flat // T, flat
+    return flat, labels.reshape(-1).index_select(0, flat).contiguous(), flat // hidden.shape[1]
 
 
 def dpo_loss_from_logps(policy_logps, ref_logps, pair_weights=None, beta: float = 0.1) -> torch.Tensor:
@@ -65,8 +76,8 @@ def dpo_loss_from_logps(policy_logps, ref_logps, pair_weights=None, beta: float 
 
 def sequence_logps_reference(hidden, weight, labels, bias=None, ignore_index: int = -100) -> torch.Tensor:
     """Per-sequence sums of target log-probs, projecting only the counted positions (eager PyTorch)."""
-    h, targets, seq, _ = _gather_completion(hidden, labels, ignore_index)
-    logits = F.linear(h, weight, bias).float()
+    flat, targets, seq = _completion_rows(hidden, labels, ignore_index)
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat), weight, bias).float()
     token_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps)
 
@@ -76,100 +87,54 @@ def weighted_dpo_loss_reference(hidden, weight, labels, ref_logps, pair_weights=
     return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta), policy_logps
 
 
-# --- Triton kernels ------------------------------------------------------------------------------
+# --- Triton kernel and the chunked autograd Function -------------------------------------------
+
+CHUNK_BYTES = int(os.environ.get("SRC_DPO_CHUNK_BYTES", 64 * 2**20))
 
 
+def _block_v(V: int) -> int:
+    # One program streams its row in blocks; wide blocks keep loads coalesced on a GPU, narrow ones keep the
+    # CPU interpreter's per-block arrays small.
+    return min(triton.next_power_of_2(V), 128 if _interpreting() else 4096)
+
+
+@triton.heuristics({"BLOCK_V": lambda args: _block_v(args["V"]),
+                    "num_warps": lambda args: 1 if _interpreting() else min(16, max(4, _block_v(args["V"]) // 256))})
 @triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr):
-    # fp32 operands must not silently drop to TF32; and the CPU interpreter's bf16 dot is wrong, so there the
-    # (already bf16-rounded) operands are widened to fp32, which gives the same products.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+def _row_log_softmax(logits_ptr, stride, tgt_ptr, lse_ptr, logp_ptr, scale_ptr, V,
+                     BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One row of a logits chunk: its log-sum-exp and target log-prob (unless ``HAS_LSE``: read them), then,
+    with ``WRITE_GRAD``, the row overwritten in place by ``scale * (onehot(target) - softmax)``.
 
-
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_in, col_in, H,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
-    """logits[rows, cols] = h[rows] @ W[cols]^T (+ b[cols]), accumulated in fp32."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        k = h0 + tl.arange(0, BLOCK_H)
-        k_in = k < H
-        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * H + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * H + k[:, None], mask=col_in[None, :] & k_in[:, None], other=0.0)
-        acc = _dot(a, w, acc, DOT_FP32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, tlogit_ptr, N, V, H,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < N
-    target = tl.load(tgt_ptr + rows, mask=row_in, other=0)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_in = cols < V
-        logits = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_in, col_in, H, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, DOT_FP32)
-        logits = tl.where(col_in[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
-        m = m_new
-        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), axis=1)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_in)
-    tl.store(tlogit_ptr + rows, target_logit, mask=row_in)
-
-
-@triton.jit
-def _backward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr, N, V, H,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_in = rows < N
-    col_in = cols < V
-    target = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_in, other=0.0)
-    logits = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_in, col_in, H, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, DOT_FP32)
-    prob = tl.exp(logits - lse[:, None])
-    onehot = (cols[None, :] == target[:, None]).to(tl.float32)
-    dlogits = tl.where(row_in[:, None] & col_in[None, :], g[:, None] * (onehot - prob), 0.0)
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + cols, tl.sum(dlogits, axis=0), mask=col_in)
-    dlogits_in = dlogits.to(h_ptr.dtype.element_ty)
-    for h0 in range(0, H, BLOCK_H):
-        k = h0 + tl.arange(0, BLOCK_H)
-        k_in = k < H
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * H + k[None, :], mask=col_in[:, None] & k_in[None, :], other=0.0)
-        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * H + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
-        dh = _dot(dlogits_in, w, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), DOT_FP32)
-        dw = _dot(tl.trans(dlogits_in), a, tl.zeros((BLOCK_V, BLOCK_H), tl.float32), DOT_FP32)
-        tl.atomic_add(dh_ptr + rows[:, None].to(tl.int64) * H + k[None, :], dh, mask=row_in[:, None] & k_in[None, :])
-        tl.atomic_add(dw_ptr + cols[:, None].to(tl.int64) * H + k[None, :], dw, mask=col_in[:, None] & k_in[None, :])
-
-
-def _blocks():
-    # 16 is tl.dot's smallest tile. On a GPU the larger tiles keep the tensor cores busy.
-    if torch.cuda.is_available() and not _interpreting():
-        return 64, 128, 64, 8
-    return 16, 32, 16, 1
+    Launch: one program per row of the chunk; two streaming passes over V at most, fp32 arithmetic."""
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    target = tl.load(tgt_ptr + row)
+    if HAS_LSE:
+        lse = tl.load(lse_ptr + row)
+    else:
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logp_ptr + row, tl.load(base + target).to(tl.float32) - lse)
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr + row) if HAS_SCALE else 1.0
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            grad = scale * ((cols == target).to(tl.float32) - tl.exp(x - lse))
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or _interpreting()
 
 
 def _check(hidden, weight, bias):
@@ -181,66 +146,96 @@ def _check(hidden, weight, bias):
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-def _token_lse(h, weight, bias, targets):
-    N, H = h.shape
-    V = weight.shape[0]
-    lse = torch.empty(N, dtype=torch.float32, device=h.device)
-    target_logit = torch.empty(N, dtype=torch.float32, device=h.device)
-    if N:
-        BN, BV, BH, warps = _blocks()
-        _forward_kernel[(triton.cdiv(N, BN),)](
-            h, weight, bias if bias is not None else h, targets, lse, target_logit, N, V, H,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(h.dtype), num_warps=warps,
-        )
-    return lse, target_logit
+def _chunks(N: int, V: int, H: int, element_size: int, chunk_bytes: int):
+    """Row ranges whose logits, gathered hidden rows and dH rows fit in ``chunk_bytes`` together."""
+    rows = max(1, chunk_bytes // ((V + 2 * H) * element_size))
+    return [(n0, min(n0 + rows, N)) for n0 in range(0, N, rows)]
 
 
-class _FusedSequenceLogps(torch.autograd.Function):
+def _logits(h_chunk, weight, bias):
+    """[rows, V] logits in the hidden dtype (cuBLAS accumulates in fp32)."""
+    return torch.addmm(bias, h_chunk, weight.t()) if bias is not None else torch.mm(h_chunk, weight.t())
+
+
+def _launch(logits, targets, lse, logp, scale=None, *, has_lse: bool, write_grad: bool):
+    _row_log_softmax[(logits.shape[0],)](logits, logits.stride(0), targets, lse, logp,
+                                         scale if scale is not None else lse, logits.shape[1],
+                                         HAS_LSE=has_lse, WRITE_GRAD=write_grad, HAS_SCALE=scale is not None)
+
+
+class _ChunkedSequenceLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_bytes):
         _check(hidden, weight, bias)
-        h, targets, seq, flat = _gather_completion(hidden, labels, ignore_index)
-        h, weight_c = h.contiguous(), weight.contiguous()
-        lse, target_logit = _token_lse(h, weight_c, bias, targets)
-        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, seq, target_logit - lse)
-        ctx.save_for_backward(h, weight_c, bias, targets, seq, flat, lse)
-        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        flat, targets, seq = _completion_rows(hidden, labels, ignore_index)
+        N, (V, H) = flat.numel(), weight.shape
+        rows = hidden.reshape(-1, H)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        train_head = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        frozen_grad = ctx.needs_input_grad[0] and not train_head
+        # Frozen head: (onehot - softmax) @ W of every row, scaled by d loss / d logp in the backward.
+        unscaled_dh = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if frozen_grad else None
+        for n0, n1 in _chunks(N, V, H, hidden.element_size(), chunk_bytes):
+            h_chunk = rows.index_select(0, flat[n0:n1])
+            logits = _logits(h_chunk, weight, bias)
+            _launch(logits, targets[n0:n1], lse[n0:n1], logp[n0:n1], has_lse=False, write_grad=frozen_grad)
+            if frozen_grad:
+                torch.mm(logits, weight, out=unscaled_dh[n0:n1])
+            del h_chunk, logits
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, seq, logp)
+        ctx.frozen, ctx.chunk_bytes, ctx.hidden_shape = frozen_grad, chunk_bytes, hidden.shape
+        if frozen_grad:
+            ctx.save_for_backward(unscaled_dh, flat, seq)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, flat, targets, seq, lse)
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        h, weight, bias, targets, seq, flat, lse = ctx.saved_tensors
-        N, H = h.shape
-        V = weight.shape[0]
-        g = grad_logps.float().index_select(0, seq).contiguous()  # d loss / d token log-prob
-        dh = torch.zeros((N, H), dtype=torch.float32, device=h.device)
-        dw = torch.zeros((V, H), dtype=torch.float32, device=h.device)
-        db = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else dh
-        if N:
-            BN, BV, BH, warps = _blocks()
-            _backward_kernel[(triton.cdiv(N, BN), triton.cdiv(V, BV))](
-                h, weight, bias if bias is not None else h, targets, lse, g, dh, dw, db, N, V, H,
-                BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(h.dtype), num_warps=warps,
-            )
-        grad_hidden = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=h.device)
-        grad_hidden.view(-1, H).index_copy_(0, flat, dh.to(ctx.hidden_dtype))
-        grad_bias = db.to(bias.dtype) if bias is not None else None
-        return grad_hidden, dw.to(weight.dtype), grad_bias, None, None
+        if ctx.frozen:
+            unscaled_dh, flat, seq = ctx.saved_tensors
+            H = unscaled_dh.shape[1]
+            grad_hidden = torch.zeros(ctx.hidden_shape, dtype=unscaled_dh.dtype, device=unscaled_dh.device)
+            scale = grad_logps.float().index_select(0, seq)[:, None]
+            grad_hidden.view(-1, H).index_copy_(0, flat, (unscaled_dh * scale).to(unscaled_dh.dtype))
+            return grad_hidden, None, None, None, None, None
+        hidden, weight, bias, flat, targets, seq, lse = ctx.saved_tensors
+        N, (V, H) = flat.numel(), weight.shape
+        rows = hidden.reshape(-1, H)
+        scale = grad_logps.float().index_select(0, seq).contiguous()  # d loss / d token log-prob
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros(ctx.hidden_shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_weight = torch.zeros_like(weight) if need_w else None
+        grad_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
+        for n0, n1 in _chunks(N, V, H, hidden.element_size(), ctx.chunk_bytes):
+            h_chunk = rows.index_select(0, flat[n0:n1])
+            dlogits = _logits(h_chunk, weight, bias)  # recomputed: never stored between forward and backward
+            _launch(dlogits, targets[n0:n1], lse[n0:n1], lse[n0:n1], scale[n0:n1], has_lse=True, write_grad=True)
+            if need_h:
+                grad_hidden.view(-1, H).index_copy_(0, flat[n0:n1], torch.mm(dlogits, weight))
+            if need_w:
+                grad_weight.addmm_(dlogits.t(), h_chunk)
+            if need_b:
+                grad_bias += dlogits.float().sum(0)
+            del h_chunk, dlogits
+        return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None, None, None, None
 
 
-def weighted_dpo_loss(hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100):
-    """(loss, policy_logps) through the fused Triton kernels; same contract as the reference."""
-    policy_logps = _FusedSequenceLogps.apply(hidden, weight, bias, labels, ignore_index)
+def weighted_dpo_loss(hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100,
+                      chunk_bytes: int | None = None):
+    """(loss, policy_logps) through the chunked kernel; same contract as the reference. The frozen-head path
+    is taken when neither ``weight`` nor ``bias`` needs a gradient."""
+    policy_logps = _ChunkedSequenceLogps.apply(hidden, weight, bias, labels, ignore_index, chunk_bytes or CHUNK_BYTES)
     return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta), policy_logps
 
 
 @torch.no_grad()
-def sequence_logps(hidden, weight, labels, bias=None, ignore_index: int = -100) -> torch.Tensor:
-    """[rows] fp32 per-sequence sums of target log-probs, fused, without gradients (reference-model log-probs)."""
-    _check(hidden, weight, bias)
-    h, targets, seq, _ = _gather_completion(hidden, labels, ignore_index)
-    lse, target_logit = _token_lse(h.contiguous(), weight.contiguous(), bias, targets)
-    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, seq, target_logit - lse)
+def sequence_logps(hidden, weight, labels, bias=None, ignore_index: int = -100, chunk_bytes: int | None = None) -> torch.Tensor:
+    """[rows] fp32 per-sequence sums of target log-probs, chunked, without gradients (reference-model log-probs).
+    One GEMM (the logits) and one chunk of workspace."""
+    return _ChunkedSequenceLogps.apply(hidden, weight, bias, labels, ignore_index, chunk_bytes or CHUNK_BYTES)
 
 
 class WeightedDPOLoss(torch.nn.Module):

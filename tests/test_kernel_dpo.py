@@ -1,7 +1,14 @@
-"""The fused weighted-DPO Triton kernels against the eager PyTorch reference (CPU, TRITON_INTERPRET=1)."""
+"""The chunked weighted-DPO kernel against the eager PyTorch reference (CPU, TRITON_INTERPRET=1), in both head
+modes, and its budget: matmul FLOPs counted against the floor's, peak live extra memory against the chunk size.
+CUDA-only tests at real shapes run where a GPU is present."""
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer
@@ -32,9 +39,9 @@ def make_inputs(P, T, H, V, dtype, bias=True, seed=0, prompt=None):
     return hidden, weight, b, labels, ref
 
 
-def run(fn, hidden, weight, b, labels, ref, w, beta=0.1):
-    loss, logps = fn(hidden, weight, labels, ref, w, beta, b)
-    params = [t for t in (hidden, weight, b) if t is not None]
+def run(fn, hidden, weight, b, labels, ref, w, beta=0.1, **kwargs):
+    loss, logps = fn(hidden, weight, labels, ref, w, beta, b, **kwargs)
+    params = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(loss, params)
     return loss, logps, grads
 
@@ -48,12 +55,24 @@ def assert_match(kernel, reference, dtype):
         torch.testing.assert_close(gk.float(), gr.float(), **tol)
 
 
+def frozen(inputs):
+    """The same inputs with the LM head (and bias) frozen, as under LoRA."""
+    hidden, weight, b, labels, ref = inputs
+    return hidden, weight.detach(), b.detach() if b is not None else None, labels, ref
+
+
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+@pytest.mark.parametrize("chunk_bytes", [None, 2048])  # one chunk, and many (a few rows each)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("P, T, H, V", [(3, 47, 31, 123), (1, 9, 16, 32), (2, 20, 40, 257), (4, 12, 17, 50)])
-def test_matches_reference(P, T, H, V, dtype):
+def test_matches_reference(P, T, H, V, dtype, chunk_bytes, head):
     inputs = make_inputs(P, T, H, V, dtype)
+    if head == "frozen":
+        inputs = frozen(inputs)
     w = torch.linspace(0, 1, P)
-    assert_match(run(weighted_dpo_loss, *inputs, w), run(weighted_dpo_loss_reference, *inputs, w), dtype)
+    kernel = run(weighted_dpo_loss, *inputs, w, chunk_bytes=chunk_bytes)
+    assert len(kernel[2]) == (1 if head == "frozen" else 3)
+    assert_match(kernel, run(weighted_dpo_loss_reference, *inputs, w), dtype)
 
 
 @pytest.mark.parametrize("weights", ["ones", "zeros", "mixed", "none"])
@@ -77,21 +96,24 @@ def test_zero_weight_pair_leaves_its_sequences_without_gradient():
     assert (g_hidden[0] != 0).any()
 
 
-def test_sequence_with_every_position_ignored():
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_sequence_with_every_position_ignored(head):
     hidden, weight, b, labels, ref = make_inputs(2, 15, 16, 33, torch.float32, seed=3)
     labels[1] = -100
-    kernel = run(weighted_dpo_loss, hidden, weight, b, labels, ref, None)
-    assert_match(kernel, run(weighted_dpo_loss_reference, hidden, weight, b, labels, ref, None), torch.float32)
+    inputs = (hidden, weight, b, labels, ref) if head == "trained" else frozen((hidden, weight, b, labels, ref))
+    kernel = run(weighted_dpo_loss, *inputs, None)
+    assert_match(kernel, run(weighted_dpo_loss_reference, *inputs, None), torch.float32)
     assert kernel[1][1].item() == 0.0
     assert (kernel[2][0][1] == 0).all()
 
 
-def test_everything_ignored():
-    hidden, weight, b, labels, ref = make_inputs(2, 6, 16, 33, torch.float32)
-    labels[:] = -100
-    loss, logps, grads = run(weighted_dpo_loss, hidden, weight, b, labels, ref, None)
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_everything_ignored(head):
+    inputs = make_inputs(2, 6, 16, 33, torch.float32)
+    inputs[3][:] = -100
+    loss, logps, grads = run(weighted_dpo_loss, *(inputs if head == "trained" else frozen(inputs)), None)
     assert (logps == 0).all() and torch.isfinite(loss)
-    assert all(torch.isfinite(g).all() for g in grads)
+    assert all(torch.isfinite(g).all() and (g == 0).all() for g in grads)
 
 
 def test_without_bias():
@@ -169,3 +191,123 @@ def test_benchmark_baselines_compute_the_same_loss():
     w = torch.tensor([0.3, 1.0])
     full = run(trl_full_logits, hidden, weight, b, labels, ref, w)
     assert_match(full, run(weighted_dpo_loss_reference, hidden, weight, b, labels, ref, w), torch.float32)
+
+
+# --- the budget ------------------------------------------------------------------------------------------------
+
+
+def _matmul_flops(fn, *inputs):
+    hidden, weight, b, labels, ref = inputs
+    # PyTorch's counter knows addmm but not its in-place form, which the kernel uses to accumulate dW.
+    in_place = {torch.ops.aten.addmm_: lambda c, a, b, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+        loss, _ = fn(hidden, weight, labels, ref, None, 0.1, b)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_matmul_flops_are_the_floors_for_a_frozen_head_and_four_thirds_for_a_trained_one(chunk_bytes):
+    P, T, H, V = 2, 24, 32, 96
+    inputs = make_inputs(P, T, H, V, torch.float32, bias=False, seed=8)
+    N = int((inputs[3] != -100).sum())
+    gemm = 2 * N * H * V  # one [N, H] x [H, V] product
+    kernel = lambda *a: weighted_dpo_loss(*a[:6], bias=a[6], chunk_bytes=chunk_bytes)
+    assert _matmul_flops(kernel, *frozen(inputs)) == 2 * gemm  # logits, dH: the floor with a frozen head
+    assert _matmul_flops(kernel, *inputs) == 4 * gemm  # logits twice, dH, dW: 4/3 of the floor's 3
+    assert _matmul_flops(weighted_dpo_loss_reference, *inputs) == 3 * gemm  # the eager floor itself
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the mode and still referenced, sampled at every op: what a
+    method allocates beyond the tensors that existed before it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.peak = {}, 0  # data_ptr -> (nbytes, [weakrefs of the tensors that use it])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
+                continue
+            key = t.untyped_storage().data_ptr()
+            nbytes, refs = self.storages.get(key, (0, []))
+            alive = any(r() is not None for r in refs)
+            if key in given and not alive:
+                continue  # a view of, or a write into, a tensor that existed before: nothing allocated
+            if not alive:  # a new allocation (or memory reused after its tensors died)
+                nbytes, refs = t.untyped_storage().nbytes(), []
+            refs.append(weakref.ref(t))
+            self.storages[key] = (nbytes, refs)
+        live = sum(n for n, refs in self.storages.values() if any(r() is not None for r in refs))
+        self.peak = max(self.peak, live)
+        return out
+
+
+def _peak_extra(fn, inputs):
+    hidden, weight, b, labels, ref = inputs
+    grads = sum(t.numel() * t.element_size() for t in (hidden, weight, b) if t is not None and t.requires_grad)
+    with LiveBytes() as mode:
+        loss, _ = fn(hidden, weight, labels, ref, None, 0.1, b)
+        loss.backward()
+        del loss
+    return mode.peak - grads  # the gradients every method must produce are not workspace
+
+
+def test_peak_workspace_is_bounded_by_the_chunk_where_eager_needs_more():
+    P, T, H, V = 2, 40, 32, 2048
+    chunk = 64 * 1024  # so that the shape needs several chunks
+    inputs = make_inputs(P, T, H, V, torch.float32, bias=False, seed=9)
+    N = int((inputs[3] != -100).sum())
+    small = 64 * N * 4 + 64 * 1024  # per-token fp32 vectors (targets, lse, log-probs, scales, indices) and scalars
+    eager = _peak_extra(weighted_dpo_loss_reference, inputs)
+    trained = _peak_extra(lambda *a: weighted_dpo_loss(*a[:6], bias=a[6], chunk_bytes=chunk), inputs)
+    head_frozen = _peak_extra(lambda *a: weighted_dpo_loss(*a[:6], bias=a[6], chunk_bytes=chunk), frozen(inputs))
+    assert eager > 2 * N * V * 4  # it holds the [N, V] logits and their gradient
+    assert trained <= chunk + small < eager
+    assert head_frozen <= N * H * 4 + chunk + small < eager  # plus the [N, H] buffer
+
+
+def test_sequence_logps_stays_within_one_chunk():
+    inputs = make_inputs(2, 40, 32, 2048, torch.float32, bias=False, seed=10)
+    hidden, weight, _, labels, _ = inputs
+    with LiveBytes() as mode:
+        sequence_logps(hidden, weight, labels, chunk_bytes=64 * 1024)
+    assert mode.peak <= 64 * 1024 + 64 * 1024 + 64 * int((labels != -100).sum()) * 4
+
+
+# --- real shapes, on a GPU ---------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                          reason="needs a CUDA GPU without the Triton interpreter")
+
+
+@cuda
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+@pytest.mark.parametrize("P, T, C, H, V", [(2, 2048, 256, 4096, 32000), (2, 2048, 256, 3584, 152064)])
+def test_real_shapes_on_cuda_within_the_references_own_bf16_error(P, T, C, H, V, head):
+    """As Cut Cross-Entropy's tests do: the kernel's bf16 error against an fp32 reference may be at most a
+    small multiple of the bf16 reference's own error."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden32 = torch.randn(2 * P, T, H, device="cuda", generator=g)
+    weight32 = torch.randn(V, H, device="cuda", generator=g) / H**0.5
+    labels = torch.randint(0, V, (2 * P, T), device="cuda", generator=g)
+    labels[:, : T - C] = -100
+    ref = torch.randn(2 * P, device="cuda", generator=g) - 5.0 * C
+    w = torch.rand(P, device="cuda", generator=g)
+
+    def grads(fn, dtype):
+        hidden = hidden32.to(dtype).requires_grad_()
+        weight = weight32.to(dtype).requires_grad_(head == "trained")
+        loss, logps = fn(hidden, weight, labels, ref, w, 0.1, None)
+        out = torch.autograd.grad(loss, [hidden] + ([weight] if head == "trained" else []))
+        return [loss.float(), logps.float()] + [o.float() for o in out]
+
+    exact = grads(weighted_dpo_loss_reference, torch.float32)
+    ref_bf16 = grads(weighted_dpo_loss_reference, torch.bfloat16)
+    kernel = grads(weighted_dpo_loss, torch.bfloat16)
+    for e, r, k in zip(exact, ref_bf16, kernel):
+        rel = lambda x: ((x - e).norm() / e.norm().clamp(min=1e-12)).item()
+        assert rel(k) <= 2 * rel(r) + 1e-3, (rel(k), rel(r))

@@ -156,3 +156,38 @@ def test_reference_log_probs_are_computed_once_without_a_second_model(tiny_dirs,
     assert reference is not None
     pre["ref_chosen_logps"], pre["ref_rejected_logps"] = live_ref.chunk(2)
     torch.testing.assert_close(trainer._compute_loss(trainer.model, dict(pre), False), expected, atol=1e-4, rtol=1e-4)
+
+
+def _kernel_nodes(tensor):
+    """The fused kernel's autograd nodes (its ctx) behind ``tensor``."""
+    seen, stack, found = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "frozen"):
+            found.append(node)
+        stack += [n for n, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_fused_kernel_takes_the_frozen_head_path_under_lora(tiny_dirs, tmp_path, lora):
+    from peft import LoraConfig
+
+    rows = _rows(2, [1.0, 0.5])
+    model, processor = load_policy(str(tiny_dirs[0]))
+    args = WeightedDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, max_steps=1,
+                             save_strategy="no", precompute_reference=False)
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
+    ref = None if lora else load_policy(str(tiny_dirs[0]))[0]
+    trainer = WeightedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=processor, peft_config=peft)
+    trainer._fused = lambda device: True  # the kernel runs on CUDA; here through Triton's interpreter
+    loss = trainer._compute_loss(trainer.model, dict(_batch(trainer, rows)), False)
+    (node,) = _kernel_nodes(loss)
+    assert node.frozen is lora  # LoRA leaves the LM head frozen: only the 2 GEMMs of the floor run
+    loss.backward()
+    head = trainer._lm_head(trainer.accelerator.unwrap_model(trainer.model))[0]
+    assert (head.grad is None) is lora
