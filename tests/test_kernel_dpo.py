@@ -184,6 +184,21 @@ def test_unit_weights_equal_trls_dpo_sigmoid_loss(tmp_path):
     torch.testing.assert_close(loss, trl_loss, atol=1e-4, rtol=1e-4)
 
 
+def test_the_benchmark_reports_a_row_for_every_method():
+    """bench_dpo's rows on a tiny shape on the CPU (the interpreter; times here mean nothing): every method runs
+    and reports, and each kernel row is set against its floor."""
+    from kernels.bench_dpo import run_shape
+
+    rows = run_shape(1, 12, 6, 16, 40, torch.float32, reps=1, dev="cpu", compile_baseline=False)
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) >= {"correctness", "kernel_trained_head", "kernel_frozen_head", "trl_full_logits",
+                              "completion_only_eager", "completion_only_eager_frozen_head", "three_gemms_floor",
+                              "two_gemms_floor"}
+    assert all(isinstance(r["median_ms"], float) for m, r in by_method.items() if m != "correctness"), rows
+    assert by_method["correctness"]["loss_abs_diff_vs_reference"] < 1e-5
+    assert "vs_three_gemms_floor" in by_method["kernel_trained_head"] and "vs_two_gemms_floor" in by_method["kernel_frozen_head"]
+
+
 def test_benchmark_baselines_compute_the_same_loss():
     from kernels.bench_dpo import trl_full_logits
 
