@@ -171,7 +171,7 @@ def _materialize(assets, instance, resources, tags, verbose: bool, selection=Non
 
     job = "src_calibrate_run"
     defs = Definitions(assets=assets, jobs=[define_asset_job(job, selection=selection)], resources=resources,
-                       loggers={} if verbose else {"console": step_lines})  # execute_in_process runs in this process
+                       loggers={} if verbose else {"console": step_lines(instance)})  # execute_in_process runs in this process
     return defs.resolve_job_def(job).execute_in_process(
         run_config=None if verbose else {"loggers": {"console": {}}}, instance=instance, partition_key=partition_key,
         raise_on_error=False, tags=tags)
