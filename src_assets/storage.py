@@ -211,10 +211,10 @@ class Store:
             held = self._read_lease(key)
             if held is None:
                 continue  # released meanwhile: try again
-            if held.get("owner") == owner:
+            if held.get("owner") == owner:  # this run again, from another process: the lease names this one now
+                self.write_json(key, {**record, "heartbeat": time.time()})
                 return Lease(self, key, record)
-            why = self._abandoned(key, held)
-            if why is None:
+            if not self._abandoned(key, held):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("acquired", 0)))
                 raise LeaseHeld(f"{self.uri(key)} is held by {held.get('owner', '?')} (host {held.get('host', '?')}, "
                                 f"pid {held.get('pid', '?')}, since {since})")
@@ -222,18 +222,17 @@ class Store:
                 self.delete(key)
         raise LeaseHeld(f"{self.uri(key)}: could not take the lease; another writer keeps taking it")
 
-    def _abandoned(self, key: str, held: dict) -> str | None:
-        """Why a lease's holder is gone, or None while it lives."""
+    def _abandoned(self, key: str, held: dict) -> bool:
+        """Whether a lease's holder is gone: its process is dead on this host, or its heartbeat is too old."""
         if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not process_alive(held["pid"]):
-            return f"its process {held['pid']} is gone"
+            return True
         heartbeat = held.get("heartbeat")
-        if heartbeat is None:
+        if heartbeat is None:  # an unreadable lease: its file's age stands in for the heartbeat
             try:
                 heartbeat = self.fs.modified(self._path(key)).timestamp()
             except (FileNotFoundError, NotImplementedError, AttributeError):
-                return None
-        age = time.time() - float(heartbeat)
-        return f"no heartbeat for {age:.0f} s" if age > float(held.get("ttl_s", LEASE_TTL_S)) else None
+                return False
+        return time.time() - float(heartbeat) > float(held.get("ttl_s", LEASE_TTL_S))
 
     # -- model directories ---------------------------------------------------
     def put_model(self, key: str, local_dir: str | Path) -> str:
@@ -320,17 +319,14 @@ class Lease:
 
     def __init__(self, store: Store, key: str, record: dict):
         self.store, self.key, self.record = store, key, record
-        self.lost = False  # set when another writer took the lease over (this one was thought dead)
         self._stop = threading.Event()
-        self._beat()
         self._thread = threading.Thread(target=self._beat_until_released, name=f"lease {key}", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         held = self.store._read_lease(self.key)
-        if held is not None and held and held.get("owner") != self.record["owner"]:
-            self.lost = True
-            return
+        if held and held.get("owner") != self.record["owner"]:
+            return  # another writer took it over (this holder was thought dead): never overwrite theirs
         self.store.write_json(self.key, {**self.record, "heartbeat": time.time()})
 
     def _beat_until_released(self) -> None:

@@ -20,16 +20,21 @@ def _versions(store_dir, key):
     return sorted(os.listdir(store_dir / key / "versions"))
 
 
+def _wait_until_stored(store, key, process, what):
+    """Polls until ``key`` is in the store, failing if ``process`` ends first or five minutes pass."""
+    deadline = time.monotonic() + 300
+    while not store.exists(key):
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"the run never reached {what}"
+        time.sleep(0.05)
+
+
 def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp_path):
     command, env = _cli(tmp_path, "--iterations", "2")
     store = Store(str(tmp_path / "store"))
     victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
     # Killed inside iteration 002, once its candidate pool is stored: a model step is running and holds the pool.
-    while not store.exists("assets/candidate_pool/002.parquet"):
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "iteration 002 never started"
-        time.sleep(0.2)
+    _wait_until_stored(store, "assets/candidate_pool/002.parquet", victim, "iteration 002's candidate pool")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert store.current_model("models/policy_checkpoint/002") is None
@@ -60,11 +65,7 @@ def test_two_runs_of_one_iteration_exactly_one_writes(tmp_path):
     command, env_a = _cli(tmp_path, "--iterations", "1")
     store = Store(str(tmp_path / "store"))
     a = subprocess.Popen(command, env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not store.exists("leases/iteration/001.json"):
-        assert a.poll() is None, "run A ended before it held the lease"
-        assert time.monotonic() < deadline, "run A never started iteration 001"
-        time.sleep(0.05)
+    _wait_until_stored(store, "leases/iteration/001.json", a, "iteration 001's lease")
     os.kill(a.pid, signal.SIGSTOP)
     try:
         env_b = {**env_a, "DAGSTER_HOME": str(tmp_path / "home_b")}
