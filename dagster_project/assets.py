@@ -10,6 +10,8 @@ import polars as pl
 from dagster import AssetExecutionContext, Failure, MetadataValue, asset
 from safetensors import safe_open
 
+from src_assets.base_stage import PERCEPTION_SCHEMA
+from src_assets.base_stage import perception_corpus as perception_corpus_rows
 from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config
 from src_assets.r_scorer import VERIFIER_JUDGE
@@ -23,10 +25,10 @@ from src_assets.source_data import (
     read_source_file,
     synthetic_source,
 )
-from src_assets.tiny_models import build_tiny_judge, build_tiny_policy
+from src_assets.tiny_models import build_tiny_judge
 
 from . import store_layout
-from .metadata import vqa_table_metadata
+from .metadata import counts_table, table_preview, vqa_table_metadata
 from .resources import SettingsResource, StoreResource
 
 
@@ -35,7 +37,8 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
     cfg, s = settings.config(), store.store()
     named = []
     if cfg.n_sft or cfg.n_calibrate or cfg.n_eval:
-        synthetic = synthetic_source(cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects)
+        synthetic = synthetic_source(cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects,
+                                     cfg.teacher_error_rate)
         named.append(("synthetic", synthetic))
     files = s.list(cfg.source_prefix, ".parquet")
     for key in files:
@@ -86,6 +89,20 @@ def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) 
     return df
 
 
+@asset(group_name="data")
+def perception_corpus(context: AssetExecutionContext, settings: SettingsResource) -> pl.DataFrame:
+    """The base stage's training rows (tiny policy only): captions of scenes in the rationale's perception sentences,
+    and direct answers to the domain's questions, on scenes of their own. Empty for a real policy model."""
+    cfg = settings.config()
+    if cfg.policy_model != TINY:
+        context.add_output_metadata({"rows": 0, "skipped": "a real policy model: it has no base stage"})
+        return pl.DataFrame(schema=PERCEPTION_SCHEMA)
+    df = perception_corpus_rows(cfg.n_base, cfg.seed, cfg.base_caption_share, cfg.min_objects, cfg.max_objects)
+    context.add_output_metadata({"rows": df.height, "question_kinds": counts_table(dict(sorted(df.group_by("kind").len().iter_rows())), "kind"),
+                                 "preview": table_preview(df)})
+    return df
+
+
 @asset(group_name="data", description="The held-out rows every iteration is evaluated on.")
 def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     df = vqa_source.filter(pl.col("split") == "eval")
@@ -102,7 +119,7 @@ def _base_model(context, ref: str, build, architecture: str, key: str, store: St
             build(tmp, architecture, cfg.tiny_spec(), seed=cfg.seed)
             uri = store.store().put_model(key, tmp)
             config = json.loads(Path(tmp, "config.json").read_text())
-            n_params = _count_parameters(Path(tmp))
+            n_params = count_parameters(Path(tmp))
     else:
         try:
             config = load_model_config(ref).to_dict()
@@ -116,18 +133,12 @@ def _base_model(context, ref: str, build, architecture: str, key: str, store: St
     return uri
 
 
-def _count_parameters(model_dir: Path) -> int:
+def count_parameters(model_dir: Path) -> int:
     total = 0
     for file in model_dir.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total
-
-
-@asset(group_name="models", description="The policy VLM before any training: a tiny local VLM (LLaVA by default), or the configured real model.")
-def base_policy_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
-    cfg = settings.config()
-    return _base_model(context, cfg.policy_model, build_tiny_policy, cfg.tiny_policy_architecture, store_layout.BASE_POLICY_MODEL, store, cfg)
 
 
 @asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")

@@ -259,21 +259,59 @@ def _print(rows: list[dict], as_json: bool) -> None:
 
 
 def evaluate(args) -> int:
-    from src_assets.evaluation import evaluate_policy, with_blank_images
+    from src_assets.base_stage import evaluate_captions
+    from src_assets.evaluation import evaluate_policy, full_anatomy, with_blank_images
     from src_assets.models import Runtime, load_policy
     from src_assets.source_data import synthetic_source
     from src_assets.storage import Store
 
+    if args.n < 1 or args.samples < 0 or args.seed < 0 or not args.temperature > 0:
+        return _usage_error(f"--n must be >= 1, --samples >= 0, --seed >= 0 and --temperature > 0 "
+                            f"(got {args.n}, {args.samples}, {args.seed}, {args.temperature})")
     store = Store(args.store) if args.store else Store()
     model_dir = store.local_model_dir(args.checkpoint) if "://" in args.checkpoint or Path(args.checkpoint).is_dir() else args.checkpoint
     model, processor = load_policy(model_dir, Runtime(args.device, args.dtype))
     held_out = synthetic_source(args.seed, 0, 0, args.n)
     if args.images == "blank":
         held_out = with_blank_images(held_out)
-    summary, _ = evaluate_policy(model, processor, held_out)
-    row = {"checkpoint": args.checkpoint, "seed": args.seed, "images": args.images, **summary}
-    print(json.dumps(row, indent=1) if args.json else "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    row = {"checkpoint": args.checkpoint, "seed": args.seed, "images": args.images, "task": args.task}
+    if args.task == "caption":
+        summary, _ = evaluate_captions(model, processor, held_out)
+        row.update(summary)
+        print(json.dumps(row, indent=1) if args.json else _line(row))
+        return 0
+    summary, scored = evaluate_policy(model, processor, held_out)
+    row.update(summary)
+    if args.anatomy:
+        row["anatomy"] = full_anatomy(model, processor, held_out, scored, args.samples, args.temperature, seed=args.seed)
+    if args.json:
+        print(json.dumps(row, indent=1))
+        return 0
+    print(_line({k: v for k, v in row.items() if k != "anatomy"}))
+    if args.anatomy:
+        print(anatomy_table(row["anatomy"]))
     return 0
+
+
+def _line(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def anatomy_table(anatomy: dict) -> str:
+    """The anatomy as a plain-text table: one row per measure, one column per question kind."""
+    from src_assets.evaluation import ANATOMY_ROWS
+
+    rows = [*ANATOMY_ROWS, *(["any_correct_and_consistent_in_k"] if "k" in anatomy.get("all", {}) else [])]
+    kinds = list(anatomy)
+    width = max(map(len, rows)) + 2
+    if "k" in anatomy.get("all", {}):
+        rows[-1] = f"any_correct_and_consistent_in_{anatomy['all']['k']}"
+    lines = ["".ljust(width) + "".join(f"{k:>11}" for k in kinds)]
+    for label, key in zip(rows, [*ANATOMY_ROWS, "any_correct_and_consistent_in_k"]):
+        lines.append(label.ljust(width) + "".join(
+            f"{anatomy[k][key]:>11.3f}" if anatomy[k].get(key) is not None else f"{'':>11}" for k in kinds))
+    lines.append("n".ljust(width) + "".join(f"{anatomy[k].get('n', 0):>11}" for k in kinds))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -292,6 +330,12 @@ def main(argv=None) -> int:
                    help="recompute everything: no SFT, R-Scorer or completed iteration of an earlier run is reused")
     p.set_defaults(fn=run)
     e = sub.add_parser("evaluate", help="score a checkpoint on a freshly generated held-out set")
+    e.add_argument("--task", choices=("vqa", "caption"), default="vqa",
+                   help="vqa: answer the domain's questions; caption: describe each scene (a base-stage checkpoint)")
+    e.add_argument("--anatomy", action="store_true",
+                   help="where the errors come from: exact listing, conclusion from listing, answer from conclusion, per kind")
+    e.add_argument("--samples", type=int, default=6, help="with --anatomy: K samples per prompt for 'any correct and consistent'")
+    e.add_argument("--temperature", type=float, default=1.0, help="with --anatomy: the samples' temperature")
     e.add_argument("--checkpoint", required=True, help="a model directory, a store URI, or a hub id")
     e.add_argument("--store", help="the store holding s3:// checkpoints (default: $SRC_STORE_URI)")
     e.add_argument("--seed", type=int, default=12345, help="seed of the held-out scenes")

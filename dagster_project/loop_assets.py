@@ -19,8 +19,10 @@ Every asset's ``code_version`` follows its code and the settings it reads (``ver
 stale when either changes.
 """
 
+import json
 import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
 import polars as pl
 from dagster import (
@@ -37,10 +39,12 @@ from dagster import (
     asset_check,
 )
 
+from src_assets.base_stage import evaluate_captions, train_base_policy
 from src_assets.candidate_search import sentence_beam_search
-from src_assets.evaluation import evaluate_policy, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
+from src_assets.evaluation import full_anatomy, evaluate_policy, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
 from src_assets.generation import generate_responses
-from src_assets.models import load_policy, load_scorer, load_tokenizer
+from src_assets.config import TINY
+from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
 from src_assets.r_scorer import (
     VERIFIER_JUDGE,
@@ -56,10 +60,12 @@ from src_assets.r_scorer import (
 from src_assets.rationale_sft import train_rationale_sft
 from src_assets.source_data import SourceDataError, iteration_prompt_rows, scorer_prompt_rows
 from src_assets.storage import StoreError
+from src_assets.tiny_models import build_tiny_policy
 from src_assets.weighted_dpo import train_weighted_dpo
 
 from . import store_layout
-from .metadata import counts_table, histogram_md, matrix_md, metric_values, table_preview
+from .assets import count_parameters
+from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .training_log import DagsterLogCallback
 from .versions import digest
@@ -82,22 +88,24 @@ def _table_digest(df: pl.DataFrame) -> str:
     return str(int(df.hash_rows(seed=0).cast(pl.UInt64).sum()))
 
 
-def _trained_before(context, store, key: str, fingerprint: str, cfg) -> str | None:
-    """The model a previous run trained from exactly these inputs, if the store still holds it."""
+def _trained_before(context, store, key: str, fingerprint: str, cfg) -> dict | None:
+    """The record (``uri`` and what the training reported) of the model a previous run trained from exactly these
+    inputs, if the store still holds it."""
     record = store_layout.trained_from(key, fingerprint)
     if not cfg.reuse_checkpoints or not store.exists(record):
         return None
-    uri = store.read_json(record)["uri"]
+    found = store.read_json(record)
     try:
-        store.local_model_dir(uri)
+        store.local_model_dir(found["uri"])
     except StoreError:
         return None
-    context.log.info(f"{key}: reusing {uri}, trained earlier from the same inputs and settings (reuse_checkpoints=false retrains)")
-    return uri
+    context.log.info(f"{key}: reusing {found['uri']}, trained earlier from the same inputs and settings "
+                     f"(reuse_checkpoints=false retrains)")
+    return found
 
 
-def _remember_trained(store, key: str, fingerprint: str, uri: str) -> None:
-    store.write_json(store_layout.trained_from(key, fingerprint), {"uri": uri})
+def _remember_trained(store, key: str, fingerprint: str, uri: str, **reported) -> None:
+    store.write_json(store_layout.trained_from(key, fingerprint), {"uri": uri, **reported})
 
 
 def _base_recipe(ref: str, cfg) -> dict:
@@ -108,15 +116,73 @@ def _base_recipe(ref: str, cfg) -> dict:
     return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architectures": architectures}
 
 
+BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy", "direct_accuracy_blank_images")
+
+
+@asset(group_name="training", pool=GPU_POOL,
+       check_specs=[AssetCheckSpec("base_policy_lists_the_scene", asset="base_policy_model",
+                                   description="The trained tiny base policy's held-out captions list the scene exactly "
+                                               "at least min_base_exact_listing of the time (WARN).")])
+def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.DataFrame, eval_set: pl.DataFrame,
+                      settings: SettingsResource, store: StoreResource):
+    """The policy before rationale SFT. With the tiny default, a VLM pretrained on the perception corpus (captions
+    and direct answers: what a capable VLM brings), cached in the store by its inputs; its held-out caption scores
+    and direct-answer accuracy (real and blank images) are its metadata. A real model is used as it is."""
+    cfg, s = settings.config(), store.store()
+    if cfg.policy_model != TINY:
+        try:
+            config = load_model_config(cfg.policy_model).to_dict()
+        except ModelLoadError as e:
+            raise Failure(str(e)) from e
+        yield Output(cfg.policy_model, metadata={"model": MetadataValue.text(cfg.policy_model), "trained": False,
+                                                 "architecture": ",".join(config.get("architectures") or ["?"])})
+        yield AssetCheckResult(check_name="base_policy_lists_the_scene", passed=True,
+                               metadata={"skipped": "a real model: no base stage"})
+        return
+    fingerprint = digest(_base_recipe(TINY, cfg), asdict(cfg.base_settings()), _table_digest(perception_corpus))
+    found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
+    if found is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny_policy(f"{tmp}/init", cfg.tiny_policy_architecture, cfg.tiny_spec(), seed=cfg.seed)
+            result = train_base_policy(f"{tmp}/init", perception_corpus, f"{tmp}/base", cfg.base_settings(),
+                                       callbacks=[DagsterLogCallback(context.log, "base stage")])
+            uri = s.put_model(store_layout.BASE_POLICY_MODEL, f"{tmp}/base")
+        model, processor = load_policy(s.local_model_dir(uri), cfg.runtime())
+        captions, _ = evaluate_captions(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
+        direct, _ = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
+        blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens)
+        scores = dict(zip(BASE_SCORES, (captions["factuality"], captions["exact_listing"], direct["accuracy"], blank["accuracy"])))
+        found = {"uri": uri, "train_loss": result["train_loss"], "steps": result["steps"], **scores,
+                 "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h]}
+        _remember_trained(s, store_layout.BASE_POLICY_MODEL, fingerprint, **found)
+        reused = False
+    else:
+        reused = True
+    scores = {k: found[k] for k in BASE_SCORES if found.get(k) is not None}
+    model_dir = Path(s.local_model_dir(found["uri"]))
+    architecture = ",".join(json.loads((model_dir / "config.json").read_text()).get("architectures") or ["?"])
+    yield Output(found["uri"], metadata={
+        "model": MetadataValue.text(found["uri"]), "trained": True, "reused": reused, "inputs_fingerprint": fingerprint,
+        "architecture": architecture, "parameters": count_parameters(model_dir),
+        "train_loss": float(found["train_loss"]), "steps": int(found["steps"]), **{k: float(v) for k, v in scores.items()},
+        "loss_curve": MetadataValue.md("| step | loss |\n|---|---|\n" + "\n".join(f"| {st} | {l:.4f} |" for st, l in found["loss_curve"])),
+    })
+    exact = found.get("caption_exact_listing")
+    yield AssetCheckResult(check_name="base_policy_lists_the_scene", severity=AssetCheckSeverity.WARN,
+                           passed=exact is not None and exact >= cfg.min_base_exact_listing,
+                           metadata={"caption_exact_listing": float(exact if exact is not None else float("nan")),
+                                     "required": cfg.min_base_exact_listing})
+
+
 @asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
-    fingerprint = digest(_base_recipe(cfg.policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
-    uri = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
-    if uri is not None:
-        context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
-        return uri
+    fingerprint = digest(base_policy_model, asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
+    found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
+    if found is not None:
+        context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
+        return found["uri"]
     with tempfile.TemporaryDirectory() as out:
         result = train_rationale_sft(s.local_model_dir(base_policy_model), rationale_sft_set, out, cfg.sft_settings(),
                                      callbacks=[DagsterLogCallback(context.log, "rationale SFT")])
@@ -142,10 +208,10 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
                                       asdict(cfg.judge), asdict(cfg.search), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
                                       _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
                                       _table_digest(judgement_tables))
-    uri = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
-    if uri is not None:
-        context.add_output_metadata({"model": MetadataValue.text(uri), "reused": True, "inputs_fingerprint": fingerprint})
-        return uri
+    found = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
+    if found is not None:
+        context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
+        return found["uri"]
     base_dir = s.local_model_dir(base_r_scorer_model)
     tokenizer = load_tokenizer(base_dir)
     judgements = user_judgements(judgement_tables, tokenizer, cfg.judge)
@@ -174,13 +240,19 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     return uri
 
 
+def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg, context) -> dict:
+    return full_anatomy(model, processor, eval_set, scored, cfg.anatomy_samples, cfg.anatomy_temperature,
+                        cfg.eval_max_new_tokens, seed=cfg.seed, progress=context.log.info)
+
+
 @asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
 def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, settings: SettingsResource,
              store: StoreResource) -> pl.DataFrame:
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
-    context.add_output_metadata({**metric_values(summary), "preview": table_preview(scored)})
+    parts = _anatomy(model, processor, eval_set, scored, cfg, context)
+    context.add_output_metadata({**metric_values(summary), **anatomy_metadata(parts), "preview": table_preview(scored)})
     return scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint"))
 
 
@@ -372,6 +444,7 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start
     s, key, cfg = store.store(), context.partition_key, settings.config()
     model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
+    parts = _anatomy(model, processor, eval_set, scored, cfg, context)
     before = _start_policy_evaluation(s, key, start_policy, eval_set)
     if before is None:  # e.g. the held-out set changed since: the start policy answers it again
         previous, prev_processor = load_policy(s.local_model_dir(start_policy), cfg.runtime())
@@ -387,6 +460,7 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start
     yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous"),
                                      pl.lit(policy_checkpoint).alias("checkpoint")), metadata={
         **metric_values(summary),
+        **anatomy_metadata(parts),
         "judge_win_rate_vs_previous": float(win),
         "checkpoint": MetadataValue.text(policy_checkpoint),
         "compared_with": MetadataValue.text(start_policy),

@@ -70,3 +70,20 @@ def metric_values(summary: dict) -> dict[str, float]:
     from src_assets.evaluation import METRICS
 
     return {k: float(summary[k]) for k in METRICS if summary.get(k) is not None}
+
+
+def anatomy_metadata(anatomy: dict) -> dict:
+    """The anatomy (``evaluation.full_anatomy``) as a Markdown table per question kind, and its overall numbers as
+    numeric metadata (``anatomy/...``) so the UI plots them across iterations."""
+    from src_assets.evaluation import ANATOMY_ROWS
+
+    rows = [*ANATOMY_ROWS, *(["any_correct_and_consistent_in_k"] if "k" in anatomy.get("all", {}) else [])]
+    kinds = list(anatomy)
+    cell = lambda v: "" if v is None else f"{v:.3f}"
+    lines = ["| | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    lines += [f"| {r} | " + " | ".join(cell(anatomy[k].get(r)) for k in kinds) + " |" for r in rows]
+    lines.append("| n | " + " | ".join(str(anatomy[k].get("n", "")) for k in kinds) + " |")
+    # accuracy and consistency are metadata of their own already
+    overall = {f"anatomy/{r}": float(anatomy["all"][r]) for r in rows
+               if r not in ("accuracy", "consistency") and anatomy.get("all", {}).get(r) is not None}
+    return {"anatomy": MetadataValue.md("\n".join(lines)), **overall}

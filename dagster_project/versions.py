@@ -32,19 +32,24 @@ def _runtime(cfg: SRCConfig) -> dict:
 _INPUTS = {
     "vqa_source": (("source_data", "scenes"), _fields("seed", "n_sft", "n_calibrate", "n_eval", "min_objects", "max_objects",
                                                      "source_prefix", "max_source_file_bytes", "max_image_pixels",
-                                                     "scorer_prompts")),
+                                                     "scorer_prompts", "teacher_error_rate")),
     "judgement_tables": (("source_data",), _fields("judgements_prefix")),
     "rationale_sft_set": (("rationale_sft", "scenes"), _fields()),
     "eval_set": ((), _fields()),
-    "base_policy_model": (("tiny_models", "models", "processors"),
-                          _fields("policy_model", "tiny_policy_architecture", "tiny_hidden_size", "tiny_layers", "seed")),
+    "perception_corpus": (("base_stage", "scenes"), _fields("policy_model", "n_base", "seed", "base_caption_share",
+                                                           "min_objects", "max_objects")),
+    "base_policy_model": (("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier"),
+                          lambda cfg: {**asdict(cfg.base_settings()), **asdict(cfg.tiny_spec()),
+                                       **_fields("policy_model", "tiny_policy_architecture", "seed", "eval_max_new_tokens",
+                                                 "min_base_exact_listing")(cfg)}),
     "base_r_scorer_model": (("tiny_models", "models"),
                             _fields("scorer_model", "tiny_scorer_architecture", "tiny_hidden_size", "tiny_layers", "seed")),
     "sft_checkpoint": (("rationale_sft", "training", "models"), lambda cfg: asdict(cfg.sft_settings())),
     "r_scorer_checkpoint": (("r_scorer", "candidate_search", "generation", "training", "verifier"), lambda cfg: {
         **asdict(cfg.scorer_settings()), **asdict(cfg.judge), **asdict(cfg.search),
         **_fields("scorer_model", "scorer_prompts", "scorer_max_pairs", "scorer_contrast_pairs", "seed")(cfg)}),
-    "sft_eval": (("evaluation", "generation", "verifier"), lambda cfg: {**_runtime(cfg), "eval_max_new_tokens": cfg.eval_max_new_tokens}),
+    "sft_eval": (("evaluation", "generation", "verifier"), lambda cfg: {
+        **_runtime(cfg), **_fields("eval_max_new_tokens", "anatomy_samples", "anatomy_temperature", "seed")(cfg)}),
     "start_policy": ((), _fields()),
     "calibration_prompts": (("source_data",), _fields("prompts_per_iteration", "scorer_prompts")),
     "candidate_pool": (("candidate_search", "generation"), lambda cfg: {**asdict(cfg.search), **_runtime(cfg), "seed": cfg.seed}),
@@ -54,7 +59,8 @@ _INPUTS = {
     "policy_checkpoint": (("weighted_dpo", "training"), lambda cfg: {
         **asdict(cfg.dpo_settings()), **_fields("beta", "use_fused_dpo_kernel", "weighted_dpo", "dpo_nll_weight")(cfg)}),
     "iteration_eval": (("evaluation", "generation", "r_scorer", "verifier"), lambda cfg: {
-        **_runtime(cfg), **asdict(cfg.judge), **_fields("eval_max_new_tokens", "regression_tolerance")(cfg)}),
+        **_runtime(cfg), **asdict(cfg.judge), **_fields("eval_max_new_tokens", "regression_tolerance", "anatomy_samples",
+                                                               "anatomy_temperature", "seed")(cfg)}),
 }
 
 

@@ -19,6 +19,7 @@ from .candidate_search import SearchConfig
 from .models import Runtime
 from .preference import CurationConfig
 from .r_scorer import JudgeConfig
+from .scenes import IMAGE_PIXELS
 from .tiny_models import POLICY_ARCHITECTURES, SCORER_ARCHITECTURES, TinySpec
 from .training import TrainSettings
 
@@ -35,6 +36,9 @@ class SRCConfig:
     n_eval: int = 500
     min_objects: int = 2
     max_objects: int = 5
+    # A share of the sft rows' rationales misperceive one object while the answer stays gold, as a teacher
+    # model's rationales do (scenes.teacher_response); 0: every rationale is true.
+    teacher_error_rate: float = 0.2
     source_prefix: str = "source"
     judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
     max_source_file_bytes: int = 4 * 2**30  # a source file over this is refused before it is read
@@ -46,6 +50,10 @@ class SRCConfig:
     tiny_scorer_architecture: str = "llama"  # the tiny judge's: llama (word-level tokenizer) or qwen2 (byte-level BPE)
     tiny_hidden_size: int = 128
     tiny_layers: int = 2
+    # The tiny LLaVA's vision tower: 8-pixel patches (2x2 per grid cell) and position embeddings at scale 0.5.
+    # With one 16-pixel patch per cell, shapes stayed at chance after 2,000 steps (docs/results.md).
+    tiny_patch_size: int = 8
+    tiny_position_embedding_std: float = 0.5
     lora_r: int = 0  # 0: full fine-tuning everywhere; > 0: LoRA of this rank (peft), merged on save
     reuse_checkpoints: bool = True  # an SFT checkpoint or R-Scorer trained earlier from the same inputs is reused
     # Hardware and precision, for every stage that runs a model
@@ -59,9 +67,17 @@ class SRCConfig:
     gradient_checkpointing: bool = False
     max_length: int = 0  # > 0: examples are truncated to this many tokens (0: never)
     report_to: str = ""  # comma-separated transformers integrations: "tensorboard", "wandb", "mlflow"
-    # 1. Rationale SFT
-    sft_epochs: float = 32.0  # positions are learned by step ~600, colours and shapes past ~1,000 (later for some seeds)
-    sft_learning_rate: float = 2e-3
+    # 0. The base stage (tiny policy only; a hub model is already capable): captions and direct answers
+    n_base: int = 16000  # perception corpus rows, scenes of their own
+    base_caption_share: float = 0.5  # the rest are direct answers ("Answer: ..." with no rationale)
+    base_epochs: float = 2.0
+    base_learning_rate: float = 1e-3
+    base_batch_size: int = 32
+    base_lr_scheduler: str = "constant_with_warmup"  # cosine decays before the plateau is crossed (docs/results.md)
+    min_base_exact_listing: float = 0.8  # the base policy's captions must list the scene exactly this often (WARN)
+    # 1. Rationale SFT: light, from a base policy that perceives
+    sft_epochs: float = 3.0
+    sft_learning_rate: float = 1e-3
     sft_batch_size: int = 32
     # 2. Candidate search: k, beams, samples_per_beam, temperature, max_sentences, include_greedy...
     prompts_per_iteration: int = 1024
@@ -87,19 +103,27 @@ class SRCConfig:
     use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
     # 8. Evaluation
     eval_max_new_tokens: int = 96
+    anatomy_samples: int = 6  # K samples per held-out prompt: is any correct and consistent? (0: not measured)
+    anatomy_temperature: float = 1.0
     regression_tolerance: float = 0.02  # an iteration may lose this much accuracy or consistency before a WARN
     min_blank_image_drop: float = 0.1  # the SFT policy must lose this much accuracy when its images are blanked
 
     def tiny_spec(self) -> TinySpec:
-        return TinySpec(hidden_size=self.tiny_hidden_size, intermediate_size=2 * self.tiny_hidden_size, num_layers=self.tiny_layers)
+        return TinySpec(hidden_size=self.tiny_hidden_size, intermediate_size=2 * self.tiny_hidden_size, num_layers=self.tiny_layers,
+                        patch_size=self.tiny_patch_size, position_embedding_std=self.tiny_position_embedding_std)
 
     def runtime(self) -> Runtime:
         return Runtime(self.device, self.dtype, self.attn_implementation, self.image_min_pixels, self.image_max_pixels)
 
-    def _train(self, epochs: float, learning_rate: float, batch_size: int) -> TrainSettings:
+    def _train(self, epochs: float, learning_rate: float, batch_size: int, **schedule) -> TrainSettings:
         return TrainSettings(epochs, learning_rate, batch_size, self.lora_r, self.seed, self.gradient_accumulation_steps,
                              self.gradient_checkpointing, self.max_length,
-                             tuple(x.strip() for x in self.report_to.split(",") if x.strip()), self.runtime())
+                             tuple(x.strip() for x in self.report_to.split(",") if x.strip()), self.runtime(), **schedule)
+
+    def base_settings(self) -> TrainSettings:
+        # Full fine-tuning whatever lora_r says: the base stage trains a tiny model from random weights.
+        return replace(self._train(self.base_epochs, self.base_learning_rate, self.base_batch_size,
+                                   lr_scheduler_type=self.base_lr_scheduler, warmup_steps=20), lora_r=0)
 
     def sft_settings(self) -> TrainSettings:
         return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size)
@@ -119,12 +143,13 @@ class SRCConfig:
 PROFILES: dict[str, SRCConfig] = {
     "default": SRCConfig(),
     "smoke": SRCConfig(
-        n_sft=60, n_calibrate=16, n_eval=20, tiny_hidden_size=32, tiny_layers=1, sft_epochs=1.0,
+        n_sft=60, n_calibrate=16, n_eval=20, tiny_hidden_size=32, tiny_layers=1, sft_epochs=1.0, n_base=64, base_epochs=1.0,
         prompts_per_iteration=8, search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
         scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4,
         # untrained smoke models never answer right; this profile checks plumbing
         curation=CurationConfig(tau=0.0, require_correct_chosen=False),
         min_blank_image_drop=-1.0,  # nor do they see: the blank-image check is reported, not required
+        min_base_exact_listing=0.0, anatomy_samples=2,
     ),
 }
 
@@ -159,17 +184,22 @@ def coerce_setting(name: str, value, kind: str):
 # Each numeric setting's allowed range: (lowest, lowest allowed?, highest). Zeros that mean something are allowed
 # (n_sft=0 turns synthetic data off, scorer_epochs=0 uses a pretrained judge as it is, lora_r=0 is full fine-tuning).
 _RANGES = {
-    **{name: (0, True, None) for name in ("n_sft", "n_calibrate", "n_eval", "lora_r", "scorer_epochs", "scorer_max_pairs",
+    **{name: (0, True, None) for name in ("n_sft", "n_calibrate", "n_eval", "n_base", "lora_r", "scorer_epochs", "scorer_max_pairs",
                                            "scorer_contrast_pairs", "dpo_nll_weight", "max_length", "image_min_pixels",
-                                           "image_max_pixels", "regression_tolerance", "tiny_layers")},
+                                           "image_max_pixels", "regression_tolerance", "tiny_layers", "anatomy_samples")},
     **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "min_objects", "max_objects", "prompts_per_iteration", "beams", "samples_per_beam",
-                                           "max_sentences", "scorer_prompts", "sft_batch_size", "scorer_batch_size", "dpo_batch_size",
+                                           "max_sentences", "scorer_prompts", "sft_batch_size", "base_batch_size", "scorer_batch_size", "dpo_batch_size",
                                            "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
                                            "eval_max_new_tokens", "tiny_hidden_size")},
-    **{name: (0, False, None) for name in ("sft_epochs", "dpo_epochs", "beta", "temperature", "sft_learning_rate",
+    **{name: (0, False, None) for name in ("anatomy_temperature", "sft_epochs", "base_epochs", "base_learning_rate", "dpo_epochs", "beta", "temperature", "sft_learning_rate",
                                             "scorer_learning_rate", "dpo_learning_rate")},
     "k": (2, True, None),
     "tau": (0, True, 1),
+    "teacher_error_rate": (0, True, 1),
+    "base_caption_share": (0, True, 1),
+    "min_base_exact_listing": (0, True, 1),
+    "tiny_patch_size": (1, True, None),
+    "tiny_position_embedding_std": (0, True, None),
     "min_blank_image_drop": (-1, True, 1),  # a difference of two accuracies
 }
 
@@ -204,6 +234,9 @@ def _check_ranges(cfg: "SRCConfig") -> None:
         raise ValueError(f"settings min_objects ({low}) and max_objects ({high}): min is above max")
     if hidden % 16:
         raise ValueError(f"setting tiny_hidden_size: {hidden} must be a multiple of 16 (4 heads with even halves)")
+    patch = cfg.setting("tiny_patch_size")
+    if IMAGE_PIXELS % patch:
+        raise ValueError(f"setting tiny_patch_size: {patch} must divide the scenes' {IMAGE_PIXELS}-pixel side")
 
 
 class _Unchecked:

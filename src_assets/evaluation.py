@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 
 import polars as pl
+import torch
 from PIL import Image
 
 from kernels.pairwise import debias
@@ -22,6 +23,8 @@ from .scenes import Question, Scene
 from .verifier import normalize_answer, split_response, verify
 
 METRICS = ("accuracy", "factuality", "completeness", "consistency")
+# Where a response's errors come from (verifier.Verification): the listing, the conclusion, the answer line.
+ANATOMY = ("exact_listing", "conclusion_follows_listing", "answer_is_conclusion")
 
 
 def score_responses(eval_set: pl.DataFrame, responses: list[str]) -> pl.DataFrame:
@@ -32,19 +35,82 @@ def score_responses(eval_set: pl.DataFrame, responses: list[str]) -> pl.DataFram
     for r, response in zip(eval_set.select("id", "kind", "scene", "question_spec", "answer").iter_rows(named=True), responses):
         stated = split_response(response)[1]
         m = {"accuracy": float(stated == normalize_answer(r["answer"] or "")), "factuality": None, "completeness": None,
-             "consistency": None}
+             "consistency": None, **{k: None for k in ANATOMY}}
         if r["scene"] is not None:
             v = verify(response, Scene.from_json(r["scene"]), Question.from_json(r["question_spec"]))
-            m = {"accuracy": v.correct, "factuality": v.factuality, "completeness": v.completeness, "consistency": v.consistency}
+            m = {"accuracy": v.correct, "factuality": v.factuality, "completeness": v.completeness, "consistency": v.consistency,
+                 "exact_listing": float(v.exact_listing), "conclusion_follows_listing": float(v.conclusion_follows_listing),
+                 "answer_is_conclusion": float(v.answer_is_conclusion)}
         rows.append({"id": r["id"], "kind": r["kind"], "response": response, **m})
     return pl.DataFrame(rows, schema={"id": pl.String, "kind": pl.String, "response": pl.String,
-                                      **{k: pl.Float64 for k in METRICS}})
+                                      **{k: pl.Float64 for k in (*METRICS, *ANATOMY)}})
 
 
 def summarize(scored: pl.DataFrame) -> dict[str, float | None]:
     """Each metric's mean over the rows that have it; None where no row has it (no verifier for these rows)."""
     out = {k: float(scored[k].mean()) if scored[k].null_count() < scored.height else None for k in METRICS}
     out["n"] = scored.height
+    return out
+
+
+ANATOMY_ROWS = ("accuracy", "exact_listing", "conclusion_follows_listing", "answer_is_conclusion", "consistency",
+                "wrong_with_exact_listing", "wrong_with_wrong_listing")
+
+
+def anatomy(scored: pl.DataFrame) -> dict[str, dict[str, float | None]]:
+    """The anatomy of a set of scored responses (``score_responses``), over all rows and per question kind: how
+    often the listing is exact, the conclusion follows from it, the answer line is the conclusion, and how the
+    wrong answers split between exact and wrong listings (shares of all rows). Only rows with a scene count."""
+    rows = scored.filter(pl.col("exact_listing").is_not_null())
+    groups = {"all": rows, **{k: g for (k,), g in sorted(rows.group_by("kind"), key=lambda kv: kv[0])}}
+    out = {}
+    for name, g in groups.items():
+        wrong = g["accuracy"] < 1
+        out[name] = {
+            **{k: float(g[k].mean()) for k in ("accuracy", *ANATOMY, "consistency")},
+            "wrong_with_exact_listing": float((wrong & (g["exact_listing"] == 1)).mean()),
+            "wrong_with_wrong_listing": float((wrong & (g["exact_listing"] < 1)).mean()),
+            "n": g.height,
+        } if g.height else {"n": 0}
+    return out
+
+
+def any_correct_and_consistent(eval_set: pl.DataFrame, samples: list[list[str]]) -> dict[str, float]:
+    """The share of prompts, over all and per kind, with at least one correct and consistent response among their
+    samples: the headroom a calibration of the policy's own candidates can reach."""
+    hits: dict[str, list[bool]] = {"all": []}
+    for r, group in zip(eval_set.select("kind", "scene", "question_spec").iter_rows(named=True), samples):
+        if r["scene"] is None:
+            continue
+        scene, question = Scene.from_json(r["scene"]), Question.from_json(r["question_spec"])
+        hit = any(v.correct and v.consistency for v in (verify(x, scene, question) for x in group))
+        hits["all"].append(hit)
+        hits.setdefault(r["kind"], []).append(hit)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items()) if v}
+
+
+@torch.no_grad()
+def sample_responses(model, processor, rows: pl.DataFrame, k: int, temperature: float = 1.0, max_new_tokens: int = 96,
+                     seed: int = 0, progress: Progress = False) -> list[list[str]]:
+    """``k`` sampled responses per row (for ``any_correct_and_consistent``)."""
+    torch.manual_seed(seed)
+    questions = [q for q in rows["question"].to_list() for _ in range(k)]
+    images = [im for im in rows["image"].to_list() for _ in range(k)]
+    flat = generate_responses(model, processor, questions, images, max_new_tokens, do_sample=True, temperature=temperature,
+                              progress=progress)
+    return [flat[i * k : (i + 1) * k] for i in range(rows.height)]
+
+
+def full_anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, samples: int, temperature: float = 1.0,
+                 max_new_tokens: int = 96, seed: int = 0, progress: Progress = False) -> dict:
+    """``anatomy(scored)`` plus, with ``samples`` > 0, the share of prompts with a correct and consistent response
+    among that many samples at ``temperature`` (``any_correct_and_consistent_in_k``)."""
+    out = anatomy(scored)
+    if samples > 0 and out["all"].get("n"):
+        groups = sample_responses(model, processor, eval_set, samples, temperature, max_new_tokens, seed, progress)
+        for kind, share in any_correct_and_consistent(eval_set, groups).items():
+            out.setdefault(kind, {})["any_correct_and_consistent_in_k"] = share
+        out["all"]["k"] = samples
     return out
 
 

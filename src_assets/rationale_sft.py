@@ -6,14 +6,10 @@ then a final ``Answer: <answer>`` line, with no prompt asking for it.
 
 from __future__ import annotations
 
-import tempfile
-
 import polars as pl
-from trl import SFTConfig, SFTTrainer
 
-from .models import load_policy
 from .source_data import SourceDataError
-from .training import TrainSettings, quiet, save_trained, vision_dataset
+from .training import TrainSettings, train_vision_sft
 from .verifier import normalize_answer, split_response
 
 
@@ -35,16 +31,6 @@ def build_rationale_sft_set(source: pl.DataFrame) -> pl.DataFrame:
 
 
 def train_rationale_sft(base_model: str, sft_set: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=()) -> dict:
-    """Fine-tunes the policy on the rationale template with TRL's SFTTrainer; saves it to ``out_dir``.
-
-    Loss is on the completion only (TRL's default for prompt-completion data). Returns the training metrics.
-    """
-    model, processor = load_policy(base_model, settings.weights_runtime())
-    dataset = vision_dataset(sft_set, {"completion": "completion"})
-    with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**settings.trl_kwargs(scratch))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                             peft_config=settings.peft_config(), callbacks=list(callbacks))
-        result = quiet(trainer, "rationale SFT (steps)").train()
-    save_trained(trainer, processor, out_dir)
-    return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}
+    """Fine-tunes the policy on the rationale template (``training.train_vision_sft``); saves it to ``out_dir``.
+    From a base policy that already perceives, this is light work: it changes the response format."""
+    return train_vision_sft(base_model, sft_set, out_dir, settings, "rationale SFT", callbacks)

@@ -150,8 +150,39 @@ def gold_response(scene: Scene, question: Question) -> str:
 
 
 def describe_scene(scene: Scene) -> str:
-    """A reference description of the image, as the R-Scorer reads it."""
+    """A reference description of the image, as the R-Scorer reads it; also the base stage's caption."""
     return " ".join(perception_sentence(o) for o in scene.objects)
+
+
+# The base stage's captioning prompt: its answer lists the scene in the rationale's own perception sentences.
+CAPTION_QUESTION = "describe the image."
+
+
+def misperceived(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` as a fallible teacher sees it: one object with its colour or its shape mistaken."""
+    i = rng.randrange(len(scene.objects))
+    o = scene.objects[i]
+    if rng.random() < 0.5:
+        o = SceneObject(rng.choice([c for c in COLORS if c != o.color]), o.shape, o.row, o.column)
+    else:
+        o = SceneObject(o.color, rng.choice([s for s in SHAPES if s != o.shape]), o.row, o.column)
+    return Scene(scene.objects[:i] + (o,) + scene.objects[i + 1 :])
+
+
+def teacher_response(scene: Scene, question: Question, rng: random.Random, error_rate: float = 0.0) -> str:
+    """A rationale SFT target as a teacher model writes one: with probability ``error_rate`` it misperceives one
+    object and reasons from what it saw, while the answer line keeps the dataset's gold label. Such a response is
+    untrue in one sentence and, when the mistake matters to the question, its answer no longer follows from it."""
+    if error_rate <= 0 or rng.random() >= error_rate:
+        return gold_response(scene, question)
+    seen = misperceived(scene, rng)
+    if answer_question(seen.objects, question) is None:  # e.g. "where is the red circle?" after it was seen as blue
+        seen = misperceived(scene, rng)
+        if answer_question(seen.objects, question) is None:
+            return gold_response(scene, question)
+    sentences = [perception_sentence(o) for o in seen.objects]
+    sentences.append(conclusion_sentence(seen.objects, question))
+    return " ".join(sentences) + f"\nAnswer: {answer_question(scene.objects, question)}"
 
 
 def generate_scene(rng: random.Random, min_objects: int = 2, max_objects: int = 5) -> Scene:
@@ -239,6 +270,7 @@ DOMAIN_WORDS: tuple[str, ...] = tuple(
         | set(ROWS)
         | set(COLUMNS)
         | set(NUMBER_WORDS)
+        | set(CAPTION_QUESTION.replace(".", " ").split())
         | {"Answer", ".", "?", ":", ","}
     )
 )
@@ -251,7 +283,8 @@ class Example:
     scene: Scene
     question: Question
 
-    def row(self) -> dict:
+    def row(self, response: str | None = None) -> dict:
+        """The source-table row; ``response`` replaces the gold rationale (e.g. a teacher's flawed one)."""
         return {
             "id": self.id,
             "split": self.split,
@@ -259,7 +292,7 @@ class Example:
             "question": self.question.text,
             "question_spec": self.question.to_json(),
             "answer": answer_question(self.scene.objects, self.question),
-            "response": gold_response(self.scene, self.question),
+            "response": response or gold_response(self.scene, self.question),
             "reference": describe_scene(self.scene),
             "scene": self.scene.to_json(),
             "image": render_scene(self.scene),

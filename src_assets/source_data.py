@@ -18,11 +18,12 @@ One row per (image, question). Columns:
 from __future__ import annotations
 
 import io
+import random
 
 import polars as pl
 from PIL import Image, UnidentifiedImageError
 
-from .scenes import QUESTION_KINDS, Question, Scene, generate_examples
+from .scenes import QUESTION_KINDS, Question, Scene, generate_examples, teacher_response
 
 SPLITS = ("sft", "calibrate", "eval")
 KINDS = (*QUESTION_KINDS, "open")
@@ -41,10 +42,16 @@ class SourceDataError(ValueError):
     """Bad source data; the message names the file, column, row and value."""
 
 
-def synthetic_source(seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_objects=2, max_objects=5) -> pl.DataFrame:
+def synthetic_source(seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_objects=2, max_objects=5,
+                     teacher_error_rate: float = 0.0) -> pl.DataFrame:
+    """The embedded domain's rows. The ``sft`` rows' responses are written by a fallible teacher: a share
+    ``teacher_error_rate`` of them misperceive one object (``scenes.teacher_response``), the answer staying gold."""
     rows = []
+    teacher = random.Random(f"{seed}/teacher")
     for split, n in (("sft", n_sft), ("calibrate", n_calibrate), ("eval", n_eval)):
-        rows += [e.row() for e in generate_examples(n, seed, split, min_objects=min_objects, max_objects=max_objects)]
+        for e in generate_examples(n, seed, split, min_objects=min_objects, max_objects=max_objects):
+            response = teacher_response(e.scene, e.question, teacher, teacher_error_rate) if split == "sft" else None
+            rows.append(e.row(response))
     return pl.DataFrame(rows, schema=SCHEMA)
 
 

@@ -90,6 +90,8 @@ class TinySpec:
     vision_hidden_size: int = 64
     vision_layers: int = 2
     max_positions: int = 512
+    patch_size: int = CELL_PIXELS  # the LLaVA tower's patch side in pixels: one patch per grid cell by default
+    position_embedding_std: float = 0.0  # > 0: the LLaVA tower's patch position embeddings drawn at this scale
 
 
 def _text_config(tok: PreTrainedTokenizerFast, spec: TinySpec) -> LlamaConfig:
@@ -112,11 +114,11 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int =
     """Writes a randomly initialised tiny LLaVA VLM with its processor to ``out_dir``."""
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    patches = (IMAGE_PIXELS // CELL_PIXELS) ** 2  # one patch per grid cell
+    patches = (IMAGE_PIXELS // spec.patch_size) ** 2
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             image_size=IMAGE_PIXELS,
-            patch_size=CELL_PIXELS,
+            patch_size=spec.patch_size,
             hidden_size=spec.vision_hidden_size,
             intermediate_size=2 * spec.vision_hidden_size,
             num_hidden_layers=spec.vision_layers,
@@ -130,6 +132,9 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int =
         vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
+    if spec.position_embedding_std > 0:
+        with torch.no_grad():
+            model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, spec.position_embedding_std)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     image_processor = CLIPImageProcessorPil(
@@ -141,7 +146,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int =
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
-        patch_size=CELL_PIXELS,
+        patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # CLIP's CLS token, which the "default" strategy drops again

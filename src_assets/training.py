@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field, replace
 
 import polars as pl
@@ -9,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from .generation import decode_image, user_turn
-from .models import CPU_FLOAT32, Runtime
+from .models import CPU_FLOAT32, Runtime, load_policy
 from .processors import save_processor
 from .progress import ProgressBar
 
@@ -26,6 +27,8 @@ class TrainSettings:
     max_length: int = 0  # 0: no truncation; > 0: TRL truncates each example to this many tokens
     report_to: tuple[str, ...] = ()  # e.g. ("tensorboard",), ("wandb",), ("mlflow",): transformers' integrations
     runtime: Runtime = field(default=CPU_FLOAT32)
+    lr_scheduler_type: str = "cosine"  # any of transformers' schedulers: "cosine", "constant_with_warmup", ...
+    warmup_steps: int = 5
 
     def weights_runtime(self) -> Runtime:
         """Where and in what dtype the trained model is loaded: the runtime's, except that float16 trains as
@@ -44,8 +47,8 @@ class TrainSettings:
             num_train_epochs=self.epochs,
             learning_rate=self.learning_rate,
             per_device_train_batch_size=self.batch_size,
-            lr_scheduler_type="cosine",
-            warmup_steps=5,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=self.warmup_steps,
             logging_steps=10,
             save_strategy="no",
             report_to=list(self.report_to),
@@ -117,3 +120,21 @@ def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:
         else:
             data[trl_column] = [[{"role": "assistant", "content": t}] for t in df[column]]
     return Dataset.from_dict(data)
+
+
+def train_vision_sft(model_ref: str, rows: pl.DataFrame, out_dir: str, settings: TrainSettings, desc: str,
+                     callbacks=()) -> dict:
+    """Supervised fine-tuning of a VLM on (question, completion, image) rows with TRL's ``SFTTrainer``, loss on the
+    completion only (TRL's default for prompt-completion data); saves the model to ``out_dir``. The base stage and
+    rationale SFT both train this way. Returns the training metrics."""
+    from trl import SFTConfig, SFTTrainer
+
+    model, processor = load_policy(model_ref, settings.weights_runtime())
+    dataset = vision_dataset(rows, {"completion": "completion"})
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(**settings.trl_kwargs(scratch))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                             peft_config=settings.peft_config(), callbacks=list(callbacks))
+        result = quiet(trainer, f"{desc} (steps)").train()
+    save_trained(trainer, processor, out_dir)
+    return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

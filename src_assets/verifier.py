@@ -14,6 +14,11 @@ Metrics, each in [0, 1]:
 - ``consistency``: the stated answer is what the rationale's own claims imply
   (its perceived objects, and its conclusion sentence when it has one),
   whether or not those claims are true.
+
+The anatomy of a response says where an error comes from: whether its listing
+of the scene is exact (``exact_listing``), whether its conclusion follows from
+what it listed (``listing_answer`` against ``conclusion``), and whether its
+answer line is its conclusion.
 """
 
 from __future__ import annotations
@@ -56,6 +61,17 @@ class Verification:
     consistency: float
     claims: list[Claim] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    exact_listing: bool = False  # the perception sentences list the scene's objects exactly, each once, nothing else
+    listing_answer: str | None = None  # the answer the listed objects imply (true or not)
+    conclusion: str | None = None  # the answer the conclusion sentence commits to, if it has one about the question
+
+    @property
+    def conclusion_follows_listing(self) -> bool:
+        return self.conclusion is not None and self.conclusion == self.listing_answer
+
+    @property
+    def answer_is_conclusion(self) -> bool:
+        return self.answer is not None and self.answer == self.conclusion
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -218,16 +234,38 @@ def verify(response: str | None, scene: Scene, question: Question) -> Verificati
     completeness = len(mentioned) / len(scene.objects) if scene.objects else 1.0
 
     claimed_objects = [SceneObject(c, s, *p.split(" ")) for c, s, p in (c.fields for c in claims if c.kind == "object")]
-    consistent = answer is not None and bool(claimed_objects)
-    if consistent:
-        consistent = answer_question(claimed_objects, question) == answer
+    listing_answer = answer_question(claimed_objects, question) if claimed_objects else None
+    consistent = answer is not None and bool(claimed_objects) and listing_answer == answer
+    conclusion = None
     for c in claims:
         implied = _implied_by_conclusion(c, question)
-        if implied is not None and implied != answer:
-            consistent = False
+        if implied is not None:
+            conclusion = implied
+            if implied != answer:
+                consistent = False
     if not consistent and answer is not None:
         problems.append("answer does not follow from the rationale")
-    return Verification(answer, correct, factuality, completeness, float(consistent), claims, problems)
+    return Verification(answer, correct, factuality, completeness, float(consistent), claims, problems,
+                        lists_scene_exactly(claims, scene), listing_answer, conclusion)
+
+
+def lists_scene_exactly(claims: list[Claim], scene: Scene) -> bool:
+    """The object claims are the scene's objects, each once, with nothing else claimed about what is there."""
+    listed = sorted(c.fields for c in claims if c.kind == "object")
+    return listed == sorted((o.color, o.shape, o.position) for o in scene.objects)
+
+
+def verify_caption(caption: str | None, scene: Scene) -> tuple[float, bool]:
+    """A base-stage caption's (factuality, exact listing): the share of its sentences that are true object claims,
+    and whether it lists the scene exactly with no other sentence."""
+    sentences = _sentences(caption) if isinstance(caption, str) else []
+    claims = []
+    for words in sentences:
+        parsed = _parse_sentence(words)
+        kind, fields = parsed if parsed is not None else ("unparsed", ())
+        claims.append(Claim(kind, " ".join(words), kind == "object" and _claim_true(kind, fields, scene.objects), fields))
+    factuality = sum(c.true for c in claims) / len(claims) if claims else 0.0
+    return factuality, bool(claims) and all(c.kind == "object" for c in claims) and lists_scene_exactly(claims, scene)
 
 
 _KNOWN_WORDS = {w.lower() for w in DOMAIN_WORDS}

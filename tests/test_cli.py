@@ -19,6 +19,26 @@ def test_evaluate_scores_a_checkpoint_with_real_and_with_blank_images(trained_ti
         assert row["n"] == 10 and 0 <= row["accuracy"] <= 1
 
 
+def test_evaluate_prints_the_anatomy_per_kind_and_scores_captions(trained_tiny_vlm, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "10", "--anatomy", "--samples", "2", "--json",
+                 "--seed", "5"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    table = row["anatomy"]
+    assert table["all"]["n"] == 10 and table["all"]["k"] == 2 and table["all"]["accuracy"] == row["accuracy"]
+    for key in ("exact_listing", "conclusion_follows_listing", "answer_is_conclusion", "wrong_with_exact_listing",
+                "wrong_with_wrong_listing", "any_correct_and_consistent_in_k"):
+        assert 0 <= table["all"][key] <= 1
+    assert table["all"]["wrong_with_exact_listing"] + table["all"]["wrong_with_wrong_listing"] == pytest.approx(1 - row["accuracy"])
+    assert set(table) == {"all", "count", "exists", "attribute", "position", "compare"}
+    assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "10", "--anatomy", "--samples", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "exact_listing" in text and "any_correct_and_consistent_in_2" in text and "compare" in text
+    assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "6", "--task", "caption", "--json"]) == 0
+    caption = json.loads(capsys.readouterr().out)
+    assert caption["n"] == 6 and 0 <= caption["factuality"] <= 1 and 0 <= caption["exact_listing"] <= 1
+    assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--seed", "-1"]) == 2
+
+
 def test_model_references_and_seed_can_be_overridden_like_any_setting():
     cfg = SettingsResource(profile="smoke", overrides={"scorer_model": "verifier", "seed": 5, "policy_model": "/models/vlm"}).config()
     assert (cfg.scorer_model, cfg.seed, cfg.policy_model) == ("verifier", 5, "/models/vlm")

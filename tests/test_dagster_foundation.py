@@ -13,7 +13,7 @@ from src_assets.models import load_policy, load_scorer
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION = {"vqa_source", "rationale_sft_set", "eval_set", "base_policy_model", "base_r_scorer_model"}
+FOUNDATION = {"vqa_source", "rationale_sft_set", "eval_set", "perception_corpus", "base_policy_model", "base_r_scorer_model"}
 all_assets = [a for a in every_asset if a.key.to_user_string() in FOUNDATION]
 
 
@@ -36,7 +36,7 @@ def test_foundation_assets_materialize_with_metadata(tmp_path):
     result = materialize(all_assets, instance=instance, resources=_resources(str(tmp_path)))
     assert result.success
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
-    assert set(meta) == {"vqa_source", "rationale_sft_set", "eval_set", "base_policy_model", "base_r_scorer_model"}
+    assert set(meta) == FOUNDATION
     assert meta["vqa_source"]["rows"].value == 60 + 16 + 20
     assert meta["rationale_sft_set"]["rows"].value == 60
     assert meta["eval_set"]["rows"].value == 20
@@ -52,6 +52,11 @@ def test_foundation_assets_materialize_with_metadata(tmp_path):
     assert meta["base_policy_model"]["architecture"].value == "LlavaForConditionalGeneration"
     model, _ = load_policy(store.local_model_dir(policy_uri))
     assert sum(p.numel() for p in model.parameters()) == meta["base_policy_model"]["parameters"].value
+    # The tiny policy went through the base stage, and its held-out scores are recorded.
+    assert meta["perception_corpus"]["rows"].value == 64
+    assert meta["base_policy_model"]["trained"].value is True and meta["base_policy_model"]["steps"].value == 2
+    for score in ("caption_factuality", "caption_exact_listing", "direct_accuracy", "direct_accuracy_blank_images"):
+        assert 0 <= meta["base_policy_model"][score].value <= 1
     load_scorer(store.local_model_dir(store.read_json("assets/base_r_scorer_model.json")))
 
 

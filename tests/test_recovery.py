@@ -46,6 +46,7 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     assert "died with its process" in rerun.stderr
     assert "iteration 001: already complete" in rerun.stderr
     store_dir = tmp_path / "store" / "models"
+    assert len(_versions(store_dir, "base_policy_model")) == 1  # the base stage is cached by its inputs too
     assert len(_versions(store_dir, "sft_checkpoint")) == 1  # not retrained
     assert len(_versions(store_dir, "r_scorer_checkpoint")) == 1
     assert len(_versions(store_dir, "policy_checkpoint/001")) == 1  # iteration 001 not recomputed
@@ -55,6 +56,7 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     again = subprocess.run(fresh, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(_versions(store_dir, "sft_checkpoint")) == 2 and len(_versions(store_dir, "policy_checkpoint/001")) == 2
+    assert len(_versions(store_dir, "base_policy_model")) == 2
 
 
 def test_two_runs_of_one_iteration_exactly_one_writes(tmp_path):

@@ -1,0 +1,71 @@
+"""Stage 0, for the embedded default: the base policy, a tiny VLM pretrained on cheap synthetic perception.
+
+SRC starts from a capable VLM, one that already sees. Its rationale fine-tuning is light (it changes the
+response format), and calibration then aligns the answer with the rationale written before it. A tiny VLM
+trained from scratch on rationales alone learns the format long before it learns to see, so the embedded
+default first gives it what a real VLM brings from pretraining:
+
+- **captions**: ``describe the image.`` answered by the scene listed in the rationale's own perception sentences
+  (``there is a red square at the top left. ...``);
+- **direct answers**: each question kind answered with its ``Answer: ...`` line alone, no rationale.
+
+A user's own hub model skips this stage: it is already capable.
+"""
+
+from __future__ import annotations
+
+import random
+
+import polars as pl
+
+from .generation import generate_responses
+from .progress import Progress
+from .scenes import CAPTION_QUESTION, QUESTION_KINDS, Scene, answer_question, describe_scene, generate_examples
+from .training import TrainSettings, train_vision_sft
+from .verifier import verify_caption
+
+CAPTION_KIND = "caption"
+PERCEPTION_SCHEMA = {"id": pl.String, "kind": pl.String, "question": pl.String, "completion": pl.String, "image": pl.Binary,
+                     "scene": pl.String, "question_spec": pl.String}
+
+
+def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects: int = 2, max_objects: int = 5) -> pl.DataFrame:
+    """``n`` (question, completion, image) rows: a share ``caption_share`` of captions, the rest direct answers to
+    the domain's questions (kinds in equal shares). Its scenes are drawn from their own stream (split ``base``),
+    apart from the sft, calibrate and eval scenes."""
+    rng = random.Random(f"{seed}/base/caption")
+    rows = []
+    for e in generate_examples(n, seed, "base", QUESTION_KINDS, min_objects, max_objects):
+        row = e.row()
+        if rng.random() < caption_share:
+            row.update(kind=CAPTION_KIND, question=CAPTION_QUESTION, completion=describe_scene(e.scene))
+        else:
+            row.update(completion=f"Answer: {answer_question(e.scene.objects, e.question)}")
+        rows.append(row)
+    return pl.DataFrame([{k: r[k] for k in PERCEPTION_SCHEMA} for r in rows], schema=PERCEPTION_SCHEMA)
+
+
+def train_base_policy(model_dir: str, corpus: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=()) -> dict:
+    """The tiny VLM at ``model_dir`` pretrained on the perception corpus (TRL's ``SFTTrainer``); saved to ``out_dir``."""
+    return train_vision_sft(model_dir, corpus, out_dir, settings, "base stage", callbacks)
+
+
+def score_captions(rows: pl.DataFrame, captions: list[str]) -> pl.DataFrame:
+    """One row per scene: the caption, its factuality and whether it lists the scene exactly."""
+    out = []
+    for r, caption in zip(rows.select("id", "scene").iter_rows(named=True), captions):
+        factuality, exact = verify_caption(caption, Scene.from_json(r["scene"]))
+        out.append({"id": r["id"], "caption": caption, "factuality": factuality, "exact_listing": float(exact)})
+    return pl.DataFrame(out, schema={"id": pl.String, "caption": pl.String, "factuality": pl.Float64,
+                                     "exact_listing": pl.Float64})
+
+
+def evaluate_captions(model, processor, rows: pl.DataFrame, max_new_tokens: int = 96,
+                      progress: Progress = False) -> tuple[dict, pl.DataFrame]:
+    """Greedy captions of ``rows``' images (which need a ``scene``), scored; returns the means and the table."""
+    rows = rows.filter(pl.col("scene").is_not_null())
+    captions = generate_responses(model, processor, [CAPTION_QUESTION] * rows.height, rows["image"].to_list(),
+                                  max_new_tokens, progress=progress)
+    scored = score_captions(rows, captions)
+    summary = {k: float(scored[k].mean()) if scored.height else None for k in ("factuality", "exact_listing")}
+    return {**summary, "n": scored.height}, scored

@@ -1,0 +1,123 @@
+"""The base stage (perception pretraining), the teacher's flawed rationales, and the anatomy of answers."""
+
+import random
+
+import polars as pl
+import pytest
+
+from src_assets.base_stage import CAPTION_KIND, perception_corpus, score_captions, train_base_policy
+from src_assets.evaluation import anatomy, any_correct_and_consistent, score_responses
+from src_assets.scenes import (
+    CAPTION_QUESTION,
+    Question,
+    Scene,
+    SceneObject,
+    describe_scene,
+    generate_examples,
+    gold_response,
+    teacher_response,
+)
+from src_assets.source_data import synthetic_source
+from src_assets.training import TrainSettings
+from src_assets.verifier import verify, verify_caption
+
+SCENE = Scene((SceneObject("red", "square", "top", "left"), SceneObject("blue", "circle", "middle", "center"),
+               SceneObject("red", "circle", "bottom", "right")))
+COUNT = Question("count", color="red")
+
+
+def test_the_perception_corpus_holds_captions_and_direct_answers_on_scenes_of_its_own():
+    corpus = perception_corpus(400, seed=3, caption_share=0.5)
+    captions = corpus.filter(pl.col("kind") == CAPTION_KIND)
+    assert 150 < captions.height < 250
+    assert set(captions["question"]) == {CAPTION_QUESTION}
+    for r in captions.head(20).iter_rows(named=True):
+        assert r["completion"] == describe_scene(Scene.from_json(r["scene"]))
+    direct = corpus.filter(pl.col("kind") != CAPTION_KIND)
+    assert set(direct["kind"]) == {"count", "exists", "attribute", "position", "compare"}
+    assert all(c.startswith("Answer: ") and "." not in c for c in direct["completion"])
+    # Its scenes come from a stream of their own: only chance repeats (small scenes recur) of the splits' scenes.
+    splits = synthetic_source(3, 200, 200, 200)
+    assert len(set(corpus["scene"]) & set(splits["scene"])) < 0.05 * corpus.height
+    assert perception_corpus(400, seed=3)["completion"].to_list() == corpus["completion"].to_list()
+
+
+def test_captions_are_scored_for_factuality_and_exact_listing():
+    assert verify_caption(describe_scene(SCENE), SCENE) == (1.0, True)
+    missing = "there is a red square at the top left. there is a blue circle at the middle center."
+    assert verify_caption(missing, SCENE) == (1.0, False)
+    wrong = missing + " there is a green circle at the bottom right."
+    fact, exact = verify_caption(wrong, SCENE)
+    assert fact == pytest.approx(2 / 3) and not exact
+    assert verify_caption(describe_scene(SCENE) + " so there is a red square.", SCENE)[1] is False
+    assert verify_caption("", SCENE) == (0.0, False)
+    rows = pl.DataFrame({"id": ["a", "b"], "scene": [SCENE.to_json()] * 2})
+    scored = score_captions(rows, [describe_scene(SCENE), wrong])
+    assert scored["exact_listing"].to_list() == [1.0, 0.0]
+
+
+def test_the_teacher_misperceives_one_object_and_keeps_the_gold_answer():
+    rng = random.Random(0)
+    examples = generate_examples(200, seed=1, split="sft")
+    flawed = 0
+    for e in examples:
+        response = teacher_response(e.scene, e.question, rng, error_rate=1.0)
+        v = verify(response, e.scene, e.question)
+        assert v.correct == 1.0  # the answer line is the dataset's label
+        if response != gold_response(e.scene, e.question):
+            flawed += 1
+            untrue = [c for c in v.claims if c.kind == "object" and not c.true]
+            assert len(untrue) == 1 and not v.exact_listing
+    assert flawed >= 190  # a few position questions have no answer after the mistake and stay gold
+    assert all(teacher_response(e.scene, e.question, rng, 0.0) == gold_response(e.scene, e.question) for e in examples)
+
+
+def test_the_teacher_error_rate_sets_the_share_of_flawed_sft_rationales_only():
+    clean = synthetic_source(2, 300, 50, 50)
+    flawed = synthetic_source(2, 300, 50, 50, teacher_error_rate=0.3)
+    differs = [a != b for a, b in zip(clean["response"], flawed["response"])]
+    sft = clean["split"] == "sft"
+    assert 60 < sum(d for d, s in zip(differs, sft) if s) < 120
+    assert not any(d for d, s in zip(differs, sft) if not s)
+    assert clean["answer"].to_list() == flawed["answer"].to_list()
+
+
+def test_the_anatomy_says_where_each_error_comes_from():
+    other = "there is a red square at the top left. there is a blue circle at the middle center."
+    gold = gold_response(SCENE, COUNT)
+    responses = {
+        "gold": gold,
+        # exact listing, conclusion that does not follow from it, answer that follows the conclusion
+        "bad_conclusion": describe_scene(SCENE) + " so the number of red shapes is one.\nAnswer: one",
+        # exact listing and right conclusion, but the answer line says something else
+        "bad_answer": describe_scene(SCENE) + " so the number of red shapes is two.\nAnswer: one",
+        # a wrong listing whose own conclusion and answer follow from it
+        "bad_listing": other + " so the number of red shapes is one.\nAnswer: one",
+    }
+    v = {k: verify(r, SCENE, COUNT) for k, r in responses.items()}
+    assert (v["gold"].exact_listing, v["gold"].conclusion_follows_listing, v["gold"].answer_is_conclusion) == (True, True, True)
+    assert (v["bad_conclusion"].exact_listing, v["bad_conclusion"].conclusion_follows_listing) == (True, False)
+    assert v["bad_conclusion"].answer_is_conclusion and not v["bad_answer"].answer_is_conclusion
+    assert v["bad_answer"].conclusion_follows_listing
+    assert not v["bad_listing"].exact_listing and v["bad_listing"].conclusion_follows_listing and v["bad_listing"].consistency
+
+    rows = pl.DataFrame({"id": list(responses), "kind": ["count"] * 4, "scene": [SCENE.to_json()] * 4,
+                         "question_spec": [COUNT.to_json()] * 4, "answer": ["two"] * 4})
+    table = anatomy(score_responses(rows, list(responses.values())))
+    assert table["all"]["accuracy"] == 0.25 and table["all"]["exact_listing"] == 0.75
+    assert table["all"]["conclusion_follows_listing"] == 0.75 and table["all"]["answer_is_conclusion"] == 0.75
+    assert table["all"]["wrong_with_exact_listing"] == 0.5 and table["all"]["wrong_with_wrong_listing"] == 0.25
+    assert table["count"] == table["all"]
+    headroom = any_correct_and_consistent(rows.head(2), [[responses["bad_answer"], gold], [responses["bad_conclusion"]]])
+    assert headroom == {"all": 0.5, "count": 0.5}
+
+
+def test_the_base_stage_trains_the_tiny_vlm_on_its_corpus(tiny_dirs, tmp_path):
+    from src_assets.models import load_policy
+
+    corpus = perception_corpus(16, seed=0)
+    result = train_base_policy(str(tiny_dirs[0]), corpus, str(tmp_path), TrainSettings(epochs=1, batch_size=8,
+                                                                                      lr_scheduler_type="constant_with_warmup"))
+    assert result["steps"] == 2
+    model, _ = load_policy(str(tmp_path))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
