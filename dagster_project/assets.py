@@ -97,7 +97,8 @@ def perception_corpus(context: AssetExecutionContext, settings: SettingsResource
     if cfg.policy_model != TINY:
         context.add_output_metadata({"rows": 0, "skipped": "a real policy model: it has no base stage"})
         return pl.DataFrame(schema=PERCEPTION_SCHEMA)
-    df = perception_corpus_rows(cfg.n_base, cfg.seed, cfg.base_caption_share, cfg.min_objects, cfg.max_objects)
+    df = perception_corpus_rows(cfg.n_base, cfg.seed, cfg.base_caption_share, cfg.min_objects, cfg.max_objects,
+                                cfg.base_answer_form)
     context.add_output_metadata({"rows": df.height, "question_kinds": counts_table(dict(sorted(df.group_by("kind").len().iter_rows())), "kind"),
                                  "preview": table_preview(df)})
     return df

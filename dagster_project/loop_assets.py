@@ -39,9 +39,9 @@ from dagster import (
     asset_check,
 )
 
-from src_assets.base_stage import evaluate_captions, train_base_policy
+from src_assets.base_stage import StopWhenPerceiving, evaluate_captions, probe_scenes, train_base_policy
 from src_assets.candidate_search import sentence_beam_search
-from src_assets.evaluation import full_anatomy, evaluate_policy, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
+from src_assets.evaluation import full_anatomy, evaluate_policy, preference_quality, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
 from src_assets.generation import generate_responses
 from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
@@ -139,13 +139,18 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
         yield AssetCheckResult(check_name="base_policy_lists_the_scene", passed=True,
                                metadata={"skipped": "a real model: no base stage"})
         return
-    fingerprint = digest(_base_recipe(TINY, cfg), asdict(cfg.base_settings()), _table_digest(perception_corpus))
+    fingerprint = digest(_base_recipe(TINY, cfg), asdict(cfg.base_settings()), _table_digest(perception_corpus),
+                         cfg.base_stop_at_exact_listing, cfg.base_check_every)
     found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
     if found is None:
         with tempfile.TemporaryDirectory() as tmp:
             build_tiny_policy(f"{tmp}/init", cfg.tiny_policy_architecture, cfg.tiny_spec(), seed=cfg.seed)
+            stop = None
+            if cfg.base_stop_at_exact_listing > 0:
+                stop = StopWhenPerceiving(probe_scenes(100, cfg.seed, cfg.min_objects, cfg.max_objects), cfg.base_check_every,
+                                          cfg.base_stop_at_exact_listing)
             result = train_base_policy(f"{tmp}/init", perception_corpus, f"{tmp}/base", cfg.base_settings(),
-                                       callbacks=[DagsterLogCallback(context.log, "base stage")])
+                                       callbacks=[DagsterLogCallback(context.log, "base stage")], stop=stop)
             uri = s.put_model(store_layout.BASE_POLICY_MODEL, f"{tmp}/base")
         model, processor = load_policy(s.local_model_dir(uri), cfg.runtime())
         captions, _ = evaluate_captions(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
@@ -153,7 +158,8 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
         blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens)
         scores = dict(zip(BASE_SCORES, (captions["factuality"], captions["exact_listing"], direct["accuracy"], blank["accuracy"])))
         found = {"uri": uri, "train_loss": result["train_loss"], "steps": result["steps"], **scores,
-                 "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h]}
+                 "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h],
+                 "probe_checks": result["probe_checks"]}
         _remember_trained(s, store_layout.BASE_POLICY_MODEL, fingerprint, **found)
         reused = False
     else:
@@ -166,6 +172,8 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
         "architecture": architecture, "parameters": count_parameters(model_dir),
         "train_loss": float(found["train_loss"]), "steps": int(found["steps"]), **{k: float(v) for k, v in scores.items()},
         "loss_curve": MetadataValue.md("| step | loss |\n|---|---|\n" + "\n".join(f"| {st} | {l:.4f} |" for st, l in found["loss_curve"])),
+        "probe_exact_listing": MetadataValue.md("| step | probe captions listing the scene exactly |\n|---|---|\n"
+                                                + "\n".join(f"| {st} | {e:.2f} |" for st, e in found.get("probe_checks", []))),
     })
     exact = found.get("caption_exact_listing")
     yield AssetCheckResult(check_name="base_policy_lists_the_scene", severity=AssetCheckSeverity.WARN,
@@ -382,9 +390,11 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
     prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation)
     kept = prefs.filter("kept")
     reasons = prefs.filter(~pl.col("kept")).with_columns(pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "..."))
+    quality = preference_quality(prefs, calibration_prompts)
     yield Output(prefs, metadata={
         "pairs_considered": prefs.height, "pairs_kept": kept.height,
         "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
+        **{f"kept/{k}": float(v) for k, v in quality.items()},
         "weight_histogram": histogram_md(kept["weight"].to_list(), "weight"),
         "drop_reasons": counts_table(dict(reasons.group_by("drop_reason").len().iter_rows()), "reason"),
         "preview": table_preview(prefs),

@@ -7,7 +7,8 @@ default first gives it what a real VLM brings from pretraining:
 
 - **captions**: ``describe the image.`` answered by the scene listed in the rationale's own perception sentences
   (``there is a red square at the top left. ...``);
-- **direct answers**: each question kind answered with its ``Answer: ...`` line alone, no rationale.
+- **direct answers**: each question kind answered in one sentence about the asked subject and the ``Answer: ...``
+  line, with no listing of the scene before it: the answer is read from the image directly.
 
 A user's own hub model skips this stage: it is already capable.
 """
@@ -20,7 +21,8 @@ import polars as pl
 
 from .generation import generate_responses
 from .progress import Progress
-from .scenes import CAPTION_QUESTION, QUESTION_KINDS, Scene, answer_question, describe_scene, generate_examples
+from .scenes import (CAPTION_QUESTION, QUESTION_KINDS, Scene, answer_question, conclusion_sentence, describe_scene,
+                     generate_examples)
 from .training import TrainSettings, train_vision_sft
 from .verifier import verify_caption
 
@@ -29,10 +31,17 @@ PERCEPTION_SCHEMA = {"id": pl.String, "kind": pl.String, "question": pl.String, 
                      "scene": pl.String, "question_spec": pl.String}
 
 
-def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects: int = 2, max_objects: int = 5) -> pl.DataFrame:
+ANSWER_FORMS = ("sentence", "short")
+
+
+def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects: int = 2, max_objects: int = 5,
+                      answer_form: str = "sentence") -> pl.DataFrame:
     """``n`` (question, completion, image) rows: a share ``caption_share`` of captions, the rest direct answers to
     the domain's questions (kinds in equal shares). Its scenes are drawn from their own stream (split ``base``),
-    apart from the sft, calibrate and eval scenes."""
+    apart from the sft, calibrate and eval scenes. A direct answer is the answer line alone (``short``), or the
+    sentence that states it about the question's subject, then the answer line (``sentence``)."""
+    if answer_form not in ANSWER_FORMS:
+        raise ValueError(f"answer_form must be one of {ANSWER_FORMS}, got {answer_form!r}")
     rng = random.Random(f"{seed}/base/caption")
     rows = []
     for e in generate_examples(n, seed, "base", QUESTION_KINDS, min_objects, max_objects):
@@ -40,14 +49,52 @@ def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects
         if rng.random() < caption_share:
             row.update(kind=CAPTION_KIND, question=CAPTION_QUESTION, completion=describe_scene(e.scene))
         else:
-            row.update(completion=f"Answer: {answer_question(e.scene.objects, e.question)}")
+            answer = f"Answer: {answer_question(e.scene.objects, e.question)}"
+            if answer_form == "sentence":  # as a VLM answers briefly: one sentence about the asked subject, then the answer
+                answer = f"{conclusion_sentence(e.scene.objects, e.question)}\n{answer}"
+            row.update(completion=answer)
         rows.append(row)
     return pl.DataFrame([{k: r[k] for k in PERCEPTION_SCHEMA} for r in rows], schema=PERCEPTION_SCHEMA)
 
 
-def train_base_policy(model_dir: str, corpus: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=()) -> dict:
-    """The tiny VLM at ``model_dir`` pretrained on the perception corpus (TRL's ``SFTTrainer``); saved to ``out_dir``."""
-    return train_vision_sft(model_dir, corpus, out_dir, settings, "base stage", callbacks)
+def probe_scenes(n: int, seed: int, min_objects: int = 2, max_objects: int = 5) -> pl.DataFrame:
+    """Scenes of a stream of their own (split ``base-probe``) on which training watches the captions."""
+    return pl.DataFrame([e.row() for e in generate_examples(n, seed, "base-probe", QUESTION_KINDS, min_objects, max_objects)])
+
+
+class StopWhenPerceiving:
+    """A trainer callback: every ``every`` steps the policy captions the probe scenes, and training stops once its
+    captions list the scene exactly ``target`` of the time. The step at which a tiny VLM crosses from guessing to
+    seeing varies from seed to seed (by hundreds of steps), so a fixed step count is either too short for some
+    seeds or wasted on others. Each check is recorded in ``checks`` as (step, exact listing)."""
+
+    def __init__(self, probe: pl.DataFrame, every: int, target: float):
+        from transformers import TrainerCallback
+
+        self.probe, self.every, self.target, self.checks = probe, every, target, []
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+                if state.global_step % outer.every:
+                    return
+                was_training = model.training
+                summary, _ = evaluate_captions(model, processing_class, outer.probe)
+                model.train(was_training)
+                outer.checks.append((state.global_step, summary["exact_listing"]))
+                if summary["exact_listing"] >= outer.target:
+                    control.should_training_stop = True
+
+        self.callback = _Callback()
+
+
+def train_base_policy(model_dir: str, corpus: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=(),
+                      stop: StopWhenPerceiving | None = None) -> dict:
+    """The tiny VLM at ``model_dir`` pretrained on the perception corpus (TRL's ``SFTTrainer``) for at most
+    ``settings.epochs``, or until ``stop`` sees it perceive; saved to ``out_dir``."""
+    callbacks = [*callbacks, *([stop.callback] if stop else [])]
+    result = train_vision_sft(model_dir, corpus, out_dir, settings, "base stage", callbacks)
+    return {**result, "probe_checks": stop.checks if stop else []}
 
 
 def score_captions(rows: pl.DataFrame, captions: list[str]) -> pl.DataFrame:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field, fields, replace
 
+from .base_stage import ANSWER_FORMS
 from .candidate_search import SearchConfig
 from .models import Runtime
 from .preference import CurationConfig
@@ -69,8 +70,11 @@ class SRCConfig:
     report_to: str = ""  # comma-separated transformers integrations: "tensorboard", "wandb", "mlflow"
     # 0. The base stage (tiny policy only; a hub model is already capable): captions and direct answers
     n_base: int = 16000  # perception corpus rows, scenes of their own
-    base_caption_share: float = 0.5  # the rest are direct answers ("Answer: ..." with no rationale)
-    base_epochs: float = 2.0
+    base_caption_share: float = 0.7  # the rest are direct answers (no listing before them)
+    base_answer_form: str = "sentence"  # direct answers: "sentence" (a sentence on the asked subject, then the answer line) or "short"
+    base_epochs: float = 3.0  # at most: training stops once the probe captions reach base_stop_at_exact_listing
+    base_stop_at_exact_listing: float = 0.9  # 0: never stop early
+    base_check_every: int = 250  # steps between probe checks (100 probe scenes captioned each time)
     base_learning_rate: float = 1e-3
     base_batch_size: int = 32
     base_lr_scheduler: str = "constant_with_warmup"  # cosine decays before the plateau is crossed (docs/results.md)
@@ -147,7 +151,7 @@ PROFILES: dict[str, SRCConfig] = {
         prompts_per_iteration=8, search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
         scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4,
         # untrained smoke models never answer right; this profile checks plumbing
-        curation=CurationConfig(tau=0.0, require_correct_chosen=False),
+        curation=CurationConfig(tau=0.0, require_correct_chosen=False, require_consistent_chosen=False, require_factual_chosen=False),
         min_blank_image_drop=-1.0,  # nor do they see: the blank-image check is reported, not required
         min_base_exact_listing=0.0, anatomy_samples=2,
     ),
@@ -188,7 +192,7 @@ _RANGES = {
                                            "scorer_contrast_pairs", "dpo_nll_weight", "max_length", "image_min_pixels",
                                            "image_max_pixels", "regression_tolerance", "tiny_layers", "anatomy_samples")},
     **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "min_objects", "max_objects", "prompts_per_iteration", "beams", "samples_per_beam",
-                                           "max_sentences", "scorer_prompts", "sft_batch_size", "base_batch_size", "scorer_batch_size", "dpo_batch_size",
+                                           "max_sentences", "scorer_prompts", "sft_batch_size", "base_batch_size", "base_check_every", "scorer_batch_size", "dpo_batch_size",
                                            "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
                                            "eval_max_new_tokens", "tiny_hidden_size")},
     **{name: (0, False, None) for name in ("anatomy_temperature", "sft_epochs", "base_epochs", "base_learning_rate", "dpo_epochs", "beta", "temperature", "sft_learning_rate",
@@ -198,6 +202,7 @@ _RANGES = {
     "teacher_error_rate": (0, True, 1),
     "base_caption_share": (0, True, 1),
     "min_base_exact_listing": (0, True, 1),
+    "base_stop_at_exact_listing": (0, True, 1),
     "tiny_patch_size": (1, True, None),
     "tiny_position_embedding_std": (0, True, None),
     "min_blank_image_drop": (-1, True, 1),  # a difference of two accuracies
@@ -262,6 +267,8 @@ def profile(name: str, **overrides) -> SRCConfig:
     nested = {g: replace(getattr(PROFILES[name], g), **{known[k][1]: v for k, v in typed.items() if known[k][0] == g})
               for g in _GROUPS}  # each stage type validates its own fields (select_by, backend...)
     cfg = replace(PROFILES[name], **top, **nested)
+    if cfg.base_answer_form not in ANSWER_FORMS:
+        raise ValueError(f"setting base_answer_form: {cfg.base_answer_form!r} is not one of {ANSWER_FORMS}")
     if cfg.scoring not in ("pairwise", "independent"):
         raise ValueError(f"scoring must be 'pairwise' or 'independent', got {cfg.scoring!r}")
     if cfg.tiny_policy_architecture not in POLICY_ARCHITECTURES:

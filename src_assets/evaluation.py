@@ -158,3 +158,23 @@ def verifier_win_rate(eval_set: pl.DataFrame, new: list[str], old: list[str], cf
         for r, n, o in zip(eval_set.select("scene", "question_spec").iter_rows(named=True), new, old) if r["scene"] is not None
     ]
     return sum(wins) / len(wins) if wins else float("nan")
+
+
+def preference_quality(prefs: pl.DataFrame, prompts: pl.DataFrame) -> dict[str, float]:
+    """Of the kept pairs whose prompt has a scene: the share of chosen responses that are correct, consistent and
+    fully factual (every sentence true), and the same of rejected ones; what DPO will pull towards and push from."""
+    truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec").iter_rows(named=True)}
+    counts = {f"{side}_{m}": 0 for side in ("chosen", "rejected") for m in ("correct", "consistent", "fully_factual")}
+    n = 0
+    for r in prefs.filter("kept").select("prompt_id", "chosen", "rejected").iter_rows(named=True):
+        t = truth.get(r["prompt_id"])
+        if t is None or t["scene"] is None:
+            continue
+        n += 1
+        scene, question = Scene.from_json(t["scene"]), Question.from_json(t["question_spec"])
+        for side in ("chosen", "rejected"):
+            v = verify(r[side], scene, question)
+            counts[f"{side}_correct"] += v.correct
+            counts[f"{side}_consistent"] += v.consistency
+            counts[f"{side}_fully_factual"] += v.factuality == 1.0
+    return {k: v / n for k, v in counts.items()} if n else {}

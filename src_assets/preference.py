@@ -13,7 +13,8 @@ import torch
 
 from kernels.pairwise import PairwiseAggregate, aggregate_pairwise, aggregate_pairwise_reference, pair_confidence
 
-from .verifier import normalize_answer
+from .scenes import Question, Scene
+from .verifier import normalize_answer, verify
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -24,6 +25,11 @@ class CurationConfig:
     select_by: str = "strength"  # "strength" (Bradley-Terry) or "win_rate"
     pairs_per_prompt: int = 2  # best vs worst, 2nd best vs 2nd worst, ...
     require_correct_chosen: bool = True  # never keep a chosen response whose answer is wrong
+    # Where the prompt has a scene (the verifier can tell), never keep a chosen response whose answer does not follow
+    # from its rationale, or one with an untrue sentence: DPO would teach the answer apart from the rationale, or
+    # teach the untrue sentence.
+    require_consistent_chosen: bool = True
+    require_factual_chosen: bool = True
     bt_iters: int = 50
     bt_tol: float = 1e-6
     backend: str = "auto"
@@ -120,6 +126,18 @@ def _ranked_pairs(row: dict, cfg: CurationConfig) -> list[tuple[int, int, float]
     return pairs
 
 
+def _unsound_chosen(text: str, prompt: dict, cfg: CurationConfig) -> str | None:
+    """Why the verifier refuses ``text`` as a chosen response, where the prompt has a scene; else None."""
+    if not (cfg.require_consistent_chosen or cfg.require_factual_chosen) or prompt.get("scene") is None:
+        return None
+    v = verify(text, Scene.from_json(prompt["scene"]), Question.from_json(prompt["question_spec"]))
+    if cfg.require_consistent_chosen and not v.consistency:
+        return "chosen answer does not follow from its rationale"
+    if cfg.require_factual_chosen and v.factuality < 1:
+        return "chosen response has an untrue sentence"
+    return None
+
+
 def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
     """The ``preference_set``: one row per pair considered, kept or dropped with the reason.
 
@@ -147,7 +165,9 @@ def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: 
             correct = None if gold is None else normalize_answer(answers[c] or "") == normalize_answer(gold)
             if cfg.require_correct_chosen and correct is False:
                 reason = f"chosen answer {answers[c]!r} is wrong (gold {gold!r})"
-            elif weight < cfg.tau:
+            else:
+                reason = _unsound_chosen(texts[c], prompt, cfg)
+            if reason is None and weight < cfg.tau:
                 reason = f"weight {weight:.3f} below tau {cfg.tau}"
             rows.append({**base, "chosen": texts[c], "rejected": texts[r], "chosen_answer": answers[c],
                          "rejected_answer": answers[r], "chosen_correct": correct, "weight": float(weight),

@@ -11,9 +11,11 @@ Metrics, each in [0, 1]:
   claims about the scene (a sentence that parses as no claim counts as untrue).
 - ``completeness``: the fraction of the scene's objects the rationale correctly
   mentions.
-- ``consistency``: the stated answer is what the rationale's own claims imply
-  (its perceived objects, and its conclusion sentence when it has one),
-  whether or not those claims are true.
+- ``consistency``: the stated answer is what the rationale's own claims imply,
+  whether or not those claims are true: its perceived objects imply it, and
+  its conclusion sentence about the question's subject states it. A rationale
+  with no such conclusion (none, or one about another subject) does not reach
+  its answer, so it is not consistent with it.
 
 The anatomy of a response says where an error comes from: whether its listing
 of the scene is exact (``exact_listing``), whether its conclusion follows from
@@ -243,6 +245,7 @@ def verify(response: str | None, scene: Scene, question: Question) -> Verificati
             conclusion = implied
             if implied != answer:
                 consistent = False
+    consistent = consistent and conclusion is not None
     if not consistent and answer is not None:
         problems.append("answer does not follow from the rationale")
     return Verification(answer, correct, factuality, completeness, float(consistent), claims, problems,

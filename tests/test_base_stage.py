@@ -5,13 +5,15 @@ import random
 import polars as pl
 import pytest
 
-from src_assets.base_stage import CAPTION_KIND, perception_corpus, score_captions, train_base_policy
+from src_assets.base_stage import (CAPTION_KIND, StopWhenPerceiving, perception_corpus, probe_scenes, score_captions,
+                                   train_base_policy)
 from src_assets.evaluation import anatomy, any_correct_and_consistent, score_responses
 from src_assets.scenes import (
     CAPTION_QUESTION,
     Question,
     Scene,
     SceneObject,
+    conclusion_sentence,
     describe_scene,
     generate_examples,
     gold_response,
@@ -35,7 +37,16 @@ def test_the_perception_corpus_holds_captions_and_direct_answers_on_scenes_of_it
         assert r["completion"] == describe_scene(Scene.from_json(r["scene"]))
     direct = corpus.filter(pl.col("kind") != CAPTION_KIND)
     assert set(direct["kind"]) == {"count", "exists", "attribute", "position", "compare"}
-    assert all(c.startswith("Answer: ") and "." not in c for c in direct["completion"])
+    # A direct answer states the asked subject in one sentence, then the answer line: no listing of the scene.
+    for r in direct.head(40).iter_rows(named=True):
+        sentence, answer = r["completion"].split("\n")
+        assert answer.startswith("Answer: ") and not sentence.startswith("there is")
+        assert sentence == conclusion_sentence(Scene.from_json(r["scene"]).objects, Question.from_json(r["question_spec"]))
+    short = perception_corpus(400, seed=3, caption_share=0.5, answer_form="short").filter(pl.col("kind") != CAPTION_KIND)
+    assert all(c.startswith("Answer: ") and "\n" not in c for c in short["completion"])
+    assert short["id"].to_list() == direct["id"].to_list()
+    with pytest.raises(ValueError, match="answer_form"):
+        perception_corpus(4, seed=3, answer_form="essay")
     # Its scenes come from a stream of their own: only chance repeats (small scenes recur) of the splits' scenes.
     splits = synthetic_source(3, 200, 200, 200)
     assert len(set(corpus["scene"]) & set(splits["scene"])) < 0.05 * corpus.height
@@ -121,3 +132,17 @@ def test_the_base_stage_trains_the_tiny_vlm_on_its_corpus(tiny_dirs, tmp_path):
     assert result["steps"] == 2
     model, _ = load_policy(str(tmp_path))
     assert type(model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_the_base_stage_stops_once_its_probe_captions_list_the_scene(tiny_dirs, tmp_path):
+    corpus = perception_corpus(32, seed=0)  # 4 steps an epoch at batch size 8
+    settings = TrainSettings(epochs=2, batch_size=8, lr_scheduler_type="constant_with_warmup")
+    probe = probe_scenes(3, seed=0)
+    reached = StopWhenPerceiving(probe, every=2, target=0.0)  # any caption reaches 0: stop at the first check
+    assert train_base_policy(str(tiny_dirs[0]), corpus, str(tmp_path / "a"), settings, stop=reached)["steps"] == 2
+    assert [step for step, _ in reached.checks] == [2]
+    never = StopWhenPerceiving(probe, every=3, target=1.0)  # an untrained tiny model never lists a scene exactly
+    result = train_base_policy(str(tiny_dirs[0]), corpus, str(tmp_path / "b"), settings, stop=never)
+    assert result["steps"] == 8 and result["probe_checks"] == never.checks
+    assert [(step, exact) for step, exact in never.checks] == [(3, 0.0), (6, 0.0)]
+    assert set(probe["id"]).isdisjoint(set(perception_corpus(32, seed=0)["id"]))

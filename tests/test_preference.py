@@ -84,3 +84,47 @@ def test_the_check_and_curation_compare_answers_alike():
     scores = score_table(["p"], [[[0.5, 0.95], [0.05, 0.5]]], CurationConfig(backend="torch"))
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=1))
     assert prefs["kept"].to_list() == [True] and prefs["chosen_correct"].to_list() == [True]
+
+
+def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_true():
+    from src_assets.evaluation import preference_quality
+    from src_assets.scenes import Question, Scene, SceneObject, describe_scene, gold_response
+
+    scene = Scene((SceneObject("red", "square", "top", "left"), SceneObject("blue", "circle", "middle", "center"),
+                   SceneObject("red", "circle", "bottom", "right")))
+    question = Question("count", color="red")
+    chosen = {
+        "sound": gold_response(scene, question),
+        # right answer, but the rationale's conclusion says otherwise
+        "inconsistent": describe_scene(scene) + " so the number of red shapes is one.\nAnswer: two",
+        # right answer that follows from its rationale, which has an untrue sentence (the blue circle is green)
+        "untrue": describe_scene(scene).replace("blue circle", "green circle") + " so the number of red shapes is two.\nAnswer: two",
+    }
+    rejected = describe_scene(scene) + " so the number of red shapes is one.\nAnswer: one"
+    ids = list(chosen)
+    cand = pl.DataFrame([{"prompt_id": p, "candidate": c, "text": t, "answer": t.split("Answer: ")[1]}
+                         for p in ids for c, t in enumerate((chosen[p], rejected))])
+    prompts = pl.DataFrame({"id": ids, "question": ["how many red shapes?"] * 3, "answer": ["two"] * 3, "image": [b""] * 3,
+                            "scene": [scene.to_json()] * 3, "question_spec": [question.to_json()] * 3})
+    scores = score_table(ids, [[[0.5, 0.95], [0.05, 0.5]]] * 3, CurationConfig(backend="torch"))
+
+    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0))
+    assert dict(zip(prefs["prompt_id"], prefs["kept"])) == {"sound": True, "inconsistent": False, "untrue": False}
+    reasons = dict(zip(prefs["prompt_id"], prefs["drop_reason"]))
+    assert reasons["inconsistent"] == "chosen answer does not follow from its rationale"
+    assert reasons["untrue"] == "chosen response has an untrue sentence"
+    assert preference_quality(prefs, prompts) == {
+        "chosen_correct": 1.0, "chosen_consistent": 1.0, "chosen_fully_factual": 1.0,
+        "rejected_correct": 0.0, "rejected_consistent": 0.0, "rejected_fully_factual": 0.0}
+
+    lenient = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, require_consistent_chosen=False,
+                                                                      require_factual_chosen=False))
+    assert lenient["kept"].all()
+    quality = preference_quality(lenient, prompts)
+    assert quality["chosen_consistent"] == pytest.approx(2 / 3) and quality["chosen_fully_factual"] == pytest.approx(1 / 3)
+    only_consistent = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, require_factual_chosen=False))
+    assert only_consistent["kept"].to_list() == [True, False, True]
+    # A prompt without a scene (a user's own data) is not judged by the verifier.
+    no_scene = prompts.with_columns(pl.lit(None, pl.String).alias("scene"))
+    assert curate_preferences(cand, scores, no_scene, CurationConfig(tau=0.0))["kept"].all()
+    assert preference_quality(curate_preferences(cand, scores, no_scene, CurationConfig(tau=0.0)), no_scene) == {}

@@ -114,3 +114,11 @@ def test_unparseable_sentences_count_as_untrue_claims():
 def test_answer_with_no_claims_is_not_consistent():
     v = verify("Answer: two", SCENE, QUESTIONS["count"])
     assert v.correct == 1.0 and v.consistency == 0.0 and v.factuality == 0.0
+
+
+def test_an_answer_that_no_conclusion_reaches_is_not_consistent():
+    # The listing implies "two" red shapes, but the conclusion is about blue ones: the rationale never reaches its answer.
+    v = verify(f"{PERCEPTION} so the number of blue shapes is one. Answer: two", SCENE, QUESTIONS["count"])
+    assert v.correct == 1.0 and v.factuality == 1.0 and v.exact_listing
+    assert v.consistency == 0.0 and v.conclusion is None and v.listing_answer == "two"
+    assert verify(f"{PERCEPTION} Answer: two", SCENE, QUESTIONS["count"]).consistency == 0.0
