@@ -65,18 +65,21 @@ def next_iteration(store) -> str:
 def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResource, settings: SettingsResource):
     s = store.store()
     files = s.list(settings.config().source_prefix, ".parquet")
-    seen = set(json.loads(context.cursor)) if context.cursor else set()
-    new = sorted(set(files) - seen)
+    # The cursor keys files by content, so a file fixed in place, or completed after a partial copy, is new again.
+    seen = json.loads(context.cursor) if context.cursor else {}
+    seen = seen if isinstance(seen, dict) else {}  # a cursor of an older version (a list of names): read all again
+    digests = s.content_digests(files, seen)
+    new = sorted(f for f in files if seen.get(f, {}).get("sha256") != digests[f]["sha256"])
     if not new:
-        return SkipReason(f"no new Parquet files under {s.uri(settings.config().source_prefix)}")
+        return SkipReason(f"no new or changed Parquet files under {s.uri(settings.config().source_prefix)}")
     key = next_iteration(s)
-    context.log.info(f"{len(new)} new source file(s) ({', '.join(new[:3])}...): starting iteration {key}")
-    # The run key names the files, so the same iteration can be asked for again when more data arrives.
-    digest = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:12]
+    context.log.info(f"{len(new)} new or changed source file(s) ({', '.join(new[:3])}...): starting iteration {key}")
+    # The run key names the files' contents, so the same iteration can be asked for again when data changes.
+    digest = hashlib.sha256(json.dumps(sorted((f, d["sha256"]) for f, d in digests.items())).encode()).hexdigest()[:12]
     return SensorResult(
         run_requests=[RunRequest(partition_key=key, run_key=f"iteration-{key}-{digest}", tags={"src/new_files": str(len(new))})],
         dynamic_partitions_requests=[iteration_partitions.build_add_request([key])],
-        cursor=json.dumps(sorted(files)),
+        cursor=json.dumps(digests, sort_keys=True),
     )
 
 

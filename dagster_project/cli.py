@@ -7,7 +7,9 @@ The runs land in ``$DAGSTER_HOME`` (default ``./.dagster_home``), so
 import argparse
 import json
 import os
+import re
 import sys
+import uuid
 from pathlib import Path
 
 from src_assets.config import PROFILES
@@ -124,10 +126,13 @@ def _release_dead_runs(instance, log) -> None:
             log(f"pool {pool!r} is held by run(s) {', '.join(r[:8] for r in sorted(holders))}: model steps wait for it")
 
 
-def _completed_iteration(instance, store, key: str, start: str, settings_digest: str) -> dict | None:
+def _completed_iteration(instance, store, key: str, start: str, settings_digest: str, log=print) -> dict | None:
     """Iteration ``key``'s row if an earlier run completed it with these settings from this start policy and its
-    policy is still the committed one: a rerun after a crash continues from there instead of recomputing it."""
+    policy is still the committed one, intact: a rerun after a crash continues from there instead of recomputing
+    it. A committed policy that fails its manifest check (truncated, changed) counts as absent: it is recomputed."""
     from dagster import AssetKey, AssetRecordsFilter
+
+    from src_assets.storage import StoreError
 
     from . import store_layout
 
@@ -141,6 +146,11 @@ def _completed_iteration(instance, store, key: str, start: str, settings_digest:
     run = instance.get_run_by_id(events["iteration_eval"].run_id)
     if (run is None or run.tags.get(SETTINGS_TAG) != settings_digest or meta["policy_checkpoint"].get("started_from") != start
             or meta["iteration_eval"].get("checkpoint") != store.current_model(store_layout.policy_model(key))):
+        return None
+    try:
+        store.local_model_dir(meta["iteration_eval"]["checkpoint"])
+    except StoreError as e:
+        log(f"iteration {key}: its committed policy fails verification, so the iteration runs again ({e})")
         return None
     m = {**meta["pairwise_scores"], **meta["preference_set"], **meta["iteration_eval"]}
     return {"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")}
@@ -183,8 +193,7 @@ def run(args) -> int:
     from dataclasses import asdict
 
     from .definitions import all_assets, all_checks, build_resources
-    from .automation import ITERATION_ASSETS, ITERATION_TAG
-    from .loop_assets import iteration_key, iteration_partitions
+    from .automation import ITERATION_ASSETS
     from .resources import SettingsResource, StoreResource
     from .versions import with_code_versions
 
@@ -209,6 +218,30 @@ def run(args) -> int:
     if not args.verbose:
         _quiet_libraries()
     _release_dead_runs(instance, log)
+    from src_assets.storage import LeaseHeld, StoreError
+
+    from . import store_layout
+
+    try:
+        lease = store.store().acquire_lease(store_layout.STORE_RUN_LEASE, f"src-calibrate-{uuid.uuid4().hex[:12]}",
+                                            command="src-calibrate run", settings=digest)
+    except LeaseHeld as e:
+        print(f"src-calibrate: another run is using this store, so this run writes nothing: {e}. Wait for it to "
+              f"end, or give this run its own --store", file=sys.stderr)
+        return 1
+    with lease:
+        try:
+            return _run_holding_the_store(args, store, resources, instance, foundation, iteration, tags, digest, log)
+        except StoreError as e:  # e.g. a CURRENT pointer written by hand: one line naming the path, no traceback
+            print(f"src-calibrate: error: {e}", file=sys.stderr)
+            return 1
+
+
+def _run_holding_the_store(args, store, resources, instance, foundation, iteration, tags, digest, log) -> int:
+    from .automation import ITERATION_ASSETS, ITERATION_TAG
+    from .definitions import all_checks
+    from .loop_assets import iteration_key, iteration_partitions
+
     log(f"data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
     result = _materialize([*foundation, *all_checks], instance, resources, tags, args.verbose)
     if not result.success:
@@ -223,7 +256,7 @@ def run(args) -> int:
     keys = [iteration_key(k) for k in range(1, args.iterations + 1)]
     instance.add_dynamic_partitions(iteration_partitions.name, keys)
     for key in keys:
-        done = None if args.fresh else _completed_iteration(instance, store.store(), key, start, digest)
+        done = None if args.fresh else _completed_iteration(instance, store.store(), key, start, digest, log)
         if done is not None:
             log(f"iteration {key}: already complete with these settings (policy {done['checkpoint']}); --fresh recomputes it")
             rows.append(done)
@@ -265,9 +298,9 @@ def evaluate(args) -> int:
     from src_assets.source_data import synthetic_source
     from src_assets.storage import Store
 
-    if args.n < 1 or args.samples < 0 or args.seed < 0 or not args.temperature > 0:
-        return _usage_error(f"--n must be >= 1, --samples >= 0, --seed >= 0 and --temperature > 0 "
-                            f"(got {args.n}, {args.samples}, {args.seed}, {args.temperature})")
+    if args.n < 1 or args.samples < 0 or not args.temperature > 0:
+        return _usage_error(f"--n must be >= 1, --samples >= 0 and --temperature > 0 "
+                            f"(got {args.n}, {args.samples}, {args.temperature})")
     store = Store(args.store) if args.store else Store()
     model_dir = store.local_model_dir(args.checkpoint) if "://" in args.checkpoint or Path(args.checkpoint).is_dir() else args.checkpoint
     model, processor = load_policy(model_dir, Runtime(args.device, args.dtype))
@@ -314,6 +347,13 @@ def anatomy_table(anatomy: dict) -> str:
     return "\n".join(lines)
 
 
+def _seed(text: str) -> int:
+    """``--seed``, checked as argparse reads it: before any data is built."""
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"seed {text!r} must be an integer in [0, 4294967295]")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="src-calibrate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,7 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--store", help="base URI of the store (default: $SRC_STORE_URI or ./.src_store)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
@@ -338,7 +378,7 @@ def main(argv=None) -> int:
     e.add_argument("--temperature", type=float, default=1.0, help="with --anatomy: the samples' temperature")
     e.add_argument("--checkpoint", required=True, help="a model directory, a store URI, or a hub id")
     e.add_argument("--store", help="the store holding s3:// checkpoints (default: $SRC_STORE_URI)")
-    e.add_argument("--seed", type=int, default=12345, help="seed of the held-out scenes")
+    e.add_argument("--seed", type=_seed, default=12345, help="seed of the held-out scenes")
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--images", choices=("real", "blank"), default="real",
                    help="blank: every image replaced by a blank one of the same size (does the policy use its image?)")
@@ -347,7 +387,7 @@ def main(argv=None) -> int:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=evaluate)
     x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
-    x.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    x.add_argument("--seeds", type=_seed, nargs="+", default=[1, 2, 3])
     x.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     x.add_argument("--iterations", type=int, default=2)
     x.add_argument("--profile", choices=sorted(PROFILES), default="default")

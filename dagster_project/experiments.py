@@ -22,12 +22,14 @@ VARIANTS = {
     "independent_scoring": ["scoring=independent"],
     "unweighted_dpo": ["weighted_dpo=false"],
     "oracle_judge": ["scorer_model=verifier"],
+    "gold_bound": ["scorer_model=verifier", "policy_update=gold_sft"],
 }
 DESCRIPTIONS = {
     "src": "learned R-Scorer, pairwise scoring, confidence-weighted DPO",
     "independent_scoring": "each candidate judged alone instead of side by side",
     "unweighted_dpo": "every kept pair weighted 1 (plain DPO)",
     "oracle_judge": "the verifier as the judge (upper bound)",
+    "gold_bound": "SFT on the oracle's kept prompts' gold responses, same steps, instead of DPO",
 }
 METRICS = ("accuracy", "consistency", "factuality")
 

@@ -59,9 +59,9 @@ from src_assets.r_scorer import (
 )
 from src_assets.rationale_sft import train_rationale_sft
 from src_assets.source_data import SourceDataError, iteration_prompt_rows, scorer_prompt_rows
-from src_assets.storage import StoreError
+from src_assets.storage import StoreError, directory_digest
 from src_assets.tiny_models import build_tiny_policy
-from src_assets.weighted_dpo import train_weighted_dpo
+from src_assets.weighted_dpo import train_gold_bound, train_weighted_dpo
 
 from . import store_layout
 from .assets import count_parameters
@@ -90,14 +90,18 @@ def _table_digest(df: pl.DataFrame) -> str:
 
 def _trained_before(context, store, key: str, fingerprint: str, cfg) -> dict | None:
     """The record (``uri`` and what the training reported) of the model a previous run trained from exactly these
-    inputs, if the store still holds it."""
+    inputs, if the store still holds it intact. An unreadable record, or a model that fails its manifest check,
+    counts as absent: the step trains again, and says why."""
     record = store_layout.trained_from(key, fingerprint)
     if not cfg.reuse_checkpoints or not store.exists(record):
         return None
-    found = store.read_json(record)
     try:
+        found = store.read_json(record)
+        if not isinstance(found, dict) or not isinstance(found.get("uri"), str):
+            raise StoreError(f"{store.uri(record)} names no model: {str(found)[:80]!r}")
         store.local_model_dir(found["uri"])
-    except StoreError:
+    except StoreError as e:
+        context.log.warning(f"{key}: not reusing the model trained earlier from these inputs, training again: {e}")
         return None
     context.log.info(f"{key}: reusing {found['uri']}, trained earlier from the same inputs and settings "
                      f"(reuse_checkpoints=false retrains)")
@@ -109,9 +113,10 @@ def _remember_trained(store, key: str, fingerprint: str, uri: str, **reported) -
 
 
 def _base_recipe(ref: str, cfg) -> dict:
-    """What a base model is: a tiny model is rebuilt each run from its sizes and seed; any other is its reference."""
+    """What a base model is: a tiny model is rebuilt each run from its sizes and seed; a directory of yours is its
+    content (weights changed in place are a new model); a hub id is its reference."""
     if ref != "tiny":
-        return {"ref": ref}
+        return {"ref": ref, **({"content": directory_digest(ref)} if Path(ref).is_dir() else {})}
     architectures = [cfg.tiny_policy_architecture, cfg.tiny_scorer_architecture]
     return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architectures": architectures}
 
@@ -186,7 +191,7 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
-    fingerprint = digest(base_policy_model, asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
+    fingerprint = digest(_base_recipe(base_policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
     found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
@@ -422,11 +427,16 @@ def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFra
                                      "trained": False, "pairs": 0})
         return uri
     with tempfile.TemporaryDirectory() as out:
-        result = train_weighted_dpo(s.local_model_dir(start_policy), preference_set, out, cfg.dpo_settings(), cfg.beta,
-                                    cfg.use_fused_dpo_kernel, cfg.weighted_dpo, cfg.dpo_nll_weight,
-                                    [DagsterLogCallback(context.log, f"DPO {key}")])
+        if cfg.policy_update == "gold_sft":
+            result = train_gold_bound(s.local_model_dir(start_policy), preference_set, out, cfg.dpo_settings(),
+                                      [DagsterLogCallback(context.log, f"gold-data bound {key}")])
+        else:
+            result = train_weighted_dpo(s.local_model_dir(start_policy), preference_set, out, cfg.dpo_settings(), cfg.beta,
+                                        cfg.use_fused_dpo_kernel, cfg.weighted_dpo, cfg.dpo_nll_weight,
+                                        [DagsterLogCallback(context.log, f"DPO {key}")])
         uri = s.put_model(store_layout.policy_model(key), out)
     context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start_policy), "trained": True,
+                                 "policy_update": cfg.policy_update,
                                  "train_loss": result["train_loss"], "pairs": result["pairs"], "steps": result["steps"]})
     return uri
 

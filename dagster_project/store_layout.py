@@ -8,6 +8,7 @@ in one place:
     models/<asset>[/<iteration>]/versions/...    model directories, CURRENT, MANIFEST.json (Store.put_model)
     models/<asset>/by_inputs/<digest>.json       which version a training with these inputs produced
     leases/iteration/<iteration>.json            the run writing an iteration now
+    leases/store_run.json                        the src-calibrate run using this store now
     source/*.parquet, judgements/*.parquet       your data (prefixes are settings)
 """
 
@@ -39,3 +40,8 @@ def trained_from(model: str, inputs_digest: str) -> str:
 
 def iteration_lease(iteration: str) -> str:
     return f"leases/iteration/{iteration}.json"
+
+
+# One ``src-calibrate run`` per store at a time: from its first write to its end, so no other run rewrites the
+# foundation (source table, eval set, SFT, R-Scorer) that this run's iterations read.
+STORE_RUN_LEASE = "leases/store_run.json"

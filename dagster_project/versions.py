@@ -58,7 +58,7 @@ _INPUTS = {
         **asdict(cfg.judge), **asdict(cfg.curation), **_runtime(cfg), "scoring": cfg.scoring}),
     "preference_set": (("preference", "verifier"), lambda cfg: asdict(cfg.curation)),
     "policy_checkpoint": (("weighted_dpo", "training"), lambda cfg: {
-        **asdict(cfg.dpo_settings()), **_fields("beta", "use_fused_dpo_kernel", "weighted_dpo", "dpo_nll_weight")(cfg)}),
+        **asdict(cfg.dpo_settings()), **_fields("beta", "use_fused_dpo_kernel", "weighted_dpo", "dpo_nll_weight", "policy_update")(cfg)}),
     "iteration_eval": (("evaluation", "generation", "r_scorer", "verifier"), lambda cfg: {
         **_runtime(cfg), **asdict(cfg.judge), **_fields("eval_max_new_tokens", "regression_tolerance", "anatomy_samples",
                                                                "anatomy_temperature", "seed")(cfg)}),

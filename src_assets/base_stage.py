@@ -93,7 +93,7 @@ def train_base_policy(model_dir: str, corpus: pl.DataFrame, out_dir: str, settin
     """The tiny VLM at ``model_dir`` pretrained on the perception corpus (TRL's ``SFTTrainer``) for at most
     ``settings.epochs``, or until ``stop`` sees it perceive; saved to ``out_dir``."""
     callbacks = [*callbacks, *([stop.callback] if stop else [])]
-    result = train_vision_sft(model_dir, corpus, out_dir, settings, "base stage", callbacks)
+    result = train_vision_sft(model_dir, corpus, out_dir, settings, "base stage", callbacks, "base_learning_rate")
     return {**result, "probe_checks": stop.checks if stop else []}
 
 

@@ -13,6 +13,8 @@ The stages' own settings types (``SearchConfig``, ``JudgeConfig``, ``CurationCon
 from __future__ import annotations
 
 import functools
+import math
+import re
 from dataclasses import dataclass, field, fields, replace
 
 from .base_stage import ANSWER_FORMS
@@ -104,6 +106,8 @@ class SRCConfig:
     dpo_nll_weight: float = 1.0  # TRL's likelihood anchor on the chosen response (RPO's alpha); 0 turns it off
     beta: float = 0.1
     weighted_dpo: bool = True  # ablation: False trains plain DPO on the same pairs
+    # "gold_sft": the gold-data bound, SFT on the kept prompts' gold responses for the same steps instead of DPO
+    policy_update: str = "dpo"
     use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
     # 8. Evaluation
     eval_max_new_tokens: int = 96
@@ -171,15 +175,17 @@ def coerce_setting(name: str, value, kind: str):
     elif kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
             return int(value)
     elif kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         try:
-            return float(value)
+            number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):  # NaN passes every comparison of a range check
+                raise ValueError(f"setting {name}: {str(value)[:80]!r} is not a finite number")
+            return number
     elif kind == "str":
         return str(value)
     raise ValueError(f"setting {name}: {str(value)[:80]!r} is not a valid {kind}")
@@ -187,6 +193,9 @@ def coerce_setting(name: str, value, kind: str):
 
 # Each numeric setting's allowed range: (lowest, lowest allowed?, highest). Zeros that mean something are allowed
 # (n_sft=0 turns synthetic data off, scorer_epochs=0 uses a pretrained judge as it is, lora_r=0 is full fine-tuning).
+# Upper bounds stop a typo from building data for days: a million synthetic scenes per split (about 2 GB of PNGs),
+# 256 candidates per prompt, 1,000 epochs.
+MAX_SCENES, MAX_CANDIDATES, MAX_EPOCHS = 1_000_000, 256, 1000
 _RANGES = {
     **{name: (0, True, None) for name in ("n_sft", "n_calibrate", "n_eval", "n_base", "lora_r", "scorer_epochs", "scorer_max_pairs",
                                            "scorer_contrast_pairs", "dpo_nll_weight", "max_length", "image_min_pixels",
@@ -197,8 +206,12 @@ _RANGES = {
                                            "eval_max_new_tokens", "tiny_hidden_size")},
     **{name: (0, False, None) for name in ("anatomy_temperature", "sft_epochs", "base_epochs", "base_learning_rate", "dpo_epochs", "beta", "temperature", "sft_learning_rate",
                                             "scorer_learning_rate", "dpo_learning_rate")},
-    "k": (2, True, None),
+    "seed": (0, True, 2**32 - 1),  # numpy's and torch's seeds are unsigned 32-bit
+    "k": (2, True, MAX_CANDIDATES),
     "tau": (0, True, 1),
+    "bt_iters": (1, True, None),  # 0 leaves every strength equal: chosen = rejected, nothing to train
+    "bt_tol": (0, False, None),
+    "judge_tie_margin": (0, True, None),
     "teacher_error_rate": (0, True, 1),
     "base_caption_share": (0, True, 1),
     "min_base_exact_listing": (0, True, 1),
@@ -228,7 +241,33 @@ def setting_names() -> dict[str, tuple[str | None, str, str]]:
     return out
 
 
+for _name in ("n_sft", "n_calibrate", "n_eval", "n_base", "prompts_per_iteration", "scorer_prompts"):
+    _RANGES[_name] = (*_RANGES[_name][:2], MAX_SCENES)
+for _name in ("beams", "samples_per_beam"):
+    _RANGES[_name] = (*_RANGES[_name][:2], MAX_CANDIDATES)
+for _name in ("sft_epochs", "base_epochs", "dpo_epochs", "scorer_epochs"):
+    _RANGES[_name] = (*_RANGES[_name][:2], MAX_EPOCHS)
+
+# The settings whose value is one of a few names, and those names.
+JUDGE_TEMPLATES = ("compact", "instruct")
+POLICY_UPDATES = ("dpo", "gold_sft")
+_CHOICES = {"policy_update": POLICY_UPDATES, "judge_template": JUDGE_TEMPLATES, "base_answer_form": ANSWER_FORMS, "scoring": ("pairwise", "independent")}
+
+
+def _report_to_choices() -> tuple[str, ...]:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return ("none", "all", *sorted(INTEGRATION_TO_CALLBACK))
+
+
 def _check_ranges(cfg: "SRCConfig") -> None:
+    for name, choices in _CHOICES.items():
+        if cfg.setting(name) not in choices:
+            raise ValueError(f"setting {name}: {cfg.setting(name)!r} is not one of {choices}")
+    trackers = [x.strip() for x in cfg.setting("report_to").split(",") if x.strip()]
+    if trackers and not set(trackers) <= set(_report_to_choices()):
+        raise ValueError(f"setting report_to: {sorted(set(trackers) - set(_report_to_choices()))} are not "
+                         f"transformers integrations; expected a comma-separated list of {_report_to_choices()}")
     for name, (low, inclusive, high) in _RANGES.items():
         value = cfg.setting(name)
         if (value < low if inclusive else value <= low) or (high is not None and value > high):
@@ -267,10 +306,6 @@ def profile(name: str, **overrides) -> SRCConfig:
     nested = {g: replace(getattr(PROFILES[name], g), **{known[k][1]: v for k, v in typed.items() if known[k][0] == g})
               for g in _GROUPS}  # each stage type validates its own fields (select_by, backend...)
     cfg = replace(PROFILES[name], **top, **nested)
-    if cfg.base_answer_form not in ANSWER_FORMS:
-        raise ValueError(f"setting base_answer_form: {cfg.base_answer_form!r} is not one of {ANSWER_FORMS}")
-    if cfg.scoring not in ("pairwise", "independent"):
-        raise ValueError(f"scoring must be 'pairwise' or 'independent', got {cfg.scoring!r}")
     if cfg.tiny_policy_architecture not in POLICY_ARCHITECTURES:
         raise ValueError(f"tiny_policy_architecture must be one of {POLICY_ARCHITECTURES}, got {cfg.tiny_policy_architecture!r}")
     if cfg.tiny_scorer_architecture not in SCORER_ARCHITECTURES:

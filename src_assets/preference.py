@@ -13,7 +13,7 @@ import torch
 
 from kernels.pairwise import PairwiseAggregate, aggregate_pairwise, aggregate_pairwise_reference, pair_confidence
 
-from .scenes import Question, Scene
+from .scenes import Question, Scene, gold_response
 from .verifier import normalize_answer, verify
 
 BACKENDS = ("auto", "triton", "torch")
@@ -138,6 +138,14 @@ def _unsound_chosen(text: str, prompt: dict, cfg: CurationConfig) -> str | None:
     return None
 
 
+def _gold_response(prompt: dict) -> str | None:
+    """The prompt's gold rationale response, where one is known (a scene, or the source's ``response``): what the
+    gold-data bound (``policy_update=gold_sft``) trains on instead of the pairs."""
+    if prompt.get("scene") is not None:
+        return gold_response(Scene.from_json(prompt["scene"]), Question.from_json(prompt["question_spec"]))
+    return prompt.get("response") or None
+
+
 def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
     """The ``preference_set``: one row per pair considered, kept or dropped with the reason.
 
@@ -152,7 +160,8 @@ def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: 
         group = by_prompt.get(s["prompt_id"])
         texts = dict(zip(group["candidate"], group["text"])) if group is not None else {}
         answers = dict(zip(group["candidate"], group["answer"])) if group is not None else {}
-        base = {"prompt_id": s["prompt_id"], "question": prompt["question"], "image": prompt["image"], "gold_answer": prompt["answer"]}
+        base = {"prompt_id": s["prompt_id"], "question": prompt["question"], "image": prompt["image"], "gold_answer": prompt["answer"],
+                "gold_response": _gold_response(prompt)}
         pairs = _ranked_pairs(s, cfg)
         if not pairs:
             reason = "fewer than 2 candidates" if s["n_candidates"] < 2 else "all candidates tied"
@@ -180,6 +189,7 @@ PREFERENCE_SCHEMA = {
     "question": pl.String,
     "image": pl.Binary,
     "gold_answer": pl.String,
+    "gold_response": pl.String,  # null where neither a scene nor a source response gives it
     "chosen": pl.String,
     "rejected": pl.String,
     "chosen_answer": pl.String,

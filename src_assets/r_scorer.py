@@ -417,5 +417,5 @@ def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, sett
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=settings.peft_config(), callbacks=list(callbacks))
         result = quiet(trainer, "R-Scorer training (steps)").train()
-    save_trained(trainer, tokenizer, out_dir)
+    save_trained(trainer, tokenizer, out_dir, "R-Scorer training", "scorer_learning_rate", result.training_loss)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -95,6 +96,21 @@ class Store:
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
+
+    def content_digests(self, keys: list[str], known: dict | None = None) -> dict[str, dict]:
+        """Each file's sha256, with the size and modification time it was computed for: ``{key: {"stat", "sha256"}}``.
+        A file whose size and time match its entry in ``known`` is not read again."""
+        known, out = known or {}, {}
+        for key in keys:
+            info = self.fs.info(self._path(key))
+            modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            stat = f"{info.get('size')}/{modified}"
+            previous = known.get(key)
+            if isinstance(previous, dict) and previous.get("stat") == stat and "sha256" in previous:
+                out[key] = previous
+            else:
+                out[key] = {"stat": stat, "sha256": hashlib.sha256(self.read_bytes(key)).hexdigest()}
+        return out
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Keys (relative to the store) of the files under ``prefix`` ending with ``suffix``, sorted."""
@@ -215,7 +231,11 @@ class Store:
                 self.write_json(key, {**record, "heartbeat": time.time()})
                 return Lease(self, key, record)
             if not self._abandoned(key, held):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("acquired", 0)))
+                acquired = _finite(held.get("acquired"))
+                if not held.get("owner") or acquired is None:
+                    raise LeaseHeld(f"{self.uri(key)} is unreadable or incomplete ({str(held)[:80]!r}); it counts as "
+                                    f"held until its file is {LEASE_TTL_S:.0f} s old, or delete it if no run is writing")
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(acquired))
                 raise LeaseHeld(f"{self.uri(key)} is held by {held.get('owner', '?')} (host {held.get('host', '?')}, "
                                 f"pid {held.get('pid', '?')}, since {since})")
             if self._read_lease(key) == held:  # nobody took it over between our two reads
@@ -223,16 +243,20 @@ class Store:
         raise LeaseHeld(f"{self.uri(key)}: could not take the lease; another writer keeps taking it")
 
     def _abandoned(self, key: str, held: dict) -> bool:
-        """Whether a lease's holder is gone: its process is dead on this host, or its heartbeat is too old."""
+        """Whether a lease's holder is gone: its process is dead on this host, or its heartbeat is older than its
+        TTL. A heartbeat that is not a finite number, or lies in the future (another host's clock runs ahead), is
+        not trusted: the lease file's own modification time, which every beat renews, stands in for it."""
         if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not process_alive(held["pid"]):
             return True
-        heartbeat = held.get("heartbeat")
-        if heartbeat is None:  # an unreadable lease: its file's age stands in for the heartbeat
+        ttl = _finite(held.get("ttl_s"))
+        ttl = ttl if ttl is not None and ttl > 0 else LEASE_TTL_S
+        heartbeat = _finite(held.get("heartbeat"))
+        if heartbeat is None or heartbeat > time.time() + 1:
             try:
                 heartbeat = self.fs.modified(self._path(key)).timestamp()
             except (FileNotFoundError, NotImplementedError, AttributeError):
                 return False
-        return time.time() - float(heartbeat) > float(held.get("ttl_s", LEASE_TTL_S))
+        return time.time() - heartbeat > ttl
 
     # -- model directories ---------------------------------------------------
     def put_model(self, key: str, local_dir: str | Path) -> str:
@@ -276,21 +300,22 @@ class Store:
     def local_model_dir(self, uri: str) -> str:
         """A local directory holding the model at ``uri``.
 
-        A directory outside the store (your own model) is used as it is. A version in a local store is used in
-        place once its files match its manifest's sizes; one in a remote store is downloaded into the private
-        cache and checked against the manifest's sha256 sums (a cached copy is reused once its sizes match)."""
+        A directory outside the store (your own model) is used as it is. A store version (a directory in a
+        ``versions/`` folder, of this store or any other named by its path) is used in place once its files match
+        its manifest's sizes and sha256 sums; one in a remote store is downloaded into the private cache and
+        checked the same way, at every use. A file's sum is computed once per process for its size and mtime."""
         if "://" not in uri:
             if not Path(uri, "config.json").is_file():
                 raise StoreError(f"{uri} is not a model directory (no config.json)")
-            if self.is_local and "/versions/" in uri and Path(uri).resolve().is_relative_to(Path(self.root)):
-                _check_files(Path(uri), self._manifest(uri, uri), uri, hashes=False)
+            if Path(uri).resolve().parent.name == "versions":
+                _check_files(Path(uri), self._manifest(uri, uri), uri, hashes=True)
             return uri
         path = uri.split("://", 1)[1]
         files = self._manifest(path, uri)
         local = self.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
         if local.is_dir():
             try:
-                _check_files(local, files, uri, hashes=False)
+                _check_files(local, files, uri, hashes=True)
                 return str(local)
             except StoreError:
                 shutil.rmtree(local, ignore_errors=True)  # a stale or planted copy: download it again
@@ -350,6 +375,13 @@ class Lease:
         self.release()
 
 
+def _finite(value) -> float | None:
+    """``value`` as a finite float, or None (a lease written by hand, by another version, or cut short)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -368,6 +400,28 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
+_SUMS: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(file: Path) -> str:
+    """``_sha256``, remembered for the file's path, size and mtime: a model is hashed once per process, not at
+    every load (a 7B checkpoint takes tens of seconds). A change that keeps both size and mtime goes unseen."""
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SUMS:
+        _SUMS[key] = _sha256(file)
+    return _SUMS[key]
+
+
+def directory_digest(directory: str | Path) -> str:
+    """A digest of a directory's content (every file's name and sha256): what reuse fingerprints use for a model
+    directory of yours, so that weights changed in place are noticed although the path is the same."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(directory).as_posix()}\0{_sha256_cached(file)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def _check_files(directory: Path, files: dict, uri: str, hashes: bool) -> None:
     """Every manifest file is there with its size (and, with ``hashes``, its sha256); else StoreError naming it."""
     for name, expected in files.items():
@@ -376,5 +430,5 @@ def _check_files(directory: Path, files: dict, uri: str, hashes: bool) -> None:
             found = file.stat().st_size if file.is_file() else "missing"
             raise StoreError(f"{uri}/{name} does not match its manifest (size {found}, expected {expected['size']}): "
                              f"the checkpoint is truncated or was changed")
-        if hashes and _sha256(file) != expected["sha256"]:
+        if hashes and _sha256_cached(file) != expected["sha256"]:
             raise StoreError(f"{uri}/{name} does not match its manifest's sha256: the checkpoint is corrupt or was changed")

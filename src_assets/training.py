@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field, replace
 
@@ -92,11 +93,21 @@ def quiet(trainer, desc: str):
     return trainer
 
 
-def save_trained(trainer, processing_class, out_dir: str) -> None:
-    """Saves a plain model directory: LoRA adapters are merged, so every checkpoint loads the same way."""
+class NonFiniteTraining(ValueError):
+    """A training ended with a NaN or inf loss or weight: nothing is saved, so nothing non-finite is committed."""
+
+
+def save_trained(trainer, processing_class, out_dir: str, stage: str, suspects: str, train_loss: float) -> None:
+    """Saves a plain model directory: LoRA adapters are merged, so every checkpoint loads the same way. A model
+    with a non-finite weight, or a non-finite loss, is refused first with the stage and the settings likely at fault."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad or not math.isfinite(train_loss):
+        raise NonFiniteTraining(
+            f"{stage}: training diverged (train loss {train_loss}; {len(bad)} of {len(model.state_dict())} weight "
+            f"tensors hold NaN or inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {suspects}.")
     model.save_pretrained(out_dir, safe_serialization=True)
     if hasattr(processing_class, "image_processor"):
         save_processor(processing_class, out_dir)
@@ -123,7 +134,7 @@ def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:
 
 
 def train_vision_sft(model_ref: str, rows: pl.DataFrame, out_dir: str, settings: TrainSettings, desc: str,
-                     callbacks=()) -> dict:
+                     callbacks=(), suspects: str = "the learning rate") -> dict:
     """Supervised fine-tuning of a VLM on (question, completion, image) rows with TRL's ``SFTTrainer``, loss on the
     completion only (TRL's default for prompt-completion data); saves the model to ``out_dir``. The base stage and
     rationale SFT both train this way. Returns the training metrics."""
@@ -136,5 +147,5 @@ def train_vision_sft(model_ref: str, rows: pl.DataFrame, out_dir: str, settings:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                              peft_config=settings.peft_config(), callbacks=list(callbacks))
         result = quiet(trainer, f"{desc} (steps)").train()
-    save_trained(trainer, processor, out_dir)
+    save_trained(trainer, processor, out_dir, desc, suspects, result.training_loss)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

@@ -211,5 +211,25 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
         trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                      peft_config=settings.peft_config(), callbacks=list(callbacks))
         result = quiet(trainer, "weighted DPO (steps)").train()
-    save_trained(trainer, processor, out_dir)
+    save_trained(trainer, processor, out_dir, "weighted DPO", "dpo_learning_rate or beta", result.training_loss)
     return {"train_loss": result.training_loss, "steps": result.global_step, "pairs": kept.height, "log": trainer.state.log_history}
+
+
+def train_gold_bound(policy_model: str, preference_set, out_dir: str, settings, callbacks=()) -> dict:
+    """The gold-data bound of an iteration: instead of DPO on the kept pairs, SFT of the same start policy on the
+    same prompts' gold responses, one row per kept pair, with the same settings (epochs, batch size, learning rate)
+    and so the same number of steps. What plain supervision of those prompts gives."""
+    import polars as pl
+
+    from .training import train_vision_sft
+
+    kept = preference_set.filter(pl.col("kept"))
+    if kept.is_empty():
+        raise ValueError("the preference set keeps no pair: the gold-data bound has no prompt to train on")
+    missing = kept.filter(pl.col("gold_response").is_null())
+    if not missing.is_empty():
+        raise ValueError(f"policy_update=gold_sft needs each kept prompt's gold response; prompt "
+                         f"{missing['prompt_id'][0]!r} has none (no scene, no 'response' in the source)")
+    rows = kept.select("question", "image", pl.col("gold_response").alias("completion"))
+    result = train_vision_sft(policy_model, rows, out_dir, settings, "gold-data bound", callbacks, "dpo_learning_rate")
+    return {**result, "pairs": kept.height}

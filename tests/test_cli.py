@@ -36,7 +36,9 @@ def test_evaluate_prints_the_anatomy_per_kind_and_scores_captions(trained_tiny_v
     assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "6", "--task", "caption", "--json"]) == 0
     caption = json.loads(capsys.readouterr().out)
     assert caption["n"] == 6 and 0 <= caption["factuality"] <= 1 and 0 <= caption["exact_listing"] <= 1
-    assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--seed", "-1"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # refused by argparse, as the command line is read
+        main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--seed", "-1"])
+    assert exit_.value.code == 2
 
 
 def test_model_references_and_seed_can_be_overridden_like_any_setting():
@@ -119,7 +121,7 @@ def test_gpu_settings_are_typed_launchpad_fields():
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("k=1", "setting k: 1 is out of range; it must be >= 2"),
+    ("k=1", "setting k: 1 is out of range; it must be in [2, 256]"),
     ("k=abc", "setting k: 'abc' is not a valid int"),
     ("tau=1.5", "setting tau: 1.5 is out of range; it must be in [0, 1]"),
     ("tau=", "setting tau: '' is not a valid float"),
@@ -129,6 +131,24 @@ def test_gpu_settings_are_typed_launchpad_fields():
     ("weighted_dpo=maybe", "setting weighted_dpo: 'maybe' is not a valid bool"),
     ("nosuch=1", "unknown setting(s) ['nosuch']"),
     ("tau", "--set takes NAME=VALUE, got 'tau'"),
+    # NaN passes every comparison and inf every lower bound: both are refused for every float
+    ("beta=nan", "setting beta: 'nan' is not a finite number"),
+    ("sft_learning_rate=inf", "setting sft_learning_rate: 'inf' is not a finite number"),
+    ("bt_tol=nan", "setting bt_tol: 'nan' is not a finite number"),
+    ("dpo_learning_rate=-inf", "setting dpo_learning_rate: '-inf' is not a finite number"),
+    ("bt_iters=0", "setting bt_iters: 0 is out of range; it must be >= 1"),
+    ("bt_iters=-1", "setting bt_iters: -1 is out of range; it must be >= 1"),
+    ("bt_tol=0", "setting bt_tol: 0.0 is out of range; it must be > 0"),
+    ("judge_tie_margin=-5", "setting judge_tie_margin: -5.0 is out of range; it must be >= 0"),
+    ("judge_template=foo", "setting judge_template: 'foo' is not one of ('compact', 'instruct')"),
+    ("scoring=both", "setting scoring: 'both' is not one of ('pairwise', 'independent')"),
+    ("base_answer_form=essay", "setting base_answer_form: 'essay' is not one of ('sentence', 'short')"),
+    ("report_to=foo", "setting report_to: ['foo'] are not transformers integrations"),
+    ("k=--5", "setting k: '--5' is not a valid int"),
+    ("k=1000", "setting k: 1000 is out of range; it must be in [2, 256]"),
+    ("n_sft=99999999999", "setting n_sft: 99999999999 is out of range; it must be in [0, 1000000]"),
+    ("sft_epochs=1e9", "setting sft_epochs: 1000000000.0 is out of range; it must be in [0, 1000]"),
+    ("seed=-1", "setting seed: -1 is out of range; it must be in [0, 4294967295]"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
@@ -137,6 +157,15 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, m
     assert code == 2
     assert err.startswith("src-calibrate: error: ") and message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "store").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("seed", ["-1", "x", "4294967296"])
+def test_a_bad_seed_is_refused_as_the_command_line_is_read(seed, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--seed", seed])
+    assert exit_.value.code == 2 and f"seed {seed!r} must be an integer in [0, 4294967295]" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
 
 
 def test_meaningful_zeros_are_kept():

@@ -202,6 +202,15 @@ def test_sensor_reads_new_files_and_runs_the_first_uncommitted_iteration(tmp_pat
         later = new_source_data_sensor(build_sensor_context(instance=instance, cursor=result.cursor,
                                                             resources={"store": store, "settings": settings}))
         assert later.run_requests[0].partition_key == "002" and later.run_requests[0].run_key != result.run_requests[0].run_key
+        # A file fixed in place under the same name (or completed after a partial copy) is new again.
+        Store(str(tmp_path)).write_table("source/batch-2.parquet", pl.DataFrame({"id": ["y", "z"]}))
+        fixed = new_source_data_sensor(build_sensor_context(instance=instance, cursor=later.cursor,
+                                                            resources={"store": store, "settings": settings}))
+        assert fixed.__class__.__name__ == "SensorResult" and fixed.run_requests[0].tags["src/new_files"] == "1"
+        assert fixed.run_requests[0].run_key not in (later.run_requests[0].run_key, result.run_requests[0].run_key)
+        unchanged = new_source_data_sensor(build_sensor_context(instance=instance, cursor=fixed.cursor,
+                                                                resources={"store": store, "settings": settings}))
+        assert unchanged.__class__.__name__ == "SkipReason"
 
 
 def test_the_sensor_job_reads_and_validates_the_source_table_again():

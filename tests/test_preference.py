@@ -109,6 +109,7 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
     scores = score_table(ids, [[[0.5, 0.95], [0.05, 0.5]]] * 3, CurationConfig(backend="torch"))
 
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0))
+    assert prefs["gold_response"].to_list() == [chosen["sound"]] * 3  # what the gold-data bound trains on
     assert dict(zip(prefs["prompt_id"], prefs["kept"])) == {"sound": True, "inconsistent": False, "untrue": False}
     reasons = dict(zip(prefs["prompt_id"], prefs["drop_reason"]))
     assert reasons["inconsistent"] == "chosen answer does not follow from its rationale"

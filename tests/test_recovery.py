@@ -59,36 +59,68 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     assert len(_versions(store_dir, "base_policy_model")) == 2
 
 
-def test_two_runs_of_one_iteration_exactly_one_writes(tmp_path):
-    """Run A holds iteration 001's lease (stopped with SIGSTOP while it does). Run B, from another Dagster
-    instance sharing the store, is refused before writing anything; run C, from A's own instance, waits for
-    the pool A holds, then is refused or finds the iteration complete. One policy version is written, and A's
-    evaluation names A's checkpoint."""
+def test_two_runs_of_one_store_exactly_one_writes(tmp_path):
+    """Run A holds the store (stopped with SIGSTOP inside iteration 001). Run B, from another Dagster instance
+    with other settings, and run C, from A's own instance with --fresh, are refused before they write anything:
+    neither rewrites the source table, the eval set or the checkpoints A's iteration reads. One policy version
+    is written, and A's evaluation names A's checkpoint and A's eval set."""
     command, env_a = _cli(tmp_path, "--iterations", "1")
     store = Store(str(tmp_path / "store"))
     a = subprocess.Popen(command, env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_until_stored(store, "leases/iteration/001.json", a, "iteration 001's lease")
     os.kill(a.pid, signal.SIGSTOP)
     try:
+        written = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file() and "leases" not in p.parts}
         env_b = {**env_a, "DAGSTER_HOME": str(tmp_path / "home_b")}
-        b = subprocess.run(command, env=env_b, capture_output=True, text=True, timeout=300)
-        assert b.returncode == 1
-        assert "iteration 001 is being written by another run, so this run writes nothing" in b.stderr
-        assert store.read_json("leases/iteration/001.json")["pid"] == a.pid  # B took nothing over
-        c = subprocess.Popen(command, env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)  # C starts while A is still stopped: its model steps wait for the gpu pool
+        b = subprocess.run([*command, "--set", "n_eval=5"], env=env_b, capture_output=True, text=True, timeout=300)
+        c = subprocess.run([*command, "--fresh"], env=env_a, capture_output=True, text=True, timeout=300)
+        for refused in (b, c):
+            assert refused.returncode == 1
+            assert "another run is using this store, so this run writes nothing" in refused.stderr, refused.stderr[-3000:]
+            assert "leases/store_run.json is held by src-calibrate-" in refused.stderr
+        after = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file() and "leases" not in p.parts}
+        assert after == written  # nothing B or C could have written
+        assert store.read_json("leases/store_run.json")["pid"] == a.pid
     finally:
         os.kill(a.pid, signal.SIGCONT)
     out_a, err_a = a.communicate(timeout=300)
     assert a.returncode == 0, err_a[-3000:]
-    out_c, err_c = c.communicate(timeout=300)
     committed = store.current_model("models/policy_checkpoint/001")
     assert json.loads(out_a)[1]["checkpoint"] == committed
-    # Once A runs again, C either reaches iteration 001 while A still writes it (and is refused, like B), or
-    # after A finished it (and reuses it): which one depends on how their steps interleave on the pool.
-    if c.returncode == 0:
-        assert "iteration 001: already complete" in err_c and json.loads(out_c)[1]["checkpoint"] == committed
-    else:
-        assert c.returncode == 1 and "iteration 001 is being written by another run" in err_c, err_c[-3000:]
+    assert store.read_table("assets/iteration_eval/001.parquet").height == 20  # A's eval set (smoke: 20), not B's 5
     assert len(_versions(tmp_path / "store" / "models", "policy_checkpoint/001")) == 1
-    assert not store.exists("leases/iteration/001.json")  # released at the end of A's run
+    assert not store.exists("leases/iteration/001.json") and not store.exists("leases/store_run.json")
+
+
+def test_weights_changed_in_place_retrain_sft_and_a_broken_committed_policy_is_recomputed(tmp_path, tiny_dirs):
+    """Reuse follows content, not paths: a policy_model directory whose weights changed under the same path is a
+    new model (SFT retrains), and a committed iteration whose policy fails its manifest check is not complete."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    mine = tmp_path / "my_vlm"
+    shutil.copytree(tiny_dirs[0], mine)
+    command, env = _cli(tmp_path, "--iterations", "1", "--set", f"policy_model={mine}")
+    store_dir = tmp_path / "store" / "models"
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    (version,) = _versions(store_dir, "policy_checkpoint/001")
+    weights = store_dir / "policy_checkpoint" / "001" / "versions" / version / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated after it was committed
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "iteration 001: its committed policy fails verification, so the iteration runs again" in second.stderr
+    assert "already complete" not in second.stderr
+    assert len(_versions(store_dir, "policy_checkpoint/001")) == 2
+    assert len(_versions(store_dir, "sft_checkpoint")) == 1  # reused: nothing it depends on changed
+
+    tensors = load_file(mine / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0  # same shapes, same file size, same path
+    save_file(tensors, mine / "model.safetensors", metadata={"format": "pt"})
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert len(_versions(store_dir, "sft_checkpoint")) == 2
+    assert "already complete" not in third.stderr

@@ -1,3 +1,7 @@
+import os
+import time
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -122,6 +126,41 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(store, tiny_dirs):
         store.local_model_dir(uri)
 
 
+def test_a_same_size_change_to_a_stored_version_fails_its_sha256(tiny_dirs, tmp_path):
+    store = Store(str(tmp_path / "store"))  # a local store's versions are used in place (a remote one: test below)
+    uri = store.put_model("models/scorer", tiny_dirs[1])
+    store.local_model_dir(uri)  # verified once: the sums are remembered for each file's size and mtime
+    path = Path(store._path("models/scorer/versions/" + uri.rstrip("/").rsplit("/", 1)[-1] + "/config.json"))
+    path.write_bytes(path.read_bytes().replace(b"{", b"[", 1))
+    with pytest.raises(StoreError, match="config.json does not match its manifest's sha256"):
+        store.local_model_dir(uri)
+
+
+def test_a_version_folder_without_manifest_is_refused_whichever_store_names_it(store, tiny_dirs, tmp_path):
+    """A directory in a ``versions/`` folder is a store version: named by its path, from any store, it needs its
+    manifest. Your own model directory needs none."""
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "models" / "sft_checkpoint" / "versions" / "20260101T000000-deadbeef"
+    shutil.copytree(tiny_dirs[0], copy)
+    with pytest.raises(StoreError, match="has no MANIFEST.json: its upload never completed"):
+        store.local_model_dir(str(copy))
+    assert store.local_model_dir(str(tiny_dirs[0])) == str(tiny_dirs[0])
+
+
+def test_a_directory_digest_follows_the_content_not_the_path(tiny_dirs, tmp_path):
+    import shutil
+
+    from src_assets.storage import directory_digest
+
+    shutil.copytree(tiny_dirs[1], tmp_path / "judge")
+    before = directory_digest(tmp_path / "judge")
+    assert before == directory_digest(tiny_dirs[1])
+    config = tmp_path / "judge" / "config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b"[", 1))  # same size, same path
+    assert directory_digest(tmp_path / "judge") != before
+
+
 def test_a_current_pointer_that_is_not_json_names_its_path(store, tiny_dirs):
     store.put_model("models/scorer", tiny_dirs[1])
     store.write_bytes("models/scorer/CURRENT", b"{half a pointer")
@@ -145,6 +184,11 @@ def test_remote_checkpoints_are_verified_into_a_private_cache(s3_endpoint, tiny_
     (tmp_path / "cache" / os.path.basename(local) / "config.json").write_text("{}")
     again = store.local_model_dir(uri)
     assert again == local and os.path.getsize(os.path.join(local, "model.safetensors")) > 1000
+    # A same-size change to the cached copy fails its sha256 check at the next use: it is downloaded again.
+    cached = Path(local, "config.json")
+    original = cached.read_bytes()
+    cached.write_bytes(original.replace(b"{", b"[", 1))
+    assert store.local_model_dir(uri) == local and cached.read_bytes() == original
     # A remote file changed after its manifest was written fails the sha256 check.
     version = uri.rstrip("/").rsplit("/", 1)[-1]
     path = store._path(f"models/scorer/versions/{version}/config.json")
@@ -263,3 +307,24 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
         assert model.config.vocab_size == len(tokenizer)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("heartbeat", [time.time() + 86_400, float("nan"), "soon", None])
+def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_is_older_than_the_ttl(heartbeat, tmp_path):
+    """A future heartbeat (clock skew), NaN, a string or garbage JSON: the lease file's age on the local clock
+    decides, and every message names the lease's path."""
+    from src_assets.storage import LeaseHeld
+
+    store = Store(str(tmp_path / "store"))
+    key = "leases/iteration/001.json"
+    if heartbeat is None:
+        store.write_bytes(key, b"{not json")
+    else:
+        store.write_json(key, {"owner": "run-x", "host": "another-host", "pid": 1, "acquired": time.time(),
+                               "heartbeat": heartbeat, "ttl_s": 60})
+    with pytest.raises(LeaseHeld, match=r"store/leases/iteration/001.json (is held by run-x|is unreadable or incomplete)"):
+        store.acquire_lease(key, "run-new", ttl_s=60)
+    old = time.time() - 400  # older than the record's TTL (60 s) and the default one (300 s)
+    os.utime(tmp_path / "store" / key, (old, old))
+    with store.acquire_lease(key, "run-new", ttl_s=60):
+        assert store.read_json(key)["owner"] == "run-new"
