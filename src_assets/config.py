@@ -21,7 +21,7 @@ from .base_stage import ANSWER_FORMS
 from .candidate_search import SearchConfig
 from .models import Runtime
 from .preference import CurationConfig
-from .r_scorer import JudgeConfig
+from .r_scorer import JUDGE_TEMPLATES, JudgeConfig
 from .scenes import IMAGE_PIXELS
 from .tiny_models import POLICY_ARCHITECTURES, SCORER_ARCHITECTURES, TinySpec
 from .training import TrainSettings
@@ -197,14 +197,19 @@ def coerce_setting(name: str, value, kind: str):
 # 256 candidates per prompt, 1,000 epochs.
 MAX_SCENES, MAX_CANDIDATES, MAX_EPOCHS = 1_000_000, 256, 1000
 _RANGES = {
-    **{name: (0, True, None) for name in ("n_sft", "n_calibrate", "n_eval", "n_base", "lora_r", "scorer_epochs", "scorer_max_pairs",
-                                           "scorer_contrast_pairs", "dpo_nll_weight", "max_length", "image_min_pixels",
-                                           "image_max_pixels", "regression_tolerance", "tiny_layers", "anatomy_samples")},
-    **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "min_objects", "max_objects", "prompts_per_iteration", "beams", "samples_per_beam",
-                                           "max_sentences", "scorer_prompts", "sft_batch_size", "base_batch_size", "base_check_every", "scorer_batch_size", "dpo_batch_size",
+    **{name: (0, True, MAX_SCENES) for name in ("n_sft", "n_calibrate", "n_eval", "n_base")},
+    **{name: (1, True, MAX_SCENES) for name in ("prompts_per_iteration", "scorer_prompts")},
+    **{name: (1, True, MAX_CANDIDATES) for name in ("beams", "samples_per_beam")},
+    "scorer_epochs": (0, True, MAX_EPOCHS),
+    **{name: (0, False, MAX_EPOCHS) for name in ("sft_epochs", "base_epochs", "dpo_epochs")},
+    **{name: (0, True, None) for name in ("lora_r", "scorer_max_pairs", "scorer_contrast_pairs", "dpo_nll_weight", "max_length",
+                                           "image_min_pixels", "image_max_pixels", "regression_tolerance", "tiny_layers",
+                                           "anatomy_samples")},
+    **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "min_objects", "max_objects",
+                                           "max_sentences", "sft_batch_size", "base_batch_size", "base_check_every", "scorer_batch_size", "dpo_batch_size",
                                            "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
                                            "eval_max_new_tokens", "tiny_hidden_size")},
-    **{name: (0, False, None) for name in ("anatomy_temperature", "sft_epochs", "base_epochs", "base_learning_rate", "dpo_epochs", "beta", "temperature", "sft_learning_rate",
+    **{name: (0, False, None) for name in ("anatomy_temperature", "base_learning_rate", "beta", "temperature", "sft_learning_rate",
                                             "scorer_learning_rate", "dpo_learning_rate")},
     "seed": (0, True, 2**32 - 1),  # numpy's and torch's seeds are unsigned 32-bit
     "k": (2, True, MAX_CANDIDATES),
@@ -241,15 +246,7 @@ def setting_names() -> dict[str, tuple[str | None, str, str]]:
     return out
 
 
-for _name in ("n_sft", "n_calibrate", "n_eval", "n_base", "prompts_per_iteration", "scorer_prompts"):
-    _RANGES[_name] = (*_RANGES[_name][:2], MAX_SCENES)
-for _name in ("beams", "samples_per_beam"):
-    _RANGES[_name] = (*_RANGES[_name][:2], MAX_CANDIDATES)
-for _name in ("sft_epochs", "base_epochs", "dpo_epochs", "scorer_epochs"):
-    _RANGES[_name] = (*_RANGES[_name][:2], MAX_EPOCHS)
-
 # The settings whose value is one of a few names, and those names.
-JUDGE_TEMPLATES = ("compact", "instruct")
 POLICY_UPDATES = ("dpo", "gold_sft")
 _CHOICES = {"policy_update": POLICY_UPDATES, "judge_template": JUDGE_TEMPLATES, "base_answer_form": ANSWER_FORMS, "scoring": ("pairwise", "independent")}
 

@@ -30,6 +30,7 @@ from .progress import Progress, ProgressBar
 from .verifier import split_response, verify
 
 VERDICTS = ("A", "B", "tie")
+JUDGE_TEMPLATES = ("compact", "instruct")
 INSTRUCTION = (
     "You judge two responses to a question about an image you cannot see; the reference describes it. "
     "Prefer the response whose rationale states true facts about the image and whose final answer follows from "
@@ -59,7 +60,7 @@ def judge_prompt(tokenizer, question: str, reference: str, answer: str | None, f
         body = f"Question: {question}\nReference: {ref}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\nVerdict:"
         messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": body}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown judge template {template!r}; expected 'compact' or 'instruct'")
+    raise ValueError(f"unknown judge template {template!r}; expected one of {JUDGE_TEMPLATES}")
 
 
 def verdict_completion(verdict: str) -> str:

@@ -308,14 +308,14 @@ class Store:
             if not Path(uri, "config.json").is_file():
                 raise StoreError(f"{uri} is not a model directory (no config.json)")
             if Path(uri).resolve().parent.name == "versions":
-                _check_files(Path(uri), self._manifest(uri, uri), uri, hashes=True)
+                _check_files(Path(uri), self._manifest(uri, uri), uri)
             return uri
         path = uri.split("://", 1)[1]
         files = self._manifest(path, uri)
         local = self.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
         if local.is_dir():
             try:
-                _check_files(local, files, uri, hashes=True)
+                _check_files(local, files, uri)
                 return str(local)
             except StoreError:
                 shutil.rmtree(local, ignore_errors=True)  # a stale or planted copy: download it again
@@ -326,7 +326,7 @@ class Store:
             for name in files:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(f"{path}/{name}", str(tmp / name))
-            _check_files(tmp, files, uri, hashes=True)
+            _check_files(tmp, files, uri)
             (tmp / MANIFEST).write_text(json.dumps({"files": files}))
             tmp.rename(local)
         except OSError:
@@ -422,13 +422,13 @@ def directory_digest(directory: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_files(directory: Path, files: dict, uri: str, hashes: bool) -> None:
-    """Every manifest file is there with its size (and, with ``hashes``, its sha256); else StoreError naming it."""
+def _check_files(directory: Path, files: dict, uri: str) -> None:
+    """Every manifest file is there with its size and sha256; else StoreError naming it."""
     for name, expected in files.items():
         file = directory / name
         if not file.is_file() or file.stat().st_size != expected["size"]:
             found = file.stat().st_size if file.is_file() else "missing"
             raise StoreError(f"{uri}/{name} does not match its manifest (size {found}, expected {expected['size']}): "
                              f"the checkpoint is truncated or was changed")
-        if hashes and _sha256_cached(file) != expected["sha256"]:
+        if _sha256_cached(file) != expected["sha256"]:
             raise StoreError(f"{uri}/{name} does not match its manifest's sha256: the checkpoint is corrupt or was changed")
