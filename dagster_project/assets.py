@@ -46,7 +46,7 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
         try:
             with s.open(key) as file:
                 named.append((s.uri(key), read_source_file(file, s.uri(key), s.size(key), cfg.max_source_file_bytes,
-                                                           cfg.max_image_pixels)))
+                                                           cfg.max_image_pixels, cfg.max_text_chars)))
         except SourceDataError as e:
             raise Failure(str(e)) from e
     if not named:
@@ -68,7 +68,7 @@ def judgement_tables(context: AssetExecutionContext, settings: SettingsResource,
     for key in files:
         context.log.info(f"reading judgement table {s.uri(key)}")
         try:
-            frames.append(read_judgements_file(s.read_bytes(key), s.uri(key)))
+            frames.append(read_judgements_file(s.read_bytes(key), s.uri(key), cfg.max_text_chars))
         except SourceDataError as e:
             raise Failure(str(e)) from e
     df = pl.concat(frames) if frames else pl.DataFrame(schema=JUDGEMENT_SCHEMA)

@@ -13,12 +13,20 @@ import uuid
 from pathlib import Path
 
 from src_assets.config import PROFILES
-from src_assets.storage import process_alive
 
 from .experiments import VARIANTS, experiment
 from .generation_benchmark import bench_generation
-
-ITERATION_ROW = ("accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "judge_agreement")
+from .recovery import (
+    ITERATION_ROW,
+    RUN_HOST_TAG,
+    RUN_PID_TAG,
+    SETTINGS_TAG,
+    STORE_TAG,
+    RunWatchdog,
+    completed_iteration,
+    pool_holders,
+    release_dead_runs,
+)
 
 
 def _instance():
@@ -40,9 +48,10 @@ def _meta(result, asset: str) -> dict:
 
 
 def _innermost(error) -> str:
-    """Dagster wraps an exception raised in a step or a resource ('Error occurred while executing op ...',
-    'Error executing resource_fn ...') with the real error as its cause: that cause's last line."""
-    while error.cause is not None and ("Error occurred while executing" in error.message or "resource_fn" in error.message):
+    """Dagster wraps an exception raised in a step, an IO manager or a resource ('Error occurred while executing
+    op ...', '... while handling output ...', 'Error executing resource_fn ...') in errors of its own with the
+    real error as their cause: that cause's last line (e.g. the OSError that names the file a full disk refused)."""
+    while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
         error = error.cause
     message = error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name
     return message.removeprefix("dagster._core.definitions.events.Failure: ")
@@ -95,67 +104,6 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-RUN_HOST_TAG, RUN_PID_TAG, SETTINGS_TAG = "src/host", "src/pid", "src/settings"
-
-
-def _release_dead_runs(instance, log) -> None:
-    """A run whose process died (``kill -9``, a lost machine) stays STARTED in the instance and keeps its ``gpu``
-    pool slot, which would block every later run. Runs this machine's ``src-calibrate`` started whose process is
-    gone are reported failed, and slots still held by runs that have ended are freed."""
-    import socket
-
-    from dagster import DagsterRunStatus, RunsFilter
-
-    live = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
-    for run in instance.get_runs(RunsFilter(statuses=live, tags={RUN_HOST_TAG: socket.gethostname()})):
-        pid = int(run.tags.get(RUN_PID_TAG, "0"))
-        if pid and pid != os.getpid() and not process_alive(pid):
-            instance.report_run_failed(run, message=f"its src-calibrate process {pid} is gone")
-            log(f"run {run.run_id[:8]} died with its process {pid}: marked failed")
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return
-    for run_id in storage.get_concurrency_run_ids():
-        run = instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            storage.free_concurrency_slots_for_run(run_id)
-            log(f"freed the pool slot held by run {run_id[:8]}, which has ended")
-    for pool in storage.get_concurrency_keys():
-        holders = set(storage.get_concurrency_info(pool).active_run_ids)
-        if holders:
-            log(f"pool {pool!r} is held by run(s) {', '.join(r[:8] for r in sorted(holders))}: model steps wait for it")
-
-
-def _completed_iteration(instance, store, key: str, start: str, settings_digest: str, log=print) -> dict | None:
-    """Iteration ``key``'s row if an earlier run completed it with these settings from this start policy and its
-    policy is still the committed one, intact: a rerun after a crash continues from there instead of recomputing
-    it. A committed policy that fails its manifest check (truncated, changed) counts as absent: it is recomputed."""
-    from dagster import AssetKey, AssetRecordsFilter
-
-    from src_assets.storage import StoreError
-
-    from . import store_layout
-
-    events = {}
-    for asset in ("pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval"):
-        records = instance.fetch_materializations(AssetRecordsFilter(AssetKey(asset), asset_partitions=[key]), limit=1).records
-        if not records:
-            return None
-        events[asset] = records[0].event_log_entry
-    meta = {a: {k: v.value for k, v in e.asset_materialization.metadata.items()} for a, e in events.items()}
-    run = instance.get_run_by_id(events["iteration_eval"].run_id)
-    if (run is None or run.tags.get(SETTINGS_TAG) != settings_digest or meta["policy_checkpoint"].get("started_from") != start
-            or meta["iteration_eval"].get("checkpoint") != store.current_model(store_layout.policy_model(key))):
-        return None
-    try:
-        store.local_model_dir(meta["iteration_eval"]["checkpoint"])
-    except StoreError as e:
-        log(f"iteration {key}: its committed policy fails verification, so the iteration runs again ({e})")
-        return None
-    m = {**meta["pairwise_scores"], **meta["preference_set"], **meta["iteration_eval"]}
-    return {"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")}
-
-
 def _quiet_libraries() -> None:
     """Without -v: no per-file loading bars, dataset-map bars or deprecation warnings from the libraries, so a
     run's stderr is its step lines and progress bars."""
@@ -182,9 +130,10 @@ def _materialize(assets, instance, resources, tags, verbose: bool, selection=Non
     job = "src_calibrate_run"
     defs = Definitions(assets=assets, jobs=[define_asset_job(job, selection=selection)], resources=resources,
                        loggers={} if verbose else {"console": step_lines(instance)})  # execute_in_process runs in this process
-    return defs.resolve_job_def(job).execute_in_process(
-        run_config=None if verbose else {"loggers": {"console": {}}}, instance=instance, partition_key=partition_key,
-        raise_on_error=False, tags=tags)
+    with RunWatchdog(instance, print if verbose else (lambda *a: print(" ", *a, file=sys.stderr))):
+        return defs.resolve_job_def(job).execute_in_process(
+            run_config=None if verbose else {"loggers": {"console": {}}}, instance=instance, partition_key=partition_key,
+            raise_on_error=False, tags=tags)
 
 
 def run(args) -> int:
@@ -194,7 +143,7 @@ def run(args) -> int:
 
     from .definitions import all_assets, all_checks, build_resources
     from .automation import ITERATION_ASSETS
-    from .resources import SettingsResource, StoreResource
+    from .resources import STORE_LEASE_OWNER_TAG, SettingsResource, StoreResource
     from .versions import with_code_versions
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
@@ -212,19 +161,23 @@ def run(args) -> int:
     foundation = [a for a in assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
     iteration = [a for a in assets if a not in foundation]
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest}
+    tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest,
+            STORE_TAG: store.store().base_uri}
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if not args.verbose:
         _quiet_libraries()
-    _release_dead_runs(instance, log)
+    release_dead_runs(instance, log)
+    for pool, runs in pool_holders(instance).items():
+        log(f"pool {pool!r} is held by run(s) {', '.join(r[:8] for r in runs)}: model steps wait for it")
     from src_assets.storage import LeaseHeld, StoreError
 
     from . import store_layout
 
     try:
-        lease = store.store().acquire_lease(store_layout.STORE_RUN_LEASE, f"src-calibrate-{uuid.uuid4().hex[:12]}",
-                                            command="src-calibrate run", settings=digest)
+        owner = f"src-calibrate-{uuid.uuid4().hex[:12]}"
+        lease = store.store().acquire_lease(store_layout.STORE_RUN_LEASE, owner, command="src-calibrate run", settings=digest)
+        tags[STORE_LEASE_OWNER_TAG] = owner  # its runs hold the store under this command's lease
     except LeaseHeld as e:
         print(f"src-calibrate: another run is using this store, so this run writes nothing: {e}. Wait for it to "
               f"end, or give this run its own --store", file=sys.stderr)
@@ -256,7 +209,7 @@ def _run_holding_the_store(args, store, resources, instance, foundation, iterati
     keys = [iteration_key(k) for k in range(1, args.iterations + 1)]
     instance.add_dynamic_partitions(iteration_partitions.name, keys)
     for key in keys:
-        done = None if args.fresh else _completed_iteration(instance, store.store(), key, start, digest, log)
+        done = None if args.fresh else completed_iteration(instance, store.store(), key, start, digest, log)
         if done is not None:
             log(f"iteration {key}: already complete with these settings (policy {done['checkpoint']}); --fresh recomputes it")
             rows.append(done)

@@ -5,7 +5,7 @@ from dagster import Definitions, in_process_executor, load_asset_checks_from_mod
 from . import assets, loop_assets
 from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
 from .versions import with_code_versions
-from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource
+from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource, StoreRunLeaseResource
 
 # Code versions under the environment's settings (SRC_PROFILE): what `dagster dev` materializes with.
 all_assets = with_code_versions(load_assets_from_modules([assets, loop_assets]), SettingsResource().config())
@@ -16,7 +16,8 @@ all_checks = load_asset_checks_from_modules([assets, loop_assets])
 def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
     """The resources of a run; with no arguments, the store and profile come from the environment."""
     store = store or StoreResource()
-    return {"store": store, "io_manager": StoreIOManager(store=store), "settings": settings or SettingsResource(),
+    io_manager = StoreIOManager(store=store, run_lease=StoreRunLeaseResource(store=store))
+    return {"store": store, "io_manager": io_manager, "settings": settings or SettingsResource(),
             "iteration_lease": IterationLeaseResource(store=store)}
 
 

@@ -42,7 +42,7 @@ class IterationLeaseResource(ConfigurableResource):
 
     @contextlib.contextmanager
     def yield_for_execution(self, context: InitResourceContext):
-        run = context.dagster_run
+        run = context.run
         key = run.tags.get(PARTITION_TAG) if run is not None else None
         if key is None:  # not a run of one iteration (e.g. a direct call in a test): nothing to guard
             yield self
@@ -53,6 +53,39 @@ class IterationLeaseResource(ConfigurableResource):
             raise Failure(f"iteration {key} is being written by another run, so this run writes nothing: its lease {e}. "
                           f"Wait for that run to end; a dead run's lease is taken over once its heartbeat is "
                           f"{self.ttl_s:.0f} s old") from e
+        try:
+            yield self
+        finally:
+            lease.release()
+
+
+STORE_LEASE_OWNER_TAG = "src/store_lease_owner"  # a command that holds the store's lease runs its runs under it
+
+
+class StoreRunLeaseResource(ConfigurableResource):
+    """One run at a time writes a store. A run that materializes assets holds the store's lease
+    ``leases/store_run.json`` from its start to its end (the IO manager, which writes every asset, needs this
+    resource), so no other run rewrites the source table, eval set, SFT checkpoint or R-Scorer while this run's
+    steps read them, whether the runs come from the UI, a sensor, a schedule or ``src-calibrate``. A second run
+    fails before any step, naming the run that holds the store. A run tagged ``src/store_lease_owner`` belongs
+    to a command that holds the lease already (``src-calibrate run``), and runs under it."""
+
+    store: StoreResource
+    ttl_s: float = LEASE_TTL_S
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: InitResourceContext):
+        run = context.run
+        if run is None:  # a sensor's or a test's direct use: no run to guard
+            yield self
+            return
+        owner = run.tags.get(STORE_LEASE_OWNER_TAG, run.run_id)
+        try:
+            lease = self.store.store().acquire_lease(store_layout.STORE_RUN_LEASE, owner, self.ttl_s, job=run.job_name,
+                                                     run=run.run_id)
+        except LeaseHeld as e:
+            raise Failure(f"another run is using this store, so this run writes nothing: {e}. Wait for it to end; a "
+                          f"dead run's lease is taken over once its heartbeat is {self.ttl_s:.0f} s old") from e
         try:
             yield self
         finally:
@@ -93,9 +126,11 @@ _TYPED_OPTIONAL = ("device", "dtype", "attn_implementation", "lora_r", "gradient
 
 
 class StoreIOManager(ConfigurableIOManager):
-    """Polars tables as Parquet and everything else as JSON, at ``assets/<asset>[/<partition>]`` in the store."""
+    """Polars tables as Parquet and everything else as JSON, at ``assets/<asset>[/<partition>]`` in the store;
+    a run writes through it only while it holds the store (``run_lease``)."""
 
     store: StoreResource
+    run_lease: StoreRunLeaseResource
 
     def _key(self, context: InputContext | OutputContext) -> str:
         partition = context.asset_partition_key if context.has_asset_partitions else None

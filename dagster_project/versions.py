@@ -31,9 +31,9 @@ def _runtime(cfg: SRCConfig) -> dict:
 # Each asset: the src_assets modules whose code produces it, and the settings it reads.
 _INPUTS = {
     "vqa_source": (("source_data", "scenes"), _fields("seed", "n_sft", "n_calibrate", "n_eval", "min_objects", "max_objects",
-                                                     "source_prefix", "max_source_file_bytes", "max_image_pixels",
+                                                     "source_prefix", "max_source_file_bytes", "max_image_pixels", "max_text_chars",
                                                      "scorer_prompts", "teacher_error_rate")),
-    "judgement_tables": (("source_data",), _fields("judgements_prefix")),
+    "judgement_tables": (("source_data",), _fields("judgements_prefix", "max_text_chars")),
     "rationale_sft_set": (("rationale_sft", "scenes"), _fields()),
     "eval_set": ((), _fields()),
     "perception_corpus": (("base_stage", "scenes"), _fields("policy_model", "n_base", "seed", "base_caption_share",

@@ -46,6 +46,7 @@ class SRCConfig:
     judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
     max_source_file_bytes: int = 4 * 2**30  # a source file over this is refused before it is read
     max_image_pixels: int = 4096 * 4096  # an image over this area is refused before it is decoded
+    max_text_chars: int = 65536  # a source text cell (question, answer, response, ...) longer than this is refused
     # Models: "tiny", a local model directory, or a hub id.
     policy_model: str = TINY
     scorer_model: str = TINY
@@ -205,7 +206,7 @@ _RANGES = {
     **{name: (0, True, None) for name in ("lora_r", "scorer_max_pairs", "scorer_contrast_pairs", "dpo_nll_weight", "max_length",
                                            "image_min_pixels", "image_max_pixels", "regression_tolerance", "tiny_layers",
                                            "anatomy_samples")},
-    **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "min_objects", "max_objects",
+    **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "max_text_chars", "min_objects", "max_objects",
                                            "max_sentences", "sft_batch_size", "base_batch_size", "base_check_every", "scorer_batch_size", "dpo_batch_size",
                                            "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
                                            "eval_max_new_tokens", "tiny_hidden_size")},

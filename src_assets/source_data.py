@@ -57,6 +57,7 @@ def synthetic_source(seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_o
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # the default cap on one image's area (width x height), checked before decoding
 MAX_FILE_BYTES = 4 * 2**30  # the default cap on one source file's size, checked before reading it
+MAX_TEXT_CHARS = 65536  # the default cap on one text cell, checked after decompression, one row group at a time
 
 
 def quoted(value, limit: int = 80) -> str:
@@ -88,10 +89,27 @@ def _conform(df: pl.DataFrame, name: str, required: dict, optional: dict, what: 
     return df.select([pl.col(c).cast(t) for c, t in schema.items()])
 
 
-def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMAGE_PIXELS, first_row: int = 0) -> pl.DataFrame:
+def _check_text_lengths(df: pl.DataFrame, name: str, max_chars: int, first_row: int) -> None:
+    # A few KiB of Parquet can inflate to hundreds of MiB of text; one such cell would be tokenized, stored and
+    # logged. The check is vectorised, so that it costs little next to reading the row group.
+    for col, dtype in df.schema.items():
+        if dtype != pl.String:
+            continue
+        lengths = df[col].str.len_chars()
+        over = (lengths > max_chars).arg_true()
+        if len(over):
+            i = over[0]
+            row = f"row {first_row + i}" + (f" (id {quoted(df['id'][i])})" if "id" in df.columns else "")
+            raise SourceDataError(f"{name}: {row}: column {col!r} holds "
+                                  f"{lengths[i]} characters, over the cap of {max_chars} (max_text_chars)")
+
+
+def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMAGE_PIXELS, first_row: int = 0,
+                    max_text_chars: int = MAX_TEXT_CHARS) -> pl.DataFrame:
     """Checks a source table and returns it with every column of ``SCHEMA``; ``name`` is used in errors, and rows are
     numbered from ``first_row`` (a row group's offset in its file)."""
     df = _conform(df, name, REQUIRED, OPTIONAL, "a source table").with_columns(pl.col("kind").fill_null("open"))
+    _check_text_lengths(df, name, max_text_chars, first_row)
 
     for i, row in enumerate(df.iter_rows(named=True), start=first_row):
         where = f"{name}: row {i} (id {quoted(row['id'])})"
@@ -123,10 +141,10 @@ def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMA
 
 
 def read_source_file(file, name: str, size: int | None = None, max_bytes: int = MAX_FILE_BYTES,
-                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> pl.DataFrame:
+                     max_image_pixels: int = MAX_IMAGE_PIXELS, max_text_chars: int = MAX_TEXT_CHARS) -> pl.DataFrame:
     """Parses and validates one Parquet file (bytes or an open binary file), one row group at a time, so that a bad
     row stops the read where it is; ``name`` (its URI) is used in errors. A file over ``max_bytes`` is refused
-    unread."""
+    unread, and so is a row group whose footer says it inflates to more than ``max_bytes``."""
     import pyarrow.parquet as pq
 
     if isinstance(file, bytes):
@@ -139,14 +157,19 @@ def read_source_file(file, name: str, size: int | None = None, max_bytes: int = 
         raise SourceDataError(f"{name}: not a readable Parquet file ({quoted(str(e))})") from e
     parts, offset = [], 0
     for group in range(parquet.num_row_groups):
+        inflated = parquet.metadata.row_group(group).total_byte_size
+        if inflated > max_bytes:
+            raise SourceDataError(f"{name}: row group {group} inflates to {inflated} bytes, over the cap of {max_bytes} "
+                                  f"(max_source_file_bytes)")
         try:
             df = pl.from_arrow(parquet.read_row_group(group))
         except Exception as e:
             raise SourceDataError(f"{name}: row group {group} is not readable ({quoted(str(e))})") from e
-        parts.append(validate_source(df, name, max_image_pixels, first_row=offset))
+        parts.append(validate_source(df, name, max_image_pixels, first_row=offset, max_text_chars=max_text_chars))
         offset += df.height
     if not parts:
-        return validate_source(pl.from_arrow(parquet.schema_arrow.empty_table()), name, max_image_pixels)
+        return validate_source(pl.from_arrow(parquet.schema_arrow.empty_table()), name, max_image_pixels,
+                               max_text_chars=max_text_chars)
     return combine_sources([(f"{name} (row group {i})", p) for i, p in enumerate(parts)]) if len(parts) > 1 else parts[0]
 
 
@@ -171,10 +194,11 @@ JUDGEMENT_SCHEMA = {**JUDGEMENT_REQUIRED, **JUDGEMENT_OPTIONAL}
 JUDGEMENT_VERDICTS = ("A", "B", "tie")
 
 
-def validate_judgements(df: pl.DataFrame, name: str) -> pl.DataFrame:
+def validate_judgements(df: pl.DataFrame, name: str, max_text_chars: int = MAX_TEXT_CHARS) -> pl.DataFrame:
     """Checks a judgement table (one row per judged pair: ``verdict`` is ``A`` when ``response_a`` is the better
     response, ``B`` for ``response_b``, ``tie``) and returns it with every column of ``JUDGEMENT_SCHEMA``."""
     df = _conform(df, name, JUDGEMENT_REQUIRED, JUDGEMENT_OPTIONAL, "a judgement table")
+    _check_text_lengths(df, name, max_text_chars, first_row=0)
     for i, row in enumerate(df.iter_rows(named=True)):
         for col in JUDGEMENT_REQUIRED:
             if row[col] is None or not row[col].strip():
@@ -185,12 +209,12 @@ def validate_judgements(df: pl.DataFrame, name: str) -> pl.DataFrame:
     return df
 
 
-def read_judgements_file(data: bytes, name: str) -> pl.DataFrame:
+def read_judgements_file(data: bytes, name: str, max_text_chars: int = MAX_TEXT_CHARS) -> pl.DataFrame:
     try:
         df = pl.read_parquet(io.BytesIO(data))
     except Exception as e:
         raise SourceDataError(f"{name}: not a readable Parquet file ({e})") from e
-    return validate_judgements(df, name)
+    return validate_judgements(df, name, max_text_chars)
 
 
 def check_split_sizes(df: pl.DataFrame, scorer_prompts: int) -> None:

@@ -139,6 +139,11 @@ class Store:
         try:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
+        except OSError as e:
+            if e.errno is None or e.filename is not None:
+                raise
+            # A full disk raises ENOSPC from write(), which names no file: name the artefact that did not fit.
+            raise OSError(e.errno, e.strerror or str(e), self.uri(key)) from e
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
@@ -217,8 +222,9 @@ class Store:
     def acquire_lease(self, key: str, owner: str, ttl_s: float = LEASE_TTL_S, **about) -> "Lease":
         """The lease ``key`` for ``owner`` (a run id), or ``LeaseHeld`` naming the live holder.
 
-        The same owner may acquire it again (a retried step of the same run). A lease whose holder is gone is
-        taken over: its process is dead on this host, or its heartbeat is older than its own ``ttl_s``."""
+        The same owner may acquire it again (a step of a run whose command holds it already): that gives a handle
+        whose release leaves the lease to its first holder. A lease whose holder is gone is taken over: its
+        process is dead on this host, or its heartbeat is older than its own ``ttl_s``."""
         record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "acquired": time.time(),
                   "ttl_s": ttl_s, **about}
         for _ in range(3):
@@ -227,8 +233,10 @@ class Store:
             held = self._read_lease(key)
             if held is None:
                 continue  # released meanwhile: try again
-            if held.get("owner") == owner:  # this run again, from another process: the lease names this one now
-                self.write_json(key, {**record, "heartbeat": time.time()})
+            if held.get("owner") == owner:
+                if not self._abandoned(key, held):  # held by this owner already: the first holder releases it
+                    return Lease(self, key, held, owns=False)
+                self.write_json(key, {**record, "heartbeat": time.time()})  # its earlier process died: this one holds it
                 return Lease(self, key, record)
             if not self._abandoned(key, held):
                 acquired = _finite(held.get("acquired"))
@@ -340,13 +348,27 @@ class Store:
 class Lease:
     """A held lease: a daemon thread refreshes its heartbeat every ``ttl_s / 5`` until ``release()``.
 
-    A process that dies stops beating, which is how other writers learn it is gone."""
+    A process that dies stops beating, which is how other writers learn it is gone. A handle that does not
+    ``own`` the lease (its owner held it already) neither beats nor deletes it."""
 
-    def __init__(self, store: Store, key: str, record: dict):
-        self.store, self.key, self.record = store, key, record
+    _held: set["Lease"] = set()  # this process's owned leases, for release_all
+
+    def __init__(self, store: Store, key: str, record: dict, owns: bool = True):
+        self.store, self.key, self.record, self.owns = store, key, record, owns
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_until_released, name=f"lease {key}", daemon=True)
-        self._thread.start()
+        if owns:
+            self._thread.start()
+            Lease._held.add(self)
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Releases every lease this process holds: for a process about to end without unwinding its stack."""
+        for lease in list(cls._held):
+            try:
+                lease.release()
+            except Exception:  # an unreachable store: the lease ages out by its heartbeat
+                pass
 
     def _beat(self) -> None:
         held = self.store._read_lease(self.key)
@@ -362,6 +384,9 @@ class Lease:
                 pass
 
     def release(self) -> None:
+        if not self.owns:
+            return
+        Lease._held.discard(self)
         self._stop.set()
         self._thread.join(timeout=5)
         held = self.store._read_lease(self.key)

@@ -1,6 +1,7 @@
 """The command line beyond ``run``: scoring a checkpoint with real or blank images, and the ablation table."""
 
 import json
+import os
 
 import pytest
 
@@ -215,3 +216,41 @@ def test_a_run_prints_one_line_per_step_and_v_shows_dagsters_events(tmp_path, mo
     assert any(line.split()[0] == "preference_set" and "pairs_kept=" in line for line in lines)
     assert main(["run", "--profile", "smoke", "--iterations", "1", "--store", store, "--json", "-v", "--fresh"]) == 0
     assert "STEP_SUCCESS" in capsys.readouterr().err
+
+
+def test_a_full_disk_a_bad_current_pointer_and_a_bad_by_inputs_record_each_give_one_line(tmp_path, monkeypatch, capsys):
+    """Each names the path and the cause in the run's last line (a by_inputs record: in a warning, and the step
+    retrains), and a full disk leaves no half-written file."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    store = tmp_path / "store"
+    command = ["run", "--profile", "smoke", "--iterations", "1", "--store", str(store)]
+    pipe_file = LocalFileSystem.pipe_file
+
+    def disk_full_at_the_perception_corpus(self, path, *args, **kwargs):
+        if "perception_corpus" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: naming no file
+        return pipe_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", disk_full_at_the_perception_corpus)
+    assert main(command) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"step perception_corpus failed: OSError: [Errno 28] No space left on device: "
+                    f"'{store}/assets/perception_corpus.parquet'")
+    assert not [p for p in store.rglob("*") if "perception_corpus" in p.name]  # no partial file, no temporary one
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", pipe_file)
+
+    assert main(command) == 0
+    (record,) = (store / "models" / "sft_checkpoint" / "by_inputs").glob("*.json")
+    record.write_text("garbage{")
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert f"not reusing the model trained earlier from these inputs, training again: {record} is not valid JSON" in err
+
+    (store / "models" / "policy_checkpoint" / "001" / "CURRENT").write_text("not json")
+    assert main(command) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"src-calibrate: error: {store}/models/policy_checkpoint/001/CURRENT is not valid JSON (")

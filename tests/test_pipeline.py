@@ -265,3 +265,30 @@ def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
     assert rows[1]["checkpoint"].startswith(str(tmp_path / "store"))
     with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         assert len(instance.get_runs()) == 2  # the foundation run and iteration 001's
+
+
+def test_a_run_launched_while_another_holds_the_store_is_refused_before_it_writes(run_two_iterations):
+    """A run from the UI, a sensor or a schedule holds the store for its whole length, like src-calibrate does:
+    a foundation run (which would rewrite the eval set, SFT and R-Scorer) or an iteration run started meanwhile
+    fails before any step, and nothing stored changes."""
+    _, store, _, _, resources = run_two_iterations
+    root = Path(store.base_uri)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+    # The lease is the store's: a run from any instance (here a new one, as the UI's would be) is refused.
+    with instance_for_test() as instance, store.acquire_lease("leases/store_run.json", "another-run"):
+        instance.add_dynamic_partitions(iteration_partitions.name, ["002"])
+        refused = [
+            materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False),
+            materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="002", instance=instance,
+                        resources=resources, raise_on_error=False),
+        ]
+        after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "leases" not in p.parts}
+    for result in refused:
+        assert not result.success
+        assert not result.get_asset_materialization_events() and not result.get_step_success_events()
+        failure = next(e for e in result.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE")
+        assert "another run is using this store, so this run writes nothing" in str(failure.event_specific_data.error)
+        assert "leases/store_run.json is held by another-run" in str(failure.event_specific_data.error)
+    assert after == {p: t for p, t in before.items() if "leases" not in p.parts}
+    assert not store.exists("leases/store_run.json")  # released by its holder; the refused runs took nothing

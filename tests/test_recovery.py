@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from src_assets.storage import Store
 
@@ -124,3 +125,79 @@ def test_weights_changed_in_place_retrain_sft_and_a_broken_committed_policy_is_r
     assert third.returncode == 0, third.stderr[-3000:]
     assert len(_versions(store_dir, "sft_checkpoint")) == 2
     assert "already complete" not in third.stderr
+
+
+def _pool_holder(home, pid: int) -> str:
+    """A run of this host's src-calibrate, process ``pid``, holding the ``gpu`` pool's one slot in the instance
+    at ``home``: what a run killed in the middle of a model step leaves behind."""
+    import socket
+    import uuid
+
+    from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
+
+    from dagster_project.recovery import RUN_HOST_TAG, RUN_PID_TAG
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+    instance = DagsterInstance.from_config(str(home))
+    run_id = str(uuid.uuid4())
+    instance.add_run(DagsterRun(job_name="src_calibrate_run", run_id=run_id, status=DagsterRunStatus.STARTED,
+                                tags={RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(pid)}))
+    assert instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")  # dagster.yaml: one slot
+    assert instance.event_log_storage.claim_concurrency_slot("gpu", run_id, "sft_checkpoint").is_claimed
+    return run_id
+
+
+def _wait_for_line(process, text: str, timeout: float = 300) -> str:
+    """Reads ``process``'s stderr until a line holds ``text``; returns what it read."""
+    seen, deadline = [], time.monotonic() + timeout
+    for line in process.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        assert time.monotonic() < deadline, f"no line with {text!r} in time: {''.join(seen)[-2000:]}"
+    raise AssertionError(f"the run ended before a line with {text!r}: {''.join(seen)[-2000:]}")
+
+
+def test_a_pool_holder_killed_while_a_run_waits_frees_the_slot_and_a_waiting_run_stops_on_sigterm(tmp_path):
+    holder = subprocess.Popen(["sleep", "600"])
+    run_id = _pool_holder(tmp_path / "home", holder.pid)
+    command, env = _cli(tmp_path, "--iterations", "0")
+    try:
+        # The holder is alive: the run waits for the pool, names the run that holds it, and stops on SIGTERM.
+        waiting = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_line(waiting, f"waiting for pool 'gpu', held by run(s) {run_id[:8]}")
+        os.kill(waiting.pid, signal.SIGTERM)
+        _, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 130, err[-2000:]
+        assert "interrupted while waiting on a pool" in err and "nothing written" in err
+        assert not (tmp_path / "store" / "leases" / "store_run.json").exists()  # its store lease is released
+
+        # Killed (kill -9 leaves its slot taken) while a second run waits: the waiting run frees it and goes on.
+        second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_line(second, "waiting for pool 'gpu'")
+        holder.kill()
+        holder.wait()
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 0, err[-3000:]
+        assert f"run {run_id[:8]} died with its process {holder.pid}: marked failed" in err
+        assert f"freed the pool slot held by run {run_id[:8]}" in err
+        assert json.loads(out)[0]["iteration"] == 0
+    finally:
+        holder.kill()
+
+
+def test_two_stores_under_one_dagster_home_each_reuse_their_own_iterations(tmp_path):
+    """Runs into stores X, Y, then X again, from one instance: the third finds X's iteration 001 complete, although
+    the latest materialization of that partition is Y's."""
+    command, env = _cli(tmp_path, "--iterations", "1")
+    runs = []
+    for name in ("x", "y", "x"):
+        runs.append(subprocess.run([*command, "--store", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                                   timeout=400))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
+    assert "already complete" not in runs[0].stderr and "already complete" not in runs[1].stderr
+    assert "iteration 001: already complete with these settings" in runs[2].stderr
+    assert json.loads(runs[2].stdout)[1]["checkpoint"] == json.loads(runs[0].stdout)[1]["checkpoint"]
+    for name in ("x", "y"):
+        assert len(_versions(tmp_path / name / "models", "policy_checkpoint/001")) == 1

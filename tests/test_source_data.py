@@ -117,7 +117,22 @@ def test_rows_are_numbered_across_row_groups_and_values_are_cut(source):
     buf = io.BytesIO()
     df.write_parquet(buf, row_group_size=5)
     with pytest.raises(SourceDataError) as error:
-        read_source_file(buf.getvalue(), "groups.parquet")
+        read_source_file(buf.getvalue(), "groups.parquet", max_text_chars=1_000_000)  # under the text cap: the value check
     message = str(error.value)
     assert "groups.parquet: row 17 " in message and "column 'split' has unknown value 'xxx" in message
     assert len(message) < 400 and "(200002 characters)" in message
+
+
+def test_a_text_bomb_is_refused_naming_the_row_and_column_and_a_bloated_row_group_unread(source):
+    # Two million characters of one letter compress to a few kB: the file's size says nothing about what it holds.
+    df = source.head(3).with_columns(pl.Series("question", ["what?", "x" * 2_000_000, "what?"]))
+    data = _parquet(df)
+    assert len(data) < 100_000
+    with pytest.raises(SourceDataError, match=r"bomb.parquet: row 1 \(id .*\): column 'question' holds 2000000 "
+                                              r"characters, over the cap of 65536 \(max_text_chars\)"):
+        read_source_file(data, "bomb.parquet")
+    assert read_source_file(data, "bomb.parquet", max_text_chars=2_000_000).height == 3  # the cap is a setting
+    # The footer says how far each row group inflates; a row group over the file cap is refused before it is read.
+    with pytest.raises(SourceDataError, match=r"bomb.parquet: row group 0 inflates to \d+ bytes, over the cap of "
+                                              r"1000000 \(max_source_file_bytes\)"):
+        read_source_file(data, "bomb.parquet", max_bytes=1_000_000)

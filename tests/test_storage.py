@@ -215,7 +215,8 @@ def test_a_lease_has_one_holder_until_it_is_released(store):
         store.acquire_lease("leases/iteration/001.json", "run-b", ttl_s=60)
     again = store.acquire_lease("leases/iteration/001.json", "run-a", ttl_s=60)  # the same run's next step
     again.release()
-    first.release()  # already released by the same run: nothing left to delete
+    assert store.read_json("leases/iteration/001.json")["owner"] == "run-a"  # still held: the first holder releases it
+    first.release()
     assert not store.exists("leases/iteration/001.json")
     with store.acquire_lease("leases/iteration/001.json", "run-b", ttl_s=60):
         assert store.read_json("leases/iteration/001.json")["owner"] == "run-b"
