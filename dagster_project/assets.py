@@ -30,9 +30,12 @@ from src_assets.tiny_models import build_tiny_judge
 from . import store_layout
 from .metadata import counts_table, table_preview, vqa_table_metadata
 from .resources import SettingsResource, StoreResource
+from .versions import reads
 
 
 @asset(group_name="data", description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.")
+@reads("seed", "n_sft", "n_calibrate", "n_eval", "min_objects", "max_objects", "teacher_error_rate", "source_prefix",
+       "max_source_file_bytes", "max_image_pixels", "max_text_chars", "scorer_prompts", stages=("source_data", "scenes"))
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     named = []
@@ -61,6 +64,7 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
 
 
 @asset(group_name="data", description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.")
+@reads("judgements_prefix", "max_text_chars", stages=("source_data",))
 def judgement_tables(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     files = s.list(cfg.judgements_prefix, ".parquet")
@@ -78,6 +82,7 @@ def judgement_tables(context: AssetExecutionContext, settings: SettingsResource,
 
 
 @asset(group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template.")
+@reads(stages=("rationale_sft", "scenes"))
 def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     try:
         df = build_rationale_sft_set(vqa_source)
@@ -90,6 +95,8 @@ def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) 
 
 
 @asset(group_name="data")
+@reads("policy_model", "n_base", "seed", "base_caption_share", "min_objects", "max_objects", "base_answer_form",
+       stages=("base_stage", "scenes"))
 def perception_corpus(context: AssetExecutionContext, settings: SettingsResource) -> pl.DataFrame:
     """The base stage's training rows (tiny policy only): captions of scenes in the rationale's perception sentences,
     and direct answers to the domain's questions, on scenes of their own. Empty for a real policy model."""
@@ -105,6 +112,7 @@ def perception_corpus(context: AssetExecutionContext, settings: SettingsResource
 
 
 @asset(group_name="data", description="The held-out rows every iteration is evaluated on.")
+@reads()
 def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     df = vqa_source.filter(pl.col("split") == "eval")
     if df.is_empty():
@@ -143,6 +151,8 @@ def count_parameters(model_dir: Path) -> int:
 
 
 @asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
+@reads("scorer_model", "tiny_scorer_architecture", "tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std", "seed",
+       stages=("tiny_models", "models"))
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
     if cfg.scorer_model == VERIFIER_JUDGE:

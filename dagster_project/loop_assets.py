@@ -68,7 +68,7 @@ from .assets import count_parameters
 from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .training_log import DagsterLogCallback
-from .versions import digest
+from .versions import digest, reads, settings_digest
 
 iteration_partitions = DynamicPartitionsDefinition(name="iteration")
 GPU_POOL = "gpu"  # every asset that runs a model shares this concurrency pool
@@ -112,13 +112,15 @@ def _remember_trained(store, key: str, fingerprint: str, uri: str, **reported) -
     store.write_json(store_layout.trained_from(key, fingerprint), {"uri": uri, **reported})
 
 
-def _base_recipe(ref: str, cfg) -> dict:
-    """What a base model is: a tiny model is rebuilt each run from its sizes and seed; a directory of yours is its
-    content (weights changed in place are a new model); a hub id is its reference."""
-    if ref != "tiny":
-        return {"ref": ref, **({"content": directory_digest(ref)} if Path(ref).is_dir() else {})}
-    architectures = [cfg.tiny_policy_architecture, cfg.tiny_scorer_architecture]
-    return {"ref": ref, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architectures": architectures}
+def _model_recipe(ref: str) -> dict:
+    """What a model reference is: a directory of yours is its content (weights changed in place are a new
+    model); a store version or a hub id is its reference."""
+    return {"ref": ref, **({"content": directory_digest(ref)} if Path(ref).is_dir() else {})}
+
+
+def _tiny_recipe(cfg, architecture: str) -> dict:
+    """A tiny model is rebuilt each run from its architecture, sizes and seed: those are what it is."""
+    return {"ref": TINY, "tiny": asdict(cfg.tiny_spec()), "seed": cfg.seed, "architecture": architecture}
 
 
 BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy", "direct_accuracy_blank_images")
@@ -128,6 +130,10 @@ BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy",
        check_specs=[AssetCheckSpec("base_policy_lists_the_scene", asset="base_policy_model",
                                    description="The trained tiny base policy's held-out captions list the scene exactly "
                                                "at least min_base_exact_listing of the time (WARN).")])
+@reads("policy_model", "tiny_policy_architecture", "tiny_hidden_size", "tiny_layers", "tiny_patch_size",
+       "tiny_position_embedding_std", "base_epochs", "base_learning_rate", "base_batch_size", "base_lr_scheduler", "training",
+       "base_stop_at_exact_listing", "base_check_every", "min_objects", "max_objects", "eval_max_new_tokens",
+       "min_base_exact_listing", stages=("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier"))
 def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.DataFrame, eval_set: pl.DataFrame,
                       settings: SettingsResource, store: StoreResource):
     """The policy before rationale SFT. With the tiny default, a VLM pretrained on the perception corpus (captions
@@ -144,8 +150,7 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
         yield AssetCheckResult(check_name="base_policy_lists_the_scene", passed=True,
                                metadata={"skipped": "a real model: no base stage"})
         return
-    fingerprint = digest(_base_recipe(TINY, cfg), asdict(cfg.base_settings()), _table_digest(perception_corpus),
-                         cfg.base_stop_at_exact_listing, cfg.base_check_every)
+    fingerprint = digest(_tiny_recipe(cfg, cfg.tiny_policy_architecture), settings_digest("base_policy_model", cfg), _table_digest(perception_corpus))
     found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
     if found is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -188,10 +193,11 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
 
 
 @asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
+@reads("sft_epochs", "sft_learning_rate", "sft_batch_size", "training", stages=("rationale_sft", "training", "models"))
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
-    fingerprint = digest(_base_recipe(base_policy_model, cfg), asdict(cfg.sft_settings()), _table_digest(rationale_sft_set))
+    fingerprint = digest(_model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), _table_digest(rationale_sft_set))
     found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
@@ -207,6 +213,9 @@ def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFra
 
 
 @asset(group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
+@reads("scorer_model", "tiny_scorer_architecture", "tiny_hidden_size", "tiny_layers", "tiny_patch_size",
+       "tiny_position_embedding_std", "scorer_prompts", "scorer_max_pairs", "scorer_contrast_pairs", "scorer_epochs",
+       "scorer_learning_rate", "scorer_batch_size", "judgements_prefix", "training", "judge", "search", stages=("r_scorer", "candidate_search", "generation", "training", "verifier"))
 def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
                         judgement_tables: pl.DataFrame, settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
@@ -217,10 +226,10 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
         return base_r_scorer_model  # a pretrained judge, used zero-shot
     prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
-    fingerprint = digest(sft_checkpoint, _base_recipe(cfg.scorer_model, cfg), asdict(cfg.scorer_settings()),
-                                      asdict(cfg.judge), asdict(cfg.search), cfg.scorer_max_pairs, cfg.scorer_contrast_pairs,
-                                      _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
-                                      _table_digest(judgement_tables))
+    base_judge = _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
+    fingerprint = digest(sft_checkpoint, base_judge, settings_digest("r_scorer_checkpoint", cfg),
+                         _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
+                         _table_digest(judgement_tables))
     found = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
@@ -259,6 +268,7 @@ def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg
 
 
 @asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
+@reads("runtime", "eval_max_new_tokens", "anatomy_samples", "anatomy_temperature", "seed", stages=("evaluation", "generation", "verifier"))
 def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, settings: SettingsResource,
              store: StoreResource) -> pl.DataFrame:
     cfg = settings.config()
@@ -290,6 +300,7 @@ ITERATION = dict(group_name="iteration", partitions_def=iteration_partitions)
 
 @asset(**ITERATION, description="The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), "
                                 "resolved once from the store. Every later step of the iteration uses this URI.")
+@reads()
 def start_policy(context: AssetExecutionContext, sft_checkpoint: str, store: StoreResource,
                  iteration_lease: IterationLeaseResource) -> str:
     s, key = store.store(), context.partition_key
@@ -310,6 +321,7 @@ def start_policy(context: AssetExecutionContext, sft_checkpoint: str, store: Sto
 
 @asset(**ITERATION, deps=[start_policy],  # after it: an iteration whose predecessor is missing writes nothing
        description="Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own.")
+@reads("prompts_per_iteration", "scorer_prompts", stages=("source_data",))
 def calibration_prompts(context: AssetExecutionContext, vqa_source: pl.DataFrame, settings: SettingsResource,
                         iteration_lease: IterationLeaseResource) -> pl.DataFrame:
     cfg = settings.config()
@@ -327,6 +339,7 @@ def calibration_prompts(context: AssetExecutionContext, vqa_source: pl.DataFrame
        description="K distinct complete responses per prompt from the start policy, by sentence-level beam search.",
        check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
                                    description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).")])
+@reads("search", "runtime", "seed", stages=("candidate_search", "generation"))
 def candidate_pool(context: AssetExecutionContext, calibration_prompts: pl.DataFrame, start_policy: str,
                    settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource):
     cfg, key = settings.config(), context.partition_key
@@ -349,6 +362,7 @@ def candidate_pool(context: AssetExecutionContext, calibration_prompts: pl.DataF
 
 @asset(**ITERATION, pool=GPU_POOL,
        description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.")
+@reads("judge", "aggregation", "runtime", "scoring", stages=("r_scorer", "preference", "verifier"))
 def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame,
                     r_scorer_checkpoint: str, settings: SettingsResource, store: StoreResource,
                     iteration_lease: IterationLeaseResource) -> pl.DataFrame:
@@ -359,7 +373,7 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
         scorer, tokenizer = load_scorer(store.store().local_model_dir(r_scorer_checkpoint), cfg.runtime())
         judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
         ids, matrices = judge_all(scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge, progress=context.log.info)
-    scores = score_table(ids, matrices, cfg.curation)
+    scores = score_table(ids, matrices, cfg.aggregation)
     # Held out: the R-Scorer never trained on calibration prompts.
     agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge)
     context.log.info(f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
@@ -389,10 +403,11 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
            AssetCheckSpec("keeps_pairs", asset="preference_set",
                           description="At least one pair is kept; otherwise this iteration trains nothing (WARN)."),
        ])
+@reads("curation", "select_by", stages=("preference", "verifier"))
 def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
                    calibration_prompts: pl.DataFrame, settings: SettingsResource, iteration_lease: IterationLeaseResource):
     cfg = settings.config()
-    prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation)
+    prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation, cfg.aggregation.select_by)
     kept = prefs.filter("kept")
     reasons = prefs.filter(~pl.col("kept")).with_columns(pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "..."))
     quality = preference_quality(prefs, calibration_prompts)
@@ -416,6 +431,8 @@ def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame
 
 @asset(**ITERATION, pool=GPU_POOL,
        description="Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference).")
+@reads("dpo_epochs", "dpo_learning_rate", "dpo_batch_size", "training", "beta", "dpo_nll_weight", "weighted_dpo",
+       "use_fused_dpo_kernel", "policy_update", stages=("weighted_dpo", "training"))
 def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, start_policy: str,
                       settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource) -> str:
     cfg, s, key = settings.config(), store.store(), context.partition_key
@@ -458,6 +475,8 @@ def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.Da
        description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over the start policy.",
        check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
                                    description="Accuracy and consistency do not fall below the start policy's by more than the tolerance (WARN).")])
+@reads("runtime", "judge", "eval_max_new_tokens", "anatomy_samples", "anatomy_temperature", "regression_tolerance", "seed",
+       stages=("evaluation", "generation", "r_scorer", "verifier"))
 def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start_policy: str, eval_set: pl.DataFrame,
                    r_scorer_checkpoint: str, settings: SettingsResource, store: StoreResource,
                    iteration_lease: IterationLeaseResource):

@@ -5,7 +5,7 @@ of defaults. ``default`` is the embedded run the README's main command makes;
 ``smoke`` shrinks every size so that tests and quick checks finish in seconds.
 Each choice this project made where the paper is silent is a setting (docs/method.md maps them to the method).
 
-The stages' own settings types (``SearchConfig``, ``JudgeConfig``, ``CurationConfig``) hold their defaults;
+The stages' own settings types (``SearchConfig``, ``JudgeConfig``, ``AggregationConfig``, ``CurationConfig``) hold their defaults;
 ``SRCConfig`` holds one of each, and every setting has one flat name for ``--set`` (``k``, ``tau``,
 ``judge_template``...; see ``setting_names``).
 """
@@ -20,13 +20,19 @@ from dataclasses import dataclass, field, fields, replace
 from .base_stage import ANSWER_FORMS
 from .candidate_search import SearchConfig
 from .models import Runtime
-from .preference import CurationConfig
+from .preference import AggregationConfig, CurationConfig
 from .r_scorer import JUDGE_TEMPLATES, JudgeConfig
 from .scenes import IMAGE_PIXELS
 from .tiny_models import POLICY_ARCHITECTURES, SCORER_ARCHITECTURES, TinySpec
 from .training import TrainSettings
 
 TINY = "tiny"  # a model reference meaning "build the tiny local model"
+
+# Settings every model stage reads (where and how models run), and those every training reads besides its own.
+RUNTIME_SETTINGS = ("device", "dtype", "attn_implementation", "image_min_pixels", "image_max_pixels")
+TRAINING_SETTINGS = ("lora_r", "seed", "gradient_accumulation_steps", "gradient_checkpointing", "max_length", "report_to",
+                     *RUNTIME_SETTINGS)
+SETTING_BUNDLES = {"runtime": RUNTIME_SETTINGS, "training": TRAINING_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,9 @@ class SRCConfig:
     scorer_batch_size: int = 32
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     scoring: str = "pairwise"  # ablation: "independent" judges each candidate alone
-    # 4-5. Aggregation and curation: tau, select_by, pairs_per_prompt, require_correct_chosen...
+    # 4. Aggregation: select_by, bt_iters, bt_tol, aggregation_backend
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    # 5. Curation: tau, pairs_per_prompt, require_correct_chosen...
     curation: CurationConfig = field(default_factory=CurationConfig)
     # 6. Weighted DPO
     dpo_epochs: float = 2.0
@@ -122,7 +130,7 @@ class SRCConfig:
                         patch_size=self.tiny_patch_size, position_embedding_std=self.tiny_position_embedding_std)
 
     def runtime(self) -> Runtime:
-        return Runtime(self.device, self.dtype, self.attn_implementation, self.image_min_pixels, self.image_max_pixels)
+        return Runtime(**{name: getattr(self, name) for name in RUNTIME_SETTINGS})
 
     def _train(self, epochs: float, learning_rate: float, batch_size: int, **schedule) -> TrainSettings:
         return TrainSettings(epochs, learning_rate, batch_size, self.lora_r, self.seed, self.gradient_accumulation_steps,
@@ -229,14 +237,15 @@ _RANGES = {
 
 
 # The nested settings and the prefix of their flat names, and the names that would be unclear alone.
-_GROUPS = {"search": "", "judge": "judge_", "curation": ""}
-_RENAMED = {("search", "batch_size"): "search_batch_size", ("curation", "backend"): "aggregation_backend"}
+_GROUPS = {"search": "", "judge": "judge_", "aggregation": "", "curation": ""}
+SETTING_GROUPS = tuple(_GROUPS)
+_RENAMED = {("search", "batch_size"): "search_batch_size", ("aggregation", "backend"): "aggregation_backend"}
 
 
 @functools.cache
 def setting_names() -> dict[str, tuple[str | None, str, str]]:
     """Every setting's flat name -> (nested group or None, its field there, its type name)."""
-    types = {"search": SearchConfig, "judge": JudgeConfig, "curation": CurationConfig}
+    types = {"search": SearchConfig, "judge": JudgeConfig, "aggregation": AggregationConfig, "curation": CurationConfig}
     out = {f.name: (None, f.name, f.type) for f in fields(SRCConfig) if f.name not in _GROUPS}
     for group, prefix in _GROUPS.items():
         for f in fields(types[group]):

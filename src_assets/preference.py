@@ -20,9 +20,26 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
-class CurationConfig:
-    tau: float = 0.1  # pairs whose weight is below this are dropped
+class AggregationConfig:
+    """Stage 4: from each prompt's judged matrix to per-candidate scores, and how pairs are ranked."""
+
     select_by: str = "strength"  # "strength" (Bradley-Terry) or "win_rate"
+    bt_iters: int = 50
+    bt_tol: float = 1e-6
+    backend: str = "auto"  # "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"
+
+    def __post_init__(self):
+        if self.select_by not in ("strength", "win_rate"):
+            raise ValueError(f"select_by must be 'strength' or 'win_rate', got {self.select_by!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    """Stage 5: which ranked pairs become training pairs."""
+
+    tau: float = 0.1  # pairs whose weight is below this are dropped
     pairs_per_prompt: int = 2  # best vs worst, 2nd best vs 2nd worst, ...
     require_correct_chosen: bool = True  # never keep a chosen response whose answer is wrong
     # Where the prompt has a scene (the verifier can tell), never keep a chosen response whose answer does not follow
@@ -30,15 +47,8 @@ class CurationConfig:
     # teach the untrue sentence.
     require_consistent_chosen: bool = True
     require_factual_chosen: bool = True
-    bt_iters: int = 50
-    bt_tol: float = 1e-6
-    backend: str = "auto"
 
     def __post_init__(self):
-        if self.select_by not in ("strength", "win_rate"):
-            raise ValueError(f"select_by must be 'strength' or 'win_rate', got {self.select_by!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 0 <= self.tau <= 1:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
         if self.pairs_per_prompt < 1:
@@ -65,7 +75,7 @@ def pad_matrices(matrices: list[list[list[float]]]) -> tuple[torch.Tensor, torch
     return p, valid
 
 
-def score_table(prompt_ids: list[str], matrices: list[list[list[float]]], cfg: CurationConfig = CurationConfig()) -> pl.DataFrame:
+def score_table(prompt_ids: list[str], matrices: list[list[list[float]]], cfg: AggregationConfig = AggregationConfig()) -> pl.DataFrame:
     """The ``pairwise_scores`` rows: each prompt's judged and debiased matrices and per-candidate scores."""
     p, valid = pad_matrices(matrices)
     device = "cuda" if cfg.backend != "torch" and torch.cuda.is_available() else "cpu"
@@ -105,16 +115,16 @@ SCORE_SCHEMA = {
 }
 
 
-def _ranked_pairs(row: dict, cfg: CurationConfig) -> list[tuple[int, int, float]]:
-    """(chosen, rejected, weight) for each pair of one prompt, best first."""
+def _ranked_pairs(row: dict, cfg: CurationConfig, select_by: str) -> list[tuple[int, int, float]]:
+    """(chosen, rejected, weight) for each pair of one prompt, best first by ``select_by``."""
     k = row["n_candidates"]
     if k < 2 or row["chosen"] < 0:
         return []
-    if cfg.select_by == "strength" and cfg.pairs_per_prompt == 1:
+    if select_by == "strength" and cfg.pairs_per_prompt == 1:
         if row["chosen"] == row["rejected"]:
             return []
         return [(row["chosen"], row["rejected"], row["confidence"])]
-    score = row[cfg.select_by]
+    score = row[select_by]
     best_first = sorted(range(k), key=lambda i: (-score[i], i))
     worst_first = sorted(range(k), key=lambda i: (score[i], i))
     pairs = []
@@ -146,8 +156,10 @@ def _gold_response(prompt: dict) -> str | None:
     return prompt.get("response") or None
 
 
-def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
-    """The ``preference_set``: one row per pair considered, kept or dropped with the reason.
+def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: pl.DataFrame, cfg: CurationConfig,
+                       select_by: str = "strength") -> pl.DataFrame:
+    """The ``preference_set``: one row per pair considered, kept or dropped with the reason; pairs are ranked by
+    the aggregation's ``select_by`` score.
 
     ``candidates``: prompt_id, candidate, text, answer. ``prompts``: id, question,
     answer (gold, may be null) and image.
@@ -162,7 +174,7 @@ def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: 
         answers = dict(zip(group["candidate"], group["answer"])) if group is not None else {}
         base = {"prompt_id": s["prompt_id"], "question": prompt["question"], "image": prompt["image"], "gold_answer": prompt["answer"],
                 "gold_response": _gold_response(prompt)}
-        pairs = _ranked_pairs(s, cfg)
+        pairs = _ranked_pairs(s, cfg, select_by)
         if not pairs:
             reason = "fewer than 2 candidates" if s["n_candidates"] < 2 else "all candidates tied"
             rows.append({**base, "chosen": None, "rejected": None, "chosen_answer": None, "rejected_answer": None,

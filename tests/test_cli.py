@@ -101,11 +101,12 @@ def test_each_default_lives_in_its_stage_settings_type():
 
     from src_assets.candidate_search import SearchConfig
     from src_assets.config import PROFILES, SRCConfig, setting_names
-    from src_assets.preference import CurationConfig
+    from src_assets.preference import AggregationConfig, CurationConfig
     from src_assets.r_scorer import JudgeConfig
 
     default = PROFILES["default"]
-    assert (default.search, default.curation, default.judge) == (SearchConfig(), CurationConfig(), JudgeConfig())
+    assert (default.search, default.aggregation, default.curation, default.judge) == (
+        SearchConfig(), AggregationConfig(), CurationConfig(), JudgeConfig())
     names = {f.name for f in fields(SRCConfig)}
     assert not names & {"k", "beams", "tau", "select_by", "judge_template"}  # not copied: composed
     assert setting_names()["k"][:2] == ("search", "k") and setting_names()["judge_template"][:2] == ("judge", "template")

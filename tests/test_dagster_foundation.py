@@ -127,7 +127,8 @@ def test_a_setting_changes_the_code_version_of_exactly_the_assets_that_read_it()
 
     base = _versions(profile("smoke"))
     changed = lambda **kw: {name for name, v in _versions(profile("smoke", **kw)).items() if v != base[name]}
-    assert changed(tau=0.3) == {"pairwise_scores", "preference_set"}
+    assert changed(tau=0.3) == {"preference_set"}  # curation, not the judging or aggregation before it
+    assert changed(bt_iters=20) == {"pairwise_scores"}
     assert changed(sft_epochs=2.0) == {"sft_checkpoint"}
     assert changed(beta=0.2) == {"policy_checkpoint"}
     assert changed(n_sft=61) == {"vqa_source"}
@@ -154,3 +155,54 @@ def test_dagster_marks_an_asset_stale_when_its_settings_change(tmp_path):
     assert status(profile("smoke"), "vqa_source") == StaleStatus.FRESH
     assert status(profile("smoke", n_sft=61), "vqa_source") == StaleStatus.STALE
     assert status(profile("smoke", tau=0.3), "vqa_source") == StaleStatus.FRESH  # vqa_source does not read tau
+
+
+def test_each_asset_declares_every_setting_its_code_reads():
+    """The @reads declaration is what versions and reuse fingerprints follow, so it must not miss a setting the
+    asset's body (or a helper of its module it calls) reads: otherwise changing that setting would leave the asset
+    fresh and reuse a model trained without it."""
+    import ast
+    import inspect
+
+    from dagster_project import assets, loop_assets
+    from dagster_project.versions import READS
+    from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, TRAINING_SETTINGS, setting_names
+
+    trainings = {"base_settings": "base", "sft_settings": "sft", "scorer_settings": "scorer", "dpo_settings": "dpo"}
+    methods = {"runtime": SETTING_BUNDLES["runtime"],
+               "tiny_spec": ("tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std"),
+               **{m: (f"{p}_epochs", f"{p}_learning_rate", f"{p}_batch_size", *TRAINING_SETTINGS) for m, p in trainings.items()}}
+    methods["base_settings"] += ("base_lr_scheduler",)
+    controls = {"reuse_checkpoints"}  # whether to reuse, not what is made
+
+    flat = setting_names()
+    by_field = {(g, f): n for n, (g, f, _) in flat.items() if g}
+
+    def used(fn, module, seen):
+        names, tree = set(), ast.parse(inspect.getsource(fn).lstrip())
+        parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+                parent = parents.get(id(node))
+                if node.attr in SETTING_GROUPS and isinstance(parent, ast.Attribute):  # cfg.curation.tau: one field
+                    names.add(by_field[(node.attr, parent.attr)])
+                else:
+                    names |= set(methods.get(node.attr, (node.attr,)))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in seen:
+                helper = getattr(module, node.func.id, None)
+                if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+                    seen.add(node.func.id)
+                    names |= used(helper, module, seen)
+        return names
+
+    for module in (assets, loop_assets):
+        for name, declared in READS.items():
+            if not hasattr(module, name):
+                continue
+            fn = getattr(module, name).op.compute_fn.decorated_fn
+            allowed = set()
+            for d in declared.settings:
+                allowed |= ({d, *(n for n, (g, _, _) in flat.items() if g == d)} if d in SETTING_GROUPS
+                            else set(SETTING_BUNDLES.get(d, (d,))))
+            missing = used(fn, module, {name}) - allowed - controls - {"setting"}
+            assert not missing, f"{name} reads {sorted(missing)} without declaring them in @reads"

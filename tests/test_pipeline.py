@@ -78,6 +78,34 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
     assert (clear > 0 and 0 <= agreement <= 1) or (clear == 0 and agreement != agreement)  # NaN when nothing to agree on
 
 
+def test_a_tau_change_leaves_judging_fresh_and_marks_curation_stale(run_two_iterations):
+    """Curation's threshold reads nothing upstream of the preference set: changing it marks preference_set stale
+    in Dagster's own stale-status resolver (what trains on it follows once it is materialized again), while the
+    candidate pool and the judged pairs, the costliest steps, stay fresh."""
+    from dagster import Definitions, load_assets_from_modules
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    from dagster_project import assets, loop_assets
+    from dagster_project.versions import with_code_versions
+
+    instance, _, _, _, resources = run_two_iterations
+    every = load_assets_from_modules([assets, loop_assets])
+    as_run = SettingsResource().config()  # the settings the fixture's versions were stamped with
+
+    def status(cfg, name):
+        graph = Definitions(assets=with_code_versions(every, cfg), resources=resources).resolve_asset_graph()
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        return resolver.get_status(AssetKey(name), "001")
+
+    for name in ("candidate_pool", "pairwise_scores", "preference_set", "policy_checkpoint"):
+        assert status(as_run, name) == StaleStatus.FRESH, name
+    tau_changed = SettingsResource(overrides={"tau": as_run.curation.tau + 0.2}).config()
+    assert status(tau_changed, "candidate_pool") == StaleStatus.FRESH
+    assert status(tau_changed, "pairwise_scores") == StaleStatus.FRESH
+    assert status(tau_changed, "preference_set") == StaleStatus.STALE
+
+
 def test_sft_checkpoint_is_checked_for_using_its_image(run_two_iterations):
     _, _, results, _, _ = run_two_iterations
     checks = {e.check_name: e for e in results["foundation"].get_asset_check_evaluations()}

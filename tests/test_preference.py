@@ -2,7 +2,7 @@ import polars as pl
 import pytest
 import torch
 
-from src_assets.preference import CurationConfig, curate_preferences, score_table
+from src_assets.preference import AggregationConfig, CurationConfig, curate_preferences, score_table
 
 
 def _fixture(n_prompts=40, K=6, seed=0):
@@ -22,8 +22,8 @@ def _fixture(n_prompts=40, K=6, seed=0):
 def test_kernel_and_reference_give_the_same_preference_set():
     ids, matrices, cand, prompts = _fixture()
     cfg = CurationConfig(tau=0.05)
-    via_kernel = score_table(ids, matrices, CurationConfig(backend="triton"))
-    via_torch = score_table(ids, matrices, CurationConfig(backend="torch"))
+    via_kernel = score_table(ids, matrices, AggregationConfig(backend="triton"))
+    via_torch = score_table(ids, matrices, AggregationConfig(backend="torch"))
     assert via_kernel["chosen"].to_list() == via_torch["chosen"].to_list()
     a = curate_preferences(cand, via_kernel, prompts, cfg)
     b = curate_preferences(cand, via_torch, prompts, cfg)
@@ -34,7 +34,7 @@ def test_kernel_and_reference_give_the_same_preference_set():
 
 def test_curation_rules():
     ids, matrices, cand, prompts = _fixture()
-    scores = score_table(ids, matrices, CurationConfig(backend="torch"))
+    scores = score_table(ids, matrices, AggregationConfig(backend="torch"))
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.2, pairs_per_prompt=1))
     assert prefs.height == len(ids)  # one pair considered per prompt
     assert ((prefs["weight"] >= 0) & (prefs["weight"] <= 1)).all()
@@ -49,7 +49,7 @@ def test_curation_rules():
 
 def test_weight_is_the_debiased_margin_times_order_agreement():
     # Candidate 0 beats 1 in both orders: p(0,1) = 0.9 and p(1,0) = 0.3.
-    scores = score_table(["x"], [[[0.5, 0.9], [0.3, 0.5]]], CurationConfig(backend="torch"))
+    scores = score_table(["x"], [[[0.5, 0.9], [0.3, 0.5]]], AggregationConfig(backend="torch"))
     s = scores.row(0, named=True)
     assert (s["chosen"], s["rejected"]) == (0, 1)
     q01 = (0.9 + 1 - 0.3) / 2
@@ -59,8 +59,8 @@ def test_weight_is_the_debiased_margin_times_order_agreement():
 
 def test_several_pairs_per_prompt_and_win_rate_selection():
     ids, matrices, cand, prompts = _fixture(n_prompts=6, K=6)
-    scores = score_table(ids, matrices, CurationConfig(backend="torch"))
-    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=3, select_by="win_rate", require_correct_chosen=False))
+    scores = score_table(ids, matrices, AggregationConfig(backend="torch"))
+    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=3, require_correct_chosen=False), select_by="win_rate")
     per_prompt = prefs.group_by("prompt_id").len()
     assert per_prompt.filter(pl.col("prompt_id") == "q1")["len"].item() == 3
     s = scores.filter(pl.col("prompt_id") == "q1").row(0, named=True)
@@ -69,10 +69,12 @@ def test_several_pairs_per_prompt_and_win_rate_selection():
     assert first["chosen"] == f"q1 candidate {best}" + ("\nAnswer: two" if (best + 2) % 2 else "\nAnswer: three")
 
 
-@pytest.mark.parametrize("kwargs, message", [({"select_by": "mean"}, "select_by"), ({"tau": 2.0}, "tau"), ({"backend": "cuda"}, "backend")])
-def test_bad_curation_settings_are_named(kwargs, message):
+@pytest.mark.parametrize("settings_type, kwargs, message", [(AggregationConfig, {"select_by": "mean"}, "select_by"),
+                                                             (CurationConfig, {"tau": 2.0}, "tau"),
+                                                             (AggregationConfig, {"backend": "cuda"}, "backend")])
+def test_bad_curation_settings_are_named(settings_type, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        CurationConfig(**kwargs)
+        settings_type(**kwargs)
 
 
 def test_the_check_and_curation_compare_answers_alike():
@@ -81,7 +83,7 @@ def test_the_check_and_curation_compare_answers_alike():
     cand = pl.DataFrame({"prompt_id": ["p", "p"], "candidate": [0, 1], "text": ["a", "b"],
                          "answer": ["Top  left.", "bottom right"]})
     prompts = pl.DataFrame({"id": ["p"], "question": ["where?"], "answer": ["top left"], "image": [b""]})
-    scores = score_table(["p"], [[[0.5, 0.95], [0.05, 0.5]]], CurationConfig(backend="torch"))
+    scores = score_table(["p"], [[[0.5, 0.95], [0.05, 0.5]]], AggregationConfig(backend="torch"))
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=1))
     assert prefs["kept"].to_list() == [True] and prefs["chosen_correct"].to_list() == [True]
 
@@ -106,7 +108,7 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
                          for p in ids for c, t in enumerate((chosen[p], rejected))])
     prompts = pl.DataFrame({"id": ids, "question": ["how many red shapes?"] * 3, "answer": ["two"] * 3, "image": [b""] * 3,
                             "scene": [scene.to_json()] * 3, "question_spec": [question.to_json()] * 3})
-    scores = score_table(ids, [[[0.5, 0.95], [0.05, 0.5]]] * 3, CurationConfig(backend="torch"))
+    scores = score_table(ids, [[[0.5, 0.95], [0.05, 0.5]]] * 3, AggregationConfig(backend="torch"))
 
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0))
     assert prefs["gold_response"].to_list() == [chosen["sound"]] * 3  # what the gold-data bound trains on
