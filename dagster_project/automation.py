@@ -1,6 +1,5 @@
 """Jobs, the schedule and the sensor: how iterations get started without a person clicking."""
 
-import hashlib
 import json
 import os
 import uuid
@@ -15,16 +14,21 @@ from dagster import (
     SensorResult,
     SkipReason,
     define_asset_job,
+    load_assets_from_modules,
     schedule,
     sensor,
 )
 
+from src_assets.fingerprints import digest
+
 from . import store_layout
+from . import assets, loop_assets
 from .loop_assets import iteration_key, iteration_partitions
 from .resources import SettingsResource, StoreResource
 
-ITERATION_ASSETS = ("start_policy", "calibration_prompts", "candidate_pool", "pairwise_scores", "preference_set",
-                    "policy_checkpoint", "iteration_eval")
+# The iteration's assets are the ones partitioned by iteration; every other asset is the foundation they read.
+ITERATION_ASSETS = tuple(key.to_user_string() for a in load_assets_from_modules([assets, loop_assets])
+                         if a.partitions_def == iteration_partitions for key in a.keys)
 # Runs of this job carry this tag; dagster.yaml's run queue lets one such run go at a time, so iterations run in order.
 ITERATION_TAG = {"src/iteration_run": "true"}
 
@@ -75,9 +79,9 @@ def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResourc
     key = next_iteration(s)
     context.log.info(f"{len(new)} new or changed source file(s) ({', '.join(new[:3])}...): starting iteration {key}")
     # The run key names the files' contents, so the same iteration can be asked for again when data changes.
-    digest = hashlib.sha256(json.dumps(sorted((f, d["sha256"]) for f, d in digests.items())).encode()).hexdigest()[:12]
+    contents = digest(sorted((f, d["sha256"]) for f, d in digests.items()))
     return SensorResult(
-        run_requests=[RunRequest(partition_key=key, run_key=f"iteration-{key}-{digest}", tags={"src/new_files": str(len(new))})],
+        run_requests=[RunRequest(partition_key=key, run_key=f"iteration-{key}-{contents}", tags={"src/new_files": str(len(new))})],
         dynamic_partitions_requests=[iteration_partitions.build_add_request([key])],
         cursor=json.dumps(digests, sort_keys=True),
     )

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from src_assets.config import PROFILES
+from src_assets.fingerprints import digest as fingerprint
 
 from .experiments import VARIANTS, experiment
 from .generation_benchmark import bench_generation
@@ -137,12 +138,10 @@ def _materialize(assets, instance, resources, tags, verbose: bool, selection=Non
 
 
 def run(args) -> int:
-    import hashlib
     import socket
     from dataclasses import asdict
 
-    from .definitions import all_assets, all_checks, build_resources
-    from .automation import ITERATION_ASSETS
+    from .definitions import all_assets, build_resources, split_by_iteration
     from .resources import STORE_LEASE_OWNER_TAG, SettingsResource, StoreResource
     from .versions import with_code_versions
 
@@ -158,9 +157,8 @@ def run(args) -> int:
     resources = build_resources(store, settings)
     instance = _instance()
     assets = with_code_versions(all_assets, cfg)  # so Dagster records the versions of this run's settings
-    foundation = [a for a in assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
-    iteration = [a for a in assets if a not in foundation]
-    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    foundation, iteration = split_by_iteration(assets)
+    digest = fingerprint(asdict(cfg), length=16)
     tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest,
             STORE_TAG: store.store().base_uri}
 

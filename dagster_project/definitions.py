@@ -3,12 +3,22 @@
 from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
 from . import assets, loop_assets
+from .loop_assets import iteration_partitions
 from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
 from .versions import with_code_versions
 from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource, StoreRunLeaseResource
 
 # Code versions under the environment's settings (SRC_PROFILE): what `dagster dev` materializes with.
 all_assets = with_code_versions(load_assets_from_modules([assets, loop_assets]), SettingsResource().config())
+
+
+def split_by_iteration(assets_defs: list) -> tuple[list, list]:
+    """(the foundation, the iteration's assets): the iteration's are those partitioned by iteration."""
+    iteration = [a for a in assets_defs if a.partitions_def == iteration_partitions]
+    return [a for a in assets_defs if a not in iteration], iteration
+
+
+foundation_assets, iteration_assets = split_by_iteration(all_assets)
 # Checks defined apart from their asset's function (those inside it travel with the asset).
 all_checks = load_asset_checks_from_modules([assets, loop_assets])
 

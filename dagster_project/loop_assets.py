@@ -42,6 +42,7 @@ from dagster import (
 from src_assets.base_stage import StopWhenPerceiving, evaluate_captions, probe_scenes, train_base_policy
 from src_assets.candidate_search import sentence_beam_search
 from src_assets.evaluation import full_anatomy, evaluate_policy, preference_quality, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
+from src_assets.fingerprints import derive_seed, digest, table_digest
 from src_assets.generation import generate_responses
 from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
@@ -68,7 +69,7 @@ from .assets import count_parameters
 from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .training_log import DagsterLogCallback
-from .versions import digest, reads, settings_digest
+from .versions import reads, settings_digest
 
 iteration_partitions = DynamicPartitionsDefinition(name="iteration")
 GPU_POOL = "gpu"  # every asset that runs a model shares this concurrency pool
@@ -82,10 +83,6 @@ def iteration_number(key: str) -> int:
     if not key.isdigit() or int(key) < 1:
         raise Failure(f"iteration partition keys are zero-padded positive numbers like '001', got {key!r}")
     return int(key)
-
-
-def _table_digest(df: pl.DataFrame) -> str:
-    return str(int(df.hash_rows(seed=0).cast(pl.UInt64).sum()))
 
 
 def _trained_before(context, store, key: str, fingerprint: str, cfg) -> dict | None:
@@ -150,7 +147,7 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
         yield AssetCheckResult(check_name="base_policy_lists_the_scene", passed=True,
                                metadata={"skipped": "a real model: no base stage"})
         return
-    fingerprint = digest(_tiny_recipe(cfg, cfg.tiny_policy_architecture), settings_digest("base_policy_model", cfg), _table_digest(perception_corpus))
+    fingerprint = digest(_tiny_recipe(cfg, cfg.tiny_policy_architecture), settings_digest("base_policy_model", cfg), table_digest(perception_corpus))
     found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
     if found is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +194,7 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
 def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
                    settings: SettingsResource, store: StoreResource) -> str:
     cfg, s = settings.config(), store.store()
-    fingerprint = digest(_model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), _table_digest(rationale_sft_set))
+    fingerprint = digest(_model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set))
     found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
@@ -228,8 +225,8 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
     base_judge = _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
     fingerprint = digest(sft_checkpoint, base_judge, settings_digest("r_scorer_checkpoint", cfg),
-                         _table_digest(prompts), _table_digest(vqa_source.filter(pl.col("split") == "sft")),
-                         _table_digest(judgement_tables))
+                         table_digest(prompts), table_digest(vqa_source.filter(pl.col("split") == "sft")),
+                         table_digest(judgement_tables))
     found = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
@@ -239,7 +236,8 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
     judgements = user_judgements(judgement_tables, tokenizer, cfg.judge)
     if prompts["scene"].is_not_null().any():  # the verifier can label the SFT policy's own candidates
         policy, processor = load_policy(s.local_model_dir(sft_checkpoint), cfg.runtime())
-        pool = sentence_beam_search(policy, processor, prompts, cfg.search, seed=cfg.seed + 7919, progress=context.log.info)
+        pool = sentence_beam_search(policy, processor, prompts, cfg.search, seed=derive_seed(cfg.seed, "r_scorer_candidates"),
+                                    progress=context.log.info)
         del policy
         judgements = pl.concat([judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge, cfg.scorer_max_pairs, cfg.seed)])
     if cfg.scorer_contrast_pairs:
@@ -346,7 +344,7 @@ def candidate_pool(context: AssetExecutionContext, calibration_prompts: pl.DataF
     context.log.info(f"iteration {key}: sampling {calibration_prompts.height} prompts from {start_policy}")
     model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
     pool = sentence_beam_search(model, processor, calibration_prompts, cfg.search,
-                                seed=cfg.seed * 1000 + iteration_number(key), progress=context.log.info)
+                                seed=derive_seed(cfg.seed, "candidate_pool", key), progress=context.log.info)
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
     yield Output(pool, metadata={

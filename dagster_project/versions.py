@@ -20,13 +20,12 @@ The Definitions carry the versions of the settings in the environment (``SRC_PRO
 materializes with); ``src-calibrate run`` stamps its own settings on the assets it runs.
 """
 
-import hashlib
 import inspect
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, SRCConfig, setting_names
+from src_assets.fingerprints import digest
 
 _SRC = Path(__file__).resolve().parents[1] / "src_assets"
 
@@ -67,11 +66,6 @@ def settings_read(asset: str, cfg: SRCConfig) -> dict:
         else:
             out.update({n: cfg.setting(n) for n in SETTING_BUNDLES.get(name, (name,))})
     return out
-
-
-def digest(*parts) -> str:
-    """A short, stable digest of JSON-able parts (settings, recipes, table digests): the project's one digest."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def settings_digest(asset: str, cfg: SRCConfig) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .fingerprints import derive_seed
 from .generation import PromptInputs, cache_rows, collate_prompts, left_padded, never_generate, prompt_inputs, to_model
 from .progress import Progress, ProgressBar
 from .verifier import split_response
@@ -160,7 +161,7 @@ def _search_group(model, prompts: _Prompts, n: int, cfg: SearchConfig, eos_id: i
         for start in range(0, len(rows), cfg.batch_size):
             chunk = rows[start : start + cfg.batch_size]
             batch, cache = prompts.batch([p for p, _ in chunk], [b.tokens for _, b in chunk])
-            torch.manual_seed(seed + step * 1_009 + start)
+            torch.manual_seed(derive_seed(seed, "step", step, start))
             sentences, sums = _generate(model, batch, prompts.pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature, cache)
             for (p, beam), sentence, logp in zip(chunk, sentences, sums):
                 if not sentence:
@@ -197,7 +198,7 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
     bar = ProgressBar(len(ids), "candidate search (prompts)", progress)
     for g0 in range(0, len(ids), group):
         inputs = [prompt_inputs(processor, q, image) for q, image in zip(questions[g0 : g0 + group], images[g0 : g0 + group])]
-        finished += _search_group(model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, seed * 100_003 + g0)
+        finished += _search_group(model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, derive_seed(seed, "group", g0))
         bar.update(len(inputs))
     bar.close()
 

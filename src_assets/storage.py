@@ -43,6 +43,8 @@ from pathlib import Path
 import fsspec
 import polars as pl
 
+from .fingerprints import digest
+
 DEFAULT_STORE = ".src_store"
 MANIFEST = "MANIFEST.json"
 STORE_ENV = "SRC_STORE_URI"
@@ -418,11 +420,11 @@ def process_alive(pid: int) -> bool:
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
+    sha = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            sha.update(block)
+    return sha.hexdigest()
 
 
 _SUMS: dict[tuple[str, int, int], str] = {}
@@ -441,10 +443,8 @@ def _sha256_cached(file: Path) -> str:
 def directory_digest(directory: str | Path) -> str:
     """A digest of a directory's content (every file's name and sha256): what reuse fingerprints use for a model
     directory of yours, so that weights changed in place are noticed although the path is the same."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(directory).as_posix()}\0{_sha256_cached(file)}\0".encode())
-    return digest.hexdigest()[:16]
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    return digest([(file.relative_to(directory).as_posix(), _sha256_cached(file)) for file in files], length=16)
 
 
 def _check_files(directory: Path, files: dict, uri: str) -> None:

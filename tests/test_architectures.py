@@ -40,8 +40,10 @@ def _run(tmp_path, monkeypatch, capsys, *settings) -> tuple[int, list[dict], str
 def test_each_architecture_runs_the_smoke_loop(architecture, lora_r, bpe_judge, tmp_path, monkeypatch, capsys):
     policy = build_tiny_policy(tmp_path / "policy", architecture, SPEC)
     # Three DPO epochs: with a single pair, one step would fall inside the learning-rate warmup (lr 0 at step 0).
+    # A random-weight model seldom ends a response, so a wider and longer search than the smoke profile's gives
+    # every prompt several finished candidates, whatever the random streams.
     code, rows, err = _run(tmp_path, monkeypatch, capsys, f"policy_model={policy}", f"scorer_model={bpe_judge}", f"lora_r={lora_r}",
-                           "dpo_epochs=3")
+                           "dpo_epochs=3", "beams=4", "samples_per_beam=4", "max_sentences=12")
     assert code == 0, err
     assert rows[1]["pairs_kept"] > 0
     store = Store(str(tmp_path / "store"))

@@ -17,7 +17,7 @@ import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
 
 from dagster_project.automation import ITERATION_ASSETS
-from dagster_project.definitions import all_assets, build_resources
+from dagster_project.definitions import build_resources, foundation_assets
 from dagster_project.loop_assets import iteration_partitions
 from dagster_project.resources import SettingsResource, StoreResource
 from src_assets.storage import Store
@@ -71,7 +71,7 @@ def dagster_ui(tmp_path_factory):
                 time.sleep(1)
         with DagsterInstance.from_config(str(home)) as instance:
             # The unpartitioned assets (data, SFT, R-Scorer) first, as a user would from the UI.
-            foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+            foundation = foundation_assets
             resources = build_resources(StoreResource(base_uri=str(store)), SettingsResource(profile="smoke"))
             assert materialize(foundation, instance=instance, resources=resources).success
         yield url, home, Store(str(store))

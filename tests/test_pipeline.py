@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from dagster_project.automation import ITERATION_ASSETS, iteration_schedule, new_source_data_sensor
-from dagster_project.definitions import all_assets, all_checks, build_resources
+from dagster_project.definitions import all_assets, all_checks, build_resources, foundation_assets
 from dagster_project.loop_assets import iteration_partitions
 from dagster_project.resources import SettingsResource, StoreResource
 from src_assets.storage import Store
@@ -34,7 +34,7 @@ def run_two_iterations(tmp_path_factory):
     instance = DagsterInstance.ephemeral()
     resources = build_resources(StoreResource(base_uri=str(root / "store")), SettingsResource(profile="smoke"))
     started = time.monotonic()
-    foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+    foundation = foundation_assets
     foundation_result = materialize([*foundation, *all_checks], instance=instance, resources=resources)
     assert foundation_result.success
     instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
@@ -302,7 +302,7 @@ def test_a_run_launched_while_another_holds_the_store_is_refused_before_it_write
     _, store, _, _, resources = run_two_iterations
     root = Path(store.base_uri)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    foundation = [a for a in all_assets if not any(k.to_user_string() in ITERATION_ASSETS for k in a.keys)]
+    foundation = foundation_assets
     # The lease is the store's: a run from any instance (here a new one, as the UI's would be) is refused.
     with instance_for_test() as instance, store.acquire_lease("leases/store_run.json", "another-run"):
         instance.add_dynamic_partitions(iteration_partitions.name, ["002"])
