@@ -1,6 +1,5 @@
 """Assets: thin wrappers that call ``src_assets`` and describe the result."""
 
-
 import json
 import math
 import tempfile
@@ -33,23 +32,51 @@ from .resources import SettingsResource, StoreResource
 from .versions import reads
 
 
-@asset(group_name="data", description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.")
-@reads("seed", "n_sft", "n_calibrate", "n_eval", "min_objects", "max_objects", "teacher_error_rate", "source_prefix",
-       "max_source_file_bytes", "max_image_pixels", "max_text_chars", "scorer_prompts", stages=("source_data", "scenes"))
+@asset(
+    group_name="data",
+    description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.",
+)
+@reads(
+    "seed",
+    "n_sft",
+    "n_calibrate",
+    "n_eval",
+    "min_objects",
+    "max_objects",
+    "teacher_error_rate",
+    "source_prefix",
+    "max_source_file_bytes",
+    "max_image_pixels",
+    "max_text_chars",
+    "scorer_prompts",
+    stages=("source_data", "scenes"),
+)
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
     named = []
     if cfg.n_sft or cfg.n_calibrate or cfg.n_eval:
-        synthetic = synthetic_source(cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects,
-                                     cfg.teacher_error_rate)
+        synthetic = synthetic_source(
+            cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects, cfg.teacher_error_rate
+        )
         named.append(("synthetic", synthetic))
     files = s.list(cfg.source_prefix, ".parquet")
     for key in files:
         context.log.info(f"reading source file {s.uri(key)}")
         try:
             with s.open(key) as file:
-                named.append((s.uri(key), read_source_file(file, s.uri(key), s.size(key), cfg.max_source_file_bytes,
-                                                           cfg.max_image_pixels, cfg.max_text_chars)))
+                named.append(
+                    (
+                        s.uri(key),
+                        read_source_file(
+                            file,
+                            s.uri(key),
+                            s.size(key),
+                            cfg.max_source_file_bytes,
+                            cfg.max_image_pixels,
+                            cfg.max_text_chars,
+                        ),
+                    )
+                )
         except SourceDataError as e:
             raise Failure(str(e)) from e
     if not named:
@@ -59,11 +86,16 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
         check_split_sizes(df, cfg.scorer_prompts)
     except SourceDataError as e:
         raise Failure(str(e)) from e
-    context.add_output_metadata({**vqa_table_metadata(df), "source_files": MetadataValue.json([s.uri(k) for k in files])})
+    context.add_output_metadata(
+        {**vqa_table_metadata(df), "source_files": MetadataValue.json([s.uri(k) for k in files])}
+    )
     return df
 
 
-@asset(group_name="data", description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.")
+@asset(
+    group_name="data",
+    description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.",
+)
 @reads("judgements_prefix", "max_text_chars", stages=("source_data",))
 def judgement_tables(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     cfg, s = settings.config(), store.store()
@@ -76,12 +108,19 @@ def judgement_tables(context: AssetExecutionContext, settings: SettingsResource,
         except SourceDataError as e:
             raise Failure(str(e)) from e
     df = pl.concat(frames) if frames else pl.DataFrame(schema=JUDGEMENT_SCHEMA)
-    context.add_output_metadata({"judgements": df.height, "files": MetadataValue.json([s.uri(k) for k in files]),
-                                 "verdicts": MetadataValue.json(dict(df.group_by("verdict").len().iter_rows()))})
+    context.add_output_metadata(
+        {
+            "judgements": df.height,
+            "files": MetadataValue.json([s.uri(k) for k in files]),
+            "verdicts": MetadataValue.json(dict(df.group_by("verdict").len().iter_rows())),
+        }
+    )
     return df
 
 
-@asset(group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template.")
+@asset(
+    group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template."
+)
 @reads(stages=("rationale_sft", "scenes"))
 def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
     try:
@@ -95,8 +134,16 @@ def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) 
 
 
 @asset(group_name="data")
-@reads("policy_model", "n_base", "seed", "base_caption_share", "min_objects", "max_objects", "base_answer_form",
-       stages=("base_stage", "scenes"))
+@reads(
+    "policy_model",
+    "n_base",
+    "seed",
+    "base_caption_share",
+    "min_objects",
+    "max_objects",
+    "base_answer_form",
+    stages=("base_stage", "scenes"),
+)
 def perception_corpus(context: AssetExecutionContext, settings: SettingsResource) -> pl.DataFrame:
     """The base stage's training rows (tiny policy only): captions of scenes in the rationale's perception sentences,
     and direct answers to the domain's questions, on scenes of their own. Empty for a real policy model."""
@@ -104,10 +151,16 @@ def perception_corpus(context: AssetExecutionContext, settings: SettingsResource
     if cfg.policy_model != TINY:
         context.add_output_metadata({"rows": 0, "skipped": "a real policy model: it has no base stage"})
         return pl.DataFrame(schema=PERCEPTION_SCHEMA)
-    df = perception_corpus_rows(cfg.n_base, cfg.seed, cfg.base_caption_share, cfg.min_objects, cfg.max_objects,
-                                cfg.base_answer_form)
-    context.add_output_metadata({"rows": df.height, "question_kinds": counts_table(dict(sorted(df.group_by("kind").len().iter_rows())), "kind"),
-                                 "preview": table_preview(df)})
+    df = perception_corpus_rows(
+        cfg.n_base, cfg.seed, cfg.base_caption_share, cfg.min_objects, cfg.max_objects, cfg.base_answer_form
+    )
+    context.add_output_metadata(
+        {
+            "rows": df.height,
+            "question_kinds": counts_table(dict(sorted(df.group_by("kind").len().iter_rows())), "kind"),
+            "preview": table_preview(df),
+        }
+    )
     return df
 
 
@@ -135,7 +188,10 @@ def _base_model(context, ref: str, build, architecture: str, key: str, store: St
         except ModelLoadError as e:
             raise Failure(str(e)) from e
         uri, n_params = ref, None
-    meta = {"model": MetadataValue.text(uri), "architecture": MetadataValue.text(",".join(config.get("architectures") or ["?"]))}
+    meta = {
+        "model": MetadataValue.text(uri),
+        "architecture": MetadataValue.text(",".join(config.get("architectures") or ["?"])),
+    }
     if n_params is not None:
         meta["parameters"] = MetadataValue.int(n_params)
     context.add_output_metadata(meta)
@@ -150,12 +206,31 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-@asset(group_name="models", description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.")
-@reads("scorer_model", "tiny_scorer_architecture", "tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std", "seed",
-       stages=("tiny_models", "models"))
+@asset(
+    group_name="models",
+    description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.",
+)
+@reads(
+    "scorer_model",
+    "tiny_scorer_architecture",
+    "tiny_hidden_size",
+    "tiny_layers",
+    "tiny_patch_size",
+    "tiny_position_embedding_std",
+    "seed",
+    stages=("tiny_models", "models"),
+)
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
     if cfg.scorer_model == VERIFIER_JUDGE:
         context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE)})
         return VERIFIER_JUDGE  # the oracle judge has no model
-    return _base_model(context, cfg.scorer_model, build_tiny_judge, cfg.tiny_scorer_architecture, store_layout.BASE_SCORER_MODEL, store, cfg)
+    return _base_model(
+        context,
+        cfg.scorer_model,
+        build_tiny_judge,
+        cfg.tiny_scorer_architecture,
+        store_layout.BASE_SCORER_MODEL,
+        store,
+        cfg,
+    )

@@ -21,14 +21,17 @@ from dagster import (
 
 from src_assets.fingerprints import digest
 
-from . import store_layout
-from . import assets, loop_assets
+from . import assets, loop_assets, store_layout
 from .loop_assets import iteration_key, iteration_partitions
 from .resources import SettingsResource, StoreResource
 
 # The iteration's assets are the ones partitioned by iteration; every other asset is the foundation they read.
-ITERATION_ASSETS = tuple(key.to_user_string() for a in load_assets_from_modules([assets, loop_assets])
-                         if a.partitions_def == iteration_partitions for key in a.keys)
+ITERATION_ASSETS = tuple(
+    key.to_user_string()
+    for a in load_assets_from_modules([assets, loop_assets])
+    if a.partitions_def == iteration_partitions
+    for key in a.keys
+)
 # Runs of this job carry this tag; dagster.yaml's run queue lets one such run go at a time, so iterations run in order.
 ITERATION_TAG = {"src/iteration_run": "true"}
 
@@ -64,8 +67,12 @@ def next_iteration(store) -> str:
     return iteration_key(k)
 
 
-@sensor(job=new_data_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.STOPPED,
-        description="New Parquet files under the store's source prefix: read them into the source table and run the next iteration.")
+@sensor(
+    job=new_data_job,
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="New Parquet files under the store's source prefix: read them into the source table and run the next iteration.",
+)
 def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResource, settings: SettingsResource):
     s = store.store()
     files = s.list(settings.config().source_prefix, ".parquet")
@@ -81,14 +88,20 @@ def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResourc
     # The run key names the files' contents, so the same iteration can be asked for again when data changes.
     contents = digest(sorted((f, d["sha256"]) for f, d in digests.items()))
     return SensorResult(
-        run_requests=[RunRequest(partition_key=key, run_key=f"iteration-{key}-{contents}", tags={"src/new_files": str(len(new))})],
+        run_requests=[
+            RunRequest(partition_key=key, run_key=f"iteration-{key}-{contents}", tags={"src/new_files": str(len(new))})
+        ],
         dynamic_partitions_requests=[iteration_partitions.build_add_request([key])],
         cursor=json.dumps(digests, sort_keys=True),
     )
 
 
-@schedule(job=iteration_job, cron_schedule=os.environ.get("SRC_SCHEDULE_CRON", "0 3 * * 1"),
-          default_status=DefaultScheduleStatus.STOPPED, description="Runs the next iteration on a cron (SRC_SCHEDULE_CRON).")
+@schedule(
+    job=iteration_job,
+    cron_schedule=os.environ.get("SRC_SCHEDULE_CRON", "0 3 * * 1"),
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Runs the next iteration on a cron (SRC_SCHEDULE_CRON).",
+)
 def iteration_schedule(context: ScheduleEvaluationContext, store: StoreResource):
     key = next_iteration(store.store())
     context.instance.add_dynamic_partitions(iteration_partitions.name, [key])

@@ -75,7 +75,8 @@ def _failed_checks(result) -> tuple[list[str], list[str]]:
         if evaluation.passed:
             continue
         line = f"check {evaluation.asset_key.to_user_string()}.{evaluation.check_name} failed: " + ", ".join(
-            f"{k}={v.value}" for k, v in evaluation.metadata.items())
+            f"{k}={v.value}" for k, v in evaluation.metadata.items()
+        )
         (warnings if evaluation.severity.value == "WARN" else errors).append(line)
     return errors, warnings
 
@@ -129,12 +130,20 @@ def _materialize(assets, instance, resources, tags, verbose: bool, selection=Non
     from .step_log import step_lines
 
     job = "src_calibrate_run"
-    defs = Definitions(assets=assets, jobs=[define_asset_job(job, selection=selection)], resources=resources,
-                       loggers={} if verbose else {"console": step_lines(instance)})  # execute_in_process runs in this process
+    defs = Definitions(
+        assets=assets,
+        jobs=[define_asset_job(job, selection=selection)],
+        resources=resources,
+        loggers={} if verbose else {"console": step_lines(instance)},
+    )  # execute_in_process runs in this process
     with RunWatchdog(instance, print if verbose else (lambda *a: print(" ", *a, file=sys.stderr))):
         return defs.resolve_job_def(job).execute_in_process(
-            run_config=None if verbose else {"loggers": {"console": {}}}, instance=instance, partition_key=partition_key,
-            raise_on_error=False, tags=tags)
+            run_config=None if verbose else {"loggers": {"console": {}}},
+            instance=instance,
+            partition_key=partition_key,
+            raise_on_error=False,
+            tags=tags,
+        )
 
 
 def run(args) -> int:
@@ -159,8 +168,12 @@ def run(args) -> int:
     assets = with_code_versions(all_assets, cfg)  # so Dagster records the versions of this run's settings
     foundation, iteration = split_by_iteration(assets)
     digest = fingerprint(asdict(cfg), length=16)
-    tags = {RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid()), SETTINGS_TAG: digest,
-            STORE_TAG: store.store().base_uri}
+    tags = {
+        RUN_HOST_TAG: socket.gethostname(),
+        RUN_PID_TAG: str(os.getpid()),
+        SETTINGS_TAG: digest,
+        STORE_TAG: store.store().base_uri,
+    }
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if not args.verbose:
@@ -174,11 +187,16 @@ def run(args) -> int:
 
     try:
         owner = f"src-calibrate-{uuid.uuid4().hex[:12]}"
-        lease = store.store().acquire_lease(store_layout.STORE_RUN_LEASE, owner, command="src-calibrate run", settings=digest)
+        lease = store.store().acquire_lease(
+            store_layout.STORE_RUN_LEASE, owner, command="src-calibrate run", settings=digest
+        )
         tags[STORE_LEASE_OWNER_TAG] = owner  # its runs hold the store under this command's lease
     except LeaseHeld as e:
-        print(f"src-calibrate: another run is using this store, so this run writes nothing: {e}. Wait for it to "
-              f"end, or give this run its own --store", file=sys.stderr)
+        print(
+            f"src-calibrate: another run is using this store, so this run writes nothing: {e}. Wait for it to "
+            f"end, or give this run its own --store",
+            file=sys.stderr,
+        )
         return 1
     with lease:
         try:
@@ -202,20 +220,36 @@ def _run_holding_the_store(args, store, resources, instance, foundation, iterati
         return 1
     sft = _meta(result, "sft_eval")
     start = _meta(result, "sft_checkpoint").get("model")
-    rows = [{"iteration": 0, **{k: sft.get(k) for k in ("accuracy", "factuality", "consistency")},
-             "pairs_kept": None, "mean_weight": None, "checkpoint": start}]
+    rows = [
+        {
+            "iteration": 0,
+            **{k: sft.get(k) for k in ("accuracy", "factuality", "consistency")},
+            "pairs_kept": None,
+            "mean_weight": None,
+            "checkpoint": start,
+        }
+    ]
     keys = [iteration_key(k) for k in range(1, args.iterations + 1)]
     instance.add_dynamic_partitions(iteration_partitions.name, keys)
     for key in keys:
         done = None if args.fresh else completed_iteration(instance, store.store(), key, start, digest, log)
         if done is not None:
-            log(f"iteration {key}: already complete with these settings (policy {done['checkpoint']}); --fresh recomputes it")
+            log(
+                f"iteration {key}: already complete with these settings (policy {done['checkpoint']}); --fresh recomputes it"
+            )
             rows.append(done)
             start = done["checkpoint"]
             continue
         log(f"iteration {key}")
-        result = _materialize(iteration + foundation, instance, resources, {**ITERATION_TAG, **tags}, args.verbose,
-                              selection=list(ITERATION_ASSETS), partition_key=key)
+        result = _materialize(
+            iteration + foundation,
+            instance,
+            resources,
+            {**ITERATION_TAG, **tags},
+            args.verbose,
+            selection=list(ITERATION_ASSETS),
+            partition_key=key,
+        )
         if not result.success:
             print(_failure(result), file=sys.stderr)
             return 1
@@ -234,12 +268,16 @@ def _print(rows: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'iteration':>9} {'accuracy':>9} {'factuality':>10} {'consistency':>11} {'pairs kept':>10} {'mean weight':>11} "
-          f"{'judge agreement':>15}  checkpoint")
+    print(
+        f"{'iteration':>9} {'accuracy':>9} {'factuality':>10} {'consistency':>11} {'pairs kept':>10} {'mean weight':>11} "
+        f"{'judge agreement':>15}  checkpoint"
+    )
     fmt = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"
     for r in rows:
-        print(f"{r['iteration']:>9} {fmt(r.get('accuracy'), 9)} {fmt(r.get('factuality'), 10)} {fmt(r.get('consistency'), 11)} "
-              f"{fmt(r.get('pairs_kept'), 10)} {fmt(r.get('mean_weight'), 11)} {fmt(r.get('judge_agreement'), 15)}  {r.get('checkpoint')}")
+        print(
+            f"{r['iteration']:>9} {fmt(r.get('accuracy'), 9)} {fmt(r.get('factuality'), 10)} {fmt(r.get('consistency'), 11)} "
+            f"{fmt(r.get('pairs_kept'), 10)} {fmt(r.get('mean_weight'), 11)} {fmt(r.get('judge_agreement'), 15)}  {r.get('checkpoint')}"
+        )
 
 
 def evaluate(args) -> int:
@@ -250,10 +288,15 @@ def evaluate(args) -> int:
     from src_assets.storage import Store
 
     if args.n < 1 or args.samples < 0 or not args.temperature > 0:
-        return _usage_error(f"--n must be >= 1, --samples >= 0 and --temperature > 0 "
-                            f"(got {args.n}, {args.samples}, {args.temperature})")
+        return _usage_error(
+            f"--n must be >= 1, --samples >= 0 and --temperature > 0 (got {args.n}, {args.samples}, {args.temperature})"
+        )
     store = Store(args.store) if args.store else Store()
-    model_dir = store.local_model_dir(args.checkpoint) if "://" in args.checkpoint or Path(args.checkpoint).is_dir() else args.checkpoint
+    model_dir = (
+        store.local_model_dir(args.checkpoint)
+        if "://" in args.checkpoint or Path(args.checkpoint).is_dir()
+        else args.checkpoint
+    )
     model, processor = load_policy(model_dir, Runtime(args.device, args.dtype))
     held_out = synthetic_source(args.seed, 0, 0, args.n)
     if args.images == "blank":
@@ -267,7 +310,9 @@ def evaluate(args) -> int:
     summary, scored = evaluate_policy(model, processor, held_out)
     row.update(summary)
     if args.anatomy:
-        row["anatomy"] = full_anatomy(model, processor, held_out, scored, args.samples, args.temperature, seed=args.seed)
+        row["anatomy"] = full_anatomy(
+            model, processor, held_out, scored, args.samples, args.temperature, seed=args.seed
+        )
     if args.json:
         print(json.dumps(row, indent=1))
         return 0
@@ -292,8 +337,10 @@ def anatomy_table(anatomy: dict) -> str:
         rows[-1] = f"any_correct_and_consistent_in_{anatomy['all']['k']}"
     lines = ["".ljust(width) + "".join(f"{k:>11}" for k in kinds)]
     for label, key in zip(rows, [*ANATOMY_ROWS, "any_correct_and_consistent_in_k"]):
-        lines.append(label.ljust(width) + "".join(
-            f"{anatomy[k][key]:>11.3f}" if anatomy[k].get(key) is not None else f"{'':>11}" for k in kinds))
+        lines.append(
+            label.ljust(width)
+            + "".join(f"{anatomy[k][key]:>11.3f}" if anatomy[k].get(key) is not None else f"{'':>11}" for k in kinds)
+        )
     lines.append("n".ljust(width) + "".join(f"{anatomy[k].get('n', 0):>11}" for k in kinds))
     return "\n".join(lines)
 
@@ -313,28 +360,53 @@ def main(argv=None) -> int:
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--store", help="base URI of the store (default: $SRC_STORE_URI or ./.src_store)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event stream and the libraries' own output")
-    p.add_argument("--fresh", action="store_true",
-                   help="recompute everything: no SFT, R-Scorer or completed iteration of an earlier run is reused")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show Dagster's event stream and the libraries' own output"
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute everything: no SFT, R-Scorer or completed iteration of an earlier run is reused",
+    )
     p.set_defaults(fn=run)
     e = sub.add_parser("evaluate", help="score a checkpoint on a freshly generated held-out set")
-    e.add_argument("--task", choices=("vqa", "caption"), default="vqa",
-                   help="vqa: answer the domain's questions; caption: describe each scene (a base-stage checkpoint)")
-    e.add_argument("--anatomy", action="store_true",
-                   help="where the errors come from: exact listing, conclusion from listing, answer from conclusion, per kind")
-    e.add_argument("--samples", type=int, default=6, help="with --anatomy: K samples per prompt for 'any correct and consistent'")
+    e.add_argument(
+        "--task",
+        choices=("vqa", "caption"),
+        default="vqa",
+        help="vqa: answer the domain's questions; caption: describe each scene (a base-stage checkpoint)",
+    )
+    e.add_argument(
+        "--anatomy",
+        action="store_true",
+        help="where the errors come from: exact listing, conclusion from listing, answer from conclusion, per kind",
+    )
+    e.add_argument(
+        "--samples", type=int, default=6, help="with --anatomy: K samples per prompt for 'any correct and consistent'"
+    )
     e.add_argument("--temperature", type=float, default=1.0, help="with --anatomy: the samples' temperature")
     e.add_argument("--checkpoint", required=True, help="a model directory, a store URI, or a hub id")
     e.add_argument("--store", help="the store holding s3:// checkpoints (default: $SRC_STORE_URI)")
     e.add_argument("--seed", type=_seed, default=12345, help="seed of the held-out scenes")
     e.add_argument("--n", type=int, default=500)
-    e.add_argument("--images", choices=("real", "blank"), default="real",
-                   help="blank: every image replaced by a blank one of the same size (does the policy use its image?)")
+    e.add_argument(
+        "--images",
+        choices=("real", "blank"),
+        default="real",
+        help="blank: every image replaced by a blank one of the same size (does the policy use its image?)",
+    )
     e.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    e.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that supports it), float32, bfloat16, float16")
+    e.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on a GPU that supports it), float32, bfloat16, float16"
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=evaluate)
     x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
@@ -344,7 +416,9 @@ def main(argv=None) -> int:
     x.add_argument("--profile", choices=sorted(PROFILES), default="default")
     x.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="applied to every variant")
     x.add_argument("--out", default="experiments", help="folder for each run's store and the table (JSON and Markdown)")
-    x.add_argument("--parallel", type=int, default=1, help="seeds at a time (each run gets cores / parallel torch threads)")
+    x.add_argument(
+        "--parallel", type=int, default=1, help="seeds at a time (each run gets cores / parallel torch threads)"
+    )
     x.set_defaults(fn=experiment)
     b = sub.add_parser("bench-generation", help="tokens/s and peak memory of candidate search and judging")
     b.add_argument("--prompts", type=int, default=64)

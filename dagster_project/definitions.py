@@ -3,10 +3,10 @@
 from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
 from . import assets, loop_assets
-from .loop_assets import iteration_partitions
 from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
-from .versions import with_code_versions
+from .loop_assets import iteration_partitions
 from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource, StoreRunLeaseResource
+from .versions import with_code_versions
 
 # Code versions under the environment's settings (SRC_PROFILE): what `dagster dev` materializes with.
 all_assets = with_code_versions(load_assets_from_modules([assets, loop_assets]), SettingsResource().config())
@@ -27,8 +27,12 @@ def build_resources(store: StoreResource | None = None, settings: SettingsResour
     """The resources of a run; with no arguments, the store and profile come from the environment."""
     store = store or StoreResource()
     io_manager = StoreIOManager(store=store, run_lease=StoreRunLeaseResource(store=store))
-    return {"store": store, "io_manager": io_manager, "settings": settings or SettingsResource(),
-            "iteration_lease": IterationLeaseResource(store=store)}
+    return {
+        "store": store,
+        "io_manager": io_manager,
+        "settings": settings or SettingsResource(),
+        "iteration_lease": IterationLeaseResource(store=store),
+    }
 
 
 defs = Definitions(

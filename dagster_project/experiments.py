@@ -37,8 +37,21 @@ METRICS = ("accuracy", "consistency", "factuality")
 def _run_one(variant: str, seed: int, args, threads: int) -> dict:
     folder = Path(args.out, f"seed{seed}", variant).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dagster_project.cli", "run", "--json", "--iterations", str(args.iterations),
-           "--profile", args.profile, "--seed", str(seed), "--store", str(folder.parent / "store")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster_project.cli",
+        "run",
+        "--json",
+        "--iterations",
+        str(args.iterations),
+        "--profile",
+        args.profile,
+        "--seed",
+        str(seed),
+        "--store",
+        str(folder.parent / "store"),
+    ]
     for setting in [*args.set, *VARIANTS[variant]]:
         cmd += ["--set", setting]
     env = {**os.environ, "DAGSTER_HOME": str(folder / "dagster_home"), "OMP_NUM_THREADS": str(threads)}
@@ -62,8 +75,12 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
     table = []
     for variant in dict.fromkeys(r["variant"] for r in runs):
         ok = [r for r in runs if r["variant"] == variant and "rows" in r]
-        row = {"variant": variant, "what": DESCRIPTIONS.get(variant, ""), "seeds": [r["seed"] for r in ok],
-               "failed": [r["seed"] for r in runs if r["variant"] == variant and "error" in r]}
+        row = {
+            "variant": variant,
+            "what": DESCRIPTIONS.get(variant, ""),
+            "seeds": [r["seed"] for r in ok],
+            "failed": [r["seed"] for r in runs if r["variant"] == variant and "error" in r],
+        }
         for m in METRICS:
             first = [r["rows"][0][m] for r in ok]
             last = [r["rows"][-1][m] for r in ok]
@@ -80,14 +97,21 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
 def markdown(table: list[dict], iterations: int, n_eval: str) -> str:
     f = lambda ms: "n/a" if ms[0] != ms[0] else f"{ms[0]:.3f} ± {ms[1]:.3f}"
     d = lambda ms: "n/a" if ms[0] != ms[0] else f"{ms[0]:+.3f} ± {ms[1]:.3f}"
-    lines = [f"| variant | seeds | accuracy: SFT → iteration {iterations} | change | consistency: SFT → iteration {iterations} "
-             f"| change | judge agreement |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| variant | seeds | accuracy: SFT → iteration {iterations} | change | consistency: SFT → iteration {iterations} "
+        f"| change | judge agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in table:
-        lines.append(f"| {r['variant']} ({r['what']}) | {len(r['seeds'])} | {f(r['accuracy_sft'])} → {f(r['accuracy_last'])} "
-                     f"| {d(r['accuracy_change'])} | {f(r['consistency_sft'])} → {f(r['consistency_last'])} "
-                     f"| {d(r['consistency_change'])} | {f(r['judge_agreement'])} |")
+        lines.append(
+            f"| {r['variant']} ({r['what']}) | {len(r['seeds'])} | {f(r['accuracy_sft'])} → {f(r['accuracy_last'])} "
+            f"| {d(r['accuracy_change'])} | {f(r['consistency_sft'])} → {f(r['consistency_last'])} "
+            f"| {d(r['consistency_change'])} | {f(r['judge_agreement'])} |"
+        )
     lines.append("")
-    lines.append(f"Mean ± standard deviation over seeds; each seed has its own scenes, models and {n_eval} held-out scenes.")
+    lines.append(
+        f"Mean ± standard deviation over seeds; each seed has its own scenes, models and {n_eval} held-out scenes."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -95,15 +119,19 @@ def experiment(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
-    print(f"{len(args.variants) * len(args.seeds)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
-          f"{args.parallel} seed(s) at a time, into {out}", file=sys.stderr)
+    print(
+        f"{len(args.variants) * len(args.seeds)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
+        f"{args.parallel} seed(s) at a time, into {out}",
+        file=sys.stderr,
+    )
 
     def one_seed(seed: int) -> list[dict]:
         done = []
         for variant in args.variants:
             done.append(_run_one(variant, seed, args, threads))
             status = done[-1].get("error") or " ".join(
-                f"{m}={done[-1]['rows'][0][m]:.3f}->{done[-1]['rows'][-1][m]:.3f}" for m in ("accuracy", "consistency"))
+                f"{m}={done[-1]['rows'][0][m]:.3f}->{done[-1]['rows'][-1][m]:.3f}" for m in ("accuracy", "consistency")
+            )
             print(f"  {variant} seed {seed}: {status}", file=sys.stderr, flush=True)
         return done
 
@@ -113,8 +141,18 @@ def experiment(args) -> int:
     from src_assets.config import PROFILES
 
     n_eval = next((x for x in args.set if x.startswith("n_eval=")), f"n_eval={PROFILES[args.profile].n_eval}")
-    (out / "results.json").write_text(json.dumps({"iterations": args.iterations, "profile": args.profile,
-                                                  "settings": args.set, "table": table, "runs": runs}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "iterations": args.iterations,
+                "profile": args.profile,
+                "settings": args.set,
+                "table": table,
+                "runs": runs,
+            },
+            indent=1,
+        )
+    )
     (out / "results.md").write_text(markdown(table, args.iterations, n_eval.removeprefix("n_eval=")))
     print((out / "results.md").read_text())
     return 0 if all("rows" in r for r in runs) else 1

@@ -76,7 +76,9 @@ def _trained_tiny_models(root: Path, epochs: float) -> tuple[Path, Path]:
 
     build_tiny_vlm(root / "base")
     sft = build_rationale_sft_set(synthetic_source(seed=0, n_sft=512, n_calibrate=0, n_eval=0))
-    train_rationale_sft(str(root / "base"), sft, str(root / "policy"), TrainSettings(epochs=epochs, learning_rate=2e-3, batch_size=32))
+    train_rationale_sft(
+        str(root / "base"), sft, str(root / "policy"), TrainSettings(epochs=epochs, learning_rate=2e-3, batch_size=32)
+    )
     return root / "policy", build_tiny_scorer(root / "judge")
 
 
@@ -84,17 +86,31 @@ def bench_generation(args) -> int:
     code = Path(args.code).resolve() if args.code else Path(__file__).resolve().parents[1]
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        policy, judge_dir = (Path(args.policy), Path(args.judge)) if args.policy else _trained_tiny_models(Path(tmp), args.sft_epochs)
+        policy, judge_dir = (
+            (Path(args.policy), Path(args.judge)) if args.policy else _trained_tiny_models(Path(tmp), args.sft_epochs)
+        )
         rows = []
         for stage, model_dir in (("search", policy), ("judge", judge_dir)):
             env = {**os.environ, "PYTHONPATH": str(code)}
             # cwd too: ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH.
-            done = subprocess.run([sys.executable, "-c", _STAGE, stage, str(model_dir.resolve()), str(args.prompts), device],
-                                  env=env, cwd=code, capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-c", _STAGE, stage, str(model_dir.resolve()), str(args.prompts), device],
+                env=env,
+                cwd=code,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
-            rows.append({"code": str(code), "device": device, "prompts": args.prompts, **json.loads(done.stdout.strip().splitlines()[-1])})
+            rows.append(
+                {
+                    "code": str(code),
+                    "device": device,
+                    "prompts": args.prompts,
+                    **json.loads(done.stdout.strip().splitlines()[-1]),
+                }
+            )
     text = json.dumps(rows, indent=1)
     print(text)
     if args.out:

@@ -41,10 +41,19 @@ from dagster import (
 
 from src_assets.base_stage import StopWhenPerceiving, evaluate_captions, probe_scenes, train_base_policy
 from src_assets.candidate_search import sentence_beam_search
-from src_assets.evaluation import full_anatomy, evaluate_policy, preference_quality, judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
+from src_assets.config import TINY
+from src_assets.evaluation import (
+    evaluate_policy,
+    full_anatomy,
+    judge_win_rate,
+    preference_quality,
+    score_responses,
+    summarize,
+    verifier_win_rate,
+    with_blank_images,
+)
 from src_assets.fingerprints import derive_seed, digest, table_digest
 from src_assets.generation import generate_responses
-from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
 from src_assets.r_scorer import (
@@ -100,8 +109,10 @@ def _trained_before(context, store, key: str, fingerprint: str, cfg) -> dict | N
     except StoreError as e:
         context.log.warning(f"{key}: not reusing the model trained earlier from these inputs, training again: {e}")
         return None
-    context.log.info(f"{key}: reusing {found['uri']}, trained earlier from the same inputs and settings "
-                     f"(reuse_checkpoints=false retrains)")
+    context.log.info(
+        f"{key}: reusing {found['uri']}, trained earlier from the same inputs and settings "
+        f"(reuse_checkpoints=false retrains)"
+    )
     return found
 
 
@@ -123,16 +134,45 @@ def _tiny_recipe(cfg, architecture: str) -> dict:
 BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy", "direct_accuracy_blank_images")
 
 
-@asset(group_name="training", pool=GPU_POOL,
-       check_specs=[AssetCheckSpec("base_policy_lists_the_scene", asset="base_policy_model",
-                                   description="The trained tiny base policy's held-out captions list the scene exactly "
-                                               "at least min_base_exact_listing of the time (WARN).")])
-@reads("policy_model", "tiny_policy_architecture", "tiny_hidden_size", "tiny_layers", "tiny_patch_size",
-       "tiny_position_embedding_std", "base_epochs", "base_learning_rate", "base_batch_size", "base_lr_scheduler", "training",
-       "base_stop_at_exact_listing", "base_check_every", "min_objects", "max_objects", "eval_max_new_tokens",
-       "min_base_exact_listing", stages=("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier"))
-def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.DataFrame, eval_set: pl.DataFrame,
-                      settings: SettingsResource, store: StoreResource):
+@asset(
+    group_name="training",
+    pool=GPU_POOL,
+    check_specs=[
+        AssetCheckSpec(
+            "base_policy_lists_the_scene",
+            asset="base_policy_model",
+            description="The trained tiny base policy's held-out captions list the scene exactly "
+            "at least min_base_exact_listing of the time (WARN).",
+        )
+    ],
+)
+@reads(
+    "policy_model",
+    "tiny_policy_architecture",
+    "tiny_hidden_size",
+    "tiny_layers",
+    "tiny_patch_size",
+    "tiny_position_embedding_std",
+    "base_epochs",
+    "base_learning_rate",
+    "base_batch_size",
+    "base_lr_scheduler",
+    "training",
+    "base_stop_at_exact_listing",
+    "base_check_every",
+    "min_objects",
+    "max_objects",
+    "eval_max_new_tokens",
+    "min_base_exact_listing",
+    stages=("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier"),
+)
+def base_policy_model(
+    context: AssetExecutionContext,
+    perception_corpus: pl.DataFrame,
+    eval_set: pl.DataFrame,
+    settings: SettingsResource,
+    store: StoreResource,
+):
     """The policy before rationale SFT. With the tiny default, a VLM pretrained on the perception corpus (captions
     and direct answers: what a capable VLM brings), cached in the store by its inputs; its held-out caption scores
     and direct-answer accuracy (real and blank images) are its metadata. A real model is used as it is."""
@@ -142,31 +182,58 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
             config = load_model_config(cfg.policy_model).to_dict()
         except ModelLoadError as e:
             raise Failure(str(e)) from e
-        yield Output(cfg.policy_model, metadata={"model": MetadataValue.text(cfg.policy_model), "trained": False,
-                                                 "architecture": ",".join(config.get("architectures") or ["?"])})
-        yield AssetCheckResult(check_name="base_policy_lists_the_scene", passed=True,
-                               metadata={"skipped": "a real model: no base stage"})
+        yield Output(
+            cfg.policy_model,
+            metadata={
+                "model": MetadataValue.text(cfg.policy_model),
+                "trained": False,
+                "architecture": ",".join(config.get("architectures") or ["?"]),
+            },
+        )
+        yield AssetCheckResult(
+            check_name="base_policy_lists_the_scene", passed=True, metadata={"skipped": "a real model: no base stage"}
+        )
         return
-    fingerprint = digest(_tiny_recipe(cfg, cfg.tiny_policy_architecture), settings_digest("base_policy_model", cfg), table_digest(perception_corpus))
+    fingerprint = digest(
+        _tiny_recipe(cfg, cfg.tiny_policy_architecture),
+        settings_digest("base_policy_model", cfg),
+        table_digest(perception_corpus),
+    )
     found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
     if found is None:
         with tempfile.TemporaryDirectory() as tmp:
             build_tiny_policy(f"{tmp}/init", cfg.tiny_policy_architecture, cfg.tiny_spec(), seed=cfg.seed)
             stop = None
             if cfg.base_stop_at_exact_listing > 0:
-                stop = StopWhenPerceiving(probe_scenes(100, cfg.seed, cfg.min_objects, cfg.max_objects), cfg.base_check_every,
-                                          cfg.base_stop_at_exact_listing)
-            result = train_base_policy(f"{tmp}/init", perception_corpus, f"{tmp}/base", cfg.base_settings(),
-                                       callbacks=[DagsterLogCallback(context.log, "base stage")], stop=stop)
+                stop = StopWhenPerceiving(
+                    probe_scenes(100, cfg.seed, cfg.min_objects, cfg.max_objects),
+                    cfg.base_check_every,
+                    cfg.base_stop_at_exact_listing,
+                )
+            result = train_base_policy(
+                f"{tmp}/init",
+                perception_corpus,
+                f"{tmp}/base",
+                cfg.base_settings(),
+                callbacks=[DagsterLogCallback(context.log, "base stage")],
+                stop=stop,
+            )
             uri = s.put_model(store_layout.BASE_POLICY_MODEL, f"{tmp}/base")
         model, processor = load_policy(s.local_model_dir(uri), cfg.runtime())
         captions, _ = evaluate_captions(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
         direct, _ = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
         blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens)
-        scores = dict(zip(BASE_SCORES, (captions["factuality"], captions["exact_listing"], direct["accuracy"], blank["accuracy"])))
-        found = {"uri": uri, "train_loss": result["train_loss"], "steps": result["steps"], **scores,
-                 "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h],
-                 "probe_checks": result["probe_checks"]}
+        scores = dict(
+            zip(BASE_SCORES, (captions["factuality"], captions["exact_listing"], direct["accuracy"], blank["accuracy"]))
+        )
+        found = {
+            "uri": uri,
+            "train_loss": result["train_loss"],
+            "steps": result["steps"],
+            **scores,
+            "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h],
+            "probe_checks": result["probe_checks"],
+        }
         _remember_trained(s, store_layout.BASE_POLICY_MODEL, fingerprint, **found)
         reused = False
     else:
@@ -174,47 +241,117 @@ def base_policy_model(context: AssetExecutionContext, perception_corpus: pl.Data
     scores = {k: found[k] for k in BASE_SCORES if found.get(k) is not None}
     model_dir = Path(s.local_model_dir(found["uri"]))
     architecture = ",".join(json.loads((model_dir / "config.json").read_text()).get("architectures") or ["?"])
-    yield Output(found["uri"], metadata={
-        "model": MetadataValue.text(found["uri"]), "trained": True, "reused": reused, "inputs_fingerprint": fingerprint,
-        "architecture": architecture, "parameters": count_parameters(model_dir),
-        "train_loss": float(found["train_loss"]), "steps": int(found["steps"]), **{k: float(v) for k, v in scores.items()},
-        "loss_curve": MetadataValue.md("| step | loss |\n|---|---|\n" + "\n".join(f"| {st} | {l:.4f} |" for st, l in found["loss_curve"])),
-        "probe_exact_listing": MetadataValue.md("| step | probe captions listing the scene exactly |\n|---|---|\n"
-                                                + "\n".join(f"| {st} | {e:.2f} |" for st, e in found.get("probe_checks", []))),
-    })
+    yield Output(
+        found["uri"],
+        metadata={
+            "model": MetadataValue.text(found["uri"]),
+            "trained": True,
+            "reused": reused,
+            "inputs_fingerprint": fingerprint,
+            "architecture": architecture,
+            "parameters": count_parameters(model_dir),
+            "train_loss": float(found["train_loss"]),
+            "steps": int(found["steps"]),
+            **{k: float(v) for k, v in scores.items()},
+            "loss_curve": MetadataValue.md(
+                "| step | loss |\n|---|---|\n" + "\n".join(f"| {st} | {l:.4f} |" for st, l in found["loss_curve"])
+            ),
+            "probe_exact_listing": MetadataValue.md(
+                "| step | probe captions listing the scene exactly |\n|---|---|\n"
+                + "\n".join(f"| {st} | {e:.2f} |" for st, e in found.get("probe_checks", []))
+            ),
+        },
+    )
     exact = found.get("caption_exact_listing")
-    yield AssetCheckResult(check_name="base_policy_lists_the_scene", severity=AssetCheckSeverity.WARN,
-                           passed=exact is not None and exact >= cfg.min_base_exact_listing,
-                           metadata={"caption_exact_listing": float(exact if exact is not None else float("nan")),
-                                     "required": cfg.min_base_exact_listing})
+    yield AssetCheckResult(
+        check_name="base_policy_lists_the_scene",
+        severity=AssetCheckSeverity.WARN,
+        passed=exact is not None and exact >= cfg.min_base_exact_listing,
+        metadata={
+            "caption_exact_listing": float(exact if exact is not None else float("nan")),
+            "required": cfg.min_base_exact_listing,
+        },
+    )
 
 
-@asset(group_name="training", pool=GPU_POOL, description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).")
+@asset(
+    group_name="training",
+    pool=GPU_POOL,
+    description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).",
+)
 @reads("sft_epochs", "sft_learning_rate", "sft_batch_size", "training", stages=("rationale_sft", "training", "models"))
-def sft_checkpoint(context: AssetExecutionContext, rationale_sft_set: pl.DataFrame, base_policy_model: str,
-                   settings: SettingsResource, store: StoreResource) -> str:
+def sft_checkpoint(
+    context: AssetExecutionContext,
+    rationale_sft_set: pl.DataFrame,
+    base_policy_model: str,
+    settings: SettingsResource,
+    store: StoreResource,
+) -> str:
     cfg, s = settings.config(), store.store()
-    fingerprint = digest(_model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set))
+    fingerprint = digest(
+        _model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set)
+    )
     found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
     if found is not None:
-        context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
+        context.add_output_metadata(
+            {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
+        )
         return found["uri"]
     with tempfile.TemporaryDirectory() as out:
-        result = train_rationale_sft(s.local_model_dir(base_policy_model), rationale_sft_set, out, cfg.sft_settings(),
-                                     callbacks=[DagsterLogCallback(context.log, "rationale SFT")])
+        result = train_rationale_sft(
+            s.local_model_dir(base_policy_model),
+            rationale_sft_set,
+            out,
+            cfg.sft_settings(),
+            callbacks=[DagsterLogCallback(context.log, "rationale SFT")],
+        )
         uri = s.put_model(store_layout.SFT_MODEL, out)
     _remember_trained(s, store_layout.SFT_MODEL, fingerprint, uri)
-    context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
-                                 "train_loss": result["train_loss"], "steps": result["steps"]})
+    context.add_output_metadata(
+        {
+            "model": MetadataValue.text(uri),
+            "reused": False,
+            "inputs_fingerprint": fingerprint,
+            "train_loss": result["train_loss"],
+            "steps": result["steps"],
+        }
+    )
     return uri
 
 
-@asset(group_name="training", pool=GPU_POOL, description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.")
-@reads("scorer_model", "tiny_scorer_architecture", "tiny_hidden_size", "tiny_layers", "tiny_patch_size",
-       "tiny_position_embedding_std", "scorer_prompts", "scorer_max_pairs", "scorer_contrast_pairs", "scorer_epochs",
-       "scorer_learning_rate", "scorer_batch_size", "judgements_prefix", "training", "judge", "search", stages=("r_scorer", "candidate_search", "generation", "training", "verifier"))
-def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, base_r_scorer_model: str, vqa_source: pl.DataFrame,
-                        judgement_tables: pl.DataFrame, settings: SettingsResource, store: StoreResource) -> str:
+@asset(
+    group_name="training",
+    pool=GPU_POOL,
+    description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.",
+)
+@reads(
+    "scorer_model",
+    "tiny_scorer_architecture",
+    "tiny_hidden_size",
+    "tiny_layers",
+    "tiny_patch_size",
+    "tiny_position_embedding_std",
+    "scorer_prompts",
+    "scorer_max_pairs",
+    "scorer_contrast_pairs",
+    "scorer_epochs",
+    "scorer_learning_rate",
+    "scorer_batch_size",
+    "judgements_prefix",
+    "training",
+    "judge",
+    "search",
+    stages=("r_scorer", "candidate_search", "generation", "training", "verifier"),
+)
+def r_scorer_checkpoint(
+    context: AssetExecutionContext,
+    sft_checkpoint: str,
+    base_r_scorer_model: str,
+    vqa_source: pl.DataFrame,
+    judgement_tables: pl.DataFrame,
+    settings: SettingsResource,
+    store: StoreResource,
+) -> str:
     cfg, s = settings.config(), store.store()
     if cfg.scorer_model == VERIFIER_JUDGE:
         context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE), "trained": False})
@@ -223,52 +360,103 @@ def r_scorer_checkpoint(context: AssetExecutionContext, sft_checkpoint: str, bas
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
         return base_r_scorer_model  # a pretrained judge, used zero-shot
     prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
-    base_judge = _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
-    fingerprint = digest(sft_checkpoint, base_judge, settings_digest("r_scorer_checkpoint", cfg),
-                         table_digest(prompts), table_digest(vqa_source.filter(pl.col("split") == "sft")),
-                         table_digest(judgement_tables))
+    base_judge = (
+        _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
+    )
+    fingerprint = digest(
+        sft_checkpoint,
+        base_judge,
+        settings_digest("r_scorer_checkpoint", cfg),
+        table_digest(prompts),
+        table_digest(vqa_source.filter(pl.col("split") == "sft")),
+        table_digest(judgement_tables),
+    )
     found = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
     if found is not None:
-        context.add_output_metadata({"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint})
+        context.add_output_metadata(
+            {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
+        )
         return found["uri"]
     base_dir = s.local_model_dir(base_r_scorer_model)
     tokenizer = load_tokenizer(base_dir)
     judgements = user_judgements(judgement_tables, tokenizer, cfg.judge)
     if prompts["scene"].is_not_null().any():  # the verifier can label the SFT policy's own candidates
         policy, processor = load_policy(s.local_model_dir(sft_checkpoint), cfg.runtime())
-        pool = sentence_beam_search(policy, processor, prompts, cfg.search, seed=derive_seed(cfg.seed, "r_scorer_candidates"),
-                                    progress=context.log.info)
+        pool = sentence_beam_search(
+            policy,
+            processor,
+            prompts,
+            cfg.search,
+            seed=derive_seed(cfg.seed, "r_scorer_candidates"),
+            progress=context.log.info,
+        )
         del policy
-        judgements = pl.concat([judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge, cfg.scorer_max_pairs, cfg.seed)])
+        judgements = pl.concat(
+            [judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge, cfg.scorer_max_pairs, cfg.seed)]
+        )
     if cfg.scorer_contrast_pairs:
         # Gold responses of the SFT split against their own perturbed copies: a large corpus that costs no sampling.
-        contrast = contrast_judgements(vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge,
-                                       cfg.scorer_contrast_pairs, cfg.seed)
+        contrast = contrast_judgements(
+            vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge, cfg.scorer_contrast_pairs, cfg.seed
+        )
         judgements = pl.concat([judgements, contrast])
     if judgements.is_empty():
-        raise Failure(f"nothing to train the R-Scorer on: the calibrate rows have no scene for the verifier to label, and "
-                      f"{s.uri(cfg.judgements_prefix)} holds no judgement table; add one (see the README), or give a "
-                      f"pretrained judge (scorer_model) with scorer_epochs=0")
+        raise Failure(
+            f"nothing to train the R-Scorer on: the calibrate rows have no scene for the verifier to label, and "
+            f"{s.uri(cfg.judgements_prefix)} holds no judgement table; add one (see the README), or give a "
+            f"pretrained judge (scorer_model) with scorer_epochs=0"
+        )
     with tempfile.TemporaryDirectory() as out:
-        result = train_r_scorer(base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")])
+        result = train_r_scorer(
+            base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")]
+        )
         uri = s.put_model(store_layout.SCORER_MODEL, out)
     _remember_trained(s, store_layout.SCORER_MODEL, fingerprint, uri)
     verdicts = dict(judgements.group_by("verdict").len().iter_rows())
-    context.add_output_metadata({"model": MetadataValue.text(uri), "reused": False, "inputs_fingerprint": fingerprint,
-                                 "training_pairs": judgements.height, "user_judgements": judgement_tables.height,
-                                 "verdicts": counts_table(verdicts, "verdict"), "train_loss": result["train_loss"]})
+    context.add_output_metadata(
+        {
+            "model": MetadataValue.text(uri),
+            "reused": False,
+            "inputs_fingerprint": fingerprint,
+            "training_pairs": judgements.height,
+            "user_judgements": judgement_tables.height,
+            "verdicts": counts_table(verdicts, "verdict"),
+            "train_loss": result["train_loss"],
+        }
+    )
     return uri
 
 
 def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg, context) -> dict:
-    return full_anatomy(model, processor, eval_set, scored, cfg.anatomy_samples, cfg.anatomy_temperature,
-                        cfg.eval_max_new_tokens, seed=cfg.seed, progress=context.log.info)
+    return full_anatomy(
+        model,
+        processor,
+        eval_set,
+        scored,
+        cfg.anatomy_samples,
+        cfg.anatomy_temperature,
+        cfg.eval_max_new_tokens,
+        seed=cfg.seed,
+        progress=context.log.info,
+    )
 
 
 @asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
-@reads("runtime", "eval_max_new_tokens", "anatomy_samples", "anatomy_temperature", "seed", stages=("evaluation", "generation", "verifier"))
-def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.DataFrame, settings: SettingsResource,
-             store: StoreResource) -> pl.DataFrame:
+@reads(
+    "runtime",
+    "eval_max_new_tokens",
+    "anatomy_samples",
+    "anatomy_temperature",
+    "seed",
+    stages=("evaluation", "generation", "verifier"),
+)
+def sft_eval(
+    context: AssetExecutionContext,
+    sft_checkpoint: str,
+    eval_set: pl.DataFrame,
+    settings: SettingsResource,
+    store: StoreResource,
+) -> pl.DataFrame:
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
@@ -277,30 +465,51 @@ def sft_eval(context: AssetExecutionContext, sft_checkpoint: str, eval_set: pl.D
     return scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint"))
 
 
-@asset_check(asset=sft_checkpoint, additional_ins={"eval_set": AssetIn("eval_set"), "sft_eval": AssetIn("sft_eval")},
-             description="The SFT policy uses its image: held-out accuracy drops by at least min_blank_image_drop "
-                         "when every image is replaced by a blank one. A policy that ignores its image leaves "
-                         "calibration nothing to fix.")
-def sft_checkpoint_uses_its_image(context, sft_checkpoint: str, eval_set: pl.DataFrame, sft_eval: pl.DataFrame,
-                                  settings: SettingsResource, store: StoreResource) -> AssetCheckResult:
+@asset_check(
+    asset=sft_checkpoint,
+    additional_ins={"eval_set": AssetIn("eval_set"), "sft_eval": AssetIn("sft_eval")},
+    description="The SFT policy uses its image: held-out accuracy drops by at least min_blank_image_drop "
+    "when every image is replaced by a blank one. A policy that ignores its image leaves "
+    "calibration nothing to fix.",
+)
+def sft_checkpoint_uses_its_image(
+    context,
+    sft_checkpoint: str,
+    eval_set: pl.DataFrame,
+    sft_eval: pl.DataFrame,
+    settings: SettingsResource,
+    store: StoreResource,
+) -> AssetCheckResult:
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     real = summarize(sft_eval)["accuracy"]
-    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens, progress=context.log.info)
+    blank, _ = evaluate_policy(
+        model, processor, with_blank_images(eval_set), cfg.eval_max_new_tokens, progress=context.log.info
+    )
     drop = real - blank["accuracy"]
-    return AssetCheckResult(passed=bool(drop >= cfg.min_blank_image_drop), metadata={
-        "accuracy": real, "accuracy_blank_images": blank["accuracy"], "drop": drop,
-        "required_drop": cfg.min_blank_image_drop})
+    return AssetCheckResult(
+        passed=bool(drop >= cfg.min_blank_image_drop),
+        metadata={
+            "accuracy": real,
+            "accuracy_blank_images": blank["accuracy"],
+            "drop": drop,
+            "required_drop": cfg.min_blank_image_drop,
+        },
+    )
 
 
 ITERATION = dict(group_name="iteration", partitions_def=iteration_partitions)
 
 
-@asset(**ITERATION, description="The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), "
-                                "resolved once from the store. Every later step of the iteration uses this URI.")
+@asset(
+    **ITERATION,
+    description="The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), "
+    "resolved once from the store. Every later step of the iteration uses this URI.",
+)
 @reads()
-def start_policy(context: AssetExecutionContext, sft_checkpoint: str, store: StoreResource,
-                 iteration_lease: IterationLeaseResource) -> str:
+def start_policy(
+    context: AssetExecutionContext, sft_checkpoint: str, store: StoreResource, iteration_lease: IterationLeaseResource
+) -> str:
     s, key = store.store(), context.partition_key
     k = iteration_number(key)
     if k == 1:
@@ -312,75 +521,139 @@ def start_policy(context: AssetExecutionContext, sft_checkpoint: str, store: Sto
             raise Failure(
                 f"iteration {key} needs the policy of iteration {prev}, but policy_checkpoint[{prev}] is not in the store "
                 f"({s.uri(store_layout.policy_model(prev))}); materialize iteration {prev} first (iterations run in order)",
-                metadata={"missing_predecessor": MetadataValue.text(prev)})
+                metadata={"missing_predecessor": MetadataValue.text(prev)},
+            )
     context.add_output_metadata({"policy": MetadataValue.text(uri)})
     return uri
 
 
-@asset(**ITERATION, deps=[start_policy],  # after it: an iteration whose predecessor is missing writes nothing
-       description="Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own.")
+@asset(
+    **ITERATION,
+    deps=[start_policy],  # after it: an iteration whose predecessor is missing writes nothing
+    description="Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own.",
+)
 @reads("prompts_per_iteration", "scorer_prompts", stages=("source_data",))
-def calibration_prompts(context: AssetExecutionContext, vqa_source: pl.DataFrame, settings: SettingsResource,
-                        iteration_lease: IterationLeaseResource) -> pl.DataFrame:
+def calibration_prompts(
+    context: AssetExecutionContext,
+    vqa_source: pl.DataFrame,
+    settings: SettingsResource,
+    iteration_lease: IterationLeaseResource,
+) -> pl.DataFrame:
     cfg = settings.config()
     try:
-        rows = iteration_prompt_rows(vqa_source, iteration_number(context.partition_key), cfg.prompts_per_iteration,
-                                     cfg.scorer_prompts)
+        rows = iteration_prompt_rows(
+            vqa_source, iteration_number(context.partition_key), cfg.prompts_per_iteration, cfg.scorer_prompts
+        )
     except SourceDataError as e:
         raise Failure(str(e)) from e
-    context.add_output_metadata({"prompts": rows.height, "first_id": rows["id"][0], "last_id": rows["id"][-1],
-                                 "kinds": counts_table(dict(rows.group_by("kind").len().sort("kind").iter_rows()), "kind")})
+    context.add_output_metadata(
+        {
+            "prompts": rows.height,
+            "first_id": rows["id"][0],
+            "last_id": rows["id"][-1],
+            "kinds": counts_table(dict(rows.group_by("kind").len().sort("kind").iter_rows()), "kind"),
+        }
+    )
     return rows
 
 
-@asset(**ITERATION, pool=GPU_POOL,
-       description="K distinct complete responses per prompt from the start policy, by sentence-level beam search.",
-       check_specs=[AssetCheckSpec("most_prompts_have_two_distinct_candidates", asset="candidate_pool",
-                                   description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).")])
+@asset(
+    **ITERATION,
+    pool=GPU_POOL,
+    description="K distinct complete responses per prompt from the start policy, by sentence-level beam search.",
+    check_specs=[
+        AssetCheckSpec(
+            "most_prompts_have_two_distinct_candidates",
+            asset="candidate_pool",
+            description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).",
+        )
+    ],
+)
 @reads("search", "runtime", "seed", stages=("candidate_search", "generation"))
-def candidate_pool(context: AssetExecutionContext, calibration_prompts: pl.DataFrame, start_policy: str,
-                   settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource):
+def candidate_pool(
+    context: AssetExecutionContext,
+    calibration_prompts: pl.DataFrame,
+    start_policy: str,
+    settings: SettingsResource,
+    store: StoreResource,
+    iteration_lease: IterationLeaseResource,
+):
     cfg, key = settings.config(), context.partition_key
     context.log.info(f"iteration {key}: sampling {calibration_prompts.height} prompts from {start_policy}")
     model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
-    pool = sentence_beam_search(model, processor, calibration_prompts, cfg.search,
-                                seed=derive_seed(cfg.seed, "candidate_pool", key), progress=context.log.info)
+    pool = sentence_beam_search(
+        model,
+        processor,
+        calibration_prompts,
+        cfg.search,
+        seed=derive_seed(cfg.seed, "candidate_pool", key),
+        progress=context.log.info,
+    )
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
-    yield Output(pool, metadata={
-        "policy": MetadataValue.text(start_policy), "prompts": calibration_prompts.height, "candidates": pool.height,
-        "mean_candidates_per_prompt": float(per_prompt.mean() or 0),
-        "candidates_per_prompt": counts_table(dict(sorted(pl.DataFrame({"k": per_prompt}).group_by("k").len().iter_rows())), "candidates"),
-        "preview": table_preview(pool.drop("params")),
-    })
-    yield AssetCheckResult(check_name="most_prompts_have_two_distinct_candidates", passed=with_two >= 0.8 * calibration_prompts.height,
-                           severity=AssetCheckSeverity.WARN,
-                           metadata={"prompts_with_two_or_more": with_two, "prompts": calibration_prompts.height})
+    yield Output(
+        pool,
+        metadata={
+            "policy": MetadataValue.text(start_policy),
+            "prompts": calibration_prompts.height,
+            "candidates": pool.height,
+            "mean_candidates_per_prompt": float(per_prompt.mean() or 0),
+            "candidates_per_prompt": counts_table(
+                dict(sorted(pl.DataFrame({"k": per_prompt}).group_by("k").len().iter_rows())), "candidates"
+            ),
+            "preview": table_preview(pool.drop("params")),
+        },
+    )
+    yield AssetCheckResult(
+        check_name="most_prompts_have_two_distinct_candidates",
+        passed=with_two >= 0.8 * calibration_prompts.height,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"prompts_with_two_or_more": with_two, "prompts": calibration_prompts.height},
+    )
 
 
-@asset(**ITERATION, pool=GPU_POOL,
-       description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.")
+@asset(
+    **ITERATION,
+    pool=GPU_POOL,
+    description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.",
+)
 @reads("judge", "aggregation", "runtime", "scoring", stages=("r_scorer", "preference", "verifier"))
-def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame,
-                    r_scorer_checkpoint: str, settings: SettingsResource, store: StoreResource,
-                    iteration_lease: IterationLeaseResource) -> pl.DataFrame:
+def pairwise_scores(
+    context: AssetExecutionContext,
+    candidate_pool: pl.DataFrame,
+    calibration_prompts: pl.DataFrame,
+    r_scorer_checkpoint: str,
+    settings: SettingsResource,
+    store: StoreResource,
+    iteration_lease: IterationLeaseResource,
+) -> pl.DataFrame:
     cfg = settings.config()
     if r_scorer_checkpoint == VERIFIER_JUDGE:
         ids, matrices = verifier_matrices(candidate_pool, calibration_prompts, cfg.judge)
     else:
         scorer, tokenizer = load_scorer(store.store().local_model_dir(r_scorer_checkpoint), cfg.runtime())
         judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
-        ids, matrices = judge_all(scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge, progress=context.log.info)
+        ids, matrices = judge_all(
+            scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge, progress=context.log.info
+        )
     scores = score_table(ids, matrices, cfg.aggregation)
     # Held out: the R-Scorer never trained on calibration prompts.
-    agreement = judge_agreement(scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge)
-    context.log.info(f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
-                     f"{agreement['judge_agreement']:.3f} (answer-only judge: {agreement['answer_only_agreement']:.3f})")
+    agreement = judge_agreement(
+        scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge
+    )
+    context.log.info(
+        f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
+        f"{agreement['judge_agreement']:.3f} (answer-only judge: {agreement['answer_only_agreement']:.3f})"
+    )
     sample = scores.filter(pl.col("n_candidates") >= 2).head(1)
-    meta = {"prompts": scores.height, "scoring": cfg.scoring, "judge": MetadataValue.text(r_scorer_checkpoint),
-            **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items()},
-            "mean_confidence": float(scores["confidence"].mean() or 0),
-            "confidence_histogram": histogram_md(scores["confidence"].to_list(), "confidence")}
+    meta = {
+        "prompts": scores.height,
+        "scoring": cfg.scoring,
+        "judge": MetadataValue.text(r_scorer_checkpoint),
+        **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items()},
+        "mean_confidence": float(scores["confidence"].mean() or 0),
+        "confidence_histogram": histogram_md(scores["confidence"].to_list(), "confidence"),
+    }
     if sample.height:
         row = sample.row(0, named=True)
         texts = candidate_pool.filter(pl.col("prompt_id") == row["prompt_id"]).sort("candidate")["text"].to_list()
@@ -390,69 +663,152 @@ def pairwise_scores(context: AssetExecutionContext, candidate_pool: pl.DataFrame
     return scores
 
 
-@asset(**ITERATION,
-       description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
-       check_specs=[
-           AssetCheckSpec("weights_in_unit_interval", asset="preference_set", blocking=True,
-                          description="Every pair weight is in [0, 1]; blocks training otherwise."),
-           AssetCheckSpec("no_wrong_chosen_answer", asset="preference_set", blocking=True,
-                          description="No kept pair's chosen response has a wrong answer where the gold answer is known; "
-                                      "blocks training otherwise (a WARN that blocks nothing with require_correct_chosen=false)."),
-           AssetCheckSpec("keeps_pairs", asset="preference_set",
-                          description="At least one pair is kept; otherwise this iteration trains nothing (WARN)."),
-       ])
+@asset(
+    **ITERATION,
+    description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
+    check_specs=[
+        AssetCheckSpec(
+            "weights_in_unit_interval",
+            asset="preference_set",
+            blocking=True,
+            description="Every pair weight is in [0, 1]; blocks training otherwise.",
+        ),
+        AssetCheckSpec(
+            "no_wrong_chosen_answer",
+            asset="preference_set",
+            blocking=True,
+            description="No kept pair's chosen response has a wrong answer where the gold answer is known; "
+            "blocks training otherwise (a WARN that blocks nothing with require_correct_chosen=false).",
+        ),
+        AssetCheckSpec(
+            "keeps_pairs",
+            asset="preference_set",
+            description="At least one pair is kept; otherwise this iteration trains nothing (WARN).",
+        ),
+    ],
+)
 @reads("curation", "select_by", stages=("preference", "verifier"))
-def preference_set(context: AssetExecutionContext, pairwise_scores: pl.DataFrame, candidate_pool: pl.DataFrame,
-                   calibration_prompts: pl.DataFrame, settings: SettingsResource, iteration_lease: IterationLeaseResource):
+def preference_set(
+    context: AssetExecutionContext,
+    pairwise_scores: pl.DataFrame,
+    candidate_pool: pl.DataFrame,
+    calibration_prompts: pl.DataFrame,
+    settings: SettingsResource,
+    iteration_lease: IterationLeaseResource,
+):
     cfg = settings.config()
-    prefs = curate_preferences(candidate_pool, pairwise_scores, calibration_prompts, cfg.curation, cfg.aggregation.select_by)
+    prefs = curate_preferences(
+        candidate_pool, pairwise_scores, calibration_prompts, cfg.curation, cfg.aggregation.select_by
+    )
     kept = prefs.filter("kept")
-    reasons = prefs.filter(~pl.col("kept")).with_columns(pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "..."))
+    reasons = prefs.filter(~pl.col("kept")).with_columns(
+        pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "...")
+    )
     quality = preference_quality(prefs, calibration_prompts)
-    yield Output(prefs, metadata={
-        "pairs_considered": prefs.height, "pairs_kept": kept.height,
-        "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
-        **{f"kept/{k}": float(v) for k, v in quality.items()},
-        "weight_histogram": histogram_md(kept["weight"].to_list(), "weight"),
-        "drop_reasons": counts_table(dict(reasons.group_by("drop_reason").len().iter_rows()), "reason"),
-        "preview": table_preview(prefs),
-    })
+    yield Output(
+        prefs,
+        metadata={
+            "pairs_considered": prefs.height,
+            "pairs_kept": kept.height,
+            "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
+            **{f"kept/{k}": float(v) for k, v in quality.items()},
+            "weight_histogram": histogram_md(kept["weight"].to_list(), "weight"),
+            "drop_reasons": counts_table(dict(reasons.group_by("drop_reason").len().iter_rows()), "reason"),
+            "preview": table_preview(prefs),
+        },
+    )
     outside = prefs.filter((pl.col("weight") < 0) | (pl.col("weight") > 1)).height
-    yield AssetCheckResult(check_name="weights_in_unit_interval", passed=outside == 0, metadata={"outside_0_1": outside})
+    yield AssetCheckResult(
+        check_name="weights_in_unit_interval", passed=outside == 0, metadata={"outside_0_1": outside}
+    )
     wrong = kept.filter(pl.col("chosen_correct").eq(False)).height  # the same normalize_answer that curation uses
     # An error unless the run chose to keep such pairs (require_correct_chosen=false): then it is reported only.
-    yield AssetCheckResult(check_name="no_wrong_chosen_answer", passed=wrong == 0, metadata={"kept_with_wrong_chosen": wrong},
-                           severity=AssetCheckSeverity.ERROR if cfg.curation.require_correct_chosen else AssetCheckSeverity.WARN)
-    yield AssetCheckResult(check_name="keeps_pairs", passed=kept.height > 0, severity=AssetCheckSeverity.WARN,
-                           metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height})
+    yield AssetCheckResult(
+        check_name="no_wrong_chosen_answer",
+        passed=wrong == 0,
+        metadata={"kept_with_wrong_chosen": wrong},
+        severity=AssetCheckSeverity.ERROR if cfg.curation.require_correct_chosen else AssetCheckSeverity.WARN,
+    )
+    yield AssetCheckResult(
+        check_name="keeps_pairs",
+        passed=kept.height > 0,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"pairs_kept": kept.height, "pairs_considered": prefs.height},
+    )
 
 
-@asset(**ITERATION, pool=GPU_POOL,
-       description="Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference).")
-@reads("dpo_epochs", "dpo_learning_rate", "dpo_batch_size", "training", "beta", "dpo_nll_weight", "weighted_dpo",
-       "use_fused_dpo_kernel", "policy_update", stages=("weighted_dpo", "training"))
-def policy_checkpoint(context: AssetExecutionContext, preference_set: pl.DataFrame, start_policy: str,
-                      settings: SettingsResource, store: StoreResource, iteration_lease: IterationLeaseResource) -> str:
+@asset(
+    **ITERATION,
+    pool=GPU_POOL,
+    description="Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference).",
+)
+@reads(
+    "dpo_epochs",
+    "dpo_learning_rate",
+    "dpo_batch_size",
+    "training",
+    "beta",
+    "dpo_nll_weight",
+    "weighted_dpo",
+    "use_fused_dpo_kernel",
+    "policy_update",
+    stages=("weighted_dpo", "training"),
+)
+def policy_checkpoint(
+    context: AssetExecutionContext,
+    preference_set: pl.DataFrame,
+    start_policy: str,
+    settings: SettingsResource,
+    store: StoreResource,
+    iteration_lease: IterationLeaseResource,
+) -> str:
     cfg, s, key = settings.config(), store.store(), context.partition_key
     if not preference_set["kept"].any():
         # Nothing to learn from: policy k is policy k-1, stored as its own version so iteration k+1 can start.
         context.log.warning(f"iteration {key}: the preference set keeps no pair; policy {key} is policy k-1 unchanged")
         uri = s.put_model(store_layout.policy_model(key), s.local_model_dir(start_policy))
-        context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start_policy),
-                                     "trained": False, "pairs": 0})
+        context.add_output_metadata(
+            {
+                "model": MetadataValue.text(uri),
+                "started_from": MetadataValue.text(start_policy),
+                "trained": False,
+                "pairs": 0,
+            }
+        )
         return uri
     with tempfile.TemporaryDirectory() as out:
         if cfg.policy_update == "gold_sft":
-            result = train_gold_bound(s.local_model_dir(start_policy), preference_set, out, cfg.dpo_settings(),
-                                      [DagsterLogCallback(context.log, f"gold-data bound {key}")])
+            result = train_gold_bound(
+                s.local_model_dir(start_policy),
+                preference_set,
+                out,
+                cfg.dpo_settings(),
+                [DagsterLogCallback(context.log, f"gold-data bound {key}")],
+            )
         else:
-            result = train_weighted_dpo(s.local_model_dir(start_policy), preference_set, out, cfg.dpo_settings(), cfg.beta,
-                                        cfg.use_fused_dpo_kernel, cfg.weighted_dpo, cfg.dpo_nll_weight,
-                                        [DagsterLogCallback(context.log, f"DPO {key}")])
+            result = train_weighted_dpo(
+                s.local_model_dir(start_policy),
+                preference_set,
+                out,
+                cfg.dpo_settings(),
+                cfg.beta,
+                cfg.use_fused_dpo_kernel,
+                cfg.weighted_dpo,
+                cfg.dpo_nll_weight,
+                [DagsterLogCallback(context.log, f"DPO {key}")],
+            )
         uri = s.put_model(store_layout.policy_model(key), out)
-    context.add_output_metadata({"model": MetadataValue.text(uri), "started_from": MetadataValue.text(start_policy), "trained": True,
-                                 "policy_update": cfg.policy_update,
-                                 "train_loss": result["train_loss"], "pairs": result["pairs"], "steps": result["steps"]})
+    context.add_output_metadata(
+        {
+            "model": MetadataValue.text(uri),
+            "started_from": MetadataValue.text(start_policy),
+            "trained": True,
+            "policy_update": cfg.policy_update,
+            "train_loss": result["train_loss"],
+            "pairs": result["pairs"],
+            "steps": result["steps"],
+        }
+    )
     return uri
 
 
@@ -460,24 +816,55 @@ def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.Da
     """The stored held-out evaluation of the start policy (sft_eval, or iteration_eval[k-1]) if it evaluated
     exactly this checkpoint on exactly these rows; its greedy responses need not be generated again."""
     k = iteration_number(key)
-    table = store_layout.asset_table("sft_eval") if k == 1 else store_layout.asset_table("iteration_eval", iteration_key(k - 1))
+    table = (
+        store_layout.asset_table("sft_eval")
+        if k == 1
+        else store_layout.asset_table("iteration_eval", iteration_key(k - 1))
+    )
     if not store.exists(table):
         return None
     before = store.read_table(table)
-    same = ("checkpoint" in before.columns and before["checkpoint"].unique().to_list() == [start_policy]
-            and before["id"].to_list() == eval_set["id"].to_list())
+    same = (
+        "checkpoint" in before.columns
+        and before["checkpoint"].unique().to_list() == [start_policy]
+        and before["id"].to_list() == eval_set["id"].to_list()
+    )
     return before if same else None
 
 
-@asset(group_name="evaluation", partitions_def=iteration_partitions, pool=GPU_POOL,
-       description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over the start policy.",
-       check_specs=[AssetCheckSpec("no_regression", asset="iteration_eval",
-                                   description="Accuracy and consistency do not fall below the start policy's by more than the tolerance (WARN).")])
-@reads("runtime", "judge", "eval_max_new_tokens", "anatomy_samples", "anatomy_temperature", "regression_tolerance", "seed",
-       stages=("evaluation", "generation", "r_scorer", "verifier"))
-def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start_policy: str, eval_set: pl.DataFrame,
-                   r_scorer_checkpoint: str, settings: SettingsResource, store: StoreResource,
-                   iteration_lease: IterationLeaseResource):
+@asset(
+    group_name="evaluation",
+    partitions_def=iteration_partitions,
+    pool=GPU_POOL,
+    description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over the start policy.",
+    check_specs=[
+        AssetCheckSpec(
+            "no_regression",
+            asset="iteration_eval",
+            description="Accuracy and consistency do not fall below the start policy's by more than the tolerance (WARN).",
+        )
+    ],
+)
+@reads(
+    "runtime",
+    "judge",
+    "eval_max_new_tokens",
+    "anatomy_samples",
+    "anatomy_temperature",
+    "regression_tolerance",
+    "seed",
+    stages=("evaluation", "generation", "r_scorer", "verifier"),
+)
+def iteration_eval(
+    context: AssetExecutionContext,
+    policy_checkpoint: str,
+    start_policy: str,
+    eval_set: pl.DataFrame,
+    r_scorer_checkpoint: str,
+    settings: SettingsResource,
+    store: StoreResource,
+    iteration_lease: IterationLeaseResource,
+):
     s, key, cfg = store.store(), context.partition_key, settings.config()
     model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
@@ -485,31 +872,54 @@ def iteration_eval(context: AssetExecutionContext, policy_checkpoint: str, start
     before = _start_policy_evaluation(s, key, start_policy, eval_set)
     if before is None:  # e.g. the held-out set changed since: the start policy answers it again
         previous, prev_processor = load_policy(s.local_model_dir(start_policy), cfg.runtime())
-        before = score_responses(eval_set, generate_responses(previous, prev_processor, eval_set["question"].to_list(),
-                                                              eval_set["image"].to_list(), cfg.eval_max_new_tokens,
-                                                              progress=context.log.info))
+        before = score_responses(
+            eval_set,
+            generate_responses(
+                previous,
+                prev_processor,
+                eval_set["question"].to_list(),
+                eval_set["image"].to_list(),
+                cfg.eval_max_new_tokens,
+                progress=context.log.info,
+            ),
+        )
     old = before["response"].to_list()
     if r_scorer_checkpoint == VERIFIER_JUDGE:
         win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge)
     else:
         scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
-        win = judge_win_rate(scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge, progress=context.log.info)
-    yield Output(scored.with_columns(pl.lit(key).alias("iteration"), pl.lit(win).alias("judge_win_rate_vs_previous"),
-                                     pl.lit(policy_checkpoint).alias("checkpoint")), metadata={
-        **metric_values(summary),
-        **anatomy_metadata(parts),
-        "judge_win_rate_vs_previous": float(win),
-        "checkpoint": MetadataValue.text(policy_checkpoint),
-        "compared_with": MetadataValue.text(start_policy),
-        "preview": table_preview(scored),
-    })
+        win = judge_win_rate(
+            scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge, progress=context.log.info
+        )
+    yield Output(
+        scored.with_columns(
+            pl.lit(key).alias("iteration"),
+            pl.lit(win).alias("judge_win_rate_vs_previous"),
+            pl.lit(policy_checkpoint).alias("checkpoint"),
+        ),
+        metadata={
+            **metric_values(summary),
+            **anatomy_metadata(parts),
+            "judge_win_rate_vs_previous": float(win),
+            "checkpoint": MetadataValue.text(policy_checkpoint),
+            "compared_with": MetadataValue.text(start_policy),
+            "preview": table_preview(scored),
+        },
+    )
     previous = summarize(before)
     # A metric that cannot be computed (null: e.g. consistency without a verifier) is skipped, not failed.
-    drops = {m: previous[m] - summary[m] for m in ("accuracy", "consistency")
-             if previous[m] is not None and summary[m] is not None}
+    drops = {
+        m: previous[m] - summary[m]
+        for m in ("accuracy", "consistency")
+        if previous[m] is not None and summary[m] is not None
+    }
     yield AssetCheckResult(
-        check_name="no_regression", severity=AssetCheckSeverity.WARN,
+        check_name="no_regression",
+        severity=AssetCheckSeverity.WARN,
         passed=all(d <= cfg.regression_tolerance for d in drops.values()),
-        metadata={**{f"{m}_drop": float(d) for m, d in drops.items()}, "tolerance": cfg.regression_tolerance,
-                  "compared_with": MetadataValue.text(start_policy)},
+        metadata={
+            **{f"{m}_drop": float(d) for m, d in drops.items()},
+            "tolerance": cfg.regression_tolerance,
+            "compared_with": MetadataValue.text(start_policy),
+        },
     )

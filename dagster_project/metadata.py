@@ -48,7 +48,9 @@ def histogram_md(values: list[float], label: str, bins: int = 10) -> MetadataVal
     for v in values:
         counts[min(int(v * bins), bins - 1) if v == v else 0] += 1
     peak = max(counts) or 1
-    rows = [f"| {i / bins:.1f}-{(i + 1) / bins:.1f} | {c} | {'#' * round(20 * c / peak)} |" for i, c in enumerate(counts)]
+    rows = [
+        f"| {i / bins:.1f}-{(i + 1) / bins:.1f} | {c} | {'#' * round(20 * c / peak)} |" for i, c in enumerate(counts)
+    ]
     return MetadataValue.md(f"| {label} | pairs | |\n|---|---|---|\n" + "\n".join(rows))
 
 
@@ -58,7 +60,8 @@ def matrix_md(q: list[list[float]], win_rate: list[float], strength: list[float]
     head = "| candidate | " + " | ".join(str(j) for j in range(k)) + " | win rate | strength | response |"
     sep = "|---" * (k + 4) + "|"
     rows = [
-        f"| {i} | " + " | ".join("-" if i == j else f"{q[i][j]:.2f}" for j in range(k))
+        f"| {i} | "
+        + " | ".join("-" if i == j else f"{q[i][j]:.2f}" for j in range(k))
         + f" | {win_rate[i]:.2f} | {strength[i]:.2f} | {texts[i][:120].replace('|', '/').replace(chr(10), ' ')} |"
         for i in range(k)
     ]
@@ -84,6 +87,9 @@ def anatomy_metadata(anatomy: dict) -> dict:
     lines += [f"| {r} | " + " | ".join(cell(anatomy[k].get(r)) for k in kinds) + " |" for r in rows]
     lines.append("| n | " + " | ".join(str(anatomy[k].get("n", "")) for k in kinds) + " |")
     # accuracy and consistency are metadata of their own already
-    overall = {f"anatomy/{r}": float(anatomy["all"][r]) for r in rows
-               if r not in ("accuracy", "consistency") and anatomy.get("all", {}).get(r) is not None}
+    overall = {
+        f"anatomy/{r}": float(anatomy["all"][r])
+        for r in rows
+        if r not in ("accuracy", "consistency") and anatomy.get("all", {}).get(r) is not None
+    }
     return {"anatomy": MetadataValue.md("\n".join(lines)), **overall}

@@ -60,7 +60,9 @@ def pool_holders(instance) -> dict[str, list[str]]:
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
         return {}
-    holders = {pool: sorted(storage.get_concurrency_info(pool).active_run_ids) for pool in storage.get_concurrency_keys()}
+    holders = {
+        pool: sorted(storage.get_concurrency_info(pool).active_run_ids) for pool in storage.get_concurrency_keys()
+    }
     return {pool: runs for pool, runs in holders.items() if runs}
 
 
@@ -111,8 +113,12 @@ class RunWatchdog:
             self.instance.report_run_failed(run, message="src-calibrate was interrupted while the run waited on a pool")
             self.instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         Lease.release_all()
-        print(f"src-calibrate: interrupted while waiting on a pool; run(s) {', '.join(r.run_id[:8] for r in mine) or '-'} "
-              f"marked failed, nothing written", file=sys.stderr, flush=True)
+        print(
+            f"src-calibrate: interrupted while waiting on a pool; run(s) {', '.join(r.run_id[:8] for r in mine) or '-'} "
+            f"marked failed, nothing written",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(INTERRUPTED_EXIT_CODE)
 
 
@@ -123,11 +129,16 @@ def _latest_run_of(instance, key: str, store_uri: str, settings_digest: str) -> 
 
     cursor = None
     while True:
-        page = instance.fetch_materializations(AssetRecordsFilter(AssetKey("iteration_eval"), asset_partitions=[key]),
-                                               limit=100, cursor=cursor)
+        page = instance.fetch_materializations(
+            AssetRecordsFilter(AssetKey("iteration_eval"), asset_partitions=[key]), limit=100, cursor=cursor
+        )
         for record in page.records:
             run = instance.get_run_by_id(record.event_log_entry.run_id)
-            if run is not None and run.tags.get(STORE_TAG) == store_uri and run.tags.get(SETTINGS_TAG) == settings_digest:
+            if (
+                run is not None
+                and run.tags.get(STORE_TAG) == store_uri
+                and run.tags.get(SETTINGS_TAG) == settings_digest
+            ):
                 return run.run_id
         if not page.has_more:
             return None
@@ -146,14 +157,17 @@ def completed_iteration(instance, store, key: str, start: str, settings_digest: 
         return None
     events = {}
     for asset in ("pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval"):
-        records = instance.fetch_materializations(AssetRecordsFilter(AssetKey(asset), asset_partitions=[key]), limit=100).records
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(AssetKey(asset), asset_partitions=[key]), limit=100
+        ).records
         mine = [r.event_log_entry for r in records if r.event_log_entry.run_id == run_id]
         if not mine:
             return None
         events[asset] = mine[0]
     meta = {a: {k: v.value for k, v in e.asset_materialization.metadata.items()} for a, e in events.items()}
-    if (meta["policy_checkpoint"].get("started_from") != start
-            or meta["iteration_eval"].get("checkpoint") != store.current_model(store_layout.policy_model(key))):
+    if meta["policy_checkpoint"].get("started_from") != start or meta["iteration_eval"].get(
+        "checkpoint"
+    ) != store.current_model(store_layout.policy_model(key)):
         return None
     try:
         store.local_model_dir(meta["iteration_eval"]["checkpoint"])

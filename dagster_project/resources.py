@@ -1,17 +1,24 @@
 """Resources: where artefacts live (the store), how tables travel (the IO manager), and the run settings."""
 
-
 import contextlib
 import os
 from typing import Any, Optional
 
 import polars as pl
-from dagster import ConfigurableIOManager, ConfigurableResource, Failure, InitResourceContext, InputContext, OutputContext
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    Failure,
+    InitResourceContext,
+    InputContext,
+    OutputContext,
+)
 from pydantic import Field
 
-from src_assets.config import SRCConfig, TINY, profile
-from . import store_layout
+from src_assets.config import TINY, SRCConfig, profile
 from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, LEASE_TTL_S, STORE_ENV, LeaseHeld, Store
+
+from . import store_layout
 
 
 class StoreResource(ConfigurableResource):
@@ -48,11 +55,15 @@ class IterationLeaseResource(ConfigurableResource):
             yield self
             return
         try:
-            lease = self.store.store().acquire_lease(store_layout.iteration_lease(key), run.run_id, self.ttl_s, job=run.job_name)
+            lease = self.store.store().acquire_lease(
+                store_layout.iteration_lease(key), run.run_id, self.ttl_s, job=run.job_name
+            )
         except LeaseHeld as e:
-            raise Failure(f"iteration {key} is being written by another run, so this run writes nothing: its lease {e}. "
-                          f"Wait for that run to end; a dead run's lease is taken over once its heartbeat is "
-                          f"{self.ttl_s:.0f} s old") from e
+            raise Failure(
+                f"iteration {key} is being written by another run, so this run writes nothing: its lease {e}. "
+                f"Wait for that run to end; a dead run's lease is taken over once its heartbeat is "
+                f"{self.ttl_s:.0f} s old"
+            ) from e
         try:
             yield self
         finally:
@@ -81,11 +92,14 @@ class StoreRunLeaseResource(ConfigurableResource):
             return
         owner = run.tags.get(STORE_LEASE_OWNER_TAG, run.run_id)
         try:
-            lease = self.store.store().acquire_lease(store_layout.STORE_RUN_LEASE, owner, self.ttl_s, job=run.job_name,
-                                                     run=run.run_id)
+            lease = self.store.store().acquire_lease(
+                store_layout.STORE_RUN_LEASE, owner, self.ttl_s, job=run.job_name, run=run.run_id
+            )
         except LeaseHeld as e:
-            raise Failure(f"another run is using this store, so this run writes nothing: {e}. Wait for it to end; a "
-                          f"dead run's lease is taken over once its heartbeat is {self.ttl_s:.0f} s old") from e
+            raise Failure(
+                f"another run is using this store, so this run writes nothing: {e}. Wait for it to end; a "
+                f"dead run's lease is taken over once its heartbeat is {self.ttl_s:.0f} s old"
+            ) from e
         try:
             yield self
         finally:
@@ -101,8 +115,12 @@ class SettingsResource(ConfigurableResource):
     scorer_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
     # What matters on a GPU, as typed Launchpad fields; None keeps the profile's value.
     device: Optional[str] = Field(default=None, description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    dtype: Optional[str] = Field(default=None, description="'auto' (bfloat16 on a GPU that supports it), float32, bfloat16, float16")
-    attn_implementation: Optional[str] = Field(default=None, description="'' (transformers' choice), sdpa, flash_attention_2, eager")
+    dtype: Optional[str] = Field(
+        default=None, description="'auto' (bfloat16 on a GPU that supports it), float32, bfloat16, float16"
+    )
+    attn_implementation: Optional[str] = Field(
+        default=None, description="'' (transformers' choice), sdpa, flash_attention_2, eager"
+    )
     lora_r: Optional[int] = Field(default=None, description="0: full fine-tuning; > 0: LoRA of this rank")
     gradient_accumulation_steps: Optional[int] = None
     gradient_checkpointing: Optional[bool] = None
@@ -112,17 +130,39 @@ class SettingsResource(ConfigurableResource):
     image_max_pixels: Optional[int] = None
     eval_max_new_tokens: Optional[int] = None
     judge_batch_size: Optional[int] = None
-    overrides: dict[str, Any] = Field(default_factory=dict, description="any other SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="any other SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}"
+    )
 
     def config(self) -> SRCConfig:
         typed = {name: getattr(self, name) for name in _TYPED_OPTIONAL if getattr(self, name) is not None}
         # Overrides win over the typed fields, so ``--set policy_model=DIR`` and ``--set seed=3`` work too.
-        return profile(self.profile, **{"seed": self.seed, "policy_model": self.policy_model,
-                                        "scorer_model": self.scorer_model, **typed, **self.overrides})
+        return profile(
+            self.profile,
+            **{
+                "seed": self.seed,
+                "policy_model": self.policy_model,
+                "scorer_model": self.scorer_model,
+                **typed,
+                **self.overrides,
+            },
+        )
 
 
-_TYPED_OPTIONAL = ("device", "dtype", "attn_implementation", "lora_r", "gradient_accumulation_steps", "gradient_checkpointing",
-                   "max_length", "report_to", "image_min_pixels", "image_max_pixels", "eval_max_new_tokens", "judge_batch_size")
+_TYPED_OPTIONAL = (
+    "device",
+    "dtype",
+    "attn_implementation",
+    "lora_r",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "max_length",
+    "report_to",
+    "image_min_pixels",
+    "image_max_pixels",
+    "eval_max_new_tokens",
+    "judge_batch_size",
+)
 
 
 class StoreIOManager(ConfigurableIOManager):

@@ -23,10 +23,14 @@ class _StepLines(logging.Handler):
         event, step = meta.get("dagster_event"), meta.get("step_key")
         if event is None:
             if record.levelno >= logging.WARNING:
-                print(f"  {record.levelname.lower()}: {step or ''} {meta.get('orig_message', record.getMessage())}",
-                      file=self.stream)
+                print(
+                    f"  {record.levelname.lower()}: {step or ''} {meta.get('orig_message', record.getMessage())}",
+                    file=self.stream,
+                )
             return
-        if event.event_type == DagsterEventType.ENGINE_EVENT and (event.message or "").startswith("Step blocked by limit for pool"):
+        if event.event_type == DagsterEventType.ENGINE_EVENT and (event.message or "").startswith(
+            "Step blocked by limit for pool"
+        ):
             pool = event.message.rsplit(" ", 1)[-1]
             if (step, pool) not in self.waiting:  # Dagster repeats it while the step waits
                 self.waiting.add((step, pool))
@@ -35,12 +39,17 @@ class _StepLines(logging.Handler):
                 print(f"  {step}: waiting for pool {pool!r}{held}", file=self.stream)
         elif event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             values = event.event_specific_data.materialization.metadata
-            numbers = {k: v.value for k, v in values.items() if k not in _SKIPPED and isinstance(v.value, (int, float))
-                       and not isinstance(v.value, bool)}
+            numbers = {
+                k: v.value
+                for k, v in values.items()
+                if k not in _SKIPPED and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)
+            }
             self.numbers[step] = dict(list(numbers.items())[:_SHOWN])
         elif event.event_type == DagsterEventType.STEP_SUCCESS:
             seconds = event.event_specific_data.duration_ms / 1000
-            shown = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.numbers.pop(step, {}).items())
+            shown = "  ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.numbers.pop(step, {}).items()
+            )
             print(f"  {step:<22} {seconds:7.1f} s  {shown}".rstrip(), file=self.stream)
         self.stream.flush()
 

@@ -84,4 +84,6 @@ def code_version(asset, cfg: SRCConfig) -> str:
 
 def with_code_versions(assets: list, cfg: SRCConfig) -> list:
     """The asset definitions, each carrying its code version under ``cfg``."""
-    return [a.map_asset_specs(lambda spec, a=a: spec.replace_attributes(code_version=code_version(a, cfg))) for a in assets]
+    return [
+        a.map_asset_specs(lambda spec, a=a: spec.replace_attributes(code_version=code_version(a, cfg))) for a in assets
+    ]

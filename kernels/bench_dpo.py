@@ -60,8 +60,15 @@ def _liger():
 def _liger_step(loss_fn, hidden, weight, labels, ref_logps, bias):
     # Liger computes the reference log-probs itself from a reference input and head; giving it the same ones
     # charges it one extra no-grad forward, which is what it costs in training.
-    out = loss_fn(weight, hidden, labels, bias, ref_input=hidden.detach(), ref_weight=weight.detach(),
-                  ref_bias=bias.detach() if bias is not None else None)
+    out = loss_fn(
+        weight,
+        hidden,
+        labels,
+        bias,
+        ref_input=hidden.detach(),
+        ref_weight=weight.detach(),
+        ref_bias=bias.detach() if bias is not None else None,
+    )
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -124,6 +131,7 @@ def run_shape(P, T, C, H, V, dtype, reps, dev="cuda", compile_baseline=True):
             hidden.grad = weight.grad = None
             loss, _ = fn(hidden, head, labels, ref, pair_weights, BETA, bias)
             loss.backward()
+
         return step
 
     compiled = torch.compile(weighted_dpo_loss_reference) if compile_baseline else None
@@ -138,9 +146,11 @@ def run_shape(P, T, C, H, V, dtype, reps, dev="cuda", compile_baseline=True):
         methods["completion_only_compiled"] = (loss_step(compiled, weight), hidden_bytes + weight_bytes)
     liger = _liger()
     if liger is not None:
+
         def liger_step():
             hidden.grad = weight.grad = None
             _liger_step(liger, hidden, weight, labels, ref, bias).backward()
+
         methods["liger_fused_linear_dpo"] = (liger_step, hidden_bytes + weight_bytes)
     h_c = hidden.detach()[:, T - C :].reshape(-1, H).contiguous()
     dlogits = torch.randn(h_c.shape[0], V, device=dev, dtype=dtype, generator=g)
@@ -150,8 +160,14 @@ def run_shape(P, T, C, H, V, dtype, reps, dev="cuda", compile_baseline=True):
     shape = {"pairs": P, "T": T, "completion": C, "H": H, "V": V, "dtype": str(dtype).replace("torch.", "")}
     lk, pk = weighted_dpo_loss(hidden, weight, labels, ref, pair_weights, BETA, bias)
     lr, pr = weighted_dpo_loss_reference(hidden, weight, labels, ref, pair_weights, BETA, bias)
-    rows = [{**shape, "method": "correctness", "loss_abs_diff_vs_reference": float((lk - lr).abs()),
-             "logps_max_abs_diff_vs_reference": float((pk - pr).abs().max())}]
+    rows = [
+        {
+            **shape,
+            "method": "correctness",
+            "loss_abs_diff_vs_reference": float((lk - lr).abs()),
+            "logps_max_abs_diff_vs_reference": float((pk - pr).abs().max()),
+        }
+    ]
     del lk, pk, lr, pr
     for name, (step, grad_bytes) in methods.items():
         row = {**shape, "method": name}
@@ -190,8 +206,15 @@ def main(argv=None) -> None:
         for row in run_shape(*shape, dtype, args.reps):
             print(json.dumps(row), flush=True)
             rows.append(row)
-    report = {"benchmark": "weighted_dpo_loss", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "reps": args.reps, "results": rows}
+    report = {
+        "benchmark": "weighted_dpo_loss",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "reps": args.reps,
+        "results": rows,
+    }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")

@@ -23,7 +23,14 @@ from .pairwise import aggregate_pairwise, aggregate_pairwise_reference
 
 SHAPES = ((1_048_576, 8), (262_144, 16), (65_536, 32))
 # Nominal HBM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name().
-NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
+NOMINAL_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 SXM": 3.35e12,
+    "H100 80GB HBM3": 3.35e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+}
 
 
 def _time_ms(fn, reps: int) -> float:
@@ -69,7 +76,11 @@ def run(reps: int, dtypes=("float32",)) -> dict:
             agree = float((kernel_out.chosen == ref_out.chosen).float().mean())
             max_diff = float((kernel_out.strength - ref_out.strength).abs().max())
             row = {"B": B, "K": K, "dtype": dtype_name, "chosen_agreement": agree, "strength_max_abs_diff": max_diff}
-            for name, fn in (("triton", aggregate_pairwise), ("eager", aggregate_pairwise_reference), ("compile", compiled)):
+            for name, fn in (
+                ("triton", aggregate_pairwise),
+                ("eager", aggregate_pairwise_reference),
+                ("compile", compiled),
+            ):
                 row[f"{name}_ms"] = _time_ms(lambda: fn(p), reps)
             moved = _bytes_moved(B, K, p.element_size())
             row["bytes_moved"] = moved

@@ -48,7 +48,9 @@ import triton.language as tl
 def _completion_rows(hidden, labels, ignore_index):
     """Flat indices of the counted positions, their targets, and the sequence each belongs to."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"hidden must be [rows, T, H] and labels [rows, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"hidden must be [rows, T, H] and labels [rows, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
     flat = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
     return flat, labels.reshape(-1).index_select(0, flat).contiguous(), flat // hidden.shape[1]
 
@@ -82,7 +84,9 @@ def sequence_logps_reference(hidden, weight, labels, bias=None, ignore_index: in
     return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps)
 
 
-def weighted_dpo_loss_reference(hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100):
+def weighted_dpo_loss_reference(
+    hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100
+):
     policy_logps = sequence_logps_reference(hidden, weight, labels, bias, ignore_index)
     return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta), policy_logps
 
@@ -98,11 +102,26 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), 128 if _interpreting() else 4096)
 
 
-@triton.heuristics({"BLOCK_V": lambda args: _block_v(args["V"]),
-                    "num_warps": lambda args: 1 if _interpreting() else min(16, max(4, _block_v(args["V"]) // 256))})
+@triton.heuristics(
+    {
+        "BLOCK_V": lambda args: _block_v(args["V"]),
+        "num_warps": lambda args: 1 if _interpreting() else min(16, max(4, _block_v(args["V"]) // 256)),
+    }
+)
 @triton.jit
-def _row_log_softmax(logits_ptr, stride, tgt_ptr, lse_ptr, logp_ptr, scale_ptr, V,
-                     BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _row_log_softmax(
+    logits_ptr,
+    stride,
+    tgt_ptr,
+    lse_ptr,
+    logp_ptr,
+    scale_ptr,
+    V,
+    BLOCK_V: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
     """One row of a logits chunk: its log-sum-exp and target log-prob (unless ``HAS_LSE``: read them), then,
     with ``WRITE_GRAD``, the row overwritten in place by ``scale * (onehot(target) - softmax)``.
 
@@ -158,9 +177,18 @@ def _logits(h_chunk, weight, bias):
 
 
 def _launch(logits, targets, lse, logp, scale=None, *, has_lse: bool, write_grad: bool):
-    _row_log_softmax[(logits.shape[0],)](logits, logits.stride(0), targets, lse, logp,
-                                         scale if scale is not None else lse, logits.shape[1],
-                                         HAS_LSE=has_lse, WRITE_GRAD=write_grad, HAS_SCALE=scale is not None)
+    _row_log_softmax[(logits.shape[0],)](
+        logits,
+        logits.stride(0),
+        targets,
+        lse,
+        logp,
+        scale if scale is not None else lse,
+        logits.shape[1],
+        HAS_LSE=has_lse,
+        WRITE_GRAD=write_grad,
+        HAS_SCALE=scale is not None,
+    )
 
 
 class _ChunkedSequenceLogps(torch.autograd.Function):
@@ -223,8 +251,17 @@ class _ChunkedSequenceLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None, None, None, None
 
 
-def weighted_dpo_loss(hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100,
-                      chunk_bytes: int | None = None):
+def weighted_dpo_loss(
+    hidden,
+    weight,
+    labels,
+    ref_logps,
+    pair_weights=None,
+    beta=0.1,
+    bias=None,
+    ignore_index=-100,
+    chunk_bytes: int | None = None,
+):
     """(loss, policy_logps) through the chunked kernel; same contract as the reference. The frozen-head path
     is taken when neither ``weight`` nor ``bias`` needs a gradient."""
     policy_logps = _ChunkedSequenceLogps.apply(hidden, weight, bias, labels, ignore_index, chunk_bytes or CHUNK_BYTES)
@@ -232,7 +269,9 @@ def weighted_dpo_loss(hidden, weight, labels, ref_logps, pair_weights=None, beta
 
 
 @torch.no_grad()
-def sequence_logps(hidden, weight, labels, bias=None, ignore_index: int = -100, chunk_bytes: int | None = None) -> torch.Tensor:
+def sequence_logps(
+    hidden, weight, labels, bias=None, ignore_index: int = -100, chunk_bytes: int | None = None
+) -> torch.Tensor:
     """[rows] fp32 per-sequence sums of target log-probs, chunked, without gradients (reference-model log-probs).
     One GEMM (the logits) and one chunk of workspace."""
     return _ChunkedSequenceLogps.apply(hidden, weight, bias, labels, ignore_index, chunk_bytes or CHUNK_BYTES)

@@ -127,9 +127,23 @@ def aggregate_pairwise_reference(p, valid=None, bt_iters: int = 50, bt_tol: floa
 
 @triton.jit
 def _aggregate_kernel(
-    p_ptr, valid_ptr, q_ptr, win_ptr, s_ptr, chosen_ptr, rejected_ptr, conf_ptr, agree_ptr, bad_ptr,
-    B, K: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr, HAS_VALID: tl.constexpr,
-    bt_iters, bt_tol,
+    p_ptr,
+    valid_ptr,
+    q_ptr,
+    win_ptr,
+    s_ptr,
+    chosen_ptr,
+    rejected_ptr,
+    conf_ptr,
+    agree_ptr,
+    bad_ptr,
+    B,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    bt_iters,
+    bt_tol,
 ):
     pid = tl.program_id(0)
     b = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
@@ -223,8 +237,23 @@ def aggregate_pairwise(p, valid=None, bt_iters: int = 50, bt_tol: float = 1e-6) 
     block_b = _block_b(kp)
     valid_u8 = valid.to(torch.uint8).contiguous() if has_valid else bad  # unused when HAS_VALID is False
     _aggregate_kernel[(triton.cdiv(B, block_b),)](
-        p, valid_u8, q, win_rate, strength, chosen, rejected, confidence, agreement, bad,
-        B, K=K, KP=kp, BLOCK_B=block_b, HAS_VALID=has_valid, bt_iters=bt_iters, bt_tol=bt_tol,
+        p,
+        valid_u8,
+        q,
+        win_rate,
+        strength,
+        chosen,
+        rejected,
+        confidence,
+        agreement,
+        bad,
+        B,
+        K=K,
+        KP=kp,
+        BLOCK_B=block_b,
+        HAS_VALID=has_valid,
+        bt_iters=bt_iters,
+        bt_tol=bt_tol,
         num_warps=4,
     )
     if bad.any():

@@ -21,21 +21,41 @@ import polars as pl
 
 from .generation import generate_responses
 from .progress import Progress
-from .scenes import (CAPTION_QUESTION, QUESTION_KINDS, Scene, answer_question, conclusion_sentence, describe_scene,
-                     generate_examples)
+from .scenes import (
+    CAPTION_QUESTION,
+    QUESTION_KINDS,
+    Scene,
+    answer_question,
+    conclusion_sentence,
+    describe_scene,
+    generate_examples,
+)
 from .training import TrainSettings, train_vision_sft
 from .verifier import verify_caption
 
 CAPTION_KIND = "caption"
-PERCEPTION_SCHEMA = {"id": pl.String, "kind": pl.String, "question": pl.String, "completion": pl.String, "image": pl.Binary,
-                     "scene": pl.String, "question_spec": pl.String}
+PERCEPTION_SCHEMA = {
+    "id": pl.String,
+    "kind": pl.String,
+    "question": pl.String,
+    "completion": pl.String,
+    "image": pl.Binary,
+    "scene": pl.String,
+    "question_spec": pl.String,
+}
 
 
 ANSWER_FORMS = ("sentence", "short")
 
 
-def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects: int = 2, max_objects: int = 5,
-                      answer_form: str = "sentence") -> pl.DataFrame:
+def perception_corpus(
+    n: int,
+    seed: int,
+    caption_share: float = 0.5,
+    min_objects: int = 2,
+    max_objects: int = 5,
+    answer_form: str = "sentence",
+) -> pl.DataFrame:
     """``n`` (question, completion, image) rows: a share ``caption_share`` of captions, the rest direct answers to
     the domain's questions (kinds in equal shares). Its scenes are drawn from their own stream (split ``base``),
     apart from the sft, calibrate and eval scenes. A direct answer is the answer line alone (``short``), or the
@@ -50,7 +70,9 @@ def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects
             row.update(kind=CAPTION_KIND, question=CAPTION_QUESTION, completion=describe_scene(e.scene))
         else:
             answer = f"Answer: {answer_question(e.scene.objects, e.question)}"
-            if answer_form == "sentence":  # as a VLM answers briefly: one sentence about the asked subject, then the answer
+            if (
+                answer_form == "sentence"
+            ):  # as a VLM answers briefly: one sentence about the asked subject, then the answer
                 answer = f"{conclusion_sentence(e.scene.objects, e.question)}\n{answer}"
             row.update(completion=answer)
         rows.append(row)
@@ -59,7 +81,9 @@ def perception_corpus(n: int, seed: int, caption_share: float = 0.5, min_objects
 
 def probe_scenes(n: int, seed: int, min_objects: int = 2, max_objects: int = 5) -> pl.DataFrame:
     """Scenes of a stream of their own (split ``base-probe``) on which training watches the captions."""
-    return pl.DataFrame([e.row() for e in generate_examples(n, seed, "base-probe", QUESTION_KINDS, min_objects, max_objects)])
+    return pl.DataFrame(
+        [e.row() for e in generate_examples(n, seed, "base-probe", QUESTION_KINDS, min_objects, max_objects)]
+    )
 
 
 class StopWhenPerceiving:
@@ -88,8 +112,14 @@ class StopWhenPerceiving:
         self.callback = _Callback()
 
 
-def train_base_policy(model_dir: str, corpus: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=(),
-                      stop: StopWhenPerceiving | None = None) -> dict:
+def train_base_policy(
+    model_dir: str,
+    corpus: pl.DataFrame,
+    out_dir: str,
+    settings: TrainSettings,
+    callbacks=(),
+    stop: StopWhenPerceiving | None = None,
+) -> dict:
     """The tiny VLM at ``model_dir`` pretrained on the perception corpus (TRL's ``SFTTrainer``) for at most
     ``settings.epochs``, or until ``stop`` sees it perceive; saved to ``out_dir``."""
     callbacks = [*callbacks, *([stop.callback] if stop else [])]
@@ -103,16 +133,19 @@ def score_captions(rows: pl.DataFrame, captions: list[str]) -> pl.DataFrame:
     for r, caption in zip(rows.select("id", "scene").iter_rows(named=True), captions):
         factuality, exact = verify_caption(caption, Scene.from_json(r["scene"]))
         out.append({"id": r["id"], "caption": caption, "factuality": factuality, "exact_listing": float(exact)})
-    return pl.DataFrame(out, schema={"id": pl.String, "caption": pl.String, "factuality": pl.Float64,
-                                     "exact_listing": pl.Float64})
+    return pl.DataFrame(
+        out, schema={"id": pl.String, "caption": pl.String, "factuality": pl.Float64, "exact_listing": pl.Float64}
+    )
 
 
-def evaluate_captions(model, processor, rows: pl.DataFrame, max_new_tokens: int = 96,
-                      progress: Progress = False) -> tuple[dict, pl.DataFrame]:
+def evaluate_captions(
+    model, processor, rows: pl.DataFrame, max_new_tokens: int = 96, progress: Progress = False
+) -> tuple[dict, pl.DataFrame]:
     """Greedy captions of ``rows``' images (which need a ``scene``), scored; returns the means and the table."""
     rows = rows.filter(pl.col("scene").is_not_null())
-    captions = generate_responses(model, processor, [CAPTION_QUESTION] * rows.height, rows["image"].to_list(),
-                                  max_new_tokens, progress=progress)
+    captions = generate_responses(
+        model, processor, [CAPTION_QUESTION] * rows.height, rows["image"].to_list(), max_new_tokens, progress=progress
+    )
     scored = score_captions(rows, captions)
     summary = {k: float(scored[k].mean()) if scored.height else None for k in ("factuality", "exact_listing")}
     return {**summary, "n": scored.height}, scored

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 
 import polars as pl
 import torch
-
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .fingerprints import derive_seed
@@ -85,9 +84,16 @@ def _generate(model, batch: dict, pad_id, stop_ids, max_new_tokens: int, sample:
     width = batch["input_ids"].shape[1]
     recorder = _ChosenTokenLogps()
     out = model.generate(
-        **to_model(batch, model), **({"cache": cache} if cache is not None else {}),
-        do_sample=sample, temperature=temperature if sample else None, top_k=None, top_p=None, max_new_tokens=max_new_tokens,
-        eos_token_id=list(stop_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
+        **to_model(batch, model),
+        **({"cache": cache} if cache is not None else {}),
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_k=None,
+        top_p=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        logits_processor=LogitsProcessorList([recorder]),
         bad_words_ids=never_generate(model),
     )
     new = out[:, width:]
@@ -135,7 +141,10 @@ class _Prompts:
             return collate_prompts([self.rows[i] for i in index], extra, self.pad_id), None
         new_ids, new_mask = left_padded([[self.last[i], *e] for i, e in zip(index, extra)], self.pad_id)
         rows = torch.tensor(index)
-        batch = {"input_ids": torch.cat([self.ids[rows], new_ids], 1), "attention_mask": torch.cat([self.mask[rows], new_mask], 1)}
+        batch = {
+            "input_ids": torch.cat([self.ids[rows], new_ids], 1),
+            "attention_mask": torch.cat([self.mask[rows], new_mask], 1),
+        }
         return batch, cache_rows(self.cache, index)
 
 
@@ -145,7 +154,11 @@ def sentence_stop_ids(tokenizer, delimiter: str) -> set[int]:
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
     texts = tokenizer.convert_ids_to_tokens(list(vocab.values()))
-    found = {i for i, t in zip(vocab.values(), texts) if i not in special and delimiter in tokenizer.convert_tokens_to_string([t])}
+    found = {
+        i
+        for i, t in zip(vocab.values(), texts)
+        if i not in special and delimiter in tokenizer.convert_tokens_to_string([t])
+    }
     return found | {tokenizer.eos_token_id}
 
 
@@ -162,7 +175,9 @@ def _search_group(model, prompts: _Prompts, n: int, cfg: SearchConfig, eos_id: i
             chunk = rows[start : start + cfg.batch_size]
             batch, cache = prompts.batch([p for p, _ in chunk], [b.tokens for _, b in chunk])
             torch.manual_seed(derive_seed(seed, "step", step, start))
-            sentences, sums = _generate(model, batch, prompts.pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature, cache)
+            sentences, sums = _generate(
+                model, batch, prompts.pad_id, stop_ids, cfg.max_sentence_tokens, True, cfg.temperature, cache
+            )
             for (p, beam), sentence, logp in zip(chunk, sentences, sums):
                 if not sentence:
                     continue
@@ -173,8 +188,9 @@ def _search_group(model, prompts: _Prompts, n: int, cfg: SearchConfig, eos_id: i
 
     if cfg.include_greedy:
         batch, cache = prompts.batch(list(range(n)), [()] * n)
-        responses, sums = _generate(model, batch, prompts.pad_id, {eos_id}, cfg.max_sentences * cfg.max_sentence_tokens,
-                                    False, 1.0, cache)
+        responses, sums = _generate(
+            model, batch, prompts.pad_id, {eos_id}, cfg.max_sentences * cfg.max_sentence_tokens, False, 1.0, cache
+        )
         for p, tokens, logp in zip(range(n), responses, sums):
             if tokens and tokens[-1] == eos_id:
                 finished[p].setdefault(tokens, _Beam(tokens, logp))
@@ -182,8 +198,14 @@ def _search_group(model, prompts: _Prompts, n: int, cfg: SearchConfig, eos_id: i
 
 
 @torch.no_grad()
-def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchConfig = SearchConfig(), seed: int = 0,
-                         progress: Progress = True) -> pl.DataFrame:
+def sentence_beam_search(
+    model,
+    processor,
+    prompts: pl.DataFrame,
+    cfg: SearchConfig = SearchConfig(),
+    seed: int = 0,
+    progress: Progress = True,
+) -> pl.DataFrame:
     """The candidate pool for ``prompts`` (columns ``id``, ``question``, ``image``): up to K rows per prompt."""
     model.eval()
     tok = processor.tokenizer
@@ -197,8 +219,12 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
     group = max(1, cfg.batch_size // (cfg.beams * cfg.samples_per_beam))
     bar = ProgressBar(len(ids), "candidate search (prompts)", progress)
     for g0 in range(0, len(ids), group):
-        inputs = [prompt_inputs(processor, q, image) for q, image in zip(questions[g0 : g0 + group], images[g0 : g0 + group])]
-        finished += _search_group(model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, derive_seed(seed, "group", g0))
+        inputs = [
+            prompt_inputs(processor, q, image) for q, image in zip(questions[g0 : g0 + group], images[g0 : g0 + group])
+        ]
+        finished += _search_group(
+            model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, derive_seed(seed, "group", g0)
+        )
         bar.update(len(inputs))
     bar.close()
 
@@ -213,9 +239,18 @@ def sentence_beam_search(model, processor, prompts: pl.DataFrame, cfg: SearchCon
                 continue
             seen_texts.add(text)
             rationale, answer = split_response(text)
-            out.append({"prompt_id": pid, "candidate": len(seen_texts) - 1, "text": text,
-                        "rationale": rationale.strip(), "answer": answer, "logprob": beam.logprob,
-                        "n_tokens": len(beam.tokens), "params": params})
+            out.append(
+                {
+                    "prompt_id": pid,
+                    "candidate": len(seen_texts) - 1,
+                    "text": text,
+                    "rationale": rationale.strip(),
+                    "answer": answer,
+                    "logprob": beam.logprob,
+                    "n_tokens": len(beam.tokens),
+                    "params": params,
+                }
+            )
             if len(seen_texts) == cfg.k:
                 break
     return pl.DataFrame(out, schema=POOL_SCHEMA)

@@ -30,8 +30,15 @@ TINY = "tiny"  # a model reference meaning "build the tiny local model"
 
 # Settings every model stage reads (where and how models run), and those every training reads besides its own.
 RUNTIME_SETTINGS = ("device", "dtype", "attn_implementation", "image_min_pixels", "image_max_pixels")
-TRAINING_SETTINGS = ("lora_r", "seed", "gradient_accumulation_steps", "gradient_checkpointing", "max_length", "report_to",
-                     *RUNTIME_SETTINGS)
+TRAINING_SETTINGS = (
+    "lora_r",
+    "seed",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "max_length",
+    "report_to",
+    *RUNTIME_SETTINGS,
+)
 SETTING_BUNDLES = {"runtime": RUNTIME_SETTINGS, "training": TRAINING_SETTINGS}
 
 
@@ -80,7 +87,9 @@ class SRCConfig:
     # 0. The base stage (tiny policy only; a hub model is already capable): captions and direct answers
     n_base: int = 16000  # perception corpus rows, scenes of their own
     base_caption_share: float = 0.7  # the rest are direct answers (no listing before them)
-    base_answer_form: str = "sentence"  # direct answers: "sentence" (a sentence on the asked subject, then the answer line) or "short"
+    base_answer_form: str = (
+        "sentence"  # direct answers: "sentence" (a sentence on the asked subject, then the answer line) or "short"
+    )
     base_epochs: float = 3.0  # at most: training stops once the probe captions reach base_stop_at_exact_listing
     base_stop_at_exact_listing: float = 0.9  # 0: never stop early
     base_check_every: int = 250  # steps between probe checks (100 probe scenes captioned each time)
@@ -126,21 +135,44 @@ class SRCConfig:
     min_blank_image_drop: float = 0.1  # the SFT policy must lose this much accuracy when its images are blanked
 
     def tiny_spec(self) -> TinySpec:
-        return TinySpec(hidden_size=self.tiny_hidden_size, intermediate_size=2 * self.tiny_hidden_size, num_layers=self.tiny_layers,
-                        patch_size=self.tiny_patch_size, position_embedding_std=self.tiny_position_embedding_std)
+        return TinySpec(
+            hidden_size=self.tiny_hidden_size,
+            intermediate_size=2 * self.tiny_hidden_size,
+            num_layers=self.tiny_layers,
+            patch_size=self.tiny_patch_size,
+            position_embedding_std=self.tiny_position_embedding_std,
+        )
 
     def runtime(self) -> Runtime:
         return Runtime(**{name: getattr(self, name) for name in RUNTIME_SETTINGS})
 
     def _train(self, epochs: float, learning_rate: float, batch_size: int, **schedule) -> TrainSettings:
-        return TrainSettings(epochs, learning_rate, batch_size, self.lora_r, self.seed, self.gradient_accumulation_steps,
-                             self.gradient_checkpointing, self.max_length,
-                             tuple(x.strip() for x in self.report_to.split(",") if x.strip()), self.runtime(), **schedule)
+        return TrainSettings(
+            epochs,
+            learning_rate,
+            batch_size,
+            self.lora_r,
+            self.seed,
+            self.gradient_accumulation_steps,
+            self.gradient_checkpointing,
+            self.max_length,
+            tuple(x.strip() for x in self.report_to.split(",") if x.strip()),
+            self.runtime(),
+            **schedule,
+        )
 
     def base_settings(self) -> TrainSettings:
         # Full fine-tuning whatever lora_r says: the base stage trains a tiny model from random weights.
-        return replace(self._train(self.base_epochs, self.base_learning_rate, self.base_batch_size,
-                                   lr_scheduler_type=self.base_lr_scheduler, warmup_steps=20), lora_r=0)
+        return replace(
+            self._train(
+                self.base_epochs,
+                self.base_learning_rate,
+                self.base_batch_size,
+                lr_scheduler_type=self.base_lr_scheduler,
+                warmup_steps=20,
+            ),
+            lora_r=0,
+        )
 
     def sft_settings(self) -> TrainSettings:
         return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size)
@@ -160,13 +192,28 @@ class SRCConfig:
 PROFILES: dict[str, SRCConfig] = {
     "default": SRCConfig(),
     "smoke": SRCConfig(
-        n_sft=60, n_calibrate=16, n_eval=20, tiny_hidden_size=32, tiny_layers=1, sft_epochs=1.0, n_base=64, base_epochs=1.0,
-        prompts_per_iteration=8, search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
-        scorer_prompts=8, scorer_max_pairs=64, scorer_epochs=1.0, dpo_epochs=1.0, dpo_batch_size=4,
+        n_sft=60,
+        n_calibrate=16,
+        n_eval=20,
+        tiny_hidden_size=32,
+        tiny_layers=1,
+        sft_epochs=1.0,
+        n_base=64,
+        base_epochs=1.0,
+        prompts_per_iteration=8,
+        search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
+        scorer_prompts=8,
+        scorer_max_pairs=64,
+        scorer_epochs=1.0,
+        dpo_epochs=1.0,
+        dpo_batch_size=4,
         # untrained smoke models never answer right; this profile checks plumbing
-        curation=CurationConfig(tau=0.0, require_correct_chosen=False, require_consistent_chosen=False, require_factual_chosen=False),
+        curation=CurationConfig(
+            tau=0.0, require_correct_chosen=False, require_consistent_chosen=False, require_factual_chosen=False
+        ),
         min_blank_image_drop=-1.0,  # nor do they see: the blank-image check is reported, not required
-        min_base_exact_listing=0.0, anatomy_samples=2,
+        min_base_exact_listing=0.0,
+        anatomy_samples=2,
     ),
 }
 
@@ -211,15 +258,54 @@ _RANGES = {
     **{name: (1, True, MAX_CANDIDATES) for name in ("beams", "samples_per_beam")},
     "scorer_epochs": (0, True, MAX_EPOCHS),
     **{name: (0, False, MAX_EPOCHS) for name in ("sft_epochs", "base_epochs", "dpo_epochs")},
-    **{name: (0, True, None) for name in ("lora_r", "scorer_max_pairs", "scorer_contrast_pairs", "dpo_nll_weight", "max_length",
-                                           "image_min_pixels", "image_max_pixels", "regression_tolerance", "tiny_layers",
-                                           "anatomy_samples")},
-    **{name: (1, True, None) for name in ("max_source_file_bytes", "max_image_pixels", "max_text_chars", "min_objects", "max_objects",
-                                           "max_sentences", "sft_batch_size", "base_batch_size", "base_check_every", "scorer_batch_size", "dpo_batch_size",
-                                           "judge_batch_size", "pairs_per_prompt", "gradient_accumulation_steps",
-                                           "eval_max_new_tokens", "tiny_hidden_size")},
-    **{name: (0, False, None) for name in ("anatomy_temperature", "base_learning_rate", "beta", "temperature", "sft_learning_rate",
-                                            "scorer_learning_rate", "dpo_learning_rate")},
+    **{
+        name: (0, True, None)
+        for name in (
+            "lora_r",
+            "scorer_max_pairs",
+            "scorer_contrast_pairs",
+            "dpo_nll_weight",
+            "max_length",
+            "image_min_pixels",
+            "image_max_pixels",
+            "regression_tolerance",
+            "tiny_layers",
+            "anatomy_samples",
+        )
+    },
+    **{
+        name: (1, True, None)
+        for name in (
+            "max_source_file_bytes",
+            "max_image_pixels",
+            "max_text_chars",
+            "min_objects",
+            "max_objects",
+            "max_sentences",
+            "sft_batch_size",
+            "base_batch_size",
+            "base_check_every",
+            "scorer_batch_size",
+            "dpo_batch_size",
+            "judge_batch_size",
+            "pairs_per_prompt",
+            "gradient_accumulation_steps",
+            "eval_max_new_tokens",
+            "tiny_hidden_size",
+        )
+    },
+    **{
+        name: (0, False, None)
+        for name in (
+            "anatomy_temperature",
+            "base_learning_rate",
+            "beta",
+            "temperature",
+            "sft_learning_rate",
+            "scorer_learning_rate",
+            "dpo_learning_rate",
+        )
+    },
     "seed": (0, True, 2**32 - 1),  # numpy's and torch's seeds are unsigned 32-bit
     "k": (2, True, MAX_CANDIDATES),
     "tau": (0, True, 1),
@@ -258,7 +344,12 @@ def setting_names() -> dict[str, tuple[str | None, str, str]]:
 
 # The settings whose value is one of a few names, and those names.
 POLICY_UPDATES = ("dpo", "gold_sft")
-_CHOICES = {"policy_update": POLICY_UPDATES, "judge_template": JUDGE_TEMPLATES, "base_answer_form": ANSWER_FORMS, "scoring": ("pairwise", "independent")}
+_CHOICES = {
+    "policy_update": POLICY_UPDATES,
+    "judge_template": JUDGE_TEMPLATES,
+    "base_answer_form": ANSWER_FORMS,
+    "scoring": ("pairwise", "independent"),
+}
 
 
 def _report_to_choices() -> tuple[str, ...]:
@@ -273,8 +364,10 @@ def _check_ranges(cfg: "SRCConfig") -> None:
             raise ValueError(f"setting {name}: {cfg.setting(name)!r} is not one of {choices}")
     trackers = [x.strip() for x in cfg.setting("report_to").split(",") if x.strip()]
     if trackers and not set(trackers) <= set(_report_to_choices()):
-        raise ValueError(f"setting report_to: {sorted(set(trackers) - set(_report_to_choices()))} are not "
-                         f"transformers integrations; expected a comma-separated list of {_report_to_choices()}")
+        raise ValueError(
+            f"setting report_to: {sorted(set(trackers) - set(_report_to_choices()))} are not "
+            f"transformers integrations; expected a comma-separated list of {_report_to_choices()}"
+        )
     for name, (low, inclusive, high) in _RANGES.items():
         value = cfg.setting(name)
         if (value < low if inclusive else value <= low) or (high is not None and value > high):
@@ -310,12 +403,18 @@ def profile(name: str, **overrides) -> SRCConfig:
     typed = {k: coerce_setting(k, v, known[k][2]) for k, v in overrides.items()}
     _check_ranges(_Unchecked(PROFILES[name], typed))
     top = {k: v for k, v in typed.items() if known[k][0] is None}
-    nested = {g: replace(getattr(PROFILES[name], g), **{known[k][1]: v for k, v in typed.items() if known[k][0] == g})
-              for g in _GROUPS}  # each stage type validates its own fields (select_by, backend...)
+    nested = {
+        g: replace(getattr(PROFILES[name], g), **{known[k][1]: v for k, v in typed.items() if known[k][0] == g})
+        for g in _GROUPS
+    }  # each stage type validates its own fields (select_by, backend...)
     cfg = replace(PROFILES[name], **top, **nested)
     if cfg.tiny_policy_architecture not in POLICY_ARCHITECTURES:
-        raise ValueError(f"tiny_policy_architecture must be one of {POLICY_ARCHITECTURES}, got {cfg.tiny_policy_architecture!r}")
+        raise ValueError(
+            f"tiny_policy_architecture must be one of {POLICY_ARCHITECTURES}, got {cfg.tiny_policy_architecture!r}"
+        )
     if cfg.tiny_scorer_architecture not in SCORER_ARCHITECTURES:
-        raise ValueError(f"tiny_scorer_architecture must be one of {SCORER_ARCHITECTURES}, got {cfg.tiny_scorer_architecture!r}")
+        raise ValueError(
+            f"tiny_scorer_architecture must be one of {SCORER_ARCHITECTURES}, got {cfg.tiny_scorer_architecture!r}"
+        )
     cfg.runtime().torch_dtype()  # validates dtype and device
     return cfg

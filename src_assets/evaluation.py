@@ -32,18 +32,38 @@ def score_responses(eval_set: pl.DataFrame, responses: list[str]) -> pl.DataFram
 
     Rows without a scene get accuracy from the ``answer`` column and null for what only the verifier can tell."""
     rows = []
-    for r, response in zip(eval_set.select("id", "kind", "scene", "question_spec", "answer").iter_rows(named=True), responses):
+    for r, response in zip(
+        eval_set.select("id", "kind", "scene", "question_spec", "answer").iter_rows(named=True), responses
+    ):
         stated = split_response(response)[1]
-        m = {"accuracy": float(stated == normalize_answer(r["answer"] or "")), "factuality": None, "completeness": None,
-             "consistency": None, **{k: None for k in ANATOMY}}
+        m = {
+            "accuracy": float(stated == normalize_answer(r["answer"] or "")),
+            "factuality": None,
+            "completeness": None,
+            "consistency": None,
+            **{k: None for k in ANATOMY},
+        }
         if r["scene"] is not None:
             v = verify(response, Scene.from_json(r["scene"]), Question.from_json(r["question_spec"]))
-            m = {"accuracy": v.correct, "factuality": v.factuality, "completeness": v.completeness, "consistency": v.consistency,
-                 "exact_listing": float(v.exact_listing), "conclusion_follows_listing": float(v.conclusion_follows_listing),
-                 "answer_is_conclusion": float(v.answer_is_conclusion)}
+            m = {
+                "accuracy": v.correct,
+                "factuality": v.factuality,
+                "completeness": v.completeness,
+                "consistency": v.consistency,
+                "exact_listing": float(v.exact_listing),
+                "conclusion_follows_listing": float(v.conclusion_follows_listing),
+                "answer_is_conclusion": float(v.answer_is_conclusion),
+            }
         rows.append({"id": r["id"], "kind": r["kind"], "response": response, **m})
-    return pl.DataFrame(rows, schema={"id": pl.String, "kind": pl.String, "response": pl.String,
-                                      **{k: pl.Float64 for k in (*METRICS, *ANATOMY)}})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "id": pl.String,
+            "kind": pl.String,
+            "response": pl.String,
+            **{k: pl.Float64 for k in (*METRICS, *ANATOMY)},
+        },
+    )
 
 
 def summarize(scored: pl.DataFrame) -> dict[str, float | None]:
@@ -53,8 +73,15 @@ def summarize(scored: pl.DataFrame) -> dict[str, float | None]:
     return out
 
 
-ANATOMY_ROWS = ("accuracy", "exact_listing", "conclusion_follows_listing", "answer_is_conclusion", "consistency",
-                "wrong_with_exact_listing", "wrong_with_wrong_listing")
+ANATOMY_ROWS = (
+    "accuracy",
+    "exact_listing",
+    "conclusion_follows_listing",
+    "answer_is_conclusion",
+    "consistency",
+    "wrong_with_exact_listing",
+    "wrong_with_wrong_listing",
+)
 
 
 def anatomy(scored: pl.DataFrame) -> dict[str, dict[str, float | None]]:
@@ -66,12 +93,16 @@ def anatomy(scored: pl.DataFrame) -> dict[str, dict[str, float | None]]:
     out = {}
     for name, g in groups.items():
         wrong = g["accuracy"] < 1
-        out[name] = {
-            **{k: float(g[k].mean()) for k in ("accuracy", *ANATOMY, "consistency")},
-            "wrong_with_exact_listing": float((wrong & (g["exact_listing"] == 1)).mean()),
-            "wrong_with_wrong_listing": float((wrong & (g["exact_listing"] < 1)).mean()),
-            "n": g.height,
-        } if g.height else {"n": 0}
+        out[name] = (
+            {
+                **{k: float(g[k].mean()) for k in ("accuracy", *ANATOMY, "consistency")},
+                "wrong_with_exact_listing": float((wrong & (g["exact_listing"] == 1)).mean()),
+                "wrong_with_wrong_listing": float((wrong & (g["exact_listing"] < 1)).mean()),
+                "n": g.height,
+            }
+            if g.height
+            else {"n": 0}
+        )
     return out
 
 
@@ -90,19 +121,37 @@ def any_correct_and_consistent(eval_set: pl.DataFrame, samples: list[list[str]])
 
 
 @torch.no_grad()
-def sample_responses(model, processor, rows: pl.DataFrame, k: int, temperature: float = 1.0, max_new_tokens: int = 96,
-                     seed: int = 0, progress: Progress = False) -> list[list[str]]:
+def sample_responses(
+    model,
+    processor,
+    rows: pl.DataFrame,
+    k: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    progress: Progress = False,
+) -> list[list[str]]:
     """``k`` sampled responses per row (for ``any_correct_and_consistent``)."""
     torch.manual_seed(seed)
     questions = [q for q in rows["question"].to_list() for _ in range(k)]
     images = [im for im in rows["image"].to_list() for _ in range(k)]
-    flat = generate_responses(model, processor, questions, images, max_new_tokens, do_sample=True, temperature=temperature,
-                              progress=progress)
+    flat = generate_responses(
+        model, processor, questions, images, max_new_tokens, do_sample=True, temperature=temperature, progress=progress
+    )
     return [flat[i * k : (i + 1) * k] for i in range(rows.height)]
 
 
-def full_anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, samples: int, temperature: float = 1.0,
-                 max_new_tokens: int = 96, seed: int = 0, progress: Progress = False) -> dict:
+def full_anatomy(
+    model,
+    processor,
+    eval_set: pl.DataFrame,
+    scored: pl.DataFrame,
+    samples: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    progress: Progress = False,
+) -> dict:
     """``anatomy(scored)`` plus, with ``samples`` > 0, the share of prompts with a correct and consistent response
     among that many samples at ``temperature`` (``any_correct_and_consistent_in_k``)."""
     out = anatomy(scored)
@@ -129,33 +178,56 @@ def with_blank_images(rows: pl.DataFrame) -> pl.DataFrame:
     return rows.with_columns(pl.Series("image", out, dtype=pl.Binary))
 
 
-def evaluate_policy(model, processor, eval_set: pl.DataFrame, max_new_tokens: int = 96,
-                    progress: Progress = False) -> tuple[dict, pl.DataFrame]:
-    responses = generate_responses(model, processor, eval_set["question"].to_list(), eval_set["image"].to_list(), max_new_tokens,
-                                   progress=progress)
+def evaluate_policy(
+    model, processor, eval_set: pl.DataFrame, max_new_tokens: int = 96, progress: Progress = False
+) -> tuple[dict, pl.DataFrame]:
+    responses = generate_responses(
+        model, processor, eval_set["question"].to_list(), eval_set["image"].to_list(), max_new_tokens, progress=progress
+    )
     scored = score_responses(eval_set, responses)
     return summarize(scored), scored
 
 
-def judge_win_rate(scorer, tokenizer, eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig(),
-                   progress: Progress = False) -> float:
+def judge_win_rate(
+    scorer,
+    tokenizer,
+    eval_set: pl.DataFrame,
+    new: list[str],
+    old: list[str],
+    cfg: JudgeConfig = JudgeConfig(),
+    progress: Progress = False,
+) -> float:
     """Mean debiased judge preference of ``new`` over ``old`` responses, both orders judged."""
     if not new:
         return float("nan")
     rows = list(eval_set.select("question", "reference", "answer").iter_rows(named=True))
-    first = [judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], n, o, cfg.template) for r, n, o in zip(rows, new, old)]
-    second = [judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], o, n, cfg.template) for r, n, o in zip(rows, new, old)]
+    first = [
+        judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], n, o, cfg.template)
+        for r, n, o in zip(rows, new, old)
+    ]
+    second = [
+        judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], o, n, cfg.template)
+        for r, n, o in zip(rows, new, old)
+    ]
     p_new_first = judge(scorer, tokenizer, first, cfg.batch_size, progress)
     p_old_first = judge(scorer, tokenizer, second, cfg.batch_size, progress)
     return float(debias(p_new_first, p_old_first).mean())
 
 
-def verifier_win_rate(eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig()) -> float:
+def verifier_win_rate(
+    eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig()
+) -> float:
     """The oracle judge's win rate of ``new`` over ``old``: 1, 0 or 1/2 per prompt as the verifier's verdict goes."""
     wins = [
-        VERDICT_VALUE[verifier_verdict(response_quality(n, r["scene"], r["question_spec"], cfg.quality_weights),
-                               response_quality(o, r["scene"], r["question_spec"], cfg.quality_weights), cfg.tie_margin)]
-        for r, n, o in zip(eval_set.select("scene", "question_spec").iter_rows(named=True), new, old) if r["scene"] is not None
+        VERDICT_VALUE[
+            verifier_verdict(
+                response_quality(n, r["scene"], r["question_spec"], cfg.quality_weights),
+                response_quality(o, r["scene"], r["question_spec"], cfg.quality_weights),
+                cfg.tie_margin,
+            )
+        ]
+        for r, n, o in zip(eval_set.select("scene", "question_spec").iter_rows(named=True), new, old)
+        if r["scene"] is not None
     ]
     return sum(wins) / len(wins) if wins else float("nan")
 

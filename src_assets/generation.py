@@ -45,7 +45,9 @@ class PromptInputs:
 def prompt_inputs(processor, question: str, image) -> PromptInputs:
     enc = encode_prompts(processor, [question], [image])
     width = enc["input_ids"].shape[1]
-    tokens = {k: v[0].tolist() for k, v in enc.items() if k != "attention_mask" and v.dim() == 2 and v.shape == (1, width)}
+    tokens = {
+        k: v[0].tolist() for k, v in enc.items() if k != "attention_mask" and v.dim() == 2 and v.shape == (1, width)
+    }
     images = {k: v for k, v in enc.items() if k != "attention_mask" and k not in tokens}
     return PromptInputs(tokens, images)
 
@@ -82,7 +84,10 @@ def collate_prompts(rows: list[PromptInputs], extra: list[tuple[int, ...]] | Non
 
 def to_model(batch: dict, model) -> dict:
     """The batch on the model's device, floating tensors (pixel values) in the model's dtype."""
-    return {k: v.to(model.device, dtype=model.dtype) if v.is_floating_point() else v.to(model.device) for k, v in batch.items()}
+    return {
+        k: v.to(model.device, dtype=model.dtype) if v.is_floating_point() else v.to(model.device)
+        for k, v in batch.items()
+    }
 
 
 def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +97,7 @@ def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     mask = torch.zeros_like(ids)
     for r, s in enumerate(seqs):
         if s:
-            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
+            ids[r, width - len(s) :], mask[r, width - len(s) :] = torch.tensor(s), 1
     return ids, mask
 
 
@@ -115,8 +120,17 @@ def never_generate(model) -> list[list[int]] | None:
 
 
 @torch.no_grad()
-def generate_responses(model, processor, questions, images, max_new_tokens: int = 96, batch_size: int = 128,
-                       do_sample: bool = False, temperature: float = 1.0, progress: Progress = False) -> list[str]:
+def generate_responses(
+    model,
+    processor,
+    questions,
+    images,
+    max_new_tokens: int = 96,
+    batch_size: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    progress: Progress = False,
+) -> list[str]:
     """One response per prompt, greedy by default; decoded without special tokens."""
     model.eval()
     out = []
@@ -124,9 +138,15 @@ def generate_responses(model, processor, questions, images, max_new_tokens: int 
     for start in range(0, len(questions), batch_size):
         batch = encode_prompts(processor, questions[start : start + batch_size], images[start : start + batch_size])
         batch = to_model(batch, model)
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                             bad_words_ids=never_generate(model))
+        ids = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            bad_words_ids=never_generate(model),
+        )
         out += processor.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         bar.update(len(ids))
     bar.close()

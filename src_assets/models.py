@@ -50,7 +50,9 @@ class Runtime:
             on_gpu = self.torch_device().type == "cuda"
             return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
         if self.dtype not in _DTYPES or self.dtype == "auto":
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(k for k in _DTYPES if k != 'auto')}, got {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be 'auto' or one of {sorted(k for k in _DTYPES if k != 'auto')}, got {self.dtype!r}"
+            )
         return _DTYPES[self.dtype]
 
     def model_kwargs(self) -> dict:
@@ -60,7 +62,9 @@ class Runtime:
         return kwargs
 
     def processor_kwargs(self) -> dict:
-        return {k: v for k, v in (("min_pixels", self.image_min_pixels), ("max_pixels", self.image_max_pixels)) if v > 0}
+        return {
+            k: v for k, v in (("min_pixels", self.image_min_pixels), ("max_pixels", self.image_max_pixels)) if v > 0
+        }
 
 
 CPU_FLOAT32 = Runtime(device="cpu", dtype="float32")
@@ -73,11 +77,15 @@ class ModelLoadError(RuntimeError):
 def validate_model_ref(ref: str) -> str:
     """Checks that ``ref`` is a model directory or a hub id, before anything is loaded."""
     if not isinstance(ref, str) or not ref.strip():
-        raise ModelLoadError(f"model reference {ref!r} is empty; give a local model directory or a hub id like 'owner/name'")
+        raise ModelLoadError(
+            f"model reference {ref!r} is empty; give a local model directory or a hub id like 'owner/name'"
+        )
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory {str(path)!r} has no config.json; is it a Hugging Face model directory?")
+            raise ModelLoadError(
+                f"model directory {str(path)!r} has no config.json; is it a Hugging Face model directory?"
+            )
         return str(path)
     if ref.startswith(("/", ".", "~")) or ref.count("/") > 1:
         raise ModelLoadError(f"model directory {ref!r} does not exist")
@@ -110,7 +118,9 @@ def _from_pretrained(loader, ref: str, **kwargs):
     except ValueError as e:  # e.g. a checkpoint that only ships .bin weights while safetensors are required
         raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: {e}") from e
     except SafetensorError as e:  # a truncated or corrupt weights file
-        raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: its safetensors weights are unreadable ({e})") from e
+        raise ModelLoadError(
+            f"cannot load {loader.__name__} from {ref!r}: its safetensors weights are unreadable ({e})"
+        ) from e
     except ImportError as e:  # a model or processor class that needs a package this machine lacks
         raise ModelLoadError(f"cannot load {loader.__name__} from {ref!r}: {str(e).strip().splitlines()[0]}") from e
 

@@ -55,7 +55,9 @@ class CurationConfig:
             raise ValueError(f"pairs_per_prompt must be at least 1, got {self.pairs_per_prompt}")
 
 
-def aggregate(p: torch.Tensor, valid: torch.Tensor | None, bt_iters=50, bt_tol=1e-6, backend="auto") -> PairwiseAggregate:
+def aggregate(
+    p: torch.Tensor, valid: torch.Tensor | None, bt_iters=50, bt_tol=1e-6, backend="auto"
+) -> PairwiseAggregate:
     """The one aggregation function of the pipeline."""
     if backend == "triton" or (backend == "auto" and p.is_cuda):
         return aggregate_pairwise(p, valid, bt_iters, bt_tol)
@@ -75,7 +77,9 @@ def pad_matrices(matrices: list[list[list[float]]]) -> tuple[torch.Tensor, torch
     return p, valid
 
 
-def score_table(prompt_ids: list[str], matrices: list[list[list[float]]], cfg: AggregationConfig = AggregationConfig()) -> pl.DataFrame:
+def score_table(
+    prompt_ids: list[str], matrices: list[list[list[float]]], cfg: AggregationConfig = AggregationConfig()
+) -> pl.DataFrame:
     """The ``pairwise_scores`` rows: each prompt's judged and debiased matrices and per-candidate scores."""
     p, valid = pad_matrices(matrices)
     device = "cuda" if cfg.backend != "torch" and torch.cuda.is_available() else "cpu"
@@ -156,8 +160,13 @@ def _gold_response(prompt: dict) -> str | None:
     return prompt.get("response") or None
 
 
-def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: pl.DataFrame, cfg: CurationConfig,
-                       select_by: str = "strength") -> pl.DataFrame:
+def curate_preferences(
+    candidates: pl.DataFrame,
+    scores: pl.DataFrame,
+    prompts: pl.DataFrame,
+    cfg: CurationConfig,
+    select_by: str = "strength",
+) -> pl.DataFrame:
     """The ``preference_set``: one row per pair considered, kept or dropped with the reason; pairs are ranked by
     the aggregation's ``select_by`` score.
 
@@ -172,13 +181,29 @@ def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: 
         group = by_prompt.get(s["prompt_id"])
         texts = dict(zip(group["candidate"], group["text"])) if group is not None else {}
         answers = dict(zip(group["candidate"], group["answer"])) if group is not None else {}
-        base = {"prompt_id": s["prompt_id"], "question": prompt["question"], "image": prompt["image"], "gold_answer": prompt["answer"],
-                "gold_response": _gold_response(prompt)}
+        base = {
+            "prompt_id": s["prompt_id"],
+            "question": prompt["question"],
+            "image": prompt["image"],
+            "gold_answer": prompt["answer"],
+            "gold_response": _gold_response(prompt),
+        }
         pairs = _ranked_pairs(s, cfg, select_by)
         if not pairs:
             reason = "fewer than 2 candidates" if s["n_candidates"] < 2 else "all candidates tied"
-            rows.append({**base, "chosen": None, "rejected": None, "chosen_answer": None, "rejected_answer": None,
-                         "chosen_correct": None, "weight": 0.0, "kept": False, "drop_reason": reason})
+            rows.append(
+                {
+                    **base,
+                    "chosen": None,
+                    "rejected": None,
+                    "chosen_answer": None,
+                    "rejected_answer": None,
+                    "chosen_correct": None,
+                    "weight": 0.0,
+                    "kept": False,
+                    "drop_reason": reason,
+                }
+            )
             continue
         for c, r, weight in pairs:
             reason = None
@@ -190,9 +215,19 @@ def curate_preferences(candidates: pl.DataFrame, scores: pl.DataFrame, prompts: 
                 reason = _unsound_chosen(texts[c], prompt, cfg)
             if reason is None and weight < cfg.tau:
                 reason = f"weight {weight:.3f} below tau {cfg.tau}"
-            rows.append({**base, "chosen": texts[c], "rejected": texts[r], "chosen_answer": answers[c],
-                         "rejected_answer": answers[r], "chosen_correct": correct, "weight": float(weight),
-                         "kept": reason is None, "drop_reason": reason})
+            rows.append(
+                {
+                    **base,
+                    "chosen": texts[c],
+                    "rejected": texts[r],
+                    "chosen_answer": answers[c],
+                    "rejected_answer": answers[r],
+                    "chosen_correct": correct,
+                    "weight": float(weight),
+                    "kept": reason is None,
+                    "drop_reason": reason,
+                }
+            )
     return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
 
 

@@ -59,17 +59,32 @@ def load_processor(ref: str, **kwargs):
         cls = image_only(getattr(transformers, name))
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
         image_processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=False, **kwargs)
-        saved = json.loads((Path(ref) / "processor_config.json").read_text()) if (Path(ref) / "processor_config.json").is_file() else {}
+        saved = (
+            json.loads((Path(ref) / "processor_config.json").read_text())
+            if (Path(ref) / "processor_config.json").is_file()
+            else {}
+        )
         extra = {k: v for k, v in saved.items() if k in _init_parameters(cls)}
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                   chat_template=tokenizer.chat_template, **extra)
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=tokenizer.chat_template,
+            **extra,
+        )
 
 
 def _init_parameters(cls) -> set[str]:
     import inspect
 
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer", "video_processor",
-                                                               "chat_template", "kwargs"}
+    return set(inspect.signature(cls.__init__).parameters) - {
+        "self",
+        "image_processor",
+        "tokenizer",
+        "video_processor",
+        "chat_template",
+        "kwargs",
+    }
 
 
 def save_processor(processor, out_dir: str | Path) -> None:

@@ -18,7 +18,9 @@ class ProgressBar:
     def __init__(self, total: int, desc: str, progress: Progress = True):
         self.total, self.desc, self.done = total, desc, 0
         self.report = progress if callable(progress) else None
-        self.bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)  # a finished bar makes way for the next line
+        self.bar = tqdm(
+            total=total, desc=desc, disable=not progress, leave=False
+        )  # a finished bar makes way for the next line
         self.start, self.next_tenth = time.monotonic(), 1
 
     def update(self, n: int = 1) -> None:

@@ -24,9 +24,9 @@ import torch
 
 from kernels.pairwise import debias
 
-from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
 from .generation import cache_rows, left_padded
 from .progress import Progress, ProgressBar
+from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
 from .verifier import split_response, verify
 
 VERDICTS = ("A", "B", "tie")
@@ -47,15 +47,19 @@ class JudgeConfig:
     tie_margin: float = 0.5
 
 
-def judge_prompt(tokenizer, question: str, reference: str, answer: str | None, first: str, second: str, template: str = "compact") -> str:
+def judge_prompt(
+    tokenizer, question: str, reference: str, answer: str | None, first: str, second: str, template: str = "compact"
+) -> str:
     ref = f"{reference} Answer : {answer}" if answer else reference
     if template == "compact":
         # The final answers again, side by side just before the verdict: a small judge compares tokens that sit
         # a few positions apart long before it learns to find them across the whole prompt.
         recap = " ".join(f"{who} {split_response(text)[1] or 'none'}" for who, text in (("A", first), ("B", second)))
         gold = f"reference {answer} " if answer else ""
-        return (f"question : {question} reference : {ref} candidate A : {first} candidate B : {second} "
-                f"answers : {gold}{recap} verdict :")
+        return (
+            f"question : {question} reference : {ref} candidate A : {first} candidate B : {second} "
+            f"answers : {gold}{recap} verdict :"
+        )
     if template == "instruct":
         body = f"Question: {question}\nReference: {ref}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\nVerdict:"
         messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": body}]
@@ -96,8 +100,10 @@ def verdict_continuations(tokenizer, prompts: list[str]) -> tuple[list[list[int]
             tails[r].append(tail)
     for r, t in enumerate(tails):
         if any(not x for x in t) or len({tuple(x) for x in t}) != len(VERDICTS) or tokenizer.unk_token_id in sum(t, []):
-            raise ValueError(f"the judge's tokenizer does not give the verdicts {VERDICTS} distinct known tokens after "
-                             f"judge prompt {r}: {t}")
+            raise ValueError(
+                f"the judge's tokenizer does not give the verdicts {VERDICTS} distinct known tokens after "
+                f"judge prompt {r}: {t}"
+            )
     return base, tails
 
 
@@ -125,8 +131,13 @@ class _SharedPrefixes:
         self.cache = None
         if self.ids.shape[1]:
             positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-            self.cache = model(input_ids=self.ids.to(model.device), attention_mask=self.mask.to(model.device),
-                               position_ids=positions.to(model.device), use_cache=True, logits_to_keep=1).cache
+            self.cache = model(
+                input_ids=self.ids.to(model.device),
+                attention_mask=self.mask.to(model.device),
+                position_ids=positions.to(model.device),
+                use_cache=True,
+                logits_to_keep=1,
+            ).cache
 
     def last_logits(self, seqs: list[list[int]], keep: int) -> torch.Tensor:
         """The logits of the last ``keep`` positions of each full sequence (row r of the prompts it was built on)."""
@@ -134,12 +145,21 @@ class _SharedPrefixes:
         device = self.model.device
         if self.cache is None:
             positions = (rest_mask.cumsum(-1) - 1).clamp(min=0)
-            return self.model(input_ids=rest.to(device), attention_mask=rest_mask.to(device), position_ids=positions.to(device),
-                              logits_to_keep=keep).logits
+            return self.model(
+                input_ids=rest.to(device),
+                attention_mask=rest_mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=keep,
+            ).logits
         mask = torch.cat([self.mask[self.group], rest_mask], 1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.ids.shape[1]:]
-        return self.model(input_ids=rest.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                          cache=cache_rows(self.cache, self.group), logits_to_keep=keep).logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.ids.shape[1] :]
+        return self.model(
+            input_ids=rest.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache_rows(self.cache, self.group),
+            logits_to_keep=keep,
+        ).logits
 
 
 def _verdict_logprobs(prefixes: _SharedPrefixes, ids: list[list[int]], tails: list[list[int]]) -> torch.Tensor:
@@ -155,7 +175,9 @@ def _verdict_logprobs(prefixes: _SharedPrefixes, ids: list[list[int]], tails: li
 
 
 @torch.no_grad()
-def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False) -> torch.Tensor:
+def verdict_probabilities(
+    model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False
+) -> torch.Tensor:
     """[prompts, 3]: P(A), P(B), P(tie) after each judge prompt, each verdict's whole token sequence scored and the
     three renormalised among themselves."""
     model.eval()
@@ -170,7 +192,9 @@ def verdict_probabilities(model, tokenizer, prompts: list[str], batch_size: int 
             index = torch.tensor([[t[0] for t in row] for row in tails], device=logits.device)
             logp = logits.float().log_softmax(-1).gather(1, index)
         else:
-            logp = torch.stack([_verdict_logprobs(prefixes, ids, [row[v] for row in tails]) for v in range(len(VERDICTS))], 1)
+            logp = torch.stack(
+                [_verdict_logprobs(prefixes, ids, [row[v] for row in tails]) for v in range(len(VERDICTS))], 1
+            )
         out.append(logp.softmax(-1).cpu())
         bar.update(len(ids))
     bar.close()
@@ -190,23 +214,39 @@ def _prompts_with_candidates(candidates: pl.DataFrame, prompts: pl.DataFrame):
         yield row["id"], row, by_prompt.get(row["id"], [])
 
 
-def pairwise_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
-                      progress: Progress = True) -> tuple[list[str], list[list[list[float]]]]:
+def pairwise_matrices(
+    model,
+    tokenizer,
+    candidates: pl.DataFrame,
+    prompts: pl.DataFrame,
+    cfg: JudgeConfig = JudgeConfig(),
+    progress: Progress = True,
+) -> tuple[list[str], list[list[list[float]]]]:
     """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5)."""
     ids, matrices, texts, index = [], [], [], []
     for pid, row, cands in _prompts_with_candidates(candidates, prompts):
         ids.append(pid)
         matrices.append([[0.5] * len(cands) for _ in cands])
         for i, j in permutations(range(len(cands)), 2):
-            texts.append(judge_prompt(tokenizer, row["question"], row["reference"] or "", row["answer"], cands[i], cands[j], cfg.template))
+            texts.append(
+                judge_prompt(
+                    tokenizer, row["question"], row["reference"] or "", row["answer"], cands[i], cands[j], cfg.template
+                )
+            )
             index.append((len(ids) - 1, i, j))
     for (b, i, j), p in zip(index, judge(model, tokenizer, texts, cfg.batch_size, progress).tolist()):
         matrices[b][i][j] = p
     return ids, matrices
 
 
-def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
-                         progress: Progress = True) -> tuple[list[str], list[list[list[float]]]]:
+def independent_matrices(
+    model,
+    tokenizer,
+    candidates: pl.DataFrame,
+    prompts: pl.DataFrame,
+    cfg: JudgeConfig = JudgeConfig(),
+    progress: Progress = True,
+) -> tuple[list[str], list[list[list[float]]]]:
     """The ablation of pairwise judging: each candidate judged alone, against an empty response, in both orders.
 
     Its score ``s_i`` becomes a matrix ``p_ij = sigmoid(logit s_i - logit s_j)`` so that aggregation and curation
@@ -218,7 +258,11 @@ def independent_matrices(model, tokenizer, candidates: pl.DataFrame, prompts: pl
         sizes.append(len(cands))
         for c in cands:
             for first, second in ((c, ""), ("", c)):
-                texts.append(judge_prompt(tokenizer, row["question"], row["reference"] or "", row["answer"], first, second, cfg.template))
+                texts.append(
+                    judge_prompt(
+                        tokenizer, row["question"], row["reference"] or "", row["answer"], first, second, cfg.template
+                    )
+                )
     probs = judge(model, tokenizer, texts, cfg.batch_size, progress).view(-1, 2) if texts else torch.empty(0, 2)
     alone = debias(probs[:, 0], probs[:, 1]).clamp(1e-4, 1 - 1e-4)  # candidate first vs. empty, empty first vs. it
     logit = torch.log(alone) - torch.log1p(-alone)
@@ -240,8 +284,9 @@ def verifier_verdict(quality_first: float, quality_second: float, tie_margin: fl
     return "A" if gap > tie_margin else "B" if gap < -tie_margin else "tie"
 
 
-def verifier_matrices(candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(),
-                      progress: Progress = True) -> tuple[list[str], list[list[list[float]]]]:
+def verifier_matrices(
+    candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(), progress: Progress = True
+) -> tuple[list[str], list[list[list[float]]]]:
     """The oracle judge: ``p_ij`` is 1, 0 or 1/2 as the verifier's verdict on (i, j) is A, B or tie.
 
     Every other stage is unchanged, so a loop run with it measures what the rest of SRC can achieve with a
@@ -255,13 +300,21 @@ def verifier_matrices(candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: Judg
             raise ValueError(f"prompt {pid!r} has no scene: the verifier judge works only on the synthetic domain")
         quality = [response_quality(c, t["scene"], t["question_spec"], cfg.quality_weights) for c in cands]
         ids.append(pid)
-        matrices.append([[0.5 if i == j else VERDICT_VALUE[verifier_verdict(qi, qj, cfg.tie_margin)] for j, qj in enumerate(quality)]
-                         for i, qi in enumerate(quality)])
+        matrices.append(
+            [
+                [
+                    0.5 if i == j else VERDICT_VALUE[verifier_verdict(qi, qj, cfg.tie_margin)]
+                    for j, qj in enumerate(quality)
+                ]
+                for i, qi in enumerate(quality)
+            ]
+        )
     return ids, matrices
 
 
-def judge_agreement(prompt_ids: list[str], q_matrices, candidates: pl.DataFrame, prompts: pl.DataFrame,
-                    cfg: JudgeConfig = JudgeConfig()) -> dict:
+def judge_agreement(
+    prompt_ids: list[str], q_matrices, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig()
+) -> dict:
     """How often the debiased judgement ``q_ij`` sides with the verifier on pairs the verifier does not call a tie.
 
     Returns the agreement (NaN when no prompt has a scene or no pair is clear), the number of clear pairs, and
@@ -286,8 +339,11 @@ def judge_agreement(prompt_ids: list[str], q_matrices, candidates: pl.DataFrame,
             agree += (q[i][j] > 0.5) == (verdict == "A")
             answer_agree += (correct[i] > correct[j]) if verdict == "A" else (correct[j] > correct[i])
     nan = float("nan")
-    return {"judge_agreement": agree / clear if clear else nan, "clear_pairs": clear,
-            "answer_only_agreement": answer_agree / clear if clear else nan}
+    return {
+        "judge_agreement": agree / clear if clear else nan,
+        "clear_pairs": clear,
+        "answer_only_agreement": answer_agree / clear if clear else nan,
+    }
 
 
 def response_quality(response: str, scene_json: str, question_json: str, weights=(2.0, 1.0, 2.0)) -> float:
@@ -328,13 +384,18 @@ def perturbed_responses(gold: str, rng: random.Random) -> list[str]:
     if f" {answer}" in conclusion:
         out.append(". ".join([*sentences[:-1], conclusion.replace(f" {answer}", f" {wrong}")]) + f"Answer: {wrong}")
     elif answer in ("yes", "no") and (" is a " in conclusion or " is no " in conclusion):
-        flipped = conclusion.replace(" is a ", " is no ") if " is a " in conclusion else conclusion.replace(" is no ", " is a ")
+        flipped = (
+            conclusion.replace(" is a ", " is no ")
+            if " is a " in conclusion
+            else conclusion.replace(" is no ", " is a ")
+        )
         out.append(". ".join([*sentences[:-1], flipped]) + f"Answer: {wrong}")
     return out
 
 
-def contrast_judgements(rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(), max_pairs: int | None = None,
-                        seed: int = 0) -> pl.DataFrame:
+def contrast_judgements(
+    rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(), max_pairs: int | None = None, seed: int = 0
+) -> pl.DataFrame:
     """A cheap, large judge-training corpus that needs no sampling: each row's gold response and its perturbed
     copies, every ordered pair of them labelled by the verifier. ``rows`` need ``response``, ``scene`` and
     ``question_spec`` (the ``sft`` split has them)."""
@@ -345,15 +406,29 @@ def contrast_judgements(rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeC
         quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
         for i, j in permutations(range(len(texts)), 2):
             verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
-            out.append({"prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j],
-                                               cfg.template), "completion": verdict_completion(verdict), "verdict": verdict})
+            out.append(
+                {
+                    "prompt": judge_prompt(
+                        tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template
+                    ),
+                    "completion": verdict_completion(verdict),
+                    "verdict": verdict,
+                }
+            )
     if max_pairs is not None and len(out) > max_pairs:
         out = random.Random(seed).sample(out, max_pairs)
     return pl.DataFrame(out, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
 
 
-def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(),
-                        max_pairs: int | None = None, seed: int = 0, contrast_pairs: bool = True) -> pl.DataFrame:
+def verifier_judgements(
+    candidates: pl.DataFrame,
+    prompts: pl.DataFrame,
+    tokenizer,
+    cfg: JudgeConfig = JudgeConfig(),
+    max_pairs: int | None = None,
+    seed: int = 0,
+    contrast_pairs: bool = True,
+) -> pl.DataFrame:
     """Judge training rows (prompt, completion = verdict) for ordered candidate pairs, labelled by the verifier.
 
     With ``contrast_pairs``, each prompt's gold response is also paired with perturbed copies of itself
@@ -377,11 +452,15 @@ def verifier_judgements(candidates: pl.DataFrame, prompts: pl.DataFrame, tokeniz
             pairs += [pair for m in range(n + 1, len(texts)) for pair in ((n, m), (m, n))]
         for i, j in pairs:
             verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
-            rows.append({
-                "prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template),
-                "completion": verdict_completion(verdict),
-                "verdict": verdict,
-            })
+            rows.append(
+                {
+                    "prompt": judge_prompt(
+                        tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template
+                    ),
+                    "completion": verdict_completion(verdict),
+                    "verdict": verdict,
+                }
+            )
     if max_pairs is not None and len(rows) > max_pairs:
         rows = random.Random(seed).sample(rows, max_pairs)
     return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
@@ -393,11 +472,19 @@ def user_judgements(table: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConf
     swap = {"A": "B", "B": "A", "tie": "tie"}
     rows = []
     for t in table.iter_rows(named=True):
-        for first, second, verdict in ((t["response_a"], t["response_b"], t["verdict"]),
-                                       (t["response_b"], t["response_a"], swap[t["verdict"]])):
-            rows.append({"prompt": judge_prompt(tokenizer, t["question"], t["reference"] or "", t["answer"], first, second,
-                                                cfg.template),
-                         "completion": verdict_completion(verdict), "verdict": verdict})
+        for first, second, verdict in (
+            (t["response_a"], t["response_b"], t["verdict"]),
+            (t["response_b"], t["response_a"], swap[t["verdict"]]),
+        ):
+            rows.append(
+                {
+                    "prompt": judge_prompt(
+                        tokenizer, t["question"], t["reference"] or "", t["answer"], first, second, cfg.template
+                    ),
+                    "completion": verdict_completion(verdict),
+                    "verdict": verdict,
+                }
+            )
     return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
 
 
@@ -412,11 +499,19 @@ def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, sett
     from .training import quiet, save_trained
 
     model, tokenizer = load_scorer(base_model, settings.weights_runtime())
-    dataset = Dataset.from_dict({"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()})
+    dataset = Dataset.from_dict(
+        {"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()}
+    )
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(**settings.trl_kwargs(scratch), completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=settings.peft_config(), callbacks=list(callbacks))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=settings.peft_config(),
+            callbacks=list(callbacks),
+        )
         result = quiet(trainer, "R-Scorer training (steps)").train()
     save_trained(trainer, tokenizer, out_dir, "R-Scorer training", "scorer_learning_rate", result.training_loss)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

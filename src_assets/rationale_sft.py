@@ -30,7 +30,9 @@ def build_rationale_sft_set(source: pl.DataFrame) -> pl.DataFrame:
     return rows.select("id", "kind", "question", pl.col("response").alias("completion"), "image")
 
 
-def train_rationale_sft(base_model: str, sft_set: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=()) -> dict:
+def train_rationale_sft(
+    base_model: str, sft_set: pl.DataFrame, out_dir: str, settings: TrainSettings, callbacks=()
+) -> dict:
     """Fine-tunes the policy on the rationale template (``training.train_vision_sft``); saves it to ``out_dir``.
     From a base policy that already perceives, this is light work: it changes the response format."""
     return train_vision_sft(base_model, sft_set, out_dir, settings, "rationale SFT", callbacks, "sft_learning_rate")

@@ -42,8 +42,9 @@ class SourceDataError(ValueError):
     """Bad source data; the message names the file, column, row and value."""
 
 
-def synthetic_source(seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_objects=2, max_objects=5,
-                     teacher_error_rate: float = 0.0) -> pl.DataFrame:
+def synthetic_source(
+    seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_objects=2, max_objects=5, teacher_error_rate: float = 0.0
+) -> pl.DataFrame:
     """The embedded domain's rows. The ``sft`` rows' responses are written by a fallible teacher: a share
     ``teacher_error_rate`` of them misperceive one object (``scenes.teacher_response``), the answer staying gold."""
     rows = []
@@ -71,8 +72,10 @@ def _check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         # The header gives the size; a decompression bomb is refused before its pixels are inflated.
         width, height = image.size
         if width * height > max_pixels:
-            raise SourceDataError(f"the image is {width}x{height} pixels, over the cap of {max_pixels} "
-                                  f"(max_image_pixels); a decompression bomb or an oversized image")
+            raise SourceDataError(
+                f"the image is {width}x{height} pixels, over the cap of {max_pixels} "
+                f"(max_image_pixels); a decompression bomb or an oversized image"
+            )
         image.load()
 
 
@@ -100,12 +103,19 @@ def _check_text_lengths(df: pl.DataFrame, name: str, max_chars: int, first_row: 
         if len(over):
             i = over[0]
             row = f"row {first_row + i}" + (f" (id {quoted(df['id'][i])})" if "id" in df.columns else "")
-            raise SourceDataError(f"{name}: {row}: column {col!r} holds "
-                                  f"{lengths[i]} characters, over the cap of {max_chars} (max_text_chars)")
+            raise SourceDataError(
+                f"{name}: {row}: column {col!r} holds "
+                f"{lengths[i]} characters, over the cap of {max_chars} (max_text_chars)"
+            )
 
 
-def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMAGE_PIXELS, first_row: int = 0,
-                    max_text_chars: int = MAX_TEXT_CHARS) -> pl.DataFrame:
+def validate_source(
+    df: pl.DataFrame,
+    name: str,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    first_row: int = 0,
+    max_text_chars: int = MAX_TEXT_CHARS,
+) -> pl.DataFrame:
     """Checks a source table and returns it with every column of ``SCHEMA``; ``name`` is used in errors, and rows are
     numbered from ``first_row`` (a row group's offset in its file)."""
     df = _conform(df, name, REQUIRED, OPTIONAL, "a source table").with_columns(pl.col("kind").fill_null("open"))
@@ -117,9 +127,13 @@ def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMA
             if row[col] is None or (col != "image" and not str(row[col]).strip()):
                 raise SourceDataError(f"{where}: column {col!r} is empty")
         if row["split"] not in SPLITS:
-            raise SourceDataError(f"{where}: column 'split' has unknown value {quoted(row['split'])}; expected one of {SPLITS}")
+            raise SourceDataError(
+                f"{where}: column 'split' has unknown value {quoted(row['split'])}; expected one of {SPLITS}"
+            )
         if row["kind"] not in KINDS:
-            raise SourceDataError(f"{where}: column 'kind' has unknown question kind {quoted(row['kind'])}; expected one of {KINDS}")
+            raise SourceDataError(
+                f"{where}: column 'kind' has unknown question kind {quoted(row['kind'])}; expected one of {KINDS}"
+            )
         if row["split"] == "sft" and not row["response"]:
             raise SourceDataError(f"{where}: column 'response' is empty, but sft rows need a gold rationale response")
         try:
@@ -133,15 +147,23 @@ def validate_source(df: pl.DataFrame, name: str, max_image_pixels: int = MAX_IMA
                 Scene.from_json(row["scene"])
                 Question.from_json(row["question_spec"])
             except (TypeError, ValueError, KeyError) as e:
-                raise SourceDataError(f"{where}: columns 'scene'/'question_spec' are not valid domain JSON ({e})") from e
+                raise SourceDataError(
+                    f"{where}: columns 'scene'/'question_spec' are not valid domain JSON ({e})"
+                ) from e
     duplicated = df.filter(pl.col("id").is_duplicated())["id"].unique().to_list()
     if duplicated:
         raise SourceDataError(f"{name}: column 'id' has duplicate values {quoted(duplicated[:5])}")
     return df
 
 
-def read_source_file(file, name: str, size: int | None = None, max_bytes: int = MAX_FILE_BYTES,
-                     max_image_pixels: int = MAX_IMAGE_PIXELS, max_text_chars: int = MAX_TEXT_CHARS) -> pl.DataFrame:
+def read_source_file(
+    file,
+    name: str,
+    size: int | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_text_chars: int = MAX_TEXT_CHARS,
+) -> pl.DataFrame:
     """Parses and validates one Parquet file (bytes or an open binary file), one row group at a time, so that a bad
     row stops the read where it is; ``name`` (its URI) is used in errors. A file over ``max_bytes`` is refused
     unread, and so is a row group whose footer says it inflates to more than ``max_bytes``."""
@@ -159,8 +181,10 @@ def read_source_file(file, name: str, size: int | None = None, max_bytes: int = 
     for group in range(parquet.num_row_groups):
         inflated = parquet.metadata.row_group(group).total_byte_size
         if inflated > max_bytes:
-            raise SourceDataError(f"{name}: row group {group} inflates to {inflated} bytes, over the cap of {max_bytes} "
-                                  f"(max_source_file_bytes)")
+            raise SourceDataError(
+                f"{name}: row group {group} inflates to {inflated} bytes, over the cap of {max_bytes} "
+                f"(max_source_file_bytes)"
+            )
         try:
             df = pl.from_arrow(parquet.read_row_group(group))
         except Exception as e:
@@ -168,9 +192,12 @@ def read_source_file(file, name: str, size: int | None = None, max_bytes: int = 
         parts.append(validate_source(df, name, max_image_pixels, first_row=offset, max_text_chars=max_text_chars))
         offset += df.height
     if not parts:
-        return validate_source(pl.from_arrow(parquet.schema_arrow.empty_table()), name, max_image_pixels,
-                               max_text_chars=max_text_chars)
-    return combine_sources([(f"{name} (row group {i})", p) for i, p in enumerate(parts)]) if len(parts) > 1 else parts[0]
+        return validate_source(
+            pl.from_arrow(parquet.schema_arrow.empty_table()), name, max_image_pixels, max_text_chars=max_text_chars
+        )
+    return (
+        combine_sources([(f"{name} (row group {i})", p) for i, p in enumerate(parts)]) if len(parts) > 1 else parts[0]
+    )
 
 
 def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
@@ -204,8 +231,10 @@ def validate_judgements(df: pl.DataFrame, name: str, max_text_chars: int = MAX_T
             if row[col] is None or not row[col].strip():
                 raise SourceDataError(f"{name}: row {i}: column {col!r} is empty")
         if row["verdict"] not in JUDGEMENT_VERDICTS:
-            raise SourceDataError(f"{name}: row {i}: column 'verdict' has value {row['verdict'][:40]!r}; "
-                                  f"expected one of {JUDGEMENT_VERDICTS}")
+            raise SourceDataError(
+                f"{name}: row {i}: column 'verdict' has value {row['verdict'][:40]!r}; "
+                f"expected one of {JUDGEMENT_VERDICTS}"
+            )
     return df
 
 
@@ -222,12 +251,16 @@ def check_split_sizes(df: pl.DataFrame, scorer_prompts: int) -> None:
     counts = dict(df.group_by("split").len().iter_rows())
     for split, why in (("sft", "rationale SFT"), ("eval", "evaluation")):
         if not counts.get(split):
-            raise SourceDataError(f"the source has no {split!r} rows, which {why} needs: set n_{split} > 0 or add {split!r} "
-                                  f"rows to your Parquet files")
+            raise SourceDataError(
+                f"the source has no {split!r} rows, which {why} needs: set n_{split} > 0 or add {split!r} "
+                f"rows to your Parquet files"
+            )
     calibrate = counts.get("calibrate", 0)
     if calibrate <= scorer_prompts:
-        raise SourceDataError(f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of "
-                              f"them train the R-Scorer and the iterations need more: raise n_calibrate or lower scorer_prompts")
+        raise SourceDataError(
+            f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of "
+            f"them train the R-Scorer and the iterations need more: raise n_calibrate or lower scorer_prompts"
+        )
 
 
 def scorer_prompt_rows(df: pl.DataFrame, scorer_prompts: int) -> pl.DataFrame:
@@ -241,7 +274,9 @@ def iteration_prompt_rows(df: pl.DataFrame, iteration: int, n: int, scorer_promp
     after iteration, wrapping around within those rows (never into the R-Scorer's)."""
     rows = df.filter(pl.col("split") == "calibrate").slice(scorer_prompts)
     if rows.is_empty():
-        raise SourceDataError(f"no 'calibrate' rows are left to calibrate on after the R-Scorer's scorer_prompts={scorer_prompts}")
+        raise SourceDataError(
+            f"no 'calibrate' rows are left to calibrate on after the R-Scorer's scorer_prompts={scorer_prompts}"
+        )
     start = ((iteration - 1) * n) % rows.height
     take = rows.slice(start, n)
     if take.height < n:

@@ -227,8 +227,14 @@ class Store:
         The same owner may acquire it again (a step of a run whose command holds it already): that gives a handle
         whose release leaves the lease to its first holder. A lease whose holder is gone is taken over: its
         process is dead on this host, or its heartbeat is older than its own ``ttl_s``."""
-        record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "acquired": time.time(),
-                  "ttl_s": ttl_s, **about}
+        record = {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired": time.time(),
+            "ttl_s": ttl_s,
+            **about,
+        }
         for _ in range(3):
             if self._create_exclusive(key, json.dumps({**record, "heartbeat": time.time()}).encode()):
                 return Lease(self, key, record)
@@ -238,16 +244,22 @@ class Store:
             if held.get("owner") == owner:
                 if not self._abandoned(key, held):  # held by this owner already: the first holder releases it
                     return Lease(self, key, held, owns=False)
-                self.write_json(key, {**record, "heartbeat": time.time()})  # its earlier process died: this one holds it
+                self.write_json(
+                    key, {**record, "heartbeat": time.time()}
+                )  # its earlier process died: this one holds it
                 return Lease(self, key, record)
             if not self._abandoned(key, held):
                 acquired = _finite(held.get("acquired"))
                 if not held.get("owner") or acquired is None:
-                    raise LeaseHeld(f"{self.uri(key)} is unreadable or incomplete ({str(held)[:80]!r}); it counts as "
-                                    f"held until its file is {LEASE_TTL_S:.0f} s old, or delete it if no run is writing")
+                    raise LeaseHeld(
+                        f"{self.uri(key)} is unreadable or incomplete ({str(held)[:80]!r}); it counts as "
+                        f"held until its file is {LEASE_TTL_S:.0f} s old, or delete it if no run is writing"
+                    )
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(acquired))
-                raise LeaseHeld(f"{self.uri(key)} is held by {held.get('owner', '?')} (host {held.get('host', '?')}, "
-                                f"pid {held.get('pid', '?')}, since {since})")
+                raise LeaseHeld(
+                    f"{self.uri(key)} is held by {held.get('owner', '?')} (host {held.get('host', '?')}, "
+                    f"pid {held.get('pid', '?')}, since {since})"
+                )
             if self._read_lease(key) == held:  # nobody took it over between our two reads
                 self.delete(key)
         raise LeaseHeld(f"{self.uri(key)}: could not take the lease; another writer keeps taking it")
@@ -256,7 +268,11 @@ class Store:
         """Whether a lease's holder is gone: its process is dead on this host, or its heartbeat is older than its
         TTL. A heartbeat that is not a finite number, or lies in the future (another host's clock runs ahead), is
         not trusted: the lease file's own modification time, which every beat renews, stands in for it."""
-        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not process_alive(held["pid"]):
+        if (
+            held.get("host") == socket.gethostname()
+            and isinstance(held.get("pid"), int)
+            and not process_alive(held["pid"])
+        ):
             return True
         ttl = _finite(held.get("ttl_s"))
         ttl = ttl if ttl is not None and ttl > 0 else LEASE_TTL_S
@@ -453,7 +469,11 @@ def _check_files(directory: Path, files: dict, uri: str) -> None:
         file = directory / name
         if not file.is_file() or file.stat().st_size != expected["size"]:
             found = file.stat().st_size if file.is_file() else "missing"
-            raise StoreError(f"{uri}/{name} does not match its manifest (size {found}, expected {expected['size']}): "
-                             f"the checkpoint is truncated or was changed")
+            raise StoreError(
+                f"{uri}/{name} does not match its manifest (size {found}, expected {expected['size']}): "
+                f"the checkpoint is truncated or was changed"
+            )
         if _sha256_cached(file) != expected["sha256"]:
-            raise StoreError(f"{uri}/{name} does not match its manifest's sha256: the checkpoint is corrupt or was changed")
+            raise StoreError(
+                f"{uri}/{name} does not match its manifest's sha256: the checkpoint is corrupt or was changed"
+            )

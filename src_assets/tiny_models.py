@@ -14,7 +14,6 @@ All are saved as ordinary Hugging Face directories, so every later stage loads
 them with ``from_pretrained`` exactly as it would load a hub model.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +39,20 @@ CHAT_WORDS = ("user", "assistant")
 # The judge prompt's words and the verdict tokens. "A" and "B" are upper case
 # so they never collide with the article "a" of the domain.
 VERDICT_TOKENS = ("A", "B", "tie")
-JUDGE_WORDS = ("question", "reference", "candidate", "which", "response", "better", "answers", "none", "verdict", "A", "B", "tie")
+JUDGE_WORDS = (
+    "question",
+    "reference",
+    "candidate",
+    "which",
+    "response",
+    "better",
+    "answers",
+    "none",
+    "verdict",
+    "A",
+    "B",
+    "tie",
+)
 
 # Turns separated by a space; an image item becomes the processor's <image> placeholder,
 # which LlavaProcessor expands to one token per image patch.
@@ -174,8 +186,23 @@ def build_tiny_scorer(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: in
 POLICY_ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
 SCORER_ARCHITECTURES = ("llama", "qwen2")
 
-_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-_IDEFICS_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>")
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+_IDEFICS_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+)
 
 # ChatML as Qwen writes it; an image item is Qwen's vision block, which the processor expands per image patch.
 QWEN_CHAT_TEMPLATE = (
@@ -202,28 +229,57 @@ def _domain_corpus() -> list[str]:
     # "tie" is left out on purpose: it then takes several tokens, as rare verdict words do in real vocabularies,
     # so the judge's multi-token verdict path is exercised.
     judge_words = [w for w in JUDGE_WORDS if w != "tie"]
-    return [f"{r['question']} {r['response']} {r['reference']}" for r in rows] + [" ".join(DOMAIN_WORDS), " ".join(judge_words)]
+    return [f"{r['question']} {r['response']} {r['reference']}" for r in rows] + [
+        " ".join(DOMAIN_WORDS),
+        " ".join(judge_words),
+    ]
 
 
-def build_bpe_tokenizer(specials: tuple[str, ...], eos: str, pad: str, chat_template: str | None,
-                        extra_special_tokens: dict | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_bpe_tokenizer(
+    specials: tuple[str, ...],
+    eos: str,
+    pad: str,
+    chat_template: str | None,
+    extra_special_tokens: dict | None = None,
+    vocab_size: int = 512,
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2/Qwen style: a word after a space is one ``Ġword`` token) trained here."""
     from tokenizers import trainers
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(_domain_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token=pad, chat_template=chat_template,
-                                   extra_special_tokens=extra_special_tokens or {}, model_max_length=4096, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=eos,
+        pad_token=pad,
+        chat_template=chat_template,
+        extra_special_tokens=extra_special_tokens or {},
+        model_max_length=4096,
+        padding_side="left",
+    )
 
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    return build_bpe_tokenizer(_QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", QWEN_CHAT_TEMPLATE,
-                               {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+    return build_bpe_tokenizer(
+        _QWEN_SPECIALS,
+        "<|im_end|>",
+        "<|endoftext|>",
+        QWEN_CHAT_TEMPLATE,
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
 
 
 def _qwen_vlm(spec: TinySpec, version: str):
@@ -233,36 +289,74 @@ def _qwen_vlm(spec: TinySpec, version: str):
     from .processors import image_only
 
     tok = _qwen_tokenizer()
-    half, = {spec.hidden_size // spec.num_heads // 2}
+    (half,) = {spec.hidden_size // spec.num_heads // 2}
     rest = 3 * half // 8  # Qwen's split of the rotary dimensions among time, height and width: 16/24/24 of 64
-    text = dict(vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-                max_position_embeddings=4 * spec.max_positions, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [half - 2 * rest, rest, rest]},
-                bos_token_id=None, tie_word_embeddings=False)
-    vision = dict(depth=spec.vision_layers, hidden_size=spec.vision_hidden_size, num_heads=4, patch_size=CELL_PIXELS // 2,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                                                              ("vision_start_token_id", "<|vision_start|>"),
-                                                              ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=4 * spec.max_positions,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * rest, rest, rest]},
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        depth=spec.vision_layers,
+        hidden_size=spec.vision_hidden_size,
+        num_heads=4,
+        patch_size=CELL_PIXELS // 2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    ids = {
+        name: tok.convert_tokens_to_ids(t)
+        for name, t in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     if version == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-        config = Qwen2VLConfig(text_config=text, vision_config=vision | dict(embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size, mlp_ratio=2),
-                               tie_word_embeddings=False, **ids)
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision | dict(embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size, mlp_ratio=2),
+            tie_word_embeddings=False,
+            **ids,
+        )
         model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision | dict(intermediate_size=2 * spec.vision_hidden_size,
-                                  out_hidden_size=spec.hidden_size, window_size=4 * CELL_PIXELS, fullatt_block_indexes=[0]),
-                                  tie_word_embeddings=False, **ids)
+        config = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision
+            | dict(
+                intermediate_size=2 * spec.vision_hidden_size,
+                out_hidden_size=spec.hidden_size,
+                window_size=4 * CELL_PIXELS,
+                fullatt_block_indexes=[0],
+            ),
+            tie_word_embeddings=False,
+            **ids,
+        )
         model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    image_processor = Qwen2VLImageProcessorPil(patch_size=CELL_PIXELS // 2, merge_size=2, temporal_patch_size=2,
-                                               size={"shortest_edge": IMAGE_PIXELS ** 2, "longest_edge": 4 * IMAGE_PIXELS ** 2})
-    processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tok, video_processor=None,
-                                            chat_template=QWEN_CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=CELL_PIXELS // 2,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": IMAGE_PIXELS**2, "longest_edge": 4 * IMAGE_PIXELS**2},
+    )
+    processor = image_only(processor_class)(
+        image_processor=image_processor, tokenizer=tok, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
+    )
     return model_class(config), processor, tok
 
 
@@ -271,24 +365,52 @@ def _idefics3_vlm(spec: TinySpec):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = build_bpe_tokenizer(_IDEFICS_SPECIALS, "<end_of_utterance>", "<|endoftext|>", IDEFICS3_CHAT_TEMPLATE,
-                              {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-                               "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    tok = build_bpe_tokenizer(
+        _IDEFICS_SPECIALS,
+        "<end_of_utterance>",
+        "<|endoftext|>",
+        IDEFICS3_CHAT_TEMPLATE,
+        {
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+    )
     patch, scale = CELL_PIXELS // 2, 2
     config = Idefics3Config(
-        vision_config=dict(hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
-                           num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=IMAGE_PIXELS, patch_size=patch),
-        text_config=_text_config(tok, spec).to_dict(), scale_factor=scale,
-        image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+        vision_config=dict(
+            hidden_size=spec.vision_hidden_size,
+            intermediate_size=2 * spec.vision_hidden_size,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=4,
+            image_size=IMAGE_PIXELS,
+            patch_size=patch,
+        ),
+        text_config=_text_config(tok, spec).to_dict(),
+        scale_factor=scale,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
     )
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_PIXELS},
-                                                max_image_size={"longest_edge": IMAGE_PIXELS}, resample=3)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, chat_template=IDEFICS3_CHAT_TEMPLATE,
-                                  image_seq_len=(IMAGE_PIXELS // patch) ** 2 // scale**2)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": IMAGE_PIXELS},
+        max_image_size={"longest_edge": IMAGE_PIXELS},
+        resample=3,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+        image_seq_len=(IMAGE_PIXELS // patch) ** 2 // scale**2,
+    )
     return Idefics3ForConditionalGeneration(config), processor, tok
 
 
-def build_tiny_policy(out_dir: str | Path, architecture: str = "llava", spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+def build_tiny_policy(
+    out_dir: str | Path, architecture: str = "llava", spec: TinySpec = TinySpec(), seed: int = 0
+) -> Path:
     """A tiny random-weight VLM of ``architecture`` (one of ``POLICY_ARCHITECTURES``) with its processor."""
     from .processors import save_processor
 
@@ -306,7 +428,9 @@ def build_tiny_policy(out_dir: str | Path, architecture: str = "llava", spec: Ti
     return out_dir
 
 
-def build_tiny_judge(out_dir: str | Path, architecture: str = "llama", spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+def build_tiny_judge(
+    out_dir: str | Path, architecture: str = "llama", spec: TinySpec = TinySpec(), seed: int = 0
+) -> Path:
     """A tiny random-weight judge LM: ``llama`` with the word-level tokenizer, or ``qwen2`` with a byte-level BPE one."""
     if architecture == "llama":
         return build_tiny_scorer(out_dir, spec, seed)

@@ -107,7 +107,8 @@ def save_trained(trainer, processing_class, out_dir: str, stage: str, suspects: 
     if bad or not math.isfinite(train_loss):
         raise NonFiniteTraining(
             f"{stage}: training diverged (train loss {train_loss}; {len(bad)} of {len(model.state_dict())} weight "
-            f"tensors hold NaN or inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {suspects}.")
+            f"tensors hold NaN or inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {suspects}."
+        )
     model.save_pretrained(out_dir, safe_serialization=True)
     if hasattr(processing_class, "image_processor"):
         save_processor(processing_class, out_dir)
@@ -133,8 +134,15 @@ def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:
     return Dataset.from_dict(data)
 
 
-def train_vision_sft(model_ref: str, rows: pl.DataFrame, out_dir: str, settings: TrainSettings, desc: str,
-                     callbacks=(), suspects: str = "the learning rate") -> dict:
+def train_vision_sft(
+    model_ref: str,
+    rows: pl.DataFrame,
+    out_dir: str,
+    settings: TrainSettings,
+    desc: str,
+    callbacks=(),
+    suspects: str = "the learning rate",
+) -> dict:
     """Supervised fine-tuning of a VLM on (question, completion, image) rows with TRL's ``SFTTrainer``, loss on the
     completion only (TRL's default for prompt-completion data); saves the model to ``out_dir``. The base stage and
     rationale SFT both train this way. Returns the training metrics."""
@@ -144,8 +152,14 @@ def train_vision_sft(model_ref: str, rows: pl.DataFrame, out_dir: str, settings:
     dataset = vision_dataset(rows, {"completion": "completion"})
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(**settings.trl_kwargs(scratch))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                             peft_config=settings.peft_config(), callbacks=list(callbacks))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=settings.peft_config(),
+            callbacks=list(callbacks),
+        )
         result = quiet(trainer, f"{desc} (steps)").train()
     save_trained(trainer, processor, out_dir, desc, suspects, result.training_loss)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}

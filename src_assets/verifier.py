@@ -38,8 +38,8 @@ from .scenes import (
     Question,
     Scene,
     SceneObject,
-    count_objects,
     answer_question,
+    count_objects,
 )
 
 _WORD = re.compile(r"[a-z]+|[.?:!,]")
@@ -248,8 +248,18 @@ def verify(response: str | None, scene: Scene, question: Question) -> Verificati
     consistent = consistent and conclusion is not None
     if not consistent and answer is not None:
         problems.append("answer does not follow from the rationale")
-    return Verification(answer, correct, factuality, completeness, float(consistent), claims, problems,
-                        lists_scene_exactly(claims, scene), listing_answer, conclusion)
+    return Verification(
+        answer,
+        correct,
+        factuality,
+        completeness,
+        float(consistent),
+        claims,
+        problems,
+        lists_scene_exactly(claims, scene),
+        listing_answer,
+        conclusion,
+    )
 
 
 def lists_scene_exactly(claims: list[Claim], scene: Scene) -> bool:
@@ -266,7 +276,9 @@ def verify_caption(caption: str | None, scene: Scene) -> tuple[float, bool]:
     for words in sentences:
         parsed = _parse_sentence(words)
         kind, fields = parsed if parsed is not None else ("unparsed", ())
-        claims.append(Claim(kind, " ".join(words), kind == "object" and _claim_true(kind, fields, scene.objects), fields))
+        claims.append(
+            Claim(kind, " ".join(words), kind == "object" and _claim_true(kind, fields, scene.objects), fields)
+        )
     factuality = sum(c.true for c in claims) / len(claims) if claims else 0.0
     return factuality, bool(claims) and all(c.kind == "object" for c in claims) and lists_scene_exactly(claims, scene)
 

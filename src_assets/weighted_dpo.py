@@ -44,8 +44,12 @@ class WeightedDPOConfig(DPOConfig):
 
     weight_column: str = field(default="weight", metadata={"help": "Column of per-pair confidence weights c_i."})
     use_fused_kernel: bool = field(default=True, metadata={"help": "Triton loss on CUDA; off: the eager reference."})
-    precompute_reference: bool = field(default=True, metadata={
-        "help": "Compute the reference log-probs once before training, so no reference model is held while training."})
+    precompute_reference: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the reference log-probs once before training, so no reference model is held while training."
+        },
+    )
 
 
 class WeightedPreferenceCollator:
@@ -76,17 +80,30 @@ def shares_weights(model):
 
 
 class WeightedDPOTrainer(DPOTrainer):
-    def __init__(self, model, ref_model=None, args: WeightedDPOConfig | None = None, *rest, use_fused_kernel: bool | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: WeightedDPOConfig | None = None,
+        *rest,
+        use_fused_kernel: bool | None = None,
+        **kwargs,
+    ):
         if args is not None and not isinstance(args, WeightedDPOConfig):
             raise TypeError(f"WeightedDPOTrainer takes a WeightedDPOConfig, got {type(args).__name__}")
         peft = kwargs.get("peft_config") is not None or hasattr(model, "peft_config")
         if ref_model is None and args is not None and args.precompute_reference and not peft:
             ref_model = shares_weights(model)
         super().__init__(model, ref_model, args, *rest, **kwargs)
-        if list(self.loss_types) not in (["sigmoid"], ["sigmoid", "sft"]) or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
-            raise ValueError("WeightedDPOTrainer implements the sigmoid DPO loss, optionally with TRL's 'sft' likelihood anchor "
-                             "(loss_type=['sigmoid'] or ['sigmoid', 'sft'], reverse KL, no ld_alpha)")
+        if (
+            list(self.loss_types) not in (["sigmoid"], ["sigmoid", "sft"])
+            or self.f_divergence_type != "reverse_kl"
+            or self.ld_alpha is not None
+        ):
+            raise ValueError(
+                "WeightedDPOTrainer implements the sigmoid DPO loss, optionally with TRL's 'sft' likelihood anchor "
+                "(loss_type=['sigmoid'] or ['sigmoid', 'sft'], reverse KL, no ld_alpha)"
+            )
         weights = list(self.args.loss_weights or [1.0] * len(self.loss_types))
         self.nll_weight = weights[1] / weights[0] if len(weights) > 1 else 0.0
         self.dpo_loss_weight = weights[0]
@@ -106,8 +123,9 @@ class WeightedDPOTrainer(DPOTrainer):
     def _with_reference_logps(self, dataset):
         """``dataset`` with each pair's reference log-probs, computed once with the model at its starting weights."""
         device = self.accelerator.device
-        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, shuffle=False,
-                            collate_fn=self.data_collator)
+        loader = DataLoader(
+            dataset, batch_size=self.args.per_device_train_batch_size, shuffle=False, collate_fn=self.data_collator
+        )
         self.model.to(device)
         chosen, rejected = [], []
         for batch in tqdm(loader, desc="reference log-probs", disable=self.args.disable_tqdm):
@@ -141,7 +159,11 @@ class WeightedDPOTrainer(DPOTrainer):
             ref_model = self.model
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter,
+        ):
             hidden = self._completion_hidden(ref_model, model_kwargs)
             weight, bias = self._lm_head(self.accelerator.unwrap_model(ref_model))
             logps_fn = sequence_logps if self._fused(hidden.device) else sequence_logps_reference
@@ -174,7 +196,9 @@ class WeightedDPOTrainer(DPOTrainer):
             gather = self.accelerator.gather
             self._metrics[mode]["rewards/chosen"].append(gather(chosen_rewards).mean().item())
             self._metrics[mode]["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-            self._metrics[mode]["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+            self._metrics[mode]["rewards/accuracies"].append(
+                gather((chosen_rewards > rejected_rewards).float()).mean().item()
+            )
             self._metrics[mode]["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
             self._metrics[mode]["logps/chosen"].append(gather(chosen_logps).mean().item())
             self._metrics[mode]["logps/rejected"].append(gather(rejected_logps).mean().item())
@@ -183,8 +207,17 @@ class WeightedDPOTrainer(DPOTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings, beta: float = 0.1,
-                       use_fused_kernel: bool = True, weighted: bool = True, nll_weight: float = 0.0, callbacks=()) -> dict:
+def train_weighted_dpo(
+    policy_model: str,
+    preference_set,
+    out_dir: str,
+    settings,
+    beta: float = 0.1,
+    use_fused_kernel: bool = True,
+    weighted: bool = True,
+    nll_weight: float = 0.0,
+    callbacks=(),
+) -> dict:
     """One SRC iteration's preference fine-tuning: the policy trained on the kept pairs, reference = its start.
 
     ``weighted=False`` trains on the same pairs with every weight 1 (plain DPO), the ablation of confidence weighting.
@@ -208,11 +241,22 @@ def train_weighted_dpo(policy_model: str, preference_set, out_dir: str, settings
         anchor = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight]) if nll_weight > 0 else {}
         args = WeightedDPOConfig(**settings.trl_kwargs(scratch), beta=beta, use_fused_kernel=use_fused_kernel, **anchor)
         # The reference log-probs are computed once from the starting weights (with LoRA: the adapter switched off).
-        trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                                     peft_config=settings.peft_config(), callbacks=list(callbacks))
+        trainer = WeightedDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=settings.peft_config(),
+            callbacks=list(callbacks),
+        )
         result = quiet(trainer, "weighted DPO (steps)").train()
     save_trained(trainer, processor, out_dir, "weighted DPO", "dpo_learning_rate or beta", result.training_loss)
-    return {"train_loss": result.training_loss, "steps": result.global_step, "pairs": kept.height, "log": trainer.state.log_history}
+    return {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "pairs": kept.height,
+        "log": trainer.state.log_history,
+    }
 
 
 def train_gold_bound(policy_model: str, preference_set, out_dir: str, settings, callbacks=()) -> dict:
@@ -228,8 +272,10 @@ def train_gold_bound(policy_model: str, preference_set, out_dir: str, settings, 
         raise ValueError("the preference set keeps no pair: the gold-data bound has no prompt to train on")
     missing = kept.filter(pl.col("gold_response").is_null())
     if not missing.is_empty():
-        raise ValueError(f"policy_update=gold_sft needs each kept prompt's gold response; prompt "
-                         f"{missing['prompt_id'][0]!r} has none (no scene, no 'response' in the source)")
+        raise ValueError(
+            f"policy_update=gold_sft needs each kept prompt's gold response; prompt "
+            f"{missing['prompt_id'][0]!r} has none (no scene, no 'response' in the source)"
+        )
     rows = kept.select("question", "image", pl.col("gold_response").alias("completion"))
     result = train_vision_sft(policy_model, rows, out_dir, settings, "gold-data bound", callbacks, "dpo_learning_rate")
     return {**result, "pairs": kept.height}

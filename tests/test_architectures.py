@@ -16,8 +16,12 @@ from src_assets.storage import Store
 from src_assets.tiny_models import POLICY_ARCHITECTURES, TinySpec, build_tiny_judge, build_tiny_policy
 
 SPEC = TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden_size=32, vision_layers=1)
-MODEL_CLASS = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
+MODEL_CLASS = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,18 @@ def test_each_architecture_runs_the_smoke_loop(architecture, lora_r, bpe_judge, 
     # Three DPO epochs: with a single pair, one step would fall inside the learning-rate warmup (lr 0 at step 0).
     # A random-weight model seldom ends a response, so a wider and longer search than the smoke profile's gives
     # every prompt several finished candidates, whatever the random streams.
-    code, rows, err = _run(tmp_path, monkeypatch, capsys, f"policy_model={policy}", f"scorer_model={bpe_judge}", f"lora_r={lora_r}",
-                           "dpo_epochs=3", "beams=4", "samples_per_beam=4", "max_sentences=12")
+    code, rows, err = _run(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        f"policy_model={policy}",
+        f"scorer_model={bpe_judge}",
+        f"lora_r={lora_r}",
+        "dpo_epochs=3",
+        "beams=4",
+        "samples_per_beam=4",
+        "max_sentences=12",
+    )
     assert code == 0, err
     assert rows[1]["pairs_kept"] > 0
     store = Store(str(tmp_path / "store"))
@@ -67,17 +81,33 @@ def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, 
     store = Store(str(tmp_path / "store"))
     rows = _without_scenes(synthetic_source(seed=9, n_sft=60, n_calibrate=16, n_eval=20))
     store.write_table("source/mine.parquet", rows)
-    judged = rows.filter(pl.col("split") == "calibrate").select("question", "answer", "reference", pl.col("response").alias("response_a"))
-    judged = judged.with_columns(pl.lit("I cannot tell. Answer: none").alias("response_b"), pl.lit("A").alias("verdict"))
+    judged = rows.filter(pl.col("split") == "calibrate").select(
+        "question", "answer", "reference", pl.col("response").alias("response_a")
+    )
+    judged = judged.with_columns(
+        pl.lit("I cannot tell. Answer: none").alias("response_b"), pl.lit("A").alias("verdict")
+    )
     store.write_table("judgements/labelled.parquet", judged)
     policy = build_tiny_policy(tmp_path / "policy", "qwen2_vl", SPEC)
-    code, out, err = _run(tmp_path, monkeypatch, capsys, "n_sft=0", "n_calibrate=0", "n_eval=0", f"policy_model={policy}",
-                          f"scorer_model={bpe_judge}")
+    code, out, err = _run(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        "n_sft=0",
+        "n_calibrate=0",
+        "n_eval=0",
+        f"policy_model={policy}",
+        f"scorer_model={bpe_judge}",
+    )
     assert code == 0, err
     for row in out:
         assert isinstance(row["accuracy"], float)  # from the answer column, not NaN or missing
         assert row["factuality"] is None and row["consistency"] is None  # no verifier for these rows
-    meta = store.read_json("models/r_scorer_checkpoint/CURRENT") if store.exists("models/r_scorer_checkpoint/CURRENT") else None
+    meta = (
+        store.read_json("models/r_scorer_checkpoint/CURRENT")
+        if store.exists("models/r_scorer_checkpoint/CURRENT")
+        else None
+    )
     assert meta is not None  # the judge was trained, on the user's judgements alone
 
 

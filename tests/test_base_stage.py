@@ -5,8 +5,14 @@ import random
 import polars as pl
 import pytest
 
-from src_assets.base_stage import (CAPTION_KIND, StopWhenPerceiving, perception_corpus, probe_scenes, score_captions,
-                                   train_base_policy)
+from src_assets.base_stage import (
+    CAPTION_KIND,
+    StopWhenPerceiving,
+    perception_corpus,
+    probe_scenes,
+    score_captions,
+    train_base_policy,
+)
 from src_assets.evaluation import anatomy, any_correct_and_consistent, score_responses
 from src_assets.scenes import (
     CAPTION_QUESTION,
@@ -23,8 +29,13 @@ from src_assets.source_data import synthetic_source
 from src_assets.training import TrainSettings
 from src_assets.verifier import verify, verify_caption
 
-SCENE = Scene((SceneObject("red", "square", "top", "left"), SceneObject("blue", "circle", "middle", "center"),
-               SceneObject("red", "circle", "bottom", "right")))
+SCENE = Scene(
+    (
+        SceneObject("red", "square", "top", "left"),
+        SceneObject("blue", "circle", "middle", "center"),
+        SceneObject("red", "circle", "bottom", "right"),
+    )
+)
 COUNT = Question("count", color="red")
 
 
@@ -41,8 +52,12 @@ def test_the_perception_corpus_holds_captions_and_direct_answers_on_scenes_of_it
     for r in direct.head(40).iter_rows(named=True):
         sentence, answer = r["completion"].split("\n")
         assert answer.startswith("Answer: ") and not sentence.startswith("there is")
-        assert sentence == conclusion_sentence(Scene.from_json(r["scene"]).objects, Question.from_json(r["question_spec"]))
-    short = perception_corpus(400, seed=3, caption_share=0.5, answer_form="short").filter(pl.col("kind") != CAPTION_KIND)
+        assert sentence == conclusion_sentence(
+            Scene.from_json(r["scene"]).objects, Question.from_json(r["question_spec"])
+        )
+    short = perception_corpus(400, seed=3, caption_share=0.5, answer_form="short").filter(
+        pl.col("kind") != CAPTION_KIND
+    )
     assert all(c.startswith("Answer: ") and "\n" not in c for c in short["completion"])
     assert short["id"].to_list() == direct["id"].to_list()
     with pytest.raises(ValueError, match="answer_form"):
@@ -106,20 +121,37 @@ def test_the_anatomy_says_where_each_error_comes_from():
         "bad_listing": other + " so the number of red shapes is one.\nAnswer: one",
     }
     v = {k: verify(r, SCENE, COUNT) for k, r in responses.items()}
-    assert (v["gold"].exact_listing, v["gold"].conclusion_follows_listing, v["gold"].answer_is_conclusion) == (True, True, True)
+    assert (v["gold"].exact_listing, v["gold"].conclusion_follows_listing, v["gold"].answer_is_conclusion) == (
+        True,
+        True,
+        True,
+    )
     assert (v["bad_conclusion"].exact_listing, v["bad_conclusion"].conclusion_follows_listing) == (True, False)
     assert v["bad_conclusion"].answer_is_conclusion and not v["bad_answer"].answer_is_conclusion
     assert v["bad_answer"].conclusion_follows_listing
-    assert not v["bad_listing"].exact_listing and v["bad_listing"].conclusion_follows_listing and v["bad_listing"].consistency
+    assert (
+        not v["bad_listing"].exact_listing
+        and v["bad_listing"].conclusion_follows_listing
+        and v["bad_listing"].consistency
+    )
 
-    rows = pl.DataFrame({"id": list(responses), "kind": ["count"] * 4, "scene": [SCENE.to_json()] * 4,
-                         "question_spec": [COUNT.to_json()] * 4, "answer": ["two"] * 4})
+    rows = pl.DataFrame(
+        {
+            "id": list(responses),
+            "kind": ["count"] * 4,
+            "scene": [SCENE.to_json()] * 4,
+            "question_spec": [COUNT.to_json()] * 4,
+            "answer": ["two"] * 4,
+        }
+    )
     table = anatomy(score_responses(rows, list(responses.values())))
     assert table["all"]["accuracy"] == 0.25 and table["all"]["exact_listing"] == 0.75
     assert table["all"]["conclusion_follows_listing"] == 0.75 and table["all"]["answer_is_conclusion"] == 0.75
     assert table["all"]["wrong_with_exact_listing"] == 0.5 and table["all"]["wrong_with_wrong_listing"] == 0.25
     assert table["count"] == table["all"]
-    headroom = any_correct_and_consistent(rows.head(2), [[responses["bad_answer"], gold], [responses["bad_conclusion"]]])
+    headroom = any_correct_and_consistent(
+        rows.head(2), [[responses["bad_answer"], gold], [responses["bad_conclusion"]]]
+    )
     assert headroom == {"all": 0.5, "count": 0.5}
 
 
@@ -127,8 +159,12 @@ def test_the_base_stage_trains_the_tiny_vlm_on_its_corpus(tiny_dirs, tmp_path):
     from src_assets.models import load_policy
 
     corpus = perception_corpus(16, seed=0)
-    result = train_base_policy(str(tiny_dirs[0]), corpus, str(tmp_path), TrainSettings(epochs=1, batch_size=8,
-                                                                                      lr_scheduler_type="constant_with_warmup"))
+    result = train_base_policy(
+        str(tiny_dirs[0]),
+        corpus,
+        str(tmp_path),
+        TrainSettings(epochs=1, batch_size=8, lr_scheduler_type="constant_with_warmup"),
+    )
     assert result["steps"] == 2
     model, _ = load_policy(str(tmp_path))
     assert type(model).__name__ == "LlavaForConditionalGeneration"

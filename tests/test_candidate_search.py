@@ -15,7 +15,9 @@ def test_beam_search_gives_k_distinct_complete_candidates(trained_tiny_vlm):
     cfg = SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7, batch_size=7)  # batches split across prompts
     pool = sentence_beam_search(model, processor, prompts, cfg, seed=0, progress=False)
     assert pool.schema == pl.Schema(POOL_SCHEMA)
-    per_prompt = pool.group_by("prompt_id").agg(pl.len(), pl.col("text").n_unique().alias("distinct"), pl.col("candidate").sort())
+    per_prompt = pool.group_by("prompt_id").agg(
+        pl.len(), pl.col("text").n_unique().alias("distinct"), pl.col("candidate").sort()
+    )
     assert set(per_prompt["prompt_id"]) <= set(prompts["id"])
     assert (per_prompt["len"] <= 3).all() and (per_prompt["len"] == per_prompt["distinct"]).all()
     assert all(c == list(range(len(c))) for c in per_prompt["candidate"].to_list())
@@ -23,7 +25,7 @@ def test_beam_search_gives_k_distinct_complete_candidates(trained_tiny_vlm):
     assert (pool["logprob"] < 0).all() and (pool["n_tokens"] > 0).all()
     assert json.loads(pool["params"][0])["k"] == 3
     # Candidates are ranked by length-normalised log-probability, best first.
-    for (_, group) in pool.group_by("prompt_id"):
+    for _, group in pool.group_by("prompt_id"):
         norm = (group.sort("candidate")["logprob"] / group.sort("candidate")["n_tokens"]).to_list()
         assert norm == sorted(norm, reverse=True)
 
@@ -39,11 +41,16 @@ def test_same_seed_same_pool(trained_tiny_vlm):
 
 def test_answer_and_rationale_are_parsed(trained_tiny_vlm):
     model, processor = load_policy(str(trained_tiny_vlm))
-    pool = sentence_beam_search(model, processor, synthetic_source(seed=3, n_sft=0, n_calibrate=4, n_eval=0),
-                                SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7), progress=False)
+    pool = sentence_beam_search(
+        model,
+        processor,
+        synthetic_source(seed=3, n_sft=0, n_calibrate=4, n_eval=0),
+        SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
+        progress=False,
+    )
     for row in pool.iter_rows(named=True):
         answer_lines = list(re.finditer(r"answer\s*:", row["text"], re.IGNORECASE))
-        if answer_lines and row["text"][answer_lines[-1].end():].strip(" ."):
+        if answer_lines and row["text"][answer_lines[-1].end() :].strip(" ."):
             assert row["answer"] is not None and row["rationale"] == row["text"][: answer_lines[-1].start()].strip()
         else:
             assert row["answer"] is None
@@ -56,8 +63,13 @@ def test_the_greedy_response_joins_the_pool(trained_tiny_vlm):
     prompts = synthetic_source(seed=6, n_sft=0, n_calibrate=4, n_eval=0)
     cfg = SearchConfig(k=4, beams=1, samples_per_beam=1, max_sentences=7, temperature=3.0)
     pool = sentence_beam_search(model, processor, prompts, cfg, seed=0, progress=False)
-    greedy = generate_responses(model, processor, prompts["question"].to_list(), prompts["image"].to_list(),
-                                max_new_tokens=cfg.max_sentences * cfg.max_sentence_tokens)
+    greedy = generate_responses(
+        model,
+        processor,
+        prompts["question"].to_list(),
+        prompts["image"].to_list(),
+        max_new_tokens=cfg.max_sentences * cfg.max_sentence_tokens,
+    )
     norm = lambda t: " ".join(t.replace(".", " . ").replace(":", " : ").split())
     for pid, text in zip(prompts["id"], greedy):
         texts = [norm(t) for t in pool.filter(pl.col("prompt_id") == pid)["text"]]

@@ -21,15 +21,39 @@ def test_evaluate_scores_a_checkpoint_with_real_and_with_blank_images(trained_ti
 
 
 def test_evaluate_prints_the_anatomy_per_kind_and_scores_captions(trained_tiny_vlm, capsys):
-    assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "10", "--anatomy", "--samples", "2", "--json",
-                 "--seed", "5"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(trained_tiny_vlm),
+                "--n",
+                "10",
+                "--anatomy",
+                "--samples",
+                "2",
+                "--json",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     row = json.loads(capsys.readouterr().out)
     table = row["anatomy"]
     assert table["all"]["n"] == 10 and table["all"]["k"] == 2 and table["all"]["accuracy"] == row["accuracy"]
-    for key in ("exact_listing", "conclusion_follows_listing", "answer_is_conclusion", "wrong_with_exact_listing",
-                "wrong_with_wrong_listing", "any_correct_and_consistent_in_k"):
+    for key in (
+        "exact_listing",
+        "conclusion_follows_listing",
+        "answer_is_conclusion",
+        "wrong_with_exact_listing",
+        "wrong_with_wrong_listing",
+        "any_correct_and_consistent_in_k",
+    ):
         assert 0 <= table["all"][key] <= 1
-    assert table["all"]["wrong_with_exact_listing"] + table["all"]["wrong_with_wrong_listing"] == pytest.approx(1 - row["accuracy"])
+    assert table["all"]["wrong_with_exact_listing"] + table["all"]["wrong_with_wrong_listing"] == pytest.approx(
+        1 - row["accuracy"]
+    )
     assert set(table) == {"all", "count", "exists", "attribute", "position", "compare"}
     assert main(["evaluate", "--checkpoint", str(trained_tiny_vlm), "--n", "10", "--anatomy", "--samples", "2"]) == 0
     text = capsys.readouterr().out
@@ -43,23 +67,36 @@ def test_evaluate_prints_the_anatomy_per_kind_and_scores_captions(trained_tiny_v
 
 
 def test_model_references_and_seed_can_be_overridden_like_any_setting():
-    cfg = SettingsResource(profile="smoke", overrides={"scorer_model": "verifier", "seed": 5, "policy_model": "/models/vlm"}).config()
+    cfg = SettingsResource(
+        profile="smoke", overrides={"scorer_model": "verifier", "seed": 5, "policy_model": "/models/vlm"}
+    ).config()
     assert (cfg.scorer_model, cfg.seed, cfg.policy_model) == ("verifier", 5, "/models/vlm")
 
 
 def _run(variant, seed, before, after, agreement):
-    row = lambda it, m, a: {"iteration": it, "accuracy": m[0], "consistency": m[1], "factuality": m[2], "judge_agreement": a}
+    row = lambda it, m, a: {
+        "iteration": it,
+        "accuracy": m[0],
+        "consistency": m[1],
+        "factuality": m[2],
+        "judge_agreement": a,
+    }
     return {"variant": variant, "seed": seed, "rows": [row(0, before, None), row(1, after, agreement)]}
 
 
 def test_the_ablation_table_reports_mean_and_sd_of_each_change_over_seeds():
-    runs = [_run("src", 1, (0.5, 0.4, 0.7), (0.6, 0.5, 0.7), 0.8), _run("src", 2, (0.4, 0.4, 0.7), (0.6, 0.3, 0.7), 0.9),
-            _run("oracle_judge", 1, (0.5, 0.4, 0.7), (0.7, 0.6, 0.8), 1.0),
-            {"variant": "oracle_judge", "seed": 2, "error": "exit 1"}]
+    runs = [
+        _run("src", 1, (0.5, 0.4, 0.7), (0.6, 0.5, 0.7), 0.8),
+        _run("src", 2, (0.4, 0.4, 0.7), (0.6, 0.3, 0.7), 0.9),
+        _run("oracle_judge", 1, (0.5, 0.4, 0.7), (0.7, 0.6, 0.8), 1.0),
+        {"variant": "oracle_judge", "seed": 2, "error": "exit 1"},
+    ]
     table = {r["variant"]: r for r in summarize_runs(runs)}
     src = table["src"]
     assert src["seeds"] == [1, 2] and src["failed"] == []
-    assert src["accuracy_change"][0] == pytest.approx(0.15) and src["accuracy_change"][1] == pytest.approx(0.0707, abs=1e-4)
+    assert src["accuracy_change"][0] == pytest.approx(0.15) and src["accuracy_change"][1] == pytest.approx(
+        0.0707, abs=1e-4
+    )
     assert src["accuracy_improved_every_seed"] and not src["consistency_improved_every_seed"]
     assert src["judge_agreement"][0] == pytest.approx(0.85)
     assert table["oracle_judge"]["failed"] == [2] and table["oracle_judge"]["seeds"] == [1]
@@ -70,8 +107,22 @@ def test_the_ablation_table_reports_mean_and_sd_of_each_change_over_seeds():
 def test_experiment_runs_each_variant_and_trains_sft_once_per_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "exp"
-    code = main(["experiment", "--profile", "smoke", "--seeds", "4", "--variants", "src", "oracle_judge", "--iterations", "1",
-                 "--out", str(out)])
+    code = main(
+        [
+            "experiment",
+            "--profile",
+            "smoke",
+            "--seeds",
+            "4",
+            "--variants",
+            "src",
+            "oracle_judge",
+            "--iterations",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, (out / "seed4" / "src" / "run.log").read_text()[-2000:]
     result = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in result["table"]] == ["src", "oracle_judge"]
@@ -81,14 +132,30 @@ def test_experiment_runs_each_variant_and_trains_sft_once_per_seed(tmp_path, mon
     assert agreement in (1.0, None)  # the verifier agrees with itself (null: no clear pair at all)
     # Both variants started from the same SFT checkpoint, trained once.
     assert len(list((out / "seed4" / "store" / "models" / "sft_checkpoint" / "versions").iterdir())) == 1
-    assert oracle["rows"][0]["checkpoint"] == next(r for r in result["runs"] if r["variant"] == "src")["rows"][0]["checkpoint"]
+    assert (
+        oracle["rows"][0]["checkpoint"]
+        == next(r for r in result["runs"] if r["variant"] == "src")["rows"][0]["checkpoint"]
+    )
     assert "| oracle_judge (" in (out / "results.md").read_text()
 
 
 def test_overrides_are_coerced_to_each_settings_type():
-    cfg = SettingsResource(profile="smoke", overrides={"weighted_dpo": "false", "k": "4", "tau": "0.25", "gradient_checkpointing": "1",
-                                                       "report_to": "tensorboard"}).config()
-    assert cfg.weighted_dpo is False and cfg.search.k == 4 and cfg.curation.tau == 0.25 and cfg.gradient_checkpointing is True
+    cfg = SettingsResource(
+        profile="smoke",
+        overrides={
+            "weighted_dpo": "false",
+            "k": "4",
+            "tau": "0.25",
+            "gradient_checkpointing": "1",
+            "report_to": "tensorboard",
+        },
+    ).config()
+    assert (
+        cfg.weighted_dpo is False
+        and cfg.search.k == 4
+        and cfg.curation.tau == 0.25
+        and cfg.gradient_checkpointing is True
+    )
     assert cfg.dpo_settings().report_to == ("tensorboard",)
     for bad in ({"k": "abc"}, {"weighted_dpo": "maybe"}, {"tau": "x"}):
         with pytest.raises(ValueError, match="is not a valid"):
@@ -106,10 +173,17 @@ def test_each_default_lives_in_its_stage_settings_type():
 
     default = PROFILES["default"]
     assert (default.search, default.aggregation, default.curation, default.judge) == (
-        SearchConfig(), AggregationConfig(), CurationConfig(), JudgeConfig())
+        SearchConfig(),
+        AggregationConfig(),
+        CurationConfig(),
+        JudgeConfig(),
+    )
     names = {f.name for f in fields(SRCConfig)}
     assert not names & {"k", "beams", "tau", "select_by", "judge_template"}  # not copied: composed
-    assert setting_names()["k"][:2] == ("search", "k") and setting_names()["judge_template"][:2] == ("judge", "template")
+    assert setting_names()["k"][:2] == ("search", "k") and setting_names()["judge_template"][:2] == (
+        "judge",
+        "template",
+    )
     assert setting_names()["search_batch_size"][:2] == ("search", "batch_size")
 
 
@@ -122,36 +196,39 @@ def test_gpu_settings_are_typed_launchpad_fields():
         SettingsResource(profile="smoke", lora_r="many")
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("k=1", "setting k: 1 is out of range; it must be in [2, 256]"),
-    ("k=abc", "setting k: 'abc' is not a valid int"),
-    ("tau=1.5", "setting tau: 1.5 is out of range; it must be in [0, 1]"),
-    ("tau=", "setting tau: '' is not a valid float"),
-    ("beta=-1", "setting beta: -1.0 is out of range; it must be > 0"),
-    ("temperature=0", "setting temperature: 0.0 is out of range; it must be > 0"),
-    ("dpo_batch_size=0", "setting dpo_batch_size: 0 is out of range; it must be >= 1"),
-    ("weighted_dpo=maybe", "setting weighted_dpo: 'maybe' is not a valid bool"),
-    ("nosuch=1", "unknown setting(s) ['nosuch']"),
-    ("tau", "--set takes NAME=VALUE, got 'tau'"),
-    # NaN passes every comparison and inf every lower bound: both are refused for every float
-    ("beta=nan", "setting beta: 'nan' is not a finite number"),
-    ("sft_learning_rate=inf", "setting sft_learning_rate: 'inf' is not a finite number"),
-    ("bt_tol=nan", "setting bt_tol: 'nan' is not a finite number"),
-    ("dpo_learning_rate=-inf", "setting dpo_learning_rate: '-inf' is not a finite number"),
-    ("bt_iters=0", "setting bt_iters: 0 is out of range; it must be >= 1"),
-    ("bt_iters=-1", "setting bt_iters: -1 is out of range; it must be >= 1"),
-    ("bt_tol=0", "setting bt_tol: 0.0 is out of range; it must be > 0"),
-    ("judge_tie_margin=-5", "setting judge_tie_margin: -5.0 is out of range; it must be >= 0"),
-    ("judge_template=foo", "setting judge_template: 'foo' is not one of ('compact', 'instruct')"),
-    ("scoring=both", "setting scoring: 'both' is not one of ('pairwise', 'independent')"),
-    ("base_answer_form=essay", "setting base_answer_form: 'essay' is not one of ('sentence', 'short')"),
-    ("report_to=foo", "setting report_to: ['foo'] are not transformers integrations"),
-    ("k=--5", "setting k: '--5' is not a valid int"),
-    ("k=1000", "setting k: 1000 is out of range; it must be in [2, 256]"),
-    ("n_sft=99999999999", "setting n_sft: 99999999999 is out of range; it must be in [0, 1000000]"),
-    ("sft_epochs=1e9", "setting sft_epochs: 1000000000.0 is out of range; it must be in [0, 1000]"),
-    ("seed=-1", "setting seed: -1 is out of range; it must be in [0, 4294967295]"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("k=1", "setting k: 1 is out of range; it must be in [2, 256]"),
+        ("k=abc", "setting k: 'abc' is not a valid int"),
+        ("tau=1.5", "setting tau: 1.5 is out of range; it must be in [0, 1]"),
+        ("tau=", "setting tau: '' is not a valid float"),
+        ("beta=-1", "setting beta: -1.0 is out of range; it must be > 0"),
+        ("temperature=0", "setting temperature: 0.0 is out of range; it must be > 0"),
+        ("dpo_batch_size=0", "setting dpo_batch_size: 0 is out of range; it must be >= 1"),
+        ("weighted_dpo=maybe", "setting weighted_dpo: 'maybe' is not a valid bool"),
+        ("nosuch=1", "unknown setting(s) ['nosuch']"),
+        ("tau", "--set takes NAME=VALUE, got 'tau'"),
+        # NaN passes every comparison and inf every lower bound: both are refused for every float
+        ("beta=nan", "setting beta: 'nan' is not a finite number"),
+        ("sft_learning_rate=inf", "setting sft_learning_rate: 'inf' is not a finite number"),
+        ("bt_tol=nan", "setting bt_tol: 'nan' is not a finite number"),
+        ("dpo_learning_rate=-inf", "setting dpo_learning_rate: '-inf' is not a finite number"),
+        ("bt_iters=0", "setting bt_iters: 0 is out of range; it must be >= 1"),
+        ("bt_iters=-1", "setting bt_iters: -1 is out of range; it must be >= 1"),
+        ("bt_tol=0", "setting bt_tol: 0.0 is out of range; it must be > 0"),
+        ("judge_tie_margin=-5", "setting judge_tie_margin: -5.0 is out of range; it must be >= 0"),
+        ("judge_template=foo", "setting judge_template: 'foo' is not one of ('compact', 'instruct')"),
+        ("scoring=both", "setting scoring: 'both' is not one of ('pairwise', 'independent')"),
+        ("base_answer_form=essay", "setting base_answer_form: 'essay' is not one of ('sentence', 'short')"),
+        ("report_to=foo", "setting report_to: ['foo'] are not transformers integrations"),
+        ("k=--5", "setting k: '--5' is not a valid int"),
+        ("k=1000", "setting k: 1000 is out of range; it must be in [2, 256]"),
+        ("n_sft=99999999999", "setting n_sft: 99999999999 is out of range; it must be in [0, 1000000]"),
+        ("sft_epochs=1e9", "setting sft_epochs: 1000000000.0 is out of range; it must be in [0, 1000]"),
+        ("seed=-1", "setting seed: -1 is out of range; it must be in [0, 4294967295]"),
+    ],
+)
 def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", setting])
@@ -188,7 +265,17 @@ def test_a_failed_step_names_its_innermost_cause(tmp_path, monkeypatch, capsys):
     """A model directory without config.json: the line names the directory, not Dagster's wrapper."""
     (tmp_path / "empty_model").mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
-    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", f"policy_model={tmp_path / 'empty_model'}"])
+    code = main(
+        [
+            "run",
+            "--profile",
+            "smoke",
+            "--store",
+            str(tmp_path / "store"),
+            "--set",
+            f"policy_model={tmp_path / 'empty_model'}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1
     assert err.startswith("step base_policy_model failed: ") and "has no config.json" in err
@@ -239,8 +326,10 @@ def test_a_full_disk_a_bad_current_pointer_and_a_bad_by_inputs_record_each_give_
     monkeypatch.setattr(LocalFileSystem, "pipe_file", disk_full_at_the_perception_corpus)
     assert main(command) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == (f"step perception_corpus failed: OSError: [Errno 28] No space left on device: "
-                    f"'{store}/assets/perception_corpus.parquet'")
+    assert last == (
+        f"step perception_corpus failed: OSError: [Errno 28] No space left on device: "
+        f"'{store}/assets/perception_corpus.parquet'"
+    )
     assert not [p for p in store.rglob("*") if "perception_corpus" in p.name]  # no partial file, no temporary one
     monkeypatch.setattr(LocalFileSystem, "pipe_file", pipe_file)
 

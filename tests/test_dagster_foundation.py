@@ -13,19 +13,32 @@ from src_assets.models import load_policy, load_scorer
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION = {"vqa_source", "rationale_sft_set", "eval_set", "perception_corpus", "base_policy_model", "base_r_scorer_model"}
+FOUNDATION = {
+    "vqa_source",
+    "rationale_sft_set",
+    "eval_set",
+    "perception_corpus",
+    "base_policy_model",
+    "base_r_scorer_model",
+}
 all_assets = [a for a in every_asset if a.key.to_user_string() in FOUNDATION]
 
 
 def _resources(base_uri, endpoint=""):
-    return build_resources(StoreResource(base_uri=base_uri, s3_endpoint_url=endpoint), SettingsResource(profile="smoke"))
+    return build_resources(
+        StoreResource(base_uri=base_uri, s3_endpoint_url=endpoint), SettingsResource(profile="smoke")
+    )
 
 
 def test_definitions_validate_through_workspace_yaml(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Validation successful" in out.stderr + out.stdout
@@ -64,17 +77,24 @@ def test_bad_source_file_fails_naming_it_and_keeps_the_stored_table(tmp_path):
     store = Store(str(tmp_path))
     resources = _resources(str(tmp_path))
     instance = DagsterInstance.ephemeral()
-    assert materialize([a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=instance, resources=resources).success
+    assert materialize(
+        [a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=instance, resources=resources
+    ).success
     before = store.read_bytes("assets/vqa_source.parquet")
 
     bad = store.read_table("assets/vqa_source.parquet").head(3).drop("question")
     store.write_table("source/new-batch.parquet", bad.with_columns(pl.col("id") + "-user"))
     result = materialize(
-        [a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=instance, resources=resources, raise_on_error=False
+        [a for a in all_assets if a.key.to_user_string() == "vqa_source"],
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
     )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
-    assert "source/new-batch.parquet: missing required column(s) ['question']" in failure.step_failure_data.error.message
+    assert (
+        "source/new-batch.parquet: missing required column(s) ['question']" in failure.step_failure_data.error.message
+    )
     assert store.read_bytes("assets/vqa_source.parquet") == before
 
 
@@ -85,7 +105,9 @@ def test_user_parquet_files_join_the_source(tmp_path):
     extra = synthetic_source(seed=99, n_sft=0, n_calibrate=3, n_eval=0).with_columns(pl.col("id") + "-mine")
     store.write_table("source/batch-001.parquet", extra.select("id", "split", "question", "answer", "image"))
     result = materialize(
-        [a for a in all_assets if a.key.to_user_string() == "vqa_source"], instance=DagsterInstance.ephemeral(), resources=_resources(str(tmp_path))
+        [a for a in all_assets if a.key.to_user_string() == "vqa_source"],
+        instance=DagsterInstance.ephemeral(),
+        resources=_resources(str(tmp_path)),
     )
     df = store.read_table("assets/vqa_source.parquet")
     assert df.height == 96 + 3 and df.filter(pl.col("kind") == "open").height == 3
@@ -96,7 +118,11 @@ def test_user_parquet_files_join_the_source(tmp_path):
 def test_assets_materialize_into_s3(s3_endpoint):
     resources = _resources("s3://src-test/dagster-run", s3_endpoint)
     wanted = {"vqa_source", "eval_set", "base_r_scorer_model"}
-    result = materialize([a for a in all_assets if a.key.to_user_string() in wanted], instance=DagsterInstance.ephemeral(), resources=resources)
+    result = materialize(
+        [a for a in all_assets if a.key.to_user_string() in wanted],
+        instance=DagsterInstance.ephemeral(),
+        resources=resources,
+    )
     assert result.success
     store = Store("s3://src-test/dagster-run", s3_endpoint_url=s3_endpoint)
     assert store.read_table("assets/eval_set.parquet").height == 20
@@ -113,7 +139,11 @@ def test_every_asset_has_a_code_version():
     from dagster_project.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys() if graph.get(k).code_version is None} == {}
+    assert {
+        k.to_user_string(): graph.get(k).code_version
+        for k in graph.get_all_asset_keys()
+        if graph.get(k).code_version is None
+    } == {}
 
 
 def _versions(cfg):
@@ -146,10 +176,14 @@ def test_dagster_marks_an_asset_stale_when_its_settings_change(tmp_path):
 
     instance = DagsterInstance.ephemeral()
     data = [a for a in every_asset if a.key.to_user_string() in ("vqa_source", "rationale_sft_set")]
-    assert materialize(with_code_versions(data, profile("smoke")), instance=instance, resources=_resources(str(tmp_path))).success
+    assert materialize(
+        with_code_versions(data, profile("smoke")), instance=instance, resources=_resources(str(tmp_path))
+    ).success
 
     def status(cfg, name):
-        graph = Definitions(assets=with_code_versions(data, cfg), resources=_resources(str(tmp_path))).resolve_asset_graph()
+        graph = Definitions(
+            assets=with_code_versions(data, cfg), resources=_resources(str(tmp_path))
+        ).resolve_asset_graph()
         return CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance)).get_status(AssetKey(name))
 
     assert status(profile("smoke"), "vqa_source") == StaleStatus.FRESH
@@ -169,9 +203,14 @@ def test_each_asset_declares_every_setting_its_code_reads():
     from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, TRAINING_SETTINGS, setting_names
 
     trainings = {"base_settings": "base", "sft_settings": "sft", "scorer_settings": "scorer", "dpo_settings": "dpo"}
-    methods = {"runtime": SETTING_BUNDLES["runtime"],
-               "tiny_spec": ("tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std"),
-               **{m: (f"{p}_epochs", f"{p}_learning_rate", f"{p}_batch_size", *TRAINING_SETTINGS) for m, p in trainings.items()}}
+    methods = {
+        "runtime": SETTING_BUNDLES["runtime"],
+        "tiny_spec": ("tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std"),
+        **{
+            m: (f"{p}_epochs", f"{p}_learning_rate", f"{p}_batch_size", *TRAINING_SETTINGS)
+            for m, p in trainings.items()
+        },
+    }
     methods["base_settings"] += ("base_lr_scheduler",)
     controls = {"reuse_checkpoints"}  # whether to reuse, not what is made
 
@@ -202,7 +241,10 @@ def test_each_asset_declares_every_setting_its_code_reads():
             fn = getattr(module, name).op.compute_fn.decorated_fn
             allowed = set()
             for d in declared.settings:
-                allowed |= ({d, *(n for n, (g, _, _) in flat.items() if g == d)} if d in SETTING_GROUPS
-                            else set(SETTING_BUNDLES.get(d, (d,))))
+                allowed |= (
+                    {d, *(n for n, (g, _, _) in flat.items() if g == d)}
+                    if d in SETTING_GROUPS
+                    else set(SETTING_BUNDLES.get(d, (d,)))
+                )
             missing = used(fn, module, {name}) - allowed - controls - {"setting"}
             assert not missing, f"{name} reads {sorted(missing)} without declaring them in @reads"

@@ -1,8 +1,7 @@
-import polars as pl
-import pytest
-
 import io
 
+import polars as pl
+import pytest
 from PIL import Image
 
 from src_assets.evaluation import judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
@@ -53,4 +52,6 @@ def test_judge_win_rate_is_debiased(tiny_dirs):
     # Both orders judged: a response against itself is exactly even, whatever the judge's position bias.
     assert judge_win_rate(model, tok, ev, same, same) == pytest.approx(0.5, abs=1e-6)
     other = ["Answer: no"] * 4
-    assert judge_win_rate(model, tok, ev, same, other) == pytest.approx(1 - judge_win_rate(model, tok, ev, other, same), abs=1e-6)
+    assert judge_win_rate(model, tok, ev, same, other) == pytest.approx(
+        1 - judge_win_rate(model, tok, ev, other, same), abs=1e-6
+    )

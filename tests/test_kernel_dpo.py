@@ -6,10 +6,10 @@ import weakref
 
 import pytest
 import torch
+from datasets import Dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
-from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer
 
@@ -155,11 +155,19 @@ def test_module_wrapper_and_input_checks():
 def test_unit_weights_equal_trls_dpo_sigmoid_loss(tmp_path):
     """TRL's own DPOTrainer loss on a batch equals the kernel's loss on the same model's log-probs."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     model, ref_model = LlamaForCausalLM(config), LlamaForCausalLM(config)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, **{f"w{i}": i for i in range(3, 64)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -169,7 +177,9 @@ def test_unit_weights_equal_trls_dpo_sigmoid_loss(tmp_path):
     words = lambda n: " ".join(f"w{i}" for i in torch.randint(3, 64, (n,), generator=g).tolist())
     rows = [{"prompt": words(9), "chosen": words(6), "rejected": words(4)} for _ in range(3)]
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, beta=0.3, precompute_ref_log_probs=False)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     trl_loss = trainer._compute_loss(trainer.model, dict(batch), False)
 
@@ -191,12 +201,22 @@ def test_the_benchmark_reports_a_row_for_every_method():
 
     rows = run_shape(1, 12, 6, 16, 40, torch.float32, reps=1, dev="cpu", compile_baseline=False)
     by_method = {r["method"]: r for r in rows}
-    assert set(by_method) >= {"correctness", "kernel_trained_head", "kernel_frozen_head", "trl_full_logits",
-                              "completion_only_eager", "completion_only_eager_frozen_head", "three_gemms_floor",
-                              "two_gemms_floor"}
+    assert set(by_method) >= {
+        "correctness",
+        "kernel_trained_head",
+        "kernel_frozen_head",
+        "trl_full_logits",
+        "completion_only_eager",
+        "completion_only_eager_frozen_head",
+        "three_gemms_floor",
+        "two_gemms_floor",
+    }
     assert all(isinstance(r["median_ms"], float) for m, r in by_method.items() if m != "correctness"), rows
     assert by_method["correctness"]["loss_abs_diff_vs_reference"] < 1e-5
-    assert "vs_three_gemms_floor" in by_method["kernel_trained_head"] and "vs_two_gemms_floor" in by_method["kernel_frozen_head"]
+    assert (
+        "vs_three_gemms_floor" in by_method["kernel_trained_head"]
+        and "vs_two_gemms_floor" in by_method["kernel_frozen_head"]
+    )
 
 
 def test_benchmark_baselines_compute_the_same_loss():
@@ -295,8 +315,10 @@ def test_sequence_logps_stays_within_one_chunk():
 
 # --- real shapes, on a GPU ---------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
-                          reason="needs a CUDA GPU without the Triton interpreter")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU without the Triton interpreter",
+)
 
 
 @cuda

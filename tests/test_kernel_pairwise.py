@@ -11,7 +11,9 @@ ATOL = {"q": 0, "win_rate": 1e-6, "strength": 1e-5, "confidence": 1e-6, "agreeme
 
 def assert_same(kernel, reference):
     for name in ("q", "win_rate", "strength", "confidence", "agreement"):
-        torch.testing.assert_close(getattr(kernel, name), getattr(reference, name), atol=ATOL[name], rtol=1e-5, msg=name)
+        torch.testing.assert_close(
+            getattr(kernel, name), getattr(reference, name), atol=ATOL[name], rtol=1e-5, msg=name
+        )
     assert torch.equal(kernel.chosen, reference.chosen)
     assert torch.equal(kernel.rejected, reference.rejected)
 
@@ -118,7 +120,11 @@ def test_non_finite_values_outside_valid_pairs_are_ignored(fn):
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((4, 1, 1), "K must be between 2 and 64"), ((2, 65, 65), "K must be between 2 and 64"), ((3, 4, 5), r"\[B, K, K\]")],
+    [
+        ((4, 1, 1), "K must be between 2 and 64"),
+        ((2, 65, 65), "K must be between 2 and 64"),
+        ((3, 4, 5), r"\[B, K, K\]"),
+    ],
 )
 def test_bad_shapes_are_refused(shape, message):
     with pytest.raises(ValueError, match=message):

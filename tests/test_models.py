@@ -45,7 +45,9 @@ def test_tiny_scorer_round_trips_with_verdict_tokens(tiny_dirs):
     ids = tok.convert_tokens_to_ids(list(VERDICT_TOKENS))
     assert tok.unk_token_id not in ids and len(set(ids)) == 3
     assert tok.convert_tokens_to_ids("a") not in ids  # the article stays distinct from verdict "A"
-    logits = model(**tok(["question : how many red shapes are there ? verdict :"], return_tensors="pt"), logits_to_keep=1).logits
+    logits = model(
+        **tok(["question : how many red shapes are there ? verdict :"], return_tensors="pt"), logits_to_keep=1
+    ).logits
     assert logits.shape == (1, 1, len(tok))
 
 

@@ -14,7 +14,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunsFilter,
+    materialize,
+)
 
 from dagster_project.automation import ITERATION_ASSETS
 from dagster_project.definitions import build_resources, foundation_assets
@@ -49,15 +57,31 @@ def dagster_ui(tmp_path_factory):
     home, store = root / "home", root / "store"
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SRC_STORE_URI": str(store), "SRC_PROFILE": "smoke", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "SRC_STORE_URI": str(store),
+        "SRC_PROFILE": "smoke",
+        "HF_HUB_OFFLINE": "1",
+    }
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     logs = [open(root / "webserver.log", "w"), open(root / "daemon.log", "w")]
     procs = [
-        subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
-                         cwd=ROOT, env=env, stdout=logs[0], stderr=subprocess.STDOUT),
-        subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
-                         stdout=logs[1], stderr=subprocess.STDOUT),
+        subprocess.Popen(
+            [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+            cwd=ROOT,
+            env=env,
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=ROOT,
+            env=env,
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+        ),
     ]
     try:
         deadline = time.monotonic() + 180
@@ -103,8 +127,10 @@ def _backfill(url: str, instance, keys: list[str], timeout: float = 400) -> list
         ... on PythonError { message }
       }
     }"""
-    params = {"selector": {"partitionSetName": "src_iteration_partition_set", "repositorySelector": _repository(url)},
-              "partitionNames": keys}
+    params = {
+        "selector": {"partitionSetName": "src_iteration_partition_set", "repositorySelector": _repository(url)},
+        "partitionNames": keys,
+    }
     result = _graphql(url, mutation, {"params": params})["launchPartitionBackfill"]
     assert result["__typename"] == "LaunchBackfillSuccess", result
     backfill_id = result["backfillId"]
@@ -114,7 +140,9 @@ def _backfill(url: str, instance, keys: list[str], timeout: float = 400) -> list
         if len(runs) == len(keys) and all(r.status in FINISHED for r in runs):
             return sorted(runs, key=lambda r: r.tags["dagster/partition"])
         time.sleep(2)
-    raise AssertionError(f"backfill {backfill_id} did not finish in {timeout}s: {[(r.tags.get('dagster/partition'), r.status) for r in runs]}")
+    raise AssertionError(
+        f"backfill {backfill_id} did not finish in {timeout}s: {[(r.tags.get('dagster/partition'), r.status) for r in runs]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +207,15 @@ def test_ui_shows_the_graph_and_iteration_eval_metadata(backfilled):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=flags, headless=True)
         try:
@@ -192,7 +227,10 @@ def test_ui_shows_the_graph_and_iteration_eval_metadata(backfilled):
                 page.get_by_text(group, exact=True).first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "asset-groups.png"))
             # The graph around iteration_eval: its upstream chain back to the SFT checkpoint.
-            page.goto(f"{url}/assets/iteration_eval?view=lineage&lineageScope=upstream&lineageDepth=5", wait_until="domcontentloaded")
+            page.goto(
+                f"{url}/assets/iteration_eval?view=lineage&lineageScope=upstream&lineageDepth=5",
+                wait_until="domcontentloaded",
+            )
             for asset in ("iteration_eval", "policy_checkpoint", "preference_set"):
                 page.get_by_text(asset, exact=True).first.wait_for(timeout=90_000)
             page.screenshot(path=str(ARTIFACTS / "asset-graph.png"))

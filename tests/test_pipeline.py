@@ -40,7 +40,9 @@ def run_two_iterations(tmp_path_factory):
     instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
     results = {"foundation": foundation_result}
     for key in ("001", "002"):
-        results[key] = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance, resources=resources)
+        results[key] = materialize(
+            all_assets, selection=list(ITERATION_ASSETS), partition_key=key, instance=instance, resources=resources
+        )
     return instance, Store(str(root / "store")), results, time.monotonic() - started, resources
 
 
@@ -57,7 +59,10 @@ def test_two_iterations_materialize_every_asset_in_time(run_two_iterations):
             assert key in instance.get_materialized_partitions(AssetKey(asset))
     assert store.read_table("assets/preference_set/002.parquet").height > 0
     # Iteration 2 started from iteration 1's policy.
-    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in results["002"].get_asset_materialization_events()}
+    meta = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in results["002"].get_asset_materialization_events()
+    }
     assert meta["policy_checkpoint"]["started_from"].value == store.current_model("models/policy_checkpoint/001")
     assert meta["candidate_pool"]["policy"].value == store.current_model("models/policy_checkpoint/001")
 
@@ -71,11 +76,18 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
     assert "| candidate |" in meta["pairwise_scores"]["sample_matrix_q"].value
     assert "| weight |" in meta["preference_set"]["weight_histogram"].value
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(checks) == {"most_prompts_have_two_distinct_candidates", "weights_in_unit_interval", "no_wrong_chosen_answer",
-                           "keeps_pairs", "no_regression"}
+    assert set(checks) == {
+        "most_prompts_have_two_distinct_candidates",
+        "weights_in_unit_interval",
+        "no_wrong_chosen_answer",
+        "keeps_pairs",
+        "no_regression",
+    }
     assert checks["weights_in_unit_interval"].passed
     agreement, clear = meta["pairwise_scores"]["judge_agreement"].value, meta["pairwise_scores"]["clear_pairs"].value
-    assert (clear > 0 and 0 <= agreement <= 1) or (clear == 0 and agreement != agreement)  # NaN when nothing to agree on
+    assert (clear > 0 and 0 <= agreement <= 1) or (
+        clear == 0 and agreement != agreement
+    )  # NaN when nothing to agree on
 
 
 def test_a_tau_change_leaves_judging_fresh_and_marks_curation_stale(run_two_iterations):
@@ -119,8 +131,14 @@ def test_sft_checkpoint_is_checked_for_using_its_image(run_two_iterations):
 def test_missing_predecessor_fails_clearly_and_writes_nothing(run_two_iterations):
     instance, store, _, _, resources = run_two_iterations
     instance.add_dynamic_partitions(iteration_partitions.name, ["004"])
-    result = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="004", instance=instance,
-                         resources=resources, raise_on_error=False)
+    result = materialize(
+        all_assets,
+        selection=list(ITERATION_ASSETS),
+        partition_key="004",
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     message = failure.step_failure_data.error.message
@@ -134,7 +152,9 @@ def test_an_iteration_that_keeps_no_pair_carries_the_policy_forward(run_two_iter
     instance, store, _, _, resources = run_two_iterations
     strict = build_resources(resources["store"], SettingsResource(profile="smoke", overrides={"tau": 1.0}))
     instance.add_dynamic_partitions(iteration_partitions.name, ["003"])
-    result = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="003", instance=instance, resources=strict)
+    result = materialize(
+        all_assets, selection=list(ITERATION_ASSETS), partition_key="003", instance=instance, resources=strict
+    )
     assert result.success
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     assert meta["policy_checkpoint"]["trained"].value is False
@@ -150,14 +170,24 @@ def test_an_iteration_uses_the_start_policy_it_resolved_even_if_current_moves(ru
     policy_3 = store.local_model_dir(store.current_model("models/policy_checkpoint/003"))
     store.put_model("models/policy_checkpoint/004", policy_3)
     instance.add_dynamic_partitions(iteration_partitions.name, ["005"])
-    first = materialize(all_assets, selection=["start_policy", "calibration_prompts", "candidate_pool"], partition_key="005",
-                        instance=instance, resources=resources)
+    first = materialize(
+        all_assets,
+        selection=["start_policy", "calibration_prompts", "candidate_pool"],
+        partition_key="005",
+        instance=instance,
+        resources=resources,
+    )
     resolved = store.read_json("assets/start_policy/005.json")
     assert first.success and resolved == store.current_model("models/policy_checkpoint/004")
     moved = store.put_model("models/policy_checkpoint/004", policy_3)  # as if iteration 004 were rerun meanwhile
     assert store.current_model("models/policy_checkpoint/004") == moved != resolved
-    rest = materialize(all_assets, selection=["pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval"],
-                       partition_key="005", instance=instance, resources=resources)
+    rest = materialize(
+        all_assets,
+        selection=["pairwise_scores", "preference_set", "policy_checkpoint", "iteration_eval"],
+        partition_key="005",
+        instance=instance,
+        resources=resources,
+    )
     assert rest.success
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in rest.get_asset_materialization_events()}
     assert meta["policy_checkpoint"]["started_from"].value == resolved
@@ -186,18 +216,28 @@ def test_a_preference_set_that_fails_its_error_check_blocks_training(run_two_ite
     import dagster_project.loop_assets as loop_assets
 
     instance, store, _, _, resources = run_two_iterations
-    strict = build_resources(resources["store"], SettingsResource(profile="smoke", overrides={"require_correct_chosen": "true"}))
+    strict = build_resources(
+        resources["store"], SettingsResource(profile="smoke", overrides={"require_correct_chosen": "true"})
+    )
     real = loop_assets.curate_preferences
 
     def keeps_a_wrong_answer(*args, **kwargs):
         prefs = real(*args, **kwargs)
         forced = pl.col("chosen").is_not_null()
-        return prefs.with_columns(kept=forced, chosen_correct=pl.when(forced).then(False).otherwise(pl.col("chosen_correct")))
+        return prefs.with_columns(
+            kept=forced, chosen_correct=pl.when(forced).then(False).otherwise(pl.col("chosen_correct"))
+        )
 
     monkeypatch.setattr(loop_assets, "curate_preferences", keeps_a_wrong_answer)
     before = store.current_model("models/policy_checkpoint/001")
-    result = materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="001", instance=instance,
-                         resources=strict, raise_on_error=False)
+    result = materialize(
+        all_assets,
+        selection=list(ITERATION_ASSETS),
+        partition_key="001",
+        instance=instance,
+        resources=strict,
+        raise_on_error=False,
+    )
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["no_wrong_chosen_answer"].passed
     assert not result.success
@@ -214,30 +254,49 @@ def test_sensor_reads_new_files_and_runs_the_first_uncommitted_iteration(tmp_pat
     settings = SettingsResource(profile="smoke")
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
-        _commit_policy(Store(str(tmp_path)), "001", tiny_dirs[0])  # 001 done; 002 was added but failed, so not committed
+        _commit_policy(
+            Store(str(tmp_path)), "001", tiny_dirs[0]
+        )  # 001 done; 002 was added but failed, so not committed
         ctx = build_sensor_context(instance=instance, resources={"store": store, "settings": settings})
         assert new_source_data_sensor(ctx).__class__.__name__ == "SkipReason"
         Store(str(tmp_path)).write_table("source/batch-1.parquet", pl.DataFrame({"id": ["x"]}))
-        result = new_source_data_sensor(build_sensor_context(instance=instance, resources={"store": store, "settings": settings}))
+        result = new_source_data_sensor(
+            build_sensor_context(instance=instance, resources={"store": store, "settings": settings})
+        )
         assert [r.partition_key for r in result.run_requests] == ["002"]  # retried, not skipped for 003
         assert result.dynamic_partitions_requests[0].partition_keys == ["002"]
         # The same files again: nothing new.
-        again = new_source_data_sensor(build_sensor_context(instance=instance, cursor=result.cursor,
-                                                            resources={"store": store, "settings": settings}))
+        again = new_source_data_sensor(
+            build_sensor_context(
+                instance=instance, cursor=result.cursor, resources={"store": store, "settings": settings}
+            )
+        )
         assert again.__class__.__name__ == "SkipReason"
         # More files later: 002 may be asked for again, under a new run key.
         Store(str(tmp_path)).write_table("source/batch-2.parquet", pl.DataFrame({"id": ["y"]}))
-        later = new_source_data_sensor(build_sensor_context(instance=instance, cursor=result.cursor,
-                                                            resources={"store": store, "settings": settings}))
-        assert later.run_requests[0].partition_key == "002" and later.run_requests[0].run_key != result.run_requests[0].run_key
+        later = new_source_data_sensor(
+            build_sensor_context(
+                instance=instance, cursor=result.cursor, resources={"store": store, "settings": settings}
+            )
+        )
+        assert (
+            later.run_requests[0].partition_key == "002"
+            and later.run_requests[0].run_key != result.run_requests[0].run_key
+        )
         # A file fixed in place under the same name (or completed after a partial copy) is new again.
         Store(str(tmp_path)).write_table("source/batch-2.parquet", pl.DataFrame({"id": ["y", "z"]}))
-        fixed = new_source_data_sensor(build_sensor_context(instance=instance, cursor=later.cursor,
-                                                            resources={"store": store, "settings": settings}))
+        fixed = new_source_data_sensor(
+            build_sensor_context(
+                instance=instance, cursor=later.cursor, resources={"store": store, "settings": settings}
+            )
+        )
         assert fixed.__class__.__name__ == "SensorResult" and fixed.run_requests[0].tags["src/new_files"] == "1"
         assert fixed.run_requests[0].run_key not in (later.run_requests[0].run_key, result.run_requests[0].run_key)
-        unchanged = new_source_data_sensor(build_sensor_context(instance=instance, cursor=fixed.cursor,
-                                                                resources={"store": store, "settings": settings}))
+        unchanged = new_source_data_sensor(
+            build_sensor_context(
+                instance=instance, cursor=fixed.cursor, resources={"store": store, "settings": settings}
+            )
+        )
         assert unchanged.__class__.__name__ == "SkipReason"
 
 
@@ -260,7 +319,9 @@ def test_a_new_invalid_source_file_fails_the_sensor_run_naming_the_file(tmp_path
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(iteration_partitions.name, ["001"])
         job = defs.resolve_job_def(new_data_job.name)
-        result = job.execute_in_process(instance=instance, partition_key="001", resources=resources, raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, partition_key="001", resources=resources, raise_on_error=False
+        )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "vqa_source")
     assert "bad.parquet: missing required column(s)" in failure.step_failure_data.error.message
@@ -282,12 +343,38 @@ def test_schedule_requests_the_first_uncommitted_iteration(tmp_path, tiny_dirs):
 def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "SRC_STORE_URI": str(tmp_path / "store")}
     # The oracle judge, set through --set like any model reference.
-    out = subprocess.run([sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "1", "--json",
-                          "--set", "scorer_model=verifier"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster_project.cli",
+            "run",
+            "--profile",
+            "smoke",
+            "--iterations",
+            "1",
+            "--json",
+            "--set",
+            "scorer_model=verifier",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout)
     assert [r["iteration"] for r in rows] == [0, 1]
-    assert set(rows[1]) >= {"accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "judge_agreement", "checkpoint"}
+    assert set(rows[1]) >= {
+        "accuracy",
+        "factuality",
+        "consistency",
+        "pairs_kept",
+        "mean_weight",
+        "judge_agreement",
+        "checkpoint",
+    }
     agreement = rows[1]["judge_agreement"]
     assert agreement in (1.0, None)  # the verifier agrees with itself (null: no clear pair at all)
     assert rows[1]["checkpoint"].startswith(str(tmp_path / "store"))
@@ -308,8 +395,14 @@ def test_a_run_launched_while_another_holds_the_store_is_refused_before_it_write
         instance.add_dynamic_partitions(iteration_partitions.name, ["002"])
         refused = [
             materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False),
-            materialize(all_assets, selection=list(ITERATION_ASSETS), partition_key="002", instance=instance,
-                        resources=resources, raise_on_error=False),
+            materialize(
+                all_assets,
+                selection=list(ITERATION_ASSETS),
+                partition_key="002",
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+            ),
         ]
         after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "leases" not in p.parts}
     for result in refused:

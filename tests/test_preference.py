@@ -14,8 +14,12 @@ def _fixture(n_prompts=40, K=6, seed=0):
     for pid, k in zip(ids, ks):
         for c in range(k):
             answer = "two" if (c + len(pid)) % 2 else "three"
-            cand.append({"prompt_id": pid, "candidate": c, "text": f"{pid} candidate {c}\nAnswer: {answer}", "answer": answer})
-    prompts = pl.DataFrame({"id": ids, "question": ["how many?"] * n_prompts, "answer": ["two"] * n_prompts, "image": [b"png"] * n_prompts})
+            cand.append(
+                {"prompt_id": pid, "candidate": c, "text": f"{pid} candidate {c}\nAnswer: {answer}", "answer": answer}
+            )
+    prompts = pl.DataFrame(
+        {"id": ids, "question": ["how many?"] * n_prompts, "answer": ["two"] * n_prompts, "image": [b"png"] * n_prompts}
+    )
     return ids, matrices, pl.DataFrame(cand), prompts
 
 
@@ -60,7 +64,13 @@ def test_weight_is_the_debiased_margin_times_order_agreement():
 def test_several_pairs_per_prompt_and_win_rate_selection():
     ids, matrices, cand, prompts = _fixture(n_prompts=6, K=6)
     scores = score_table(ids, matrices, AggregationConfig(backend="torch"))
-    prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=3, require_correct_chosen=False), select_by="win_rate")
+    prefs = curate_preferences(
+        cand,
+        scores,
+        prompts,
+        CurationConfig(tau=0.0, pairs_per_prompt=3, require_correct_chosen=False),
+        select_by="win_rate",
+    )
     per_prompt = prefs.group_by("prompt_id").len()
     assert per_prompt.filter(pl.col("prompt_id") == "q1")["len"].item() == 3
     s = scores.filter(pl.col("prompt_id") == "q1").row(0, named=True)
@@ -69,9 +79,14 @@ def test_several_pairs_per_prompt_and_win_rate_selection():
     assert first["chosen"] == f"q1 candidate {best}" + ("\nAnswer: two" if (best + 2) % 2 else "\nAnswer: three")
 
 
-@pytest.mark.parametrize("settings_type, kwargs, message", [(AggregationConfig, {"select_by": "mean"}, "select_by"),
-                                                             (CurationConfig, {"tau": 2.0}, "tau"),
-                                                             (AggregationConfig, {"backend": "cuda"}, "backend")])
+@pytest.mark.parametrize(
+    "settings_type, kwargs, message",
+    [
+        (AggregationConfig, {"select_by": "mean"}, "select_by"),
+        (CurationConfig, {"tau": 2.0}, "tau"),
+        (AggregationConfig, {"backend": "cuda"}, "backend"),
+    ],
+)
 def test_bad_curation_settings_are_named(settings_type, kwargs, message):
     with pytest.raises(ValueError, match=message):
         settings_type(**kwargs)
@@ -80,8 +95,9 @@ def test_bad_curation_settings_are_named(settings_type, kwargs, message):
 def test_the_check_and_curation_compare_answers_alike():
     """``chosen_correct`` is curation's own comparison (whitespace and case normalised), which the
     ``no_wrong_chosen_answer`` check reads: an answer that differs only in spacing is correct for both."""
-    cand = pl.DataFrame({"prompt_id": ["p", "p"], "candidate": [0, 1], "text": ["a", "b"],
-                         "answer": ["Top  left.", "bottom right"]})
+    cand = pl.DataFrame(
+        {"prompt_id": ["p", "p"], "candidate": [0, 1], "text": ["a", "b"], "answer": ["Top  left.", "bottom right"]}
+    )
     prompts = pl.DataFrame({"id": ["p"], "question": ["where?"], "answer": ["top left"], "image": [b""]})
     scores = score_table(["p"], [[[0.5, 0.95], [0.05, 0.5]]], AggregationConfig(backend="torch"))
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, pairs_per_prompt=1))
@@ -92,22 +108,41 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
     from src_assets.evaluation import preference_quality
     from src_assets.scenes import Question, Scene, SceneObject, describe_scene, gold_response
 
-    scene = Scene((SceneObject("red", "square", "top", "left"), SceneObject("blue", "circle", "middle", "center"),
-                   SceneObject("red", "circle", "bottom", "right")))
+    scene = Scene(
+        (
+            SceneObject("red", "square", "top", "left"),
+            SceneObject("blue", "circle", "middle", "center"),
+            SceneObject("red", "circle", "bottom", "right"),
+        )
+    )
     question = Question("count", color="red")
     chosen = {
         "sound": gold_response(scene, question),
         # right answer, but the rationale's conclusion says otherwise
         "inconsistent": describe_scene(scene) + " so the number of red shapes is one.\nAnswer: two",
         # right answer that follows from its rationale, which has an untrue sentence (the blue circle is green)
-        "untrue": describe_scene(scene).replace("blue circle", "green circle") + " so the number of red shapes is two.\nAnswer: two",
+        "untrue": describe_scene(scene).replace("blue circle", "green circle")
+        + " so the number of red shapes is two.\nAnswer: two",
     }
     rejected = describe_scene(scene) + " so the number of red shapes is one.\nAnswer: one"
     ids = list(chosen)
-    cand = pl.DataFrame([{"prompt_id": p, "candidate": c, "text": t, "answer": t.split("Answer: ")[1]}
-                         for p in ids for c, t in enumerate((chosen[p], rejected))])
-    prompts = pl.DataFrame({"id": ids, "question": ["how many red shapes?"] * 3, "answer": ["two"] * 3, "image": [b""] * 3,
-                            "scene": [scene.to_json()] * 3, "question_spec": [question.to_json()] * 3})
+    cand = pl.DataFrame(
+        [
+            {"prompt_id": p, "candidate": c, "text": t, "answer": t.split("Answer: ")[1]}
+            for p in ids
+            for c, t in enumerate((chosen[p], rejected))
+        ]
+    )
+    prompts = pl.DataFrame(
+        {
+            "id": ids,
+            "question": ["how many red shapes?"] * 3,
+            "answer": ["two"] * 3,
+            "image": [b""] * 3,
+            "scene": [scene.to_json()] * 3,
+            "question_spec": [question.to_json()] * 3,
+        }
+    )
     scores = score_table(ids, [[[0.5, 0.95], [0.05, 0.5]]] * 3, AggregationConfig(backend="torch"))
 
     prefs = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0))
@@ -117,14 +152,22 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
     assert reasons["inconsistent"] == "chosen answer does not follow from its rationale"
     assert reasons["untrue"] == "chosen response has an untrue sentence"
     assert preference_quality(prefs, prompts) == {
-        "chosen_correct": 1.0, "chosen_consistent": 1.0, "chosen_fully_factual": 1.0,
-        "rejected_correct": 0.0, "rejected_consistent": 0.0, "rejected_fully_factual": 0.0}
+        "chosen_correct": 1.0,
+        "chosen_consistent": 1.0,
+        "chosen_fully_factual": 1.0,
+        "rejected_correct": 0.0,
+        "rejected_consistent": 0.0,
+        "rejected_fully_factual": 0.0,
+    }
 
-    lenient = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, require_consistent_chosen=False,
-                                                                      require_factual_chosen=False))
+    lenient = curate_preferences(
+        cand, scores, prompts, CurationConfig(tau=0.0, require_consistent_chosen=False, require_factual_chosen=False)
+    )
     assert lenient["kept"].all()
     quality = preference_quality(lenient, prompts)
-    assert quality["chosen_consistent"] == pytest.approx(2 / 3) and quality["chosen_fully_factual"] == pytest.approx(1 / 3)
+    assert quality["chosen_consistent"] == pytest.approx(2 / 3) and quality["chosen_fully_factual"] == pytest.approx(
+        1 / 3
+    )
     only_consistent = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, require_factual_chosen=False))
     assert only_consistent["kept"].to_list() == [True, False, True]
     # A prompt without a scene (a user's own data) is not judged by the verifier.

@@ -54,7 +54,9 @@ def test_verdict_tokens_are_distinct_and_known(scorer):
 def bpe_judge_dir(tmp_path_factory):
     from src_assets.tiny_models import TinySpec, build_tiny_judge
 
-    return build_tiny_judge(tmp_path_factory.mktemp("bpe_judge"), "qwen2", TinySpec(hidden_size=32, intermediate_size=64, num_layers=1))
+    return build_tiny_judge(
+        tmp_path_factory.mktemp("bpe_judge"), "qwen2", TinySpec(hidden_size=32, intermediate_size=64, num_layers=1)
+    )
 
 
 def test_bpe_verdicts_are_the_tokens_training_puts_after_the_prompt(bpe_judge_dir):
@@ -67,7 +69,7 @@ def test_bpe_verdicts_are_the_tokens_training_puts_after_the_prompt(bpe_judge_di
     assert [tok.convert_ids_to_tokens(t) for t in tails[0][:2]] == [["ĠA"], ["ĠB"]]
     assert len(tails[0][2]) > 1 and tok.decode(tails[0][2]) == " tie"
     trained = tok(prompt + " tie")["input_ids"]
-    assert trained[-len(tails[0][2]):] == tails[0][2]
+    assert trained[-len(tails[0][2]) :] == tails[0][2]
 
 
 @pytest.mark.parametrize("verdict, index", [("A", 0), ("tie", 2)])
@@ -78,20 +80,31 @@ def test_a_bpe_judge_trained_on_one_verdict_reads_it_back(bpe_judge_dir, tmp_pat
 
     tok = load_tokenizer(str(bpe_judge_dir))
     rows = verifier_judgements(_pool(prompts), prompts, tok).with_columns(
-        pl.lit(f" {verdict}").alias("completion"), pl.lit(verdict).alias("verdict"))
+        pl.lit(f" {verdict}").alias("completion"), pl.lit(verdict).alias("verdict")
+    )
     rows = pl.concat([rows] * 6)
     train_r_scorer(str(bpe_judge_dir), rows, str(tmp_path), TrainSettings(epochs=2, learning_rate=1e-2, batch_size=8))
     model, tok = load_scorer(str(tmp_path))
     probs = verdict_probabilities(model, tok, rows["prompt"].head(6).to_list())
     assert probs[:, index].min() > 0.9
     expected = 1.0 if verdict == "A" else 0.5
-    torch.testing.assert_close(judge(model, tok, rows["prompt"].head(6).to_list()), torch.full((6,), expected), atol=0.06, rtol=0)
+    torch.testing.assert_close(
+        judge(model, tok, rows["prompt"].head(6).to_list()), torch.full((6,), expected), atol=0.06, rtol=0
+    )
 
 
 def test_user_judgements_train_both_orders_with_the_verdict_swapped(scorer):
     _, tok = scorer
-    table = pl.DataFrame({"question": ["how many red shapes are there?"], "response_a": ["there is one. Answer: one"],
-                          "response_b": ["there are two. Answer: two"], "verdict": ["B"], "reference": [None], "answer": ["two"]})
+    table = pl.DataFrame(
+        {
+            "question": ["how many red shapes are there?"],
+            "response_a": ["there is one. Answer: one"],
+            "response_b": ["there are two. Answer: two"],
+            "verdict": ["B"],
+            "reference": [None],
+            "answer": ["two"],
+        }
+    )
     rows = user_judgements(table, tok)
     assert rows["verdict"].to_list() == ["B", "A"] and rows["completion"].to_list() == [" B", " A"]
     assert rows["prompt"][0].index("Answer: one") < rows["prompt"][0].index("Answer: two")
@@ -162,7 +175,11 @@ def test_contrast_pairs_add_gold_against_its_perturbed_copies(scorer, prompts):
     extra = sum(2 * len(perturbed_responses(r, random.Random(0))) for r in prompts["response"])
     assert rows.height == 3 * 6 + extra and extra >= 3 * 4
     gold = prompts["response"][0]
-    wrong_answer = rows.filter(pl.col("prompt").str.contains(f"candidate A : {gold} candidate B : {gold.rsplit('Answer:', 1)[0]}Answer:", literal=True))
+    wrong_answer = rows.filter(
+        pl.col("prompt").str.contains(
+            f"candidate A : {gold} candidate B : {gold.rsplit('Answer:', 1)[0]}Answer:", literal=True
+        )
+    )
     assert wrong_answer.height >= 1 and set(wrong_answer["verdict"]) <= {"A", "tie"}
 
 
@@ -174,9 +191,14 @@ def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scor
     # Gold against its own wrong answer: the gold response always wins.
     for r in rows.head(5).iter_rows(named=True):
         wrong = perturbed_responses(r["response"], random.Random(0))[0]
-        assert response_quality(r["response"], r["scene"], r["question_spec"]) > response_quality(wrong, r["scene"], r["question_spec"])
+        assert response_quality(r["response"], r["scene"], r["question_spec"]) > response_quality(
+            wrong, r["scene"], r["question_spec"]
+        )
     assert set(corpus["verdict"]) == {"A", "B", "tie"}
-    assert corpus["prompt"].str.ends_with("verdict :").all() and corpus["prompt"].str.contains(" answers : reference ").all()
+    assert (
+        corpus["prompt"].str.ends_with("verdict :").all()
+        and corpus["prompt"].str.contains(" answers : reference ").all()
+    )
     assert contrast_judgements(rows, tok, max_pairs=50).height == 50
 
 
@@ -225,9 +247,14 @@ def test_a_shared_prompt_prefix_encoded_once_gives_the_same_verdicts(judge_kind,
 
     model, tok = scorer if judge_kind == "word_level" else load_scorer(str(bpe_judge_dir))
     row = prompts.row(0, named=True)
-    texts = [judge_prompt(tok, row["question"], row["reference"], row["answer"], a, b)
-             for a, b in ((row["response"], "no idea. Answer: one"), ("no idea. Answer: one", row["response"]),
-                          (row["response"], row["response"]))]
+    texts = [
+        judge_prompt(tok, row["question"], row["reference"], row["answer"], a, b)
+        for a, b in (
+            (row["response"], "no idea. Answer: one"),
+            ("no idea. Answer: one", row["response"]),
+            (row["response"], row["response"]),
+        )
+    ]
     ids, _ = verdict_continuations(tok, texts)
     assert min(_SharedPrefixes(model, ids, tok.pad_token_id).shared) > 10  # the question and reference are shared
     together = verdict_probabilities(model, tok, texts, batch_size=8)

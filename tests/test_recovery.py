@@ -13,7 +13,12 @@ from src_assets.storage import Store
 
 
 def _cli(tmp_path, *args):
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "SRC_STORE_URI": str(tmp_path / "store"), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "SRC_STORE_URI": str(tmp_path / "store"),
+        "HF_HUB_OFFLINE": "1",
+    }
     return [sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--json", *args], env
 
 
@@ -71,15 +76,21 @@ def test_two_runs_of_one_store_exactly_one_writes(tmp_path):
     _wait_until_stored(store, "leases/iteration/001.json", a, "iteration 001's lease")
     os.kill(a.pid, signal.SIGSTOP)
     try:
-        written = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file() and "leases" not in p.parts}
+        written = {
+            p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file() and "leases" not in p.parts
+        }
         env_b = {**env_a, "DAGSTER_HOME": str(tmp_path / "home_b")}
         b = subprocess.run([*command, "--set", "n_eval=5"], env=env_b, capture_output=True, text=True, timeout=300)
         c = subprocess.run([*command, "--fresh"], env=env_a, capture_output=True, text=True, timeout=300)
         for refused in (b, c):
             assert refused.returncode == 1
-            assert "another run is using this store, so this run writes nothing" in refused.stderr, refused.stderr[-3000:]
+            assert "another run is using this store, so this run writes nothing" in refused.stderr, refused.stderr[
+                -3000:
+            ]
             assert "leases/store_run.json is held by src-calibrate-" in refused.stderr
-        after = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file() and "leases" not in p.parts}
+        after = {
+            p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file() and "leases" not in p.parts
+        }
         assert after == written  # nothing B or C could have written
         assert store.read_json("leases/store_run.json")["pid"] == a.pid
     finally:
@@ -141,8 +152,14 @@ def _pool_holder(home, pid: int) -> str:
     (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
     instance = DagsterInstance.from_config(str(home))
     run_id = str(uuid.uuid4())
-    instance.add_run(DagsterRun(job_name="src_calibrate_run", run_id=run_id, status=DagsterRunStatus.STARTED,
-                                tags={RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(pid)}))
+    instance.add_run(
+        DagsterRun(
+            job_name="src_calibrate_run",
+            run_id=run_id,
+            status=DagsterRunStatus.STARTED,
+            tags={RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(pid)},
+        )
+    )
     assert instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")  # dagster.yaml: one slot
     assert instance.event_log_storage.claim_concurrency_slot("gpu", run_id, "sft_checkpoint").is_claimed
     return run_id
@@ -193,8 +210,11 @@ def test_two_stores_under_one_dagster_home_each_reuse_their_own_iterations(tmp_p
     command, env = _cli(tmp_path, "--iterations", "1")
     runs = []
     for name in ("x", "y", "x"):
-        runs.append(subprocess.run([*command, "--store", str(tmp_path / name)], env=env, capture_output=True, text=True,
-                                   timeout=400))
+        runs.append(
+            subprocess.run(
+                [*command, "--store", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=400
+            )
+        )
         assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
     assert "already complete" not in runs[0].stderr and "already complete" not in runs[1].stderr
     assert "iteration 001: already complete with these settings" in runs[2].stderr

@@ -44,16 +44,31 @@ def test_missing_column_names_the_file_and_column(source):
 
 
 def test_corrupt_png_names_the_row_and_column(source):
-    bad = source.with_row_index().with_columns(
-        pl.when(pl.col("index") == 3).then(pl.lit(b"\x89PNG\r\n\x1a\nnot really")).otherwise(pl.col("image")).alias("image")
-    ).drop("index")
-    with pytest.raises(SourceDataError, match=r"f\.parquet: row 3 \(id 'sft-0-000003'\): column 'image' does not hold a decodable image"):
+    bad = (
+        source.with_row_index()
+        .with_columns(
+            pl.when(pl.col("index") == 3)
+            .then(pl.lit(b"\x89PNG\r\n\x1a\nnot really"))
+            .otherwise(pl.col("image"))
+            .alias("image")
+        )
+        .drop("index")
+    )
+    with pytest.raises(
+        SourceDataError,
+        match=r"f\.parquet: row 3 \(id 'sft-0-000003'\): column 'image' does not hold a decodable image",
+    ):
         read_source_file(_parquet(bad), "f.parquet")
 
 
 def test_unknown_question_kind_names_the_row_and_value(source):
-    bad = source.with_columns(pl.when(pl.col("id") == "sft-0-000004").then(pl.lit("colour")).otherwise(pl.col("kind")).alias("kind"))
-    with pytest.raises(SourceDataError, match=r"f\.parquet: row 4 \(id 'sft-0-000004'\): column 'kind' has unknown question kind 'colour'"):
+    bad = source.with_columns(
+        pl.when(pl.col("id") == "sft-0-000004").then(pl.lit("colour")).otherwise(pl.col("kind")).alias("kind")
+    )
+    with pytest.raises(
+        SourceDataError,
+        match=r"f\.parquet: row 4 \(id 'sft-0-000004'\): column 'kind' has unknown question kind 'colour'",
+    ):
         validate_source(bad, "f.parquet")
 
 
@@ -71,7 +86,9 @@ def test_other_bad_values_are_named(source):
 
 
 def test_an_id_in_two_files_names_both(source):
-    with pytest.raises(SourceDataError, match=r"b\.parquet: column 'id' value 'sft-0-000000' is also used in a\.parquet"):
+    with pytest.raises(
+        SourceDataError, match=r"b\.parquet: column 'id' value 'sft-0-000000' is also used in a\.parquet"
+    ):
         combine_sources([("a.parquet", source), ("b.parquet", source.head(1))])
 
 
@@ -82,11 +99,19 @@ def test_rationale_sft_set_takes_sft_rows_in_template(source):
 
 
 def test_rationale_sft_set_rejects_off_template_responses(source):
-    bad = source.with_columns(pl.when(pl.col("id") == "sft-0-000002").then(pl.lit("just two")).otherwise(pl.col("response")).alias("response"))
-    with pytest.raises(SourceDataError, match=r"sft row 'sft-0-000002': column 'response' is not in the rationale template"):
+    bad = source.with_columns(
+        pl.when(pl.col("id") == "sft-0-000002").then(pl.lit("just two")).otherwise(pl.col("response")).alias("response")
+    )
+    with pytest.raises(
+        SourceDataError, match=r"sft row 'sft-0-000002': column 'response' is not in the rationale template"
+    ):
         build_rationale_sft_set(bad)
-    wrong = source.with_columns(pl.when(pl.col("id") == "sft-0-000001").then(pl.lit("zzz")).otherwise(pl.col("answer")).alias("answer"))
-    with pytest.raises(SourceDataError, match=r"sft row 'sft-0-000001': column 'response' answers .* but column 'answer' is 'zzz'"):
+    wrong = source.with_columns(
+        pl.when(pl.col("id") == "sft-0-000001").then(pl.lit("zzz")).otherwise(pl.col("answer")).alias("answer")
+    )
+    with pytest.raises(
+        SourceDataError, match=r"sft row 'sft-0-000001': column 'response' answers .* but column 'answer' is 'zzz'"
+    ):
         build_rationale_sft_set(wrong)
 
 
@@ -101,8 +126,12 @@ def _png(width, height) -> bytes:
 def test_a_decompression_bomb_is_refused_before_it_is_decoded(source):
     bomb = _png(6000, 6000)  # 36 Mpixel, over the default 16.8 Mpixel cap, in about 100 kB
     assert len(bomb) < 500_000
-    df = source.head(3).with_columns(pl.Series("image", [source["image"][0], bomb, source["image"][0]], dtype=pl.Binary))
-    with pytest.raises(SourceDataError, match=r"mine.parquet: row 1 .*column 'image': the image is 6000x6000 pixels, over the cap"):
+    df = source.head(3).with_columns(
+        pl.Series("image", [source["image"][0], bomb, source["image"][0]], dtype=pl.Binary)
+    )
+    with pytest.raises(
+        SourceDataError, match=r"mine.parquet: row 1 .*column 'image': the image is 6000x6000 pixels, over the cap"
+    ):
         read_source_file(_parquet(df), "mine.parquet")
     read_source_file(_parquet(df), "mine.parquet", max_image_pixels=6000 * 6000)  # the cap is a setting
 
@@ -113,11 +142,15 @@ def test_an_oversized_file_is_refused_unread(source):
 
 
 def test_rows_are_numbered_across_row_groups_and_values_are_cut(source):
-    df = source.with_columns(pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("x" * 200_000)).otherwise(pl.col("split")).alias("split"))
+    df = source.with_columns(
+        pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("x" * 200_000)).otherwise(pl.col("split")).alias("split")
+    )
     buf = io.BytesIO()
     df.write_parquet(buf, row_group_size=5)
     with pytest.raises(SourceDataError) as error:
-        read_source_file(buf.getvalue(), "groups.parquet", max_text_chars=1_000_000)  # under the text cap: the value check
+        read_source_file(
+            buf.getvalue(), "groups.parquet", max_text_chars=1_000_000
+        )  # under the text cap: the value check
     message = str(error.value)
     assert "groups.parquet: row 17 " in message and "column 'split' has unknown value 'xxx" in message
     assert len(message) < 400 and "(200002 characters)" in message
@@ -128,11 +161,17 @@ def test_a_text_bomb_is_refused_naming_the_row_and_column_and_a_bloated_row_grou
     df = source.head(3).with_columns(pl.Series("question", ["what?", "x" * 2_000_000, "what?"]))
     data = _parquet(df)
     assert len(data) < 100_000
-    with pytest.raises(SourceDataError, match=r"bomb.parquet: row 1 \(id .*\): column 'question' holds 2000000 "
-                                              r"characters, over the cap of 65536 \(max_text_chars\)"):
+    with pytest.raises(
+        SourceDataError,
+        match=r"bomb.parquet: row 1 \(id .*\): column 'question' holds 2000000 "
+        r"characters, over the cap of 65536 \(max_text_chars\)",
+    ):
         read_source_file(data, "bomb.parquet")
     assert read_source_file(data, "bomb.parquet", max_text_chars=2_000_000).height == 3  # the cap is a setting
     # The footer says how far each row group inflates; a row group over the file cap is refused before it is read.
-    with pytest.raises(SourceDataError, match=r"bomb.parquet: row group 0 inflates to \d+ bytes, over the cap of "
-                                              r"1000000 \(max_source_file_bytes\)"):
+    with pytest.raises(
+        SourceDataError,
+        match=r"bomb.parquet: row group 0 inflates to \d+ bytes, over the cap of "
+        r"1000000 \(max_source_file_bytes\)",
+    ):
         read_source_file(data, "bomb.parquet", max_bytes=1_000_000)

@@ -9,7 +9,10 @@ from src_assets.storage import Store, StoreError
 
 
 def _stores(tmp_path, s3_endpoint):
-    return {"local": Store(str(tmp_path / "store")), "s3": Store("s3://src-test/run-prefix", s3_endpoint_url=s3_endpoint)}
+    return {
+        "local": Store(str(tmp_path / "store")),
+        "s3": Store("s3://src-test/run-prefix", s3_endpoint_url=s3_endpoint),
+    }
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -230,8 +233,14 @@ def test_a_lease_whose_holder_died_is_taken_over(store):
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no process has any more
-    here = {"owner": "run-dead", "host": socket.gethostname(), "pid": dead.pid, "acquired": time.time(),
-            "heartbeat": time.time(), "ttl_s": 60}
+    here = {
+        "owner": "run-dead",
+        "host": socket.gethostname(),
+        "pid": dead.pid,
+        "acquired": time.time(),
+        "heartbeat": time.time(),
+        "ttl_s": 60,
+    }
     store.write_json("leases/a.json", here)
     with store.acquire_lease("leases/a.json", "run-new", ttl_s=60):
         assert store.read_json("leases/a.json")["owner"] == "run-new"
@@ -311,7 +320,9 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
 
 
 @pytest.mark.parametrize("heartbeat", [time.time() + 86_400, float("nan"), "soon", None])
-def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_is_older_than_the_ttl(heartbeat, tmp_path):
+def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_is_older_than_the_ttl(
+    heartbeat, tmp_path
+):
     """A future heartbeat (clock skew), NaN, a string or garbage JSON: the lease file's age on the local clock
     decides, and every message names the lease's path."""
     from src_assets.storage import LeaseHeld
@@ -321,9 +332,20 @@ def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_
     if heartbeat is None:
         store.write_bytes(key, b"{not json")
     else:
-        store.write_json(key, {"owner": "run-x", "host": "another-host", "pid": 1, "acquired": time.time(),
-                               "heartbeat": heartbeat, "ttl_s": 60})
-    with pytest.raises(LeaseHeld, match=r"store/leases/iteration/001.json (is held by run-x|is unreadable or incomplete)"):
+        store.write_json(
+            key,
+            {
+                "owner": "run-x",
+                "host": "another-host",
+                "pid": 1,
+                "acquired": time.time(),
+                "heartbeat": heartbeat,
+                "ttl_s": 60,
+            },
+        )
+    with pytest.raises(
+        LeaseHeld, match=r"store/leases/iteration/001.json (is held by run-x|is unreadable or incomplete)"
+    ):
         store.acquire_lease(key, "run-new", ttl_s=60)
     old = time.time() - 400  # older than the record's TTL (60 s) and the default one (300 s)
     os.utime(tmp_path / "store" / key, (old, old))

@@ -7,9 +7,9 @@ import polars as pl
 from src_assets.models import load_policy
 from src_assets.preference import PREFERENCE_SCHEMA
 from src_assets.rationale_sft import build_rationale_sft_set, train_rationale_sft
+from src_assets.scenes import Question, Scene, gold_response
 from src_assets.source_data import synthetic_source
 from src_assets.training import TrainSettings
-from src_assets.scenes import Question, Scene, gold_response
 from src_assets.weighted_dpo import train_gold_bound, train_weighted_dpo
 
 
@@ -27,10 +27,22 @@ def _preferences(n=6):
     rows = []
     for i, r in enumerate(src.iter_rows(named=True)):
         gold = gold_response(Scene.from_json(r["scene"]), Question.from_json(r["question_spec"]))
-        rows.append({"prompt_id": r["id"], "question": r["question"], "image": r["image"], "gold_answer": r["answer"],
-                     "gold_response": gold, "chosen": gold, "rejected": "there is a red circle at the top left.\nAnswer: no",
-                     "chosen_answer": r["answer"], "rejected_answer": "no", "weight": 0.5 + 0.1 * i,
-                     "kept": i != 0, "drop_reason": None if i else "weight 0.000 below tau 0.1"})
+        rows.append(
+            {
+                "prompt_id": r["id"],
+                "question": r["question"],
+                "image": r["image"],
+                "gold_answer": r["answer"],
+                "gold_response": gold,
+                "chosen": gold,
+                "rejected": "there is a red circle at the top left.\nAnswer: no",
+                "chosen_answer": r["answer"],
+                "rejected_answer": "no",
+                "weight": 0.5 + 0.1 * i,
+                "kept": i != 0,
+                "drop_reason": None if i else "weight 0.000 below tau 0.1",
+            }
+        )
     return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
 
 
@@ -52,8 +64,12 @@ def test_the_gold_data_bound_trains_on_the_kept_prompts_gold_responses_for_the_s
     before, _ = load_policy(str(trained_tiny_vlm))
     after, _ = load_policy(str(tmp_path / "gold"))
     assert any((a != b).any() for a, b in zip(before.state_dict().values(), after.state_dict().values()))
-    unknown = prefs.with_columns(pl.when(pl.col("prompt_id") == prefs["prompt_id"][3]).then(None)
-                                 .otherwise(pl.col("gold_response")).alias("gold_response"))
+    unknown = prefs.with_columns(
+        pl.when(pl.col("prompt_id") == prefs["prompt_id"][3])
+        .then(None)
+        .otherwise(pl.col("gold_response"))
+        .alias("gold_response")
+    )
     with pytest.raises(ValueError, match=f"prompt '{prefs['prompt_id'][3]}' has none"):
         train_gold_bound(str(trained_tiny_vlm), unknown, str(tmp_path / "none"), settings)
 
@@ -62,8 +78,12 @@ def test_no_kept_pair_is_a_clear_error(trained_tiny_vlm, tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="keeps no pair"):
-        train_weighted_dpo(str(trained_tiny_vlm), _preferences().with_columns(pl.lit(False).alias("kept")), str(tmp_path),
-                           TrainSettings(epochs=1))
+        train_weighted_dpo(
+            str(trained_tiny_vlm),
+            _preferences().with_columns(pl.lit(False).alias("kept")),
+            str(tmp_path),
+            TrainSettings(epochs=1),
+        )
 
 
 def test_a_bfloat16_runtime_loads_trains_and_saves_in_bfloat16(tiny_dirs, tmp_path):
@@ -108,6 +128,10 @@ def test_a_training_that_diverges_commits_nothing_and_names_the_setting(tiny_dir
 
     sft = build_rationale_sft_set(synthetic_source(0, 16, 2, 2))
     # A finite but absurd learning rate: the first update overflows the weights, the next loss is not finite.
-    with pytest.raises(NonFiniteTraining, match=r"rationale SFT: training diverged .* nothing was saved\. Lower sft_learning_rate"):
-        train_rationale_sft(str(tiny_dirs[0]), sft, str(tmp_path / "out"), TrainSettings(epochs=2, learning_rate=1e30, batch_size=8))
+    with pytest.raises(
+        NonFiniteTraining, match=r"rationale SFT: training diverged .* nothing was saved\. Lower sft_learning_rate"
+    ):
+        train_rationale_sft(
+            str(tiny_dirs[0]), sft, str(tmp_path / "out"), TrainSettings(epochs=2, learning_rate=1e30, batch_size=8)
+        )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -37,11 +37,22 @@ def _trainer(tiny_dirs, tmp_path, rows, loss=None, **kwargs):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     # A live reference model, as TRL's own loss uses, so the two can be compared step for step.
-    args = WeightedDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
-                             max_steps=1, learning_rate=1e-3, save_strategy="no", beta=0.5, precompute_reference=False,
-                             **(loss or {}))
+    args = WeightedDPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(rows),
+        report_to=[],
+        use_cpu=True,
+        max_steps=1,
+        learning_rate=1e-3,
+        save_strategy="no",
+        beta=0.5,
+        precompute_reference=False,
+        **(loss or {}),
+    )
     dataset = Dataset.from_list(rows)
-    return WeightedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=processor, **kwargs)
+    return WeightedDPOTrainer(
+        model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=processor, **kwargs
+    )
 
 
 def _batch(trainer, rows):
@@ -68,7 +79,9 @@ def test_likelihood_anchor_equals_trl_sigmoid_plus_sft(tiny_dirs, tmp_path):
     trainer = _trainer(tiny_dirs, tmp_path, rows, loss=dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7]))
     batch = _batch(trainer, rows)
     ours = trainer._compute_loss(trainer.model, dict(batch), False)
-    theirs = DPOTrainer._compute_loss(trainer, trainer.model, {k: v for k, v in batch.items() if k != "pair_weights"}, False)
+    theirs = DPOTrainer._compute_loss(
+        trainer, trainer.model, {k: v for k, v in batch.items() if k != "pair_weights"}, False
+    )
     torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-4)
     trainer.nll_weight = 0.0
     dpo_only = trainer._compute_loss(trainer.model, dict(batch), False)
@@ -95,7 +108,9 @@ def test_zero_weight_pair_contributes_no_gradient(tiny_dirs, tmp_path):
 
     first = grads(rows)
     changed = [dict(r) for r in rows]
-    changed[0]["rejected"] = [{"role": "assistant", "content": "there is a blue square at the bottom right.\nAnswer: yes"}]
+    changed[0]["rejected"] = [
+        {"role": "assistant", "content": "there is a blue square at the bottom right.\nAnswer: yes"}
+    ]
     second = grads(changed)
     for a, b in zip(first, second):
         if a is None:
@@ -118,7 +133,9 @@ def test_other_loss_types_are_refused(tiny_dirs, tmp_path):
     model, processor = load_policy(str(tiny_dirs[0]))
     args = WeightedDPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type=["ipo"])
     with pytest.raises(ValueError, match="implements the sigmoid DPO loss"):
-        WeightedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(2, [1.0, 1.0])), processing_class=processor)
+        WeightedDPOTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(_rows(2, [1.0, 1.0])), processing_class=processor
+        )
 
 
 def test_reference_log_probs_are_computed_once_without_a_second_model(tiny_dirs, tmp_path, monkeypatch):
@@ -134,13 +151,22 @@ def test_reference_log_probs_are_computed_once_without_a_second_model(tiny_dirs,
         raise AssertionError("TRL loaded a reference model")
 
     monkeypatch.setattr(trl_dpo, "create_model_from_path", no_second_model)
-    args = WeightedDPOConfig(output_dir=str(tmp_path / "once"), per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                             max_steps=1, beta=0.5, precompute_reference=True)
+    args = WeightedDPOConfig(
+        output_dir=str(tmp_path / "once"),
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        max_steps=1,
+        beta=0.5,
+        precompute_reference=True,
+    )
     # The policy starts from the live trainer's reference weights, perturbed as there, so both see the same pair.
     model, processor = load_policy(str(tiny_dirs[0]))
     model.load_state_dict(live.model.state_dict())
     reference = live.accelerator.unwrap_model(live.ref_model)
-    trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
+    trainer = WeightedDPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor
+    )
     assert trainer.ref_model is None
     assert set(trainer.train_dataset.column_names) >= {"ref_chosen_logps", "ref_rejected_logps"}
     # Here the reference is the policy's own start, so precomputed log-probs equal the policy's.
@@ -151,8 +177,11 @@ def test_reference_log_probs_are_computed_once_without_a_second_model(tiny_dirs,
     # which moves ~100-token log-prob sums by ~1e-2 in fp32.
     torch.testing.assert_close(loss, torch.tensor(0.6931 * 0.75), atol=5e-3, rtol=0)
     # And with the live trainer's reference logps substituted, the loss is the live one.
-    live_ref = live._reference_logps(batch, {k: v for k, v in batch.items() if k not in ("completion_mask", "pair_weights")},
-                                     batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100))
+    live_ref = live._reference_logps(
+        batch,
+        {k: v for k, v in batch.items() if k not in ("completion_mask", "pair_weights")},
+        batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100),
+    )
     assert reference is not None
     pre["ref_chosen_logps"], pre["ref_rejected_logps"] = live_ref.chunk(2)
     torch.testing.assert_close(trainer._compute_loss(trainer.model, dict(pre), False), expected, atol=1e-4, rtol=1e-4)
@@ -178,12 +207,25 @@ def test_the_fused_kernel_takes_the_frozen_head_path_under_lora(tiny_dirs, tmp_p
 
     rows = _rows(2, [1.0, 0.5])
     model, processor = load_policy(str(tiny_dirs[0]))
-    args = WeightedDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, max_steps=1,
-                             save_strategy="no", precompute_reference=False)
+    args = WeightedDPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        max_steps=1,
+        save_strategy="no",
+        precompute_reference=False,
+    )
     peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
     ref = None if lora else load_policy(str(tiny_dirs[0]))[0]
-    trainer = WeightedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                                 processing_class=processor, peft_config=peft)
+    trainer = WeightedDPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        peft_config=peft,
+    )
     trainer._fused = lambda device: True  # the kernel runs on CUDA; here through Triton's interpreter
     loss = trainer._compute_loss(trainer.model, dict(_batch(trainer, rows)), False)
     (node,) = _kernel_nodes(loss)
