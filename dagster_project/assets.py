@@ -13,7 +13,7 @@ from src_assets.base_stage import PERCEPTION_SCHEMA
 from src_assets.base_stage import perception_corpus as perception_corpus_rows
 from src_assets.config import TINY
 from src_assets.models import ModelLoadError, load_model_config
-from src_assets.r_scorer import VERIFIER_JUDGE
+from src_assets.r_scorer import is_oracle
 from src_assets.rationale_sft import build_rationale_sft_set
 from src_assets.source_data import (
     JUDGEMENT_SCHEMA,
@@ -222,9 +222,9 @@ def count_parameters(model_dir: Path) -> int:
 )
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     cfg = settings.config()
-    if cfg.scorer_model == VERIFIER_JUDGE:
-        context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE)})
-        return VERIFIER_JUDGE  # the oracle judge has no model
+    if is_oracle(cfg.scorer_model):
+        context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model)})
+        return cfg.scorer_model  # the oracle judge has no model
     return _base_model(
         context,
         cfg.scorer_model,

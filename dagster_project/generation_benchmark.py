@@ -45,13 +45,18 @@ else:
         torch.cuda.reset_peak_memory_stats()
     import random
     from itertools import permutations
-    from src_assets.r_scorer import perturbed_responses
+    try:
+        from src_assets.judge_corpus import perturbed_responses
+        prompt_of = lambda r, a, b: judge_prompt(tok, r, a, b)
+    except ImportError:  # a checkout from before judge_corpus.py (--code): the older judge_prompt
+        from src_assets.r_scorer import perturbed_responses
+        prompt_of = lambda r, a, b: judge_prompt(tok, r["question"], r["reference"], r["answer"], a, b)
     rng, texts = random.Random(0), []
     for r in prompts.iter_rows(named=True):  # K = 6 distinct candidates per prompt: every ordered pair, 30 in all
         pool = list(dict.fromkeys([r["response"], *perturbed_responses(r["response"], rng), *perturbed_responses(r["response"], rng),
                                    *perturbed_responses(r["response"], rng)]))[:6]
         pool += [f"{r['response']} " * (i + 1) for i in range(6 - len(pool))]
-        texts += [judge_prompt(tok, r["question"], r["reference"], r["answer"], pool[i], pool[j]) for i, j in permutations(range(6), 2)]
+        texts += [prompt_of(r, pool[i], pool[j]) for i, j in permutations(range(6), 2)]
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     judge(model, tok, texts)

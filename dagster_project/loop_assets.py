@@ -45,28 +45,17 @@ from src_assets.config import TINY
 from src_assets.evaluation import (
     evaluate_policy,
     full_anatomy,
-    judge_win_rate,
     preference_quality,
     score_responses,
     summarize,
-    verifier_win_rate,
     with_blank_images,
 )
 from src_assets.fingerprints import derive_seed, digest, table_digest
 from src_assets.generation import generate_responses
-from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
+from src_assets.judge_corpus import judge_training_set
+from src_assets.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
-from src_assets.r_scorer import (
-    VERIFIER_JUDGE,
-    contrast_judgements,
-    independent_matrices,
-    judge_agreement,
-    pairwise_matrices,
-    train_r_scorer,
-    user_judgements,
-    verifier_judgements,
-    verifier_matrices,
-)
+from src_assets.r_scorer import Judge, is_oracle, train_r_scorer
 from src_assets.rationale_sft import train_rationale_sft
 from src_assets.source_data import SourceDataError, iteration_prompt_rows, scorer_prompt_rows
 from src_assets.storage import StoreError, directory_digest
@@ -353,9 +342,9 @@ def r_scorer_checkpoint(
     store: StoreResource,
 ) -> str:
     cfg, s = settings.config(), store.store()
-    if cfg.scorer_model == VERIFIER_JUDGE:
-        context.add_output_metadata({"model": MetadataValue.text(VERIFIER_JUDGE), "trained": False})
-        return VERIFIER_JUDGE  # the oracle: the domain verifier judges every pair
+    if is_oracle(cfg.scorer_model):
+        context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model), "trained": False})
+        return cfg.scorer_model  # the oracle: the domain verifier judges every pair
     if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
         return base_r_scorer_model  # a pretrained judge, used zero-shot
@@ -378,28 +367,20 @@ def r_scorer_checkpoint(
         )
         return found["uri"]
     base_dir = s.local_model_dir(base_r_scorer_model)
-    tokenizer = load_tokenizer(base_dir)
-    judgements = user_judgements(judgement_tables, tokenizer, cfg.judge)
-    if prompts["scene"].is_not_null().any():  # the verifier can label the SFT policy's own candidates
-        policy, processor = load_policy(s.local_model_dir(sft_checkpoint), cfg.runtime())
-        pool = sentence_beam_search(
-            policy,
-            processor,
-            prompts,
-            cfg.search,
-            seed=derive_seed(cfg.seed, "r_scorer_candidates"),
-            progress=context.log.info,
-        )
-        del policy
-        judgements = pl.concat(
-            [judgements, verifier_judgements(pool, prompts, tokenizer, cfg.judge, cfg.scorer_max_pairs, cfg.seed)]
-        )
-    if cfg.scorer_contrast_pairs:
-        # Gold responses of the SFT split against their own perturbed copies: a large corpus that costs no sampling.
-        contrast = contrast_judgements(
-            vqa_source.filter(pl.col("split") == "sft"), tokenizer, cfg.judge, cfg.scorer_contrast_pairs, cfg.seed
-        )
-        judgements = pl.concat([judgements, contrast])
+    judgements, sources = judge_training_set(
+        load_tokenizer(base_dir),
+        cfg.judge,
+        policy_dir=s.local_model_dir(sft_checkpoint),
+        runtime=cfg.runtime(),
+        search=cfg.search,
+        prompts=prompts,
+        contrast_rows=vqa_source.filter(pl.col("split") == "sft"),
+        user_table=judgement_tables,
+        max_pairs=cfg.scorer_max_pairs,
+        contrast_pairs=cfg.scorer_contrast_pairs,
+        seed=cfg.seed,
+        progress=context.log.info,
+    )
     if judgements.is_empty():
         raise Failure(
             f"nothing to train the R-Scorer on: the calibrate rows have no scene for the verifier to label, and "
@@ -419,6 +400,7 @@ def r_scorer_checkpoint(
             "reused": False,
             "inputs_fingerprint": fingerprint,
             "training_pairs": judgements.height,
+            **sources,
             "user_judgements": judgement_tables.height,
             "verdicts": counts_table(verdicts, "verdict"),
             "train_loss": result["train_loss"],
@@ -628,18 +610,12 @@ def pairwise_scores(
     iteration_lease: IterationLeaseResource,
 ) -> pl.DataFrame:
     cfg = settings.config()
-    if r_scorer_checkpoint == VERIFIER_JUDGE:
-        ids, matrices = verifier_matrices(candidate_pool, calibration_prompts, cfg.judge)
-    else:
-        scorer, tokenizer = load_scorer(store.store().local_model_dir(r_scorer_checkpoint), cfg.runtime())
-        judge_all = pairwise_matrices if cfg.scoring == "pairwise" else independent_matrices
-        ids, matrices = judge_all(
-            scorer, tokenizer, candidate_pool, calibration_prompts, cfg.judge, progress=context.log.info
-        )
+    judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
+    ids, matrices = judge.matrices(candidate_pool, calibration_prompts, cfg.scoring, progress=context.log.info)
     scores = score_table(ids, matrices, cfg.aggregation)
     # Held out: the R-Scorer never trained on calibration prompts.
-    agreement = judge_agreement(
-        scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts, cfg.judge
+    agreement = judge.agreement(
+        scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts
     )
     context.log.info(
         f"judge agreement with the verifier on {agreement['clear_pairs']} clear pairs: "
@@ -884,13 +860,8 @@ def iteration_eval(
             ),
         )
     old = before["response"].to_list()
-    if r_scorer_checkpoint == VERIFIER_JUDGE:
-        win = verifier_win_rate(eval_set, scored["response"].to_list(), old, cfg.judge)
-    else:
-        scorer, tokenizer = load_scorer(s.local_model_dir(r_scorer_checkpoint), cfg.runtime())
-        win = judge_win_rate(
-            scorer, tokenizer, eval_set, scored["response"].to_list(), old, cfg.judge, progress=context.log.info
-        )
+    judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, s.local_model_dir)
+    win = judge.win_rate(eval_set, scored["response"].to_list(), old, progress=context.log.info)
     yield Output(
         scored.with_columns(
             pl.lit(key).alias("iteration"),

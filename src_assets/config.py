@@ -106,8 +106,10 @@ class SRCConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     # 3. R-Scorer (judging itself: judge_template, judge_batch_size, judge_tie_margin...)
     scorer_prompts: int = 128  # calibrate prompts whose candidates the verifier labels to train the judge
-    scorer_max_pairs: int = 4000
-    scorer_contrast_pairs: int = 0  # > 0: this many more pairs of gold responses against their perturbed copies
+    scorer_max_pairs: int = 4000  # at most this many ordered pairs of the SFT policy's candidates
+    # Pairs of gold responses against perturbed copies of themselves (the R-Scorer's prompts', then the sft rows'),
+    # labelled by the verifier; 0: none. 768 is about what 128 prompts give (6 per prompt).
+    scorer_contrast_pairs: int = 768
     scorer_epochs: float = 3.0
     scorer_learning_rate: float = 2e-3
     scorer_batch_size: int = 32
@@ -204,6 +206,7 @@ PROFILES: dict[str, SRCConfig] = {
         search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
         scorer_prompts=8,
         scorer_max_pairs=64,
+        scorer_contrast_pairs=48,
         scorer_epochs=1.0,
         dpo_epochs=1.0,
         dpo_batch_size=4,

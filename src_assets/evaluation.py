@@ -1,9 +1,9 @@
 """Stage 8: evaluation on the held-out set.
 
 Answer accuracy, rationale factuality, completeness and rationale-answer
-consistency come from the verifier on greedy responses. The judge's win rate
-of policy k over policy k-1 is the debiased R-Scorer preference of the new
-response over the old one on the same prompt, averaged.
+consistency come from the verifier on greedy responses; the anatomy of the
+answers says where their errors come from. The judge's win rate of policy k
+over policy k-1 is ``r_scorer.Judge.win_rate``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import polars as pl
 import torch
 from PIL import Image
 
-from kernels.pairwise import debias
-
 from .generation import decode_image, generate_responses
 from .progress import Progress
-from .r_scorer import VERDICT_VALUE, JudgeConfig, judge, judge_prompt, response_quality, verifier_verdict
 from .scenes import Question, Scene
 from .verifier import normalize_answer, split_response, verify
 
@@ -186,50 +183,6 @@ def evaluate_policy(
     )
     scored = score_responses(eval_set, responses)
     return summarize(scored), scored
-
-
-def judge_win_rate(
-    scorer,
-    tokenizer,
-    eval_set: pl.DataFrame,
-    new: list[str],
-    old: list[str],
-    cfg: JudgeConfig = JudgeConfig(),
-    progress: Progress = False,
-) -> float:
-    """Mean debiased judge preference of ``new`` over ``old`` responses, both orders judged."""
-    if not new:
-        return float("nan")
-    rows = list(eval_set.select("question", "reference", "answer").iter_rows(named=True))
-    first = [
-        judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], n, o, cfg.template)
-        for r, n, o in zip(rows, new, old)
-    ]
-    second = [
-        judge_prompt(tokenizer, r["question"], r["reference"] or "", r["answer"], o, n, cfg.template)
-        for r, n, o in zip(rows, new, old)
-    ]
-    p_new_first = judge(scorer, tokenizer, first, cfg.batch_size, progress)
-    p_old_first = judge(scorer, tokenizer, second, cfg.batch_size, progress)
-    return float(debias(p_new_first, p_old_first).mean())
-
-
-def verifier_win_rate(
-    eval_set: pl.DataFrame, new: list[str], old: list[str], cfg: JudgeConfig = JudgeConfig()
-) -> float:
-    """The oracle judge's win rate of ``new`` over ``old``: 1, 0 or 1/2 per prompt as the verifier's verdict goes."""
-    wins = [
-        VERDICT_VALUE[
-            verifier_verdict(
-                response_quality(n, r["scene"], r["question_spec"], cfg.quality_weights),
-                response_quality(o, r["scene"], r["question_spec"], cfg.quality_weights),
-                cfg.tie_margin,
-            )
-        ]
-        for r, n, o in zip(eval_set.select("scene", "question_spec").iter_rows(named=True), new, old)
-        if r["scene"] is not None
-    ]
-    return sum(wins) / len(wins) if wins else float("nan")
 
 
 def preference_quality(prefs: pl.DataFrame, prompts: pl.DataFrame) -> dict[str, float]:

@@ -7,15 +7,18 @@ next-token distribution over the verdict tokens {A, B, tie}:
 themselves. Only the last position's logits are computed (``logits_to_keep=1``).
 
 Training labels come from the domain verifier (the teacher, as a large judge
-model is in the paper), or from a user's table of judgements; the judge is
-trained with TRL's ``SFTTrainer`` on the verdict token alone. Any pretrained
-instruction-tuned causal LM can be used zero-shot instead, with the
-``instruct`` prompt template.
+model is in the paper), or from a user's table of judgements
+(``judge_corpus.py``); the judge is trained with TRL's ``SFTTrainer`` on the
+verdict token alone. Any pretrained instruction-tuned causal LM can be used
+zero-shot instead, with the ``instruct`` prompt template.
+
+A step judges through a ``Judge``: the verifier itself (the oracle bound,
+``scorer_model=verifier``) or a judge LM, loaded once.
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import permutations
 
@@ -26,8 +29,16 @@ from kernels.pairwise import debias
 
 from .generation import cache_rows, left_padded
 from .progress import Progress, ProgressBar
-from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS, Question, Scene
-from .verifier import split_response, verify
+from .verifier import (
+    QUALITY_WEIGHTS,
+    TIE_MARGIN,
+    VERIFIER_JUDGE,
+    candidates_per_prompt,
+    judge_agreement,
+    split_response,
+    verifier_matrices,
+    verifier_win_rate,
+)
 
 VERDICTS = ("A", "B", "tie")
 JUDGE_TEMPLATES = ("compact", "instruct")
@@ -43,13 +54,14 @@ class JudgeConfig:
     template: str = "compact"  # "compact" (the tiny judge) or "instruct" (a chat model used zero-shot)
     batch_size: int = 128
     # Verifier labels: quality = weighted correctness + factuality + consistency; gaps up to tie_margin are ties.
-    quality_weights: tuple[float, float, float] = (2.0, 1.0, 2.0)
-    tie_margin: float = 0.5
+    quality_weights: tuple[float, float, float] = QUALITY_WEIGHTS
+    tie_margin: float = TIE_MARGIN
 
 
-def judge_prompt(
-    tokenizer, question: str, reference: str, answer: str | None, first: str, second: str, template: str = "compact"
-) -> str:
+def judge_prompt(tokenizer, prompt: Mapping, first: str, second: str, template: str = "compact") -> str:
+    """The judge's prompt for candidates ``first`` (A) and ``second`` (B) of ``prompt`` (a row with ``question``, and
+    ``reference`` and ``answer`` where known)."""
+    question, reference, answer = prompt["question"], prompt.get("reference") or "", prompt.get("answer")
     ref = f"{reference} Answer : {answer}" if answer else reference
     if template == "compact":
         # The final answers again, side by side just before the verdict: a small judge compares tokens that sit
@@ -207,13 +219,6 @@ def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress:
     return probs[:, 0] + probs[:, 2] / 2
 
 
-def _prompts_with_candidates(candidates: pl.DataFrame, prompts: pl.DataFrame):
-    """(prompt id, prompt row, candidate texts in candidate order) for each prompt, in the prompts' order."""
-    by_prompt = {pid: g.sort("candidate")["text"].to_list() for (pid,), g in candidates.group_by("prompt_id")}
-    for row in prompts.select("id", "question", "reference", "answer").iter_rows(named=True):
-        yield row["id"], row, by_prompt.get(row["id"], [])
-
-
 def pairwise_matrices(
     model,
     tokenizer,
@@ -224,15 +229,11 @@ def pairwise_matrices(
 ) -> tuple[list[str], list[list[list[float]]]]:
     """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5)."""
     ids, matrices, texts, index = [], [], [], []
-    for pid, row, cands in _prompts_with_candidates(candidates, prompts):
+    for pid, row, cands in candidates_per_prompt(candidates, prompts):
         ids.append(pid)
         matrices.append([[0.5] * len(cands) for _ in cands])
         for i, j in permutations(range(len(cands)), 2):
-            texts.append(
-                judge_prompt(
-                    tokenizer, row["question"], row["reference"] or "", row["answer"], cands[i], cands[j], cfg.template
-                )
-            )
+            texts.append(judge_prompt(tokenizer, row, cands[i], cands[j], cfg.template))
             index.append((len(ids) - 1, i, j))
     for (b, i, j), p in zip(index, judge(model, tokenizer, texts, cfg.batch_size, progress).tolist()):
         matrices[b][i][j] = p
@@ -253,16 +254,12 @@ def independent_matrices(
     run unchanged; only the judge's view differs (one candidate at a time instead of two side by side).
     """
     ids, texts, sizes = [], [], []
-    for pid, row, cands in _prompts_with_candidates(candidates, prompts):
+    for pid, row, cands in candidates_per_prompt(candidates, prompts):
         ids.append(pid)
         sizes.append(len(cands))
         for c in cands:
             for first, second in ((c, ""), ("", c)):
-                texts.append(
-                    judge_prompt(
-                        tokenizer, row["question"], row["reference"] or "", row["answer"], first, second, cfg.template
-                    )
-                )
+                texts.append(judge_prompt(tokenizer, row, first, second, cfg.template))
     probs = judge(model, tokenizer, texts, cfg.batch_size, progress).view(-1, 2) if texts else torch.empty(0, 2)
     alone = debias(probs[:, 0], probs[:, 1]).clamp(1e-4, 1 - 1e-4)  # candidate first vs. empty, empty first vs. it
     logit = torch.log(alone) - torch.log1p(-alone)
@@ -274,218 +271,60 @@ def independent_matrices(
     return ids, matrices
 
 
-VERIFIER_JUDGE = "verifier"  # the scorer_model value that makes the domain verifier the judge (the oracle bound)
-VERDICT_VALUE = {"A": 1.0, "B": 0.0, "tie": 0.5}  # p(first beats second) that each verdict stands for
+class Judge:
+    """The judge one step uses, loaded once: the domain verifier (the oracle, ``scorer_model=verifier``) or a judge
+    LM with its tokenizer. Every stage that judges goes through it, so none compares judge kinds itself."""
 
+    def __init__(self, cfg: JudgeConfig = JudgeConfig(), model=None, tokenizer=None):
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
 
-def verifier_verdict(quality_first: float, quality_second: float, tie_margin: float) -> str:
-    """The teacher's verdict on an ordered pair: the better quality wins unless the gap is within ``tie_margin``."""
-    gap = quality_first - quality_second
-    return "A" if gap > tie_margin else "B" if gap < -tie_margin else "tie"
+    @classmethod
+    def load(cls, reference: str, runtime, cfg: JudgeConfig = JudgeConfig(), local_dir=lambda uri: uri) -> "Judge":
+        """``reference``: ``"verifier"``, or a judge model (``local_dir`` turns a store URI into a directory)."""
+        if is_oracle(reference):
+            return cls(cfg)
+        from .models import load_scorer
 
+        return cls(cfg, *load_scorer(local_dir(reference), runtime))
 
-def verifier_matrices(
-    candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig(), progress: Progress = True
-) -> tuple[list[str], list[list[list[float]]]]:
-    """The oracle judge: ``p_ij`` is 1, 0 or 1/2 as the verifier's verdict on (i, j) is A, B or tie.
+    @property
+    def is_oracle(self) -> bool:
+        return self.model is None
 
-    Every other stage is unchanged, so a loop run with it measures what the rest of SRC can achieve with a
-    perfect judge. It needs each prompt's ``scene`` and ``question_spec``; a prompt without them is an error.
-    """
-    truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec").iter_rows(named=True)}
-    ids, matrices = [], []
-    for pid, _, cands in _prompts_with_candidates(candidates, prompts):
-        t = truth[pid]
-        if t["scene"] is None or t["question_spec"] is None:
-            raise ValueError(f"prompt {pid!r} has no scene: the verifier judge works only on the synthetic domain")
-        quality = [response_quality(c, t["scene"], t["question_spec"], cfg.quality_weights) for c in cands]
-        ids.append(pid)
-        matrices.append(
-            [
-                [
-                    0.5 if i == j else VERDICT_VALUE[verifier_verdict(qi, qj, cfg.tie_margin)]
-                    for j, qj in enumerate(quality)
-                ]
-                for i, qi in enumerate(quality)
-            ]
+    def matrices(
+        self, candidates: pl.DataFrame, prompts: pl.DataFrame, scoring: str = "pairwise", progress: Progress = False
+    ) -> tuple[list[str], list[list[list[float]]]]:
+        """Each prompt's K x K matrix of ``p(i beats j)``: every ordered pair judged (``scoring="independent"``: each
+        candidate alone, the ablation; the oracle always compares pairs)."""
+        if self.is_oracle:
+            return verifier_matrices(candidates, prompts, self.cfg.quality_weights, self.cfg.tie_margin)
+        judge_all = pairwise_matrices if scoring == "pairwise" else independent_matrices
+        return judge_all(self.model, self.tokenizer, candidates, prompts, self.cfg, progress)
+
+    def win_rate(self, prompts: pl.DataFrame, new: list[str], old: list[str], progress: Progress = False) -> float:
+        """Mean debiased preference of ``new`` over ``old`` responses to the same prompts, both orders judged."""
+        if self.is_oracle:
+            return verifier_win_rate(prompts, new, old, self.cfg.quality_weights, self.cfg.tie_margin)
+        if not new:
+            return float("nan")
+        rows = list(prompts.iter_rows(named=True))
+        first = [judge_prompt(self.tokenizer, r, n, o, self.cfg.template) for r, n, o in zip(rows, new, old)]
+        second = [judge_prompt(self.tokenizer, r, o, n, self.cfg.template) for r, n, o in zip(rows, new, old)]
+        p_new_first = judge(self.model, self.tokenizer, first, self.cfg.batch_size, progress)
+        p_old_first = judge(self.model, self.tokenizer, second, self.cfg.batch_size, progress)
+        return float(debias(p_new_first, p_old_first).mean())
+
+    def agreement(self, prompt_ids: list[str], q_matrices, candidates: pl.DataFrame, prompts: pl.DataFrame) -> dict:
+        """How often this judge's debiased matrices side with the verifier on clear pairs, beside the bar of a judge
+        that compares final answers only (``verifier.judge_agreement``)."""
+        return judge_agreement(
+            prompt_ids, q_matrices, candidates, prompts, self.cfg.quality_weights, self.cfg.tie_margin
         )
-    return ids, matrices
 
 
-def judge_agreement(
-    prompt_ids: list[str], q_matrices, candidates: pl.DataFrame, prompts: pl.DataFrame, cfg: JudgeConfig = JudgeConfig()
-) -> dict:
-    """How often the debiased judgement ``q_ij`` sides with the verifier on pairs the verifier does not call a tie.
-
-    Returns the agreement (NaN when no prompt has a scene or no pair is clear), the number of clear pairs, and
-    the agreement of the trivial judge that always prefers the correct answer (the bar a judge must clear).
-    """
-    truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec", "answer").iter_rows(named=True)}
-    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
-    agree = answer_agree = clear = 0
-    for pid, q in zip(prompt_ids, q_matrices):
-        t, group = truth.get(pid), by_prompt.get(pid)
-        if t is None or t["scene"] is None or group is None:
-            continue
-        scene, question = Scene.from_json(t["scene"]), Question.from_json(t["question_spec"])
-        checked = [verify(x, scene, question) for x in group["text"].to_list()]
-        quality = [_quality(v, cfg.quality_weights) for v in checked]
-        correct = [v.correct for v in checked]
-        for i, j in permutations(range(len(checked)), 2):
-            verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
-            if verdict == "tie":
-                continue
-            clear += 1
-            agree += (q[i][j] > 0.5) == (verdict == "A")
-            answer_agree += (correct[i] > correct[j]) if verdict == "A" else (correct[j] > correct[i])
-    nan = float("nan")
-    return {
-        "judge_agreement": agree / clear if clear else nan,
-        "clear_pairs": clear,
-        "answer_only_agreement": answer_agree / clear if clear else nan,
-    }
-
-
-def response_quality(response: str, scene_json: str, question_json: str, weights=(2.0, 1.0, 2.0)) -> float:
-    """The teacher's score of one response: weighted answer correctness, rationale factuality and consistency."""
-    return _quality(verify(response, Scene.from_json(scene_json), Question.from_json(question_json)), weights)
-
-
-def _quality(v, weights) -> float:
-    return weights[0] * v.correct + weights[1] * v.factuality + weights[2] * v.consistency
-
-
-def _other_answers(answer: str) -> list[str]:
-    """Wrong answers of the same kind as ``answer``: another number, colour, position, or the other of yes/no."""
-    for space in (NUMBER_WORDS[:6], COLORS, ("yes", "no"), tuple(f"{r} {c}" for r in ROWS for c in COLUMNS)):
-        if answer in space:
-            return [a for a in space if a != answer]
-    return ["no"] if answer != "no" else ["yes"]
-
-
-def perturbed_responses(gold: str, rng: random.Random) -> list[str]:
-    """Contrasting versions of a gold response, the mistakes a policy makes:
-
-    - a wrong final answer under the gold rationale (wrong and inconsistent);
-    - one perceived object recoloured (a false claim);
-    - a wrong conclusion sentence and answer that agree with each other (the rationale's reasoning goes wrong).
-    """
-    rationale, answer = gold.rsplit("Answer:", 1)
-    answer = answer.strip()
-    wrong = rng.choice(_other_answers(answer))
-    sentences = rationale.split(". ")
-    i = rng.randrange(max(len(sentences) - 1, 1))  # a perception sentence, not the conclusion
-    colours = [c for c in COLORS if c in sentences[i].split()]
-    recoloured = list(sentences)
-    if colours:
-        recoloured[i] = sentences[i].replace(colours[0], rng.choice([c for c in COLORS if c != colours[0]]), 1)
-    out = [f"{rationale}Answer: {wrong}", ". ".join(recoloured) + f"Answer: {answer}"]
-    conclusion = sentences[-1]
-    if f" {answer}" in conclusion:
-        out.append(". ".join([*sentences[:-1], conclusion.replace(f" {answer}", f" {wrong}")]) + f"Answer: {wrong}")
-    elif answer in ("yes", "no") and (" is a " in conclusion or " is no " in conclusion):
-        flipped = (
-            conclusion.replace(" is a ", " is no ")
-            if " is a " in conclusion
-            else conclusion.replace(" is no ", " is a ")
-        )
-        out.append(". ".join([*sentences[:-1], flipped]) + f"Answer: {wrong}")
-    return out
-
-
-def contrast_judgements(
-    rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(), max_pairs: int | None = None, seed: int = 0
-) -> pl.DataFrame:
-    """A cheap, large judge-training corpus that needs no sampling: each row's gold response and its perturbed
-    copies, every ordered pair of them labelled by the verifier. ``rows`` need ``response``, ``scene`` and
-    ``question_spec`` (the ``sft`` split has them)."""
-    rng = random.Random(seed)
-    out = []
-    for t in rows.filter(pl.col("scene").is_not_null() & pl.col("response").is_not_null()).iter_rows(named=True):
-        texts = [t["response"], *perturbed_responses(t["response"], rng)]
-        quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
-        for i, j in permutations(range(len(texts)), 2):
-            verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
-            out.append(
-                {
-                    "prompt": judge_prompt(
-                        tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template
-                    ),
-                    "completion": verdict_completion(verdict),
-                    "verdict": verdict,
-                }
-            )
-    if max_pairs is not None and len(out) > max_pairs:
-        out = random.Random(seed).sample(out, max_pairs)
-    return pl.DataFrame(out, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
-
-
-def verifier_judgements(
-    candidates: pl.DataFrame,
-    prompts: pl.DataFrame,
-    tokenizer,
-    cfg: JudgeConfig = JudgeConfig(),
-    max_pairs: int | None = None,
-    seed: int = 0,
-    contrast_pairs: bool = True,
-) -> pl.DataFrame:
-    """Judge training rows (prompt, completion = verdict) for ordered candidate pairs, labelled by the verifier.
-
-    With ``contrast_pairs``, each prompt's gold response is also paired with perturbed copies of itself
-    (``perturbed_responses``), both orders, labelled by the verifier like any pair: clean contrasts that teach
-    a small judge what to compare far sooner than the policy's own candidates alone.
-    """
-    truth = {r["id"]: r for r in prompts.iter_rows(named=True)}
-    rng = random.Random(seed)
-    rows = []
-    for (pid,), group in candidates.group_by("prompt_id", maintain_order=True):
-        t = truth[pid]
-        if t["scene"] is None:
-            continue  # no verifier for this row: it needs judgements from elsewhere
-        texts = group["text"].to_list()
-        quality = [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts]
-        pairs = list(permutations(range(len(texts)), 2))
-        if contrast_pairs and t["response"]:
-            n = len(texts)
-            texts = texts + [t["response"], *perturbed_responses(t["response"], rng)]
-            quality += [response_quality(x, t["scene"], t["question_spec"], cfg.quality_weights) for x in texts[n:]]
-            pairs += [pair for m in range(n + 1, len(texts)) for pair in ((n, m), (m, n))]
-        for i, j in pairs:
-            verdict = verifier_verdict(quality[i], quality[j], cfg.tie_margin)
-            rows.append(
-                {
-                    "prompt": judge_prompt(
-                        tokenizer, t["question"], t["reference"] or "", t["answer"], texts[i], texts[j], cfg.template
-                    ),
-                    "completion": verdict_completion(verdict),
-                    "verdict": verdict,
-                }
-            )
-    if max_pairs is not None and len(rows) > max_pairs:
-        rows = random.Random(seed).sample(rows, max_pairs)
-    return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
-
-
-def user_judgements(table: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig()) -> pl.DataFrame:
-    """Judge training rows from a user's judgement table (``source_data.validate_judgements``): each pair in both
-    orders, the verdict swapped with the order, so the judge learns the judgement and not the position."""
-    swap = {"A": "B", "B": "A", "tie": "tie"}
-    rows = []
-    for t in table.iter_rows(named=True):
-        for first, second, verdict in (
-            (t["response_a"], t["response_b"], t["verdict"]),
-            (t["response_b"], t["response_a"], swap[t["verdict"]]),
-        ):
-            rows.append(
-                {
-                    "prompt": judge_prompt(
-                        tokenizer, t["question"], t["reference"] or "", t["answer"], first, second, cfg.template
-                    ),
-                    "completion": verdict_completion(verdict),
-                    "verdict": verdict,
-                }
-            )
-    return pl.DataFrame(rows, schema={"prompt": pl.String, "completion": pl.String, "verdict": pl.String})
+def is_oracle(reference: str) -> bool:
+    """Whether a judge reference (``scorer_model``, or the R-Scorer asset's value) names the verifier."""
+    return reference == VERIFIER_JUDGE
 
 
 def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, settings, callbacks=()) -> dict:

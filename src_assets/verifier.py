@@ -284,3 +284,110 @@ def verify_caption(caption: str | None, scene: Scene) -> tuple[float, bool]:
 
 
 _KNOWN_WORDS = {w.lower() for w in DOMAIN_WORDS}
+
+
+# --- The oracle: the verifier as a judge -------------------------------------------------------------------------
+# It scores a response by quality = weighted correctness + factuality + consistency, and prefers the better of two
+# unless the gap is within a tie margin. It is the teacher that labels the R-Scorer's training pairs, the bar a
+# learned judge is measured against (``judge_agreement``), and with ``scorer_model=verifier`` the judge itself: the
+# oracle bound of what the rest of the loop can do.
+
+VERIFIER_JUDGE = "verifier"  # the scorer_model value that makes the verifier the judge
+VERDICT_VALUE = {"A": 1.0, "B": 0.0, "tie": 0.5}  # p(first beats second) that each verdict stands for
+QUALITY_WEIGHTS = (2.0, 1.0, 2.0)  # correctness, factuality, consistency
+TIE_MARGIN = 0.5
+
+
+def quality(v: Verification, weights=QUALITY_WEIGHTS) -> float:
+    return weights[0] * v.correct + weights[1] * v.factuality + weights[2] * v.consistency
+
+
+def response_quality(response: str, scene_json: str, question_json: str, weights=QUALITY_WEIGHTS) -> float:
+    """The teacher's score of one response: weighted answer correctness, rationale factuality and consistency."""
+    return quality(verify(response, Scene.from_json(scene_json), Question.from_json(question_json)), weights)
+
+
+def verifier_verdict(quality_first: float, quality_second: float, tie_margin: float = TIE_MARGIN) -> str:
+    """The teacher's verdict on an ordered pair: the better quality wins unless the gap is within ``tie_margin``."""
+    gap = quality_first - quality_second
+    return "A" if gap > tie_margin else "B" if gap < -tie_margin else "tie"
+
+
+def candidates_per_prompt(candidates, prompts):
+    """(prompt id, prompt row, candidate texts in candidate order) for each prompt, in the prompts' order."""
+    by_prompt = {pid: g.sort("candidate")["text"].to_list() for (pid,), g in candidates.group_by("prompt_id")}
+    for row in prompts.iter_rows(named=True):
+        yield row["id"], row, by_prompt.get(row["id"], [])
+
+
+def verifier_matrices(candidates, prompts, weights=QUALITY_WEIGHTS, tie_margin: float = TIE_MARGIN):
+    """The oracle judge's matrices: ``p_ij`` is 1, 0 or 1/2 as the verifier's verdict on (i, j) is A, B or tie.
+
+    It needs each prompt's ``scene`` and ``question_spec``; a prompt without them is an error."""
+    ids, matrices = [], []
+    for pid, row, cands in candidates_per_prompt(candidates, prompts):
+        if row["scene"] is None or row["question_spec"] is None:
+            raise ValueError(f"prompt {pid!r} has no scene: the verifier judge works only on the synthetic domain")
+        q = [response_quality(c, row["scene"], row["question_spec"], weights) for c in cands]
+        ids.append(pid)
+        matrices.append(
+            [
+                [0.5 if i == j else VERDICT_VALUE[verifier_verdict(qi, qj, tie_margin)] for j, qj in enumerate(q)]
+                for i, qi in enumerate(q)
+            ]
+        )
+    return ids, matrices
+
+
+def judge_agreement(
+    prompt_ids, q_matrices, candidates, prompts, weights=QUALITY_WEIGHTS, tie_margin=TIE_MARGIN
+) -> dict:
+    """How often the debiased judgement ``q_ij`` sides with the verifier on pairs the verifier does not call a tie.
+
+    Returns the agreement (NaN when no prompt has a scene or no pair is clear), the number of clear pairs, and
+    the agreement of the trivial judge that always prefers the correct answer (the bar a judge must clear).
+    """
+    truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec", "answer").iter_rows(named=True)}
+    by_prompt = {pid: g.sort("candidate") for (pid,), g in candidates.group_by("prompt_id")}
+    agree = answer_agree = clear = 0
+    for pid, q in zip(prompt_ids, q_matrices):
+        t, group = truth.get(pid), by_prompt.get(pid)
+        if t is None or t["scene"] is None or group is None:
+            continue
+        scene, question = Scene.from_json(t["scene"]), Question.from_json(t["question_spec"])
+        checked = [verify(x, scene, question) for x in group["text"].to_list()]
+        scores = [quality(v, weights) for v in checked]
+        correct = [v.correct for v in checked]
+        for i in range(len(checked)):
+            for j in range(len(checked)):
+                verdict = "tie" if i == j else verifier_verdict(scores[i], scores[j], tie_margin)
+                if verdict == "tie":
+                    continue
+                clear += 1
+                agree += (q[i][j] > 0.5) == (verdict == "A")
+                answer_agree += (correct[i] > correct[j]) if verdict == "A" else (correct[j] > correct[i])
+    nan = float("nan")
+    return {
+        "judge_agreement": agree / clear if clear else nan,
+        "clear_pairs": clear,
+        "answer_only_agreement": answer_agree / clear if clear else nan,
+    }
+
+
+def verifier_win_rate(
+    eval_set, new: list[str], old: list[str], weights=QUALITY_WEIGHTS, tie_margin=TIE_MARGIN
+) -> float:
+    """The oracle judge's win rate of ``new`` over ``old``: 1, 0 or 1/2 per prompt as the verifier's verdict goes."""
+    rows = eval_set.select("scene", "question_spec").iter_rows(named=True)
+    wins = [
+        VERDICT_VALUE[
+            verifier_verdict(
+                response_quality(n, r["scene"], r["question_spec"], weights),
+                response_quality(o, r["scene"], r["question_spec"], weights),
+                tie_margin,
+            )
+        ]
+        for r, n, o in zip(rows, new, old)
+        if r["scene"] is not None
+    ]
+    return sum(wins) / len(wins) if wins else float("nan")

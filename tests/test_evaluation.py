@@ -4,9 +4,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from src_assets.evaluation import judge_win_rate, score_responses, summarize, verifier_win_rate, with_blank_images
+from src_assets.evaluation import score_responses, summarize, with_blank_images
 from src_assets.models import load_scorer
+from src_assets.r_scorer import Judge
 from src_assets.source_data import synthetic_source
+from src_assets.verifier import verifier_win_rate
 
 
 def test_gold_responses_score_perfectly_and_wrong_ones_do_not():
@@ -47,11 +49,10 @@ def test_verifier_win_rate_prefers_the_gold_response():
 
 def test_judge_win_rate_is_debiased(tiny_dirs):
     model, tok = load_scorer(str(tiny_dirs[1]))
+    judge = Judge(model=model, tokenizer=tok)
     ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=4)
     same = ev["response"].to_list()
     # Both orders judged: a response against itself is exactly even, whatever the judge's position bias.
-    assert judge_win_rate(model, tok, ev, same, same) == pytest.approx(0.5, abs=1e-6)
+    assert judge.win_rate(ev, same, same) == pytest.approx(0.5, abs=1e-6)
     other = ["Answer: no"] * 4
-    assert judge_win_rate(model, tok, ev, same, other) == pytest.approx(
-        1 - judge_win_rate(model, tok, ev, other, same), abs=1e-6
-    )
+    assert judge.win_rate(ev, same, other) == pytest.approx(1 - judge.win_rate(ev, other, same), abs=1e-6)

@@ -75,6 +75,13 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
         assert isinstance(meta["iteration_eval"][metric].value, float)
     assert "| candidate |" in meta["pairwise_scores"]["sample_matrix_q"].value
     assert "| weight |" in meta["preference_set"]["weight_histogram"].value
+    foundation = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in results["foundation"].get_asset_materialization_events()
+    }
+    judge = foundation["r_scorer_checkpoint"]
+    assert judge["contrast_pairs"].value == 48 and judge["candidate_pairs"].value > 0  # the smoke profile's
+    assert judge["training_pairs"].value == judge["candidate_pairs"].value + 48 + judge["user_pairs"].value
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(checks) == {
         "most_prompts_have_two_distinct_candidates",

@@ -4,25 +4,27 @@ import polars as pl
 import pytest
 import torch
 
+from src_assets.judge_corpus import (
+    candidate_judgements,
+    contrast_judgements,
+    judge_training_set,
+    perturbed_responses,
+    user_judgements,
+)
 from src_assets.models import load_scorer
 from src_assets.r_scorer import (
-    contrast_judgements,
+    JudgeConfig,
     independent_matrices,
     judge,
-    judge_agreement,
     judge_prompt,
     pairwise_matrices,
-    perturbed_responses,
-    response_quality,
     train_r_scorer,
-    user_judgements,
     verdict_continuations,
     verdict_probabilities,
-    verifier_judgements,
-    verifier_matrices,
 )
 from src_assets.source_data import synthetic_source
 from src_assets.training import TrainSettings
+from src_assets.verifier import judge_agreement, response_quality, verifier_matrices
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_a_bpe_judge_trained_on_one_verdict_reads_it_back(bpe_judge_dir, tmp_pat
     from src_assets.models import load_tokenizer
 
     tok = load_tokenizer(str(bpe_judge_dir))
-    rows = verifier_judgements(_pool(prompts), prompts, tok).with_columns(
+    rows = candidate_judgements(_pool(prompts), prompts, tok).with_columns(
         pl.lit(f" {verdict}").alias("completion"), pl.lit(verdict).alias("verdict")
     )
     rows = pl.concat([rows] * 6)
@@ -159,7 +161,7 @@ def test_independent_scoring_builds_a_consistent_matrix(scorer, prompts):
 
 def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
     _, tok = scorer
-    rows = verifier_judgements(_pool(prompts), prompts, tok, contrast_pairs=False)
+    rows = candidate_judgements(_pool(prompts), prompts, tok)
     assert rows.height == 3 * 6  # ordered pairs of 3 candidates, per prompt
     gold = prompts["response"][0]
     first_is_gold = rows.filter(pl.col("prompt").str.contains(f"candidate A : {gold}", literal=True))
@@ -167,20 +169,37 @@ def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
     assert rows["completion"].str.strip_chars().is_in(["A", "B", "tie"]).all()
 
 
-def test_contrast_pairs_add_gold_against_its_perturbed_copies(scorer, prompts):
+def test_scorer_contrast_pairs_sets_the_contrast_pairs_and_zero_trains_on_none(tiny_dirs, scorer, prompts):
+    """One contrast mechanism, one setting: ``contrast_pairs`` pairs of gold responses against their perturbed
+    copies join the policy's own candidate pairs, and 0 means none at all."""
+    from src_assets.candidate_search import SearchConfig
+    from src_assets.models import Runtime
+    from src_assets.source_data import JUDGEMENT_SCHEMA
+
     _, tok = scorer
-    rows = verifier_judgements(_pool(prompts), prompts, tok, contrast_pairs=True)
-    # Plus gold against each perturbed copy (wrong answer, recoloured object, and for most questions a wrong
-    # conclusion with a matching answer), both orders.
-    extra = sum(2 * len(perturbed_responses(r, random.Random(0))) for r in prompts["response"])
-    assert rows.height == 3 * 6 + extra and extra >= 3 * 4
-    gold = prompts["response"][0]
-    wrong_answer = rows.filter(
-        pl.col("prompt").str.contains(
-            f"candidate A : {gold} candidate B : {gold.rsplit('Answer:', 1)[0]}Answer:", literal=True
-        )
+    sft_rows = synthetic_source(seed=8, n_sft=10, n_calibrate=0, n_eval=0)
+    common = dict(
+        policy_dir=str(tiny_dirs[0]),
+        runtime=Runtime("cpu", "float32"),
+        prompts=prompts,
+        search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=4),
+        contrast_rows=sft_rows,
+        user_table=pl.DataFrame(schema=JUDGEMENT_SCHEMA),
+        max_pairs=1000,
+        seed=0,
     )
-    assert wrong_answer.height >= 1 and set(wrong_answer["verdict"]) <= {"A", "tie"}
+    none, counts = judge_training_set(tok, JudgeConfig(), contrast_pairs=0, **common)
+    assert counts["contrast_pairs"] == 0 and none.height == counts["candidate_pairs"] > 0
+    gold = [*prompts["response"], *sft_rows["response"]]
+    for text in gold:  # no judge prompt holds a gold response: every pair is two of the policy's candidates
+        assert not none["prompt"].str.contains(f"candidate A : {text}", literal=True).any()
+
+    some, counts = judge_training_set(tok, JudgeConfig(), contrast_pairs=20, **common)
+    assert counts == {"candidate_pairs": none.height, "contrast_pairs": 20, "user_pairs": 0}
+    assert some.head(none.height).equals(none)  # the same candidate pairs, then the contrast pairs
+    # ... and those are gold responses against their perturbed copies: the contrast corpus of the same rows.
+    corpus = contrast_judgements(pl.concat([prompts, sft_rows], how="diagonal_relaxed"), tok, JudgeConfig(), 20, 0)
+    assert some.tail(20).equals(corpus)
 
 
 def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scorer):
@@ -204,15 +223,17 @@ def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scor
 
 def test_instruct_template_uses_the_chat_template(scorer):
     _, tok = scorer
-    text = judge_prompt(tok, "how many?", "ref", "two", "x", "y", template="instruct")
+    text = judge_prompt(
+        tok, {"question": "how many?", "reference": "ref", "answer": "two"}, "x", "y", template="instruct"
+    )
     assert "Response A:" in text and "Reply with one word" in text
     with pytest.raises(ValueError, match="unknown judge template"):
-        judge_prompt(tok, "q", "r", None, "a", "b", template="verbose")
+        judge_prompt(tok, {"question": "q", "reference": "r", "answer": None}, "a", "b", template="verbose")
 
 
 def test_training_teaches_the_verdict(tiny_dirs, tmp_path, prompts):
     _, tok = load_scorer(str(tiny_dirs[1]))
-    rows = verifier_judgements(_pool(prompts), prompts, tok).filter(pl.col("verdict") == "A")
+    rows = candidate_judgements(_pool(prompts), prompts, tok).filter(pl.col("verdict") == "A")
     rows = pl.concat([rows] * 8)
     train_r_scorer(str(tiny_dirs[1]), rows, str(tmp_path), TrainSettings(epochs=3, learning_rate=1e-2, batch_size=8))
     model, tok = load_scorer(str(tmp_path))
@@ -248,7 +269,7 @@ def test_a_shared_prompt_prefix_encoded_once_gives_the_same_verdicts(judge_kind,
     model, tok = scorer if judge_kind == "word_level" else load_scorer(str(bpe_judge_dir))
     row = prompts.row(0, named=True)
     texts = [
-        judge_prompt(tok, row["question"], row["reference"], row["answer"], a, b)
+        judge_prompt(tok, row, a, b)
         for a, b in (
             (row["response"], "no idea. Answer: one"),
             ("no idea. Answer: one", row["response"]),

@@ -1,0 +1,175 @@
+"""The R-Scorer's training set: every labelled pair it learns from, built by one function.
+
+Three sources, each row a judge prompt (``r_scorer.judge_prompt``) and the verdict it should be followed by:
+
+- **the policy's own candidates**: the SFT policy's sentence-level beam search on the R-Scorer's prompts, every
+  ordered pair labelled by the verifier (``verifier.verifier_verdict``), where the prompts have a scene;
+- **contrast pairs**: a gold response against perturbed copies of itself (a wrong answer, a recoloured object, a
+  wrong conclusion with a matching answer), every ordered pair labelled by the verifier. They cost no sampling
+  and show a small judge what to compare far sooner than the policy's candidates alone;
+- **your judgements**: a judgement table (``source_data.validate_judgements``), each pair in both orders with the
+  verdict swapped, so the judge learns the judgement and not the position.
+"""
+
+from __future__ import annotations
+
+import random
+from itertools import permutations
+
+import polars as pl
+
+from .fingerprints import derive_seed
+from .r_scorer import JudgeConfig, judge_prompt, verdict_completion
+from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS
+from .verifier import response_quality, verifier_verdict
+
+JUDGEMENT_ROWS = {"prompt": pl.String, "completion": pl.String, "verdict": pl.String}
+
+
+def _labelled(tokenizer, prompt: dict, texts: list[str], pairs, cfg: JudgeConfig) -> list[dict]:
+    """Judge training rows for the ordered ``pairs`` of ``texts``, labelled by the verifier."""
+    scores = [response_quality(x, prompt["scene"], prompt["question_spec"], cfg.quality_weights) for x in texts]
+    rows = []
+    for i, j in pairs:
+        verdict = verifier_verdict(scores[i], scores[j], cfg.tie_margin)
+        text = judge_prompt(tokenizer, prompt, texts[i], texts[j], cfg.template)
+        rows.append({"prompt": text, "completion": verdict_completion(verdict), "verdict": verdict})
+    return rows
+
+
+def _at_most(rows: list[dict], n: int, seed: int) -> pl.DataFrame:
+    if len(rows) > n:
+        rows = random.Random(seed).sample(rows, n)
+    return pl.DataFrame(rows, schema=JUDGEMENT_ROWS)
+
+
+def candidate_judgements(
+    candidates: pl.DataFrame,
+    prompts: pl.DataFrame,
+    tokenizer,
+    cfg: JudgeConfig = JudgeConfig(),
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Every ordered pair of each prompt's candidates, labelled by the verifier (prompts without a scene have no
+    verifier and are skipped); at most ``max_pairs`` of them, drawn at random."""
+    truth = {r["id"]: r for r in prompts.iter_rows(named=True)}
+    rows = []
+    for (pid,), group in candidates.group_by("prompt_id", maintain_order=True):
+        prompt = truth[pid]
+        if prompt["scene"] is None:
+            continue
+        texts = group.sort("candidate")["text"].to_list()
+        rows += _labelled(tokenizer, prompt, texts, permutations(range(len(texts)), 2), cfg)
+    return _at_most(rows, len(rows) if max_pairs is None else max_pairs, derive_seed(seed, "candidate_judgements"))
+
+
+def _other_answers(answer: str) -> list[str]:
+    """Wrong answers of the same kind as ``answer``: another number, colour, position, or the other of yes/no."""
+    for space in (NUMBER_WORDS[:6], COLORS, ("yes", "no"), tuple(f"{r} {c}" for r in ROWS for c in COLUMNS)):
+        if answer in space:
+            return [a for a in space if a != answer]
+    return ["no"] if answer != "no" else ["yes"]
+
+
+def perturbed_responses(gold: str, rng: random.Random) -> list[str]:
+    """Contrasting versions of a gold response, the mistakes a policy makes:
+
+    - a wrong final answer under the gold rationale (wrong and inconsistent);
+    - one perceived object recoloured (a false claim);
+    - a wrong conclusion sentence and answer that agree with each other (the rationale's reasoning goes wrong).
+    """
+    rationale, answer = gold.rsplit("Answer:", 1)
+    answer = answer.strip()
+    wrong = rng.choice(_other_answers(answer))
+    sentences = rationale.split(". ")
+    i = rng.randrange(max(len(sentences) - 1, 1))  # a perception sentence, not the conclusion
+    colours = [c for c in COLORS if c in sentences[i].split()]
+    recoloured = list(sentences)
+    if colours:
+        recoloured[i] = sentences[i].replace(colours[0], rng.choice([c for c in COLORS if c != colours[0]]), 1)
+    out = [f"{rationale}Answer: {wrong}", ". ".join(recoloured) + f"Answer: {answer}"]
+    conclusion = sentences[-1]
+    if f" {answer}" in conclusion:
+        out.append(". ".join([*sentences[:-1], conclusion.replace(f" {answer}", f" {wrong}")]) + f"Answer: {wrong}")
+    elif answer in ("yes", "no") and (" is a " in conclusion or " is no " in conclusion):
+        flipped = (
+            conclusion.replace(" is a ", " is no ")
+            if " is a " in conclusion
+            else conclusion.replace(" is no ", " is a ")
+        )
+        out.append(". ".join([*sentences[:-1], flipped]) + f"Answer: {wrong}")
+    return out
+
+
+def contrast_judgements(
+    rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(), max_pairs: int | None = None, seed: int = 0
+) -> pl.DataFrame:
+    """Each row's gold response and its perturbed copies, every ordered pair of them labelled by the verifier; at
+    most ``max_pairs`` (0: none), drawn at random. ``rows`` need ``response``, ``scene`` and ``question_spec``."""
+    if max_pairs == 0:
+        return pl.DataFrame(schema=JUDGEMENT_ROWS)
+    rng = random.Random(derive_seed(seed, "perturbed_responses"))
+    out = []
+    for prompt in rows.filter(pl.col("scene").is_not_null() & pl.col("response").is_not_null()).iter_rows(named=True):
+        texts = [prompt["response"], *perturbed_responses(prompt["response"], rng)]
+        out += _labelled(tokenizer, prompt, texts, permutations(range(len(texts)), 2), cfg)
+    return _at_most(out, len(out) if max_pairs is None else max_pairs, derive_seed(seed, "contrast_judgements"))
+
+
+def user_judgements(table: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig()) -> pl.DataFrame:
+    """Judge training rows from a judgement table: each pair in both orders, the verdict swapped with the order."""
+    swap = {"A": "B", "B": "A", "tie": "tie"}
+    rows = []
+    for t in table.iter_rows(named=True):
+        for first, second, verdict in (
+            (t["response_a"], t["response_b"], t["verdict"]),
+            (t["response_b"], t["response_a"], swap[t["verdict"]]),
+        ):
+            text = judge_prompt(tokenizer, t, first, second, cfg.template)
+            rows.append({"prompt": text, "completion": verdict_completion(verdict), "verdict": verdict})
+    return pl.DataFrame(rows, schema=JUDGEMENT_ROWS)
+
+
+def judge_training_set(
+    tokenizer,
+    cfg: JudgeConfig,
+    *,
+    policy_dir: str,
+    runtime,
+    search,
+    prompts: pl.DataFrame,
+    contrast_rows: pl.DataFrame,
+    user_table: pl.DataFrame,
+    max_pairs: int,
+    contrast_pairs: int,
+    seed: int,
+    progress=False,
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Every pair the R-Scorer trains on, and how many came from each source:
+
+    - the candidates of the policy at ``policy_dir`` (the SFT checkpoint) for ``prompts``, by the same
+      sentence-level beam search as an iteration's (``search``), where prompts have a scene: at most
+      ``max_pairs`` of their ordered pairs;
+    - ``contrast_pairs`` contrast pairs from the gold responses of ``prompts`` and then of ``contrast_rows``
+      (0: none);
+    - every row of ``user_table``, both orders.
+    """
+    from .candidate_search import sentence_beam_search
+    from .models import load_policy
+
+    candidates = pl.DataFrame(schema={"prompt_id": pl.String, "candidate": pl.Int64, "text": pl.String})
+    if prompts["scene"].is_not_null().any():
+        policy, processor = load_policy(policy_dir, runtime)
+        candidates = sentence_beam_search(
+            policy, processor, prompts, search, seed=derive_seed(seed, "r_scorer_candidates"), progress=progress
+        )
+        del policy
+    parts = {
+        "candidate_pairs": candidate_judgements(candidates, prompts, tokenizer, cfg, max_pairs, seed),
+        "contrast_pairs": contrast_judgements(
+            pl.concat([prompts, contrast_rows], how="diagonal_relaxed"), tokenizer, cfg, contrast_pairs, seed
+        ),
+        "user_pairs": user_judgements(user_table, tokenizer, cfg),
+    }
+    return pl.concat(list(parts.values())), {name: part.height for name, part in parts.items()}
