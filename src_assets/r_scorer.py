@@ -329,28 +329,21 @@ def is_oracle(reference: str) -> bool:
 
 def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, settings, callbacks=()) -> dict:
     """Trains the judge on (prompt, completion = verdict) rows with TRL's SFTTrainer, loss on the verdict only."""
-    import tempfile
-
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     from .models import load_scorer
-    from .training import quiet, save_trained
+    from .training import train
 
-    model, tokenizer = load_scorer(base_model, settings.weights_runtime())
     dataset = Dataset.from_dict(
         {"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()}
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**settings.trl_kwargs(scratch), completion_only_loss=True)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=settings.peft_config(),
-            callbacks=list(callbacks),
-        )
-        result = quiet(trainer, "R-Scorer training (steps)").train()
-    save_trained(trainer, tokenizer, out_dir, "R-Scorer training", "scorer_learning_rate", result.training_loss)
-    return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}
+    return train(
+        lambda runtime: load_scorer(base_model, runtime),
+        dataset,
+        out_dir,
+        settings,
+        "R-Scorer training",
+        "scorer_learning_rate",
+        callbacks=callbacks,
+        completion_only_loss=True,
+    )

@@ -134,6 +134,40 @@ def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:
     return Dataset.from_dict(data)
 
 
+def train(
+    load,
+    dataset,
+    out_dir: str,
+    settings: TrainSettings,
+    desc: str,
+    suspects: str,
+    trainer_class=None,
+    config_class=None,
+    callbacks=(),
+    **config,
+) -> dict:
+    """The one training skeleton: load, config, trainer, train, save. ``load(runtime)`` returns the model and its
+    processing class; ``dataset`` is a TRL dataset; ``trainer_class`` and ``config_class`` default to TRL's
+    ``SFTTrainer`` and ``SFTConfig``, and ``config`` adds their fields to the settings' shared ones. The model is
+    saved to ``out_dir`` (refused if non-finite: ``save_trained``, naming ``suspects``). Returns the metrics."""
+    from trl import SFTConfig, SFTTrainer
+
+    model, processing_class = load(settings.weights_runtime())
+    with tempfile.TemporaryDirectory() as scratch:
+        args = (config_class or SFTConfig)(**settings.trl_kwargs(scratch), **config)
+        trainer = (trainer_class or SFTTrainer)(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=processing_class,
+            peft_config=settings.peft_config(),
+            callbacks=list(callbacks),
+        )
+        result = quiet(trainer, f"{desc} (steps)").train()
+    save_trained(trainer, processing_class, out_dir, desc, suspects, result.training_loss)
+    return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}
+
+
 def train_vision_sft(
     model_ref: str,
     rows: pl.DataFrame,
@@ -144,22 +178,9 @@ def train_vision_sft(
     suspects: str = "the learning rate",
 ) -> dict:
     """Supervised fine-tuning of a VLM on (question, completion, image) rows with TRL's ``SFTTrainer``, loss on the
-    completion only (TRL's default for prompt-completion data); saves the model to ``out_dir``. The base stage and
-    rationale SFT both train this way. Returns the training metrics."""
-    from trl import SFTConfig, SFTTrainer
-
-    model, processor = load_policy(model_ref, settings.weights_runtime())
+    completion only (TRL's default for prompt-completion data); saves the model to ``out_dir``. The base stage,
+    rationale SFT and the gold-data bound train this way. Returns the training metrics."""
     dataset = vision_dataset(rows, {"completion": "completion"})
-    with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**settings.trl_kwargs(scratch))
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=processor,
-            peft_config=settings.peft_config(),
-            callbacks=list(callbacks),
-        )
-        result = quiet(trainer, f"{desc} (steps)").train()
-    save_trained(trainer, processor, out_dir, desc, suspects, result.training_loss)
-    return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}
+    return train(
+        lambda runtime: load_policy(model_ref, runtime), dataset, out_dir, settings, desc, suspects, callbacks=callbacks
+    )

@@ -223,40 +223,34 @@ def train_weighted_dpo(
     ``weighted=False`` trains on the same pairs with every weight 1 (plain DPO), the ablation of confidence weighting.
     ``nll_weight`` > 0 adds TRL's likelihood anchor on the chosen responses (RPO's ``alpha``).
     """
-    import tempfile
-
     import polars as pl
 
     from .models import load_policy
-    from .training import quiet, save_trained, vision_dataset
+    from .training import train, vision_dataset
 
     kept = preference_set.filter(pl.col("kept"))
     if kept.is_empty():
         raise ValueError("the preference set keeps no pair: nothing to train on (lower tau, or check the judge)")
     if not weighted:
         kept = kept.with_columns(pl.lit(1.0).alias("weight"))
-    model, processor = load_policy(policy_model, settings.weights_runtime())
     dataset = vision_dataset(kept, {"chosen": "chosen", "rejected": "rejected", "weight": "weight"})
-    with tempfile.TemporaryDirectory() as scratch:
-        anchor = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight]) if nll_weight > 0 else {}
-        args = WeightedDPOConfig(**settings.trl_kwargs(scratch), beta=beta, use_fused_kernel=use_fused_kernel, **anchor)
-        # The reference log-probs are computed once from the starting weights (with LoRA: the adapter switched off).
-        trainer = WeightedDPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=processor,
-            peft_config=settings.peft_config(),
-            callbacks=list(callbacks),
-        )
-        result = quiet(trainer, "weighted DPO (steps)").train()
-    save_trained(trainer, processor, out_dir, "weighted DPO", "dpo_learning_rate or beta", result.training_loss)
-    return {
-        "train_loss": result.training_loss,
-        "steps": result.global_step,
-        "pairs": kept.height,
-        "log": trainer.state.log_history,
-    }
+    anchor = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight]) if nll_weight > 0 else {}
+    # The reference log-probs are computed once from the starting weights (with LoRA: the adapter switched off).
+    result = train(
+        lambda runtime: load_policy(policy_model, runtime),
+        dataset,
+        out_dir,
+        settings,
+        "weighted DPO",
+        "dpo_learning_rate or beta",
+        WeightedDPOTrainer,
+        WeightedDPOConfig,
+        callbacks,
+        beta=beta,
+        use_fused_kernel=use_fused_kernel,
+        **anchor,
+    )
+    return {**result, "pairs": kept.height}
 
 
 def train_gold_bound(policy_model: str, preference_set, out_dir: str, settings, callbacks=()) -> dict:
