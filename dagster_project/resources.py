@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+from dataclasses import fields
 from typing import Any, Optional
 
 import polars as pl
@@ -13,9 +14,9 @@ from dagster import (
     InputContext,
     OutputContext,
 )
-from pydantic import Field
+from pydantic import Field, create_model
 
-from src_assets.config import TINY, SRCConfig, profile
+from src_assets.config import SRCConfig, profile, setting_names
 from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, LEASE_TTL_S, STORE_ENV, LeaseHeld, Store
 
 from . import store_layout
@@ -106,62 +107,39 @@ class StoreRunLeaseResource(ConfigurableResource):
             lease.release()
 
 
-class SettingsResource(ConfigurableResource):
-    """A named profile plus overrides; see ``src_assets.config.SRCConfig`` for every setting."""
-
+class _Settings(ConfigurableResource):
     profile: str = Field(default_factory=lambda: os.environ.get("SRC_PROFILE", "default"))
-    seed: int = 0
-    policy_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
-    scorer_model: str = Field(default=TINY, description="'tiny', a local model directory, or a hub id")
-    # What matters on a GPU, as typed Launchpad fields; None keeps the profile's value.
-    device: Optional[str] = Field(default=None, description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    dtype: Optional[str] = Field(
-        default=None, description="'auto' (bfloat16 on a GPU that supports it), float32, bfloat16, float16"
-    )
-    attn_implementation: Optional[str] = Field(
-        default=None, description="'' (transformers' choice), sdpa, flash_attention_2, eager"
-    )
-    lora_r: Optional[int] = Field(default=None, description="0: full fine-tuning; > 0: LoRA of this rank")
-    gradient_accumulation_steps: Optional[int] = None
-    gradient_checkpointing: Optional[bool] = None
-    max_length: Optional[int] = Field(default=None, description="> 0: truncate training examples to this many tokens")
-    report_to: Optional[str] = Field(default=None, description="comma-separated: tensorboard, wandb, mlflow")
-    image_min_pixels: Optional[int] = None
-    image_max_pixels: Optional[int] = None
-    eval_max_new_tokens: Optional[int] = None
-    judge_batch_size: Optional[int] = None
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="any other SRCConfig field, e.g. {'tau': 0.2, 'n_sft': 500}"
+        default_factory=dict, description="settings by flat name, e.g. {'tau': 0.2, 'n_sft': 500}; they win"
     )
 
     def config(self) -> SRCConfig:
-        typed = {name: getattr(self, name) for name in _TYPED_OPTIONAL if getattr(self, name) is not None}
-        # Overrides win over the typed fields, so ``--set policy_model=DIR`` and ``--set seed=3`` work too.
-        return profile(
-            self.profile,
-            **{
-                "seed": self.seed,
-                "policy_model": self.policy_model,
-                "scorer_model": self.scorer_model,
-                **typed,
-                **self.overrides,
-            },
-        )
+        typed = {name: getattr(self, name) for name in _SCALAR_SETTINGS if getattr(self, name) is not None}
+        return profile(self.profile, **{**typed, **self.overrides})
 
 
-_TYPED_OPTIONAL = (
-    "device",
-    "dtype",
-    "attn_implementation",
-    "lora_r",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "max_length",
-    "report_to",
-    "image_min_pixels",
-    "image_max_pixels",
-    "eval_max_new_tokens",
-    "judge_batch_size",
+_PYTHON_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# Every scalar setting of SRCConfig, by its flat name; the one tuple (judge_quality_weights) goes through overrides.
+_SCALAR_SETTINGS = {name: kind for name, (_, _, kind) in setting_names().items() if kind in _PYTHON_TYPES}
+
+
+def _help(name: str) -> str | None:
+    group, attr, _ = setting_names()[name]
+    owner = getattr(SRCConfig(), group) if group else SRCConfig()
+    return next(f.metadata.get("help") for f in fields(owner) if f.name == attr) or None
+
+
+# A named profile plus every setting as a typed Launchpad field (None keeps the profile's value), generated from
+# SRCConfig so that no setting is declared twice.
+SettingsResource = create_model(
+    "SettingsResource",
+    __base__=_Settings,
+    __doc__="A named profile plus overrides; every setting of ``src_assets.config.SRCConfig`` is a typed field.",
+    __module__=__name__,
+    **{
+        name: (Optional[_PYTHON_TYPES[kind]], Field(default=None, description=_help(name)))
+        for name, kind in _SCALAR_SETTINGS.items()
+    },
 )
 
 

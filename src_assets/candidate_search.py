@@ -26,22 +26,30 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .fingerprints import derive_seed
 from .generation import PromptInputs, cache_rows, collate_prompts, left_padded, never_generate, prompt_inputs, to_model
 from .progress import Progress, ProgressBar
+from .setting import setting, validate_fields
 from .verifier import split_response
+
+MAX_CANDIDATES = 256  # a bound that stops a typo, not a limit of the method
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    k: int = 6  # candidates kept per prompt
-    beams: int = 3  # B: live partial responses per prompt
-    samples_per_beam: int = 3  # M: sentence continuations sampled per beam
-    temperature: float = 1.5  # 1.0 leaves 2-3 distinct candidates per prompt and 4 prompts in 10 all tied
-    max_sentences: int = 8
-    max_sentence_tokens: int = 24
-    batch_size: int = 512  # rows (prompt x beam x sample) per generate call
-    sentence_delimiter: str = "."
+    k: int = setting(6, low=2, high=MAX_CANDIDATES)  # candidates kept per prompt
+    beams: int = setting(3, low=1, high=MAX_CANDIDATES)  # B: live partial responses per prompt
+    samples_per_beam: int = setting(3, low=1, high=MAX_CANDIDATES)  # M: sentence continuations sampled per beam
+    # 1.0 leaves 2-3 distinct candidates per prompt and 4 prompts in 10 all tied
+    temperature: float = setting(1.5, above=0)
+    max_sentences: int = setting(8, low=1)
+    max_sentence_tokens: int = setting(24, low=1)
+    # rows (prompt x beam x sample) per generate call
+    batch_size: int = setting(512, low=1, name="search_batch_size")
+    sentence_delimiter: str = setting(".")
     # The policy's greedy response joins the pool too: it is what the policy answers when asked, so a pair that
     # ranks it against a better sampled candidate corrects exactly the behaviour that gets evaluated.
-    include_greedy: bool = True
+    include_greedy: bool = setting(True)
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from kernels.pairwise import PairwiseAggregate, aggregate_pairwise, aggregate_pairwise_reference, pair_confidence
 
 from .scenes import Question, Scene, gold_response
+from .setting import setting, validate_fields
 from .verifier import normalize_answer, verify
 
 BACKENDS = ("auto", "triton", "torch")
@@ -23,36 +24,31 @@ BACKENDS = ("auto", "triton", "torch")
 class AggregationConfig:
     """Stage 4: from each prompt's judged matrix to per-candidate scores, and how pairs are ranked."""
 
-    select_by: str = "strength"  # "strength" (Bradley-Terry) or "win_rate"
-    bt_iters: int = 50
-    bt_tol: float = 1e-6
-    backend: str = "auto"  # "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"
+    select_by: str = setting("strength", choices=("strength", "win_rate"))  # Bradley-Terry strength or win rate
+    bt_iters: int = setting(50, low=1)  # 0 would leave every strength equal: chosen = rejected, nothing to train
+    bt_tol: float = setting(1e-6, above=0)
+    # "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"
+    backend: str = setting("auto", choices=BACKENDS, name="aggregation_backend")
 
     def __post_init__(self):
-        if self.select_by not in ("strength", "win_rate"):
-            raise ValueError(f"select_by must be 'strength' or 'win_rate', got {self.select_by!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        validate_fields(self)
 
 
 @dataclass(frozen=True)
 class CurationConfig:
     """Stage 5: which ranked pairs become training pairs."""
 
-    tau: float = 0.1  # pairs whose weight is below this are dropped
-    pairs_per_prompt: int = 2  # best vs worst, 2nd best vs 2nd worst, ...
-    require_correct_chosen: bool = True  # never keep a chosen response whose answer is wrong
+    tau: float = setting(0.1, low=0, high=1)  # pairs whose weight is below this are dropped
+    pairs_per_prompt: int = setting(2, low=1)  # best vs worst, 2nd best vs 2nd worst, ...
+    require_correct_chosen: bool = setting(True)  # never keep a chosen response whose answer is wrong
     # Where the prompt has a scene (the verifier can tell), never keep a chosen response whose answer does not follow
     # from its rationale, or one with an untrue sentence: DPO would teach the answer apart from the rationale, or
     # teach the untrue sentence.
-    require_consistent_chosen: bool = True
-    require_factual_chosen: bool = True
+    require_consistent_chosen: bool = setting(True)
+    require_factual_chosen: bool = setting(True)
 
     def __post_init__(self):
-        if not 0 <= self.tau <= 1:
-            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
-        if self.pairs_per_prompt < 1:
-            raise ValueError(f"pairs_per_prompt must be at least 1, got {self.pairs_per_prompt}")
+        validate_fields(self)
 
 
 def aggregate(

@@ -29,6 +29,7 @@ from kernels.pairwise import debias
 
 from .generation import cache_rows, left_padded
 from .progress import Progress, ProgressBar
+from .setting import setting, validate_fields
 from .verifier import (
     QUALITY_WEIGHTS,
     TIE_MARGIN,
@@ -51,11 +52,15 @@ INSTRUCTION = (
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    template: str = "compact"  # "compact" (the tiny judge) or "instruct" (a chat model used zero-shot)
-    batch_size: int = 128
+    # "compact" (the tiny judge) or "instruct" (a chat model used zero-shot)
+    template: str = setting("compact", choices=JUDGE_TEMPLATES, name="judge_template")
+    batch_size: int = setting(128, low=1, name="judge_batch_size")
     # Verifier labels: quality = weighted correctness + factuality + consistency; gaps up to tie_margin are ties.
-    quality_weights: tuple[float, float, float] = QUALITY_WEIGHTS
-    tie_margin: float = TIE_MARGIN
+    quality_weights: tuple[float, float, float] = setting(QUALITY_WEIGHTS, name="judge_quality_weights")
+    tie_margin: float = setting(TIE_MARGIN, low=0, name="judge_tie_margin")
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def judge_prompt(tokenizer, prompt: Mapping, first: str, second: str, template: str = "compact") -> str:
