@@ -34,7 +34,6 @@ from .versions import reads
 
 @asset(
     group_name="data",
-    description="Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix.",
 )
 @reads(
     "seed",
@@ -52,6 +51,7 @@ from .versions import reads
     stages=("source_data", "scenes"),
 )
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+    """Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix."""
     cfg, s = settings.config(), store.store()
     named = []
     if cfg.n_sft or cfg.n_calibrate or cfg.n_eval:
@@ -94,10 +94,11 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
 
 @asset(
     group_name="data",
-    description="The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's judgements prefix; they train the R-Scorer beside the verifier's labels.",
 )
 @reads("judgements_prefix", "max_text_chars", stages=("source_data",))
 def judgement_tables(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+    """The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's
+    judgements prefix; they train the R-Scorer beside the verifier's labels."""
     cfg, s = settings.config(), store.store()
     files = s.list(cfg.judgements_prefix, ".parquet")
     frames = []
@@ -118,11 +119,10 @@ def judgement_tables(context: AssetExecutionContext, settings: SettingsResource,
     return df
 
 
-@asset(
-    group_name="data", description="The sft rows as (prompt, completion, image), completions in the rationale template."
-)
+@asset(group_name="data")
 @reads(stages=("rationale_sft", "scenes"))
 def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
+    """The sft rows as (prompt, completion, image), completions in the rationale template."""
     try:
         df = build_rationale_sft_set(vqa_source)
     except SourceDataError as e:
@@ -164,9 +164,10 @@ def perception_corpus(context: AssetExecutionContext, settings: SettingsResource
     return df
 
 
-@asset(group_name="data", description="The held-out rows every iteration is evaluated on.")
+@asset(group_name="data")
 @reads()
 def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
+    """The held-out rows every iteration is evaluated on."""
     df = vqa_source.filter(pl.col("split") == "eval")
     if df.is_empty():
         raise Failure("vqa_source has no rows with split 'eval'")
@@ -208,7 +209,6 @@ def count_parameters(model_dir: Path) -> int:
 
 @asset(
     group_name="models",
-    description="The R-Scorer's judge LM before training: the tiny local LM, or the configured real model.",
 )
 @reads(
     "scorer_model",
@@ -221,6 +221,7 @@ def count_parameters(model_dir: Path) -> int:
     stages=("tiny_models", "models"),
 )
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
+    """The R-Scorer's judge LM before training: the tiny local LM, or the configured real model."""
     cfg = settings.config()
     if is_oracle(cfg.scorer_model):
         context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model)})

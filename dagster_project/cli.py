@@ -18,13 +18,13 @@ from src_assets.fingerprints import digest as fingerprint
 from .experiments import VARIANTS, experiment
 from .generation_benchmark import bench_generation
 from .recovery import (
-    ITERATION_ROW,
     RUN_HOST_TAG,
     RUN_PID_TAG,
     SETTINGS_TAG,
     STORE_TAG,
     RunWatchdog,
     completed_iteration,
+    iteration_row,
     pool_holders,
     release_dead_runs,
 )
@@ -79,6 +79,14 @@ def _failed_checks(result) -> tuple[list[str], list[str]]:
         )
         (warnings if evaluation.severity.value == "WARN" else errors).append(line)
     return errors, warnings
+
+
+def _succeeded(result, log) -> bool:
+    """Whether a run's steps and ERROR-level checks all passed; if not, one line on stderr says why."""
+    if not result.success:
+        print(_failure(result), file=sys.stderr)
+        return False
+    return _checks_passed(result, log)
 
 
 def _checks_passed(result, log) -> bool:
@@ -213,10 +221,7 @@ def _run_holding_the_store(args, store, resources, instance, foundation, iterati
 
     log(f"data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
     result = _materialize([*foundation, *all_checks], instance, resources, tags, args.verbose)
-    if not result.success:
-        print(_failure(result), file=sys.stderr)
-        return 1
-    if not _checks_passed(result, log):
+    if not _succeeded(result, log):
         return 1
     sft = _meta(result, "sft_eval")
     start = _meta(result, "sft_checkpoint").get("model")
@@ -250,14 +255,12 @@ def _run_holding_the_store(args, store, resources, instance, foundation, iterati
             selection=list(ITERATION_ASSETS),
             partition_key=key,
         )
-        if not result.success:
-            print(_failure(result), file=sys.stderr)
+        if not _succeeded(result, log):
             return 1
-        if not _checks_passed(result, log):
-            return 1
-        m = {**_meta(result, "pairwise_scores"), **_meta(result, "preference_set"), **_meta(result, "iteration_eval")}
-        rows.append({"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")})
-        start = m.get("checkpoint")
+        rows.append(
+            iteration_row(key, {a: _meta(result, a) for a in ("pairwise_scores", "preference_set", "iteration_eval")})
+        )
+        start = rows[-1]["checkpoint"]
     _print(rows, args.json)
     return 0
 

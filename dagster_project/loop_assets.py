@@ -266,7 +266,6 @@ def base_policy_model(
 @asset(
     group_name="training",
     pool=GPU_POOL,
-    description="Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer).",
 )
 @reads("sft_epochs", "sft_learning_rate", "sft_batch_size", "training", stages=("rationale_sft", "training", "models"))
 def sft_checkpoint(
@@ -276,6 +275,7 @@ def sft_checkpoint(
     settings: SettingsResource,
     store: StoreResource,
 ) -> str:
+    """Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer)."""
     cfg, s = settings.config(), store.store()
     fingerprint = digest(
         _model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set)
@@ -311,7 +311,6 @@ def sft_checkpoint(
 @asset(
     group_name="training",
     pool=GPU_POOL,
-    description="The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used zero-shot.",
 )
 @reads(
     "scorer_model",
@@ -341,6 +340,8 @@ def r_scorer_checkpoint(
     settings: SettingsResource,
     store: StoreResource,
 ) -> str:
+    """The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used
+    zero-shot."""
     cfg, s = settings.config(), store.store()
     if is_oracle(cfg.scorer_model):
         context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model), "trained": False})
@@ -423,7 +424,7 @@ def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg
     )
 
 
-@asset(group_name="evaluation", pool=GPU_POOL, description="Iteration 0: the SFT checkpoint on the held-out set.")
+@asset(group_name="evaluation", pool=GPU_POOL)
 @reads(
     "runtime",
     "eval_max_new_tokens",
@@ -439,6 +440,7 @@ def sft_eval(
     settings: SettingsResource,
     store: StoreResource,
 ) -> pl.DataFrame:
+    """Iteration 0: the SFT checkpoint on the held-out set."""
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
@@ -485,13 +487,13 @@ ITERATION = dict(group_name="iteration", partitions_def=iteration_partitions)
 
 @asset(
     **ITERATION,
-    description="The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), "
-    "resolved once from the store. Every later step of the iteration uses this URI.",
 )
 @reads()
 def start_policy(
     context: AssetExecutionContext, sft_checkpoint: str, store: StoreResource, iteration_lease: IterationLeaseResource
 ) -> str:
+    """The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), resolved once from the store.
+    Every later step of the iteration uses this URI."""
     s, key = store.store(), context.partition_key
     k = iteration_number(key)
     if k == 1:
@@ -512,7 +514,6 @@ def start_policy(
 @asset(
     **ITERATION,
     deps=[start_policy],  # after it: an iteration whose predecessor is missing writes nothing
-    description="Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own.",
 )
 @reads("prompts_per_iteration", "scorer_prompts", stages=("source_data",))
 def calibration_prompts(
@@ -521,6 +522,7 @@ def calibration_prompts(
     settings: SettingsResource,
     iteration_lease: IterationLeaseResource,
 ) -> pl.DataFrame:
+    """Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own."""
     cfg = settings.config()
     try:
         rows = iteration_prompt_rows(
@@ -542,7 +544,6 @@ def calibration_prompts(
 @asset(
     **ITERATION,
     pool=GPU_POOL,
-    description="K distinct complete responses per prompt from the start policy, by sentence-level beam search.",
     check_specs=[
         AssetCheckSpec(
             "most_prompts_have_two_distinct_candidates",
@@ -560,6 +561,7 @@ def candidate_pool(
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
 ):
+    """K distinct complete responses per prompt from the start policy, by sentence-level beam search."""
     cfg, key = settings.config(), context.partition_key
     context.log.info(f"iteration {key}: sampling {calibration_prompts.height} prompts from {start_policy}")
     model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
@@ -597,7 +599,6 @@ def candidate_pool(
 @asset(
     **ITERATION,
     pool=GPU_POOL,
-    description="Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate scores.",
 )
 @reads("judge", "aggregation", "runtime", "scoring", stages=("r_scorer", "preference", "verifier"))
 def pairwise_scores(
@@ -609,6 +610,8 @@ def pairwise_scores(
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
 ) -> pl.DataFrame:
+    """Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate
+    scores."""
     cfg = settings.config()
     judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
     ids, matrices = judge.matrices(candidate_pool, calibration_prompts, cfg.scoring, progress=context.log.info)
@@ -641,7 +644,6 @@ def pairwise_scores(
 
 @asset(
     **ITERATION,
-    description="Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped.",
     check_specs=[
         AssetCheckSpec(
             "weights_in_unit_interval",
@@ -672,6 +674,7 @@ def preference_set(
     settings: SettingsResource,
     iteration_lease: IterationLeaseResource,
 ):
+    """Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped."""
     cfg = settings.config()
     prefs = curate_preferences(
         candidate_pool, pairwise_scores, calibration_prompts, cfg.curation, cfg.aggregation.select_by
@@ -716,7 +719,6 @@ def preference_set(
 @asset(
     **ITERATION,
     pool=GPU_POOL,
-    description="Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference).",
 )
 @reads(
     "dpo_epochs",
@@ -738,6 +740,7 @@ def policy_checkpoint(
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
 ) -> str:
+    """Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference)."""
     cfg, s, key = settings.config(), store.store(), context.partition_key
     if not preference_set["kept"].any():
         # Nothing to learn from: policy k is policy k-1, stored as its own version so iteration k+1 can start.
@@ -812,7 +815,6 @@ def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.Da
     group_name="evaluation",
     partitions_def=iteration_partitions,
     pool=GPU_POOL,
-    description="Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over the start policy.",
     check_specs=[
         AssetCheckSpec(
             "no_regression",
@@ -841,6 +843,8 @@ def iteration_eval(
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
 ):
+    """Policy k on the held-out set: accuracy, factuality, completeness, consistency, and the judge's win rate over the
+    start policy."""
     s, key, cfg = store.store(), context.partition_key, settings.config()
     model, processor = load_policy(s.local_model_dir(policy_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)

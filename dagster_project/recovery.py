@@ -174,5 +174,10 @@ def completed_iteration(instance, store, key: str, start: str, settings_digest: 
     except StoreError as e:
         log(f"iteration {key}: its committed policy fails verification, so the iteration runs again ({e})")
         return None
+    return iteration_row(key, meta)
+
+
+def iteration_row(key: str, meta: dict[str, dict]) -> dict:
+    """Iteration ``key``'s row of the run summary, from its assets' metadata (by asset name)."""
     m = {**meta["pairwise_scores"], **meta["preference_set"], **meta["iteration_eval"]}
     return {"iteration": int(key), **{k: m.get(k) for k in ITERATION_ROW}, "checkpoint": m.get("checkpoint")}
