@@ -98,3 +98,10 @@ def save_processor(processor, out_dir: str | Path) -> None:
     config = {k: getattr(processor, k) for k in _init_parameters(type(processor)) if hasattr(processor, k)}
     config["processor_class"] = type(processor).__name__
     (Path(out_dir) / "processor_config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def save_model_dir(model, processing_class, out_dir: str | Path) -> Path:
+    """A model directory as ``from_pretrained`` reads it: safetensors weights, and the tokenizer or processor."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    save_processor(processing_class, out_dir)
+    return Path(out_dir)

@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from .processors import save_model_dir
 from .scenes import CELL_PIXELS, DOMAIN_WORDS, IMAGE_PIXELS
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
@@ -163,10 +164,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int =
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # CLIP's CLS token, which the "default" strategy drops again
     )
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save_model_dir(model, processor, out_dir)
 
 
 def build_tiny_scorer(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
@@ -175,10 +173,7 @@ def build_tiny_scorer(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: in
     tok = build_tokenizer(extra_words=JUDGE_WORDS)
     model = LlamaForCausalLM(_text_config(tok, spec))
     model.generation_config.pad_token_id = tok.pad_token_id
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return save_model_dir(model, tok, out_dir)
 
 
 # --- The other policy architectures, with the byte-level BPE tokenizers their families use ---------------
@@ -412,7 +407,6 @@ def build_tiny_policy(
     out_dir: str | Path, architecture: str = "llava", spec: TinySpec = TinySpec(), seed: int = 0
 ) -> Path:
     """A tiny random-weight VLM of ``architecture`` (one of ``POLICY_ARCHITECTURES``) with its processor."""
-    from .processors import save_processor
 
     if architecture == "llava":
         return build_tiny_vlm(out_dir, spec, seed)
@@ -422,10 +416,7 @@ def build_tiny_policy(
     model, processor, tok = _idefics3_vlm(spec) if architecture == "idefics3" else _qwen_vlm(spec, architecture)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    save_processor(processor, out_dir)
-    return out_dir
+    return save_model_dir(model, processor, out_dir)
 
 
 def build_tiny_judge(
@@ -444,7 +435,4 @@ def build_tiny_judge(
     config.bos_token_id = None
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return save_model_dir(model, tok, out_dir)

@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from .generation import decode_image, user_turn
 from .models import CPU_FLOAT32, Runtime, load_policy
-from .processors import save_processor
+from .processors import save_model_dir
 from .progress import ProgressBar
 
 
@@ -109,11 +109,7 @@ def save_trained(trainer, processing_class, out_dir: str, stage: str, suspects: 
             f"{stage}: training diverged (train loss {train_loss}; {len(bad)} of {len(model.state_dict())} weight "
             f"tensors hold NaN or inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {suspects}."
         )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if hasattr(processing_class, "image_processor"):
-        save_processor(processing_class, out_dir)
-    else:
-        processing_class.save_pretrained(out_dir)
+    save_model_dir(model, processing_class, out_dir)
 
 
 def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:
