@@ -144,7 +144,9 @@ class SRCConfig:
     scorer_prompts: int = setting(
         128, low=1, high=MAX_SCENES
     )  # calibrate prompts whose candidates the verifier labels to train the judge
-    scorer_max_pairs: int = setting(4000, low=0)  # at most this many ordered pairs of the SFT policy's candidates
+    # At most this many ordered pairs of the SFT policy's candidates. With the contrast pairs the judge trains on
+    # 4,000 pairs, as many as when the two were capped together.
+    scorer_max_pairs: int = setting(3232, low=0)
     # Pairs of gold responses against perturbed copies of themselves (the R-Scorer's prompts', then the sft rows'),
     # labelled by the verifier; 0: none. 768 is about what 128 prompts give (6 per prompt).
     scorer_contrast_pairs: int = setting(768, low=0)
