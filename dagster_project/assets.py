@@ -213,10 +213,7 @@ def count_parameters(model_dir: Path) -> int:
 @reads(
     "scorer_model",
     "tiny_scorer_architecture",
-    "tiny_hidden_size",
-    "tiny_layers",
-    "tiny_patch_size",
-    "tiny_position_embedding_std",
+    "tiny",
     "seed",
     stages=("tiny_models", "models"),
 )

@@ -123,9 +123,12 @@ _PYTHON_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _SCALAR_SETTINGS = {name: kind for name, (_, _, kind) in setting_names().items() if kind in _PYTHON_TYPES}
 
 
+_DEFAULTS = SRCConfig()
+
+
 def _help(name: str) -> str | None:
     group, attr, _ = setting_names()[name]
-    owner = getattr(SRCConfig(), group) if group else SRCConfig()
+    owner = getattr(_DEFAULTS, group) if group else _DEFAULTS
     return next(f.metadata.get("help") for f in fields(owner) if f.name == attr) or None
 
 

@@ -42,7 +42,9 @@ TRAINING_SETTINGS = (
     "report_to",
     *RUNTIME_SETTINGS,
 )
-SETTING_BUNDLES = {"runtime": RUNTIME_SETTINGS, "training": TRAINING_SETTINGS}
+# What a tiny model is made of besides its architecture and seed (``SRCConfig.tiny_spec``).
+TINY_SETTINGS = ("tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std")
+SETTING_BUNDLES = {"runtime": RUNTIME_SETTINGS, "training": TRAINING_SETTINGS, "tiny": TINY_SETTINGS}
 
 # Upper bounds stop a typo from building data for days: a million synthetic scenes per split (about 2 GB of PNGs),
 # 256 candidates per prompt, 1,000 epochs. Zeros that mean something are allowed (n_sft=0 turns synthetic data

@@ -205,7 +205,7 @@ def test_each_asset_declares_every_setting_its_code_reads():
     trainings = {"base_settings": "base", "sft_settings": "sft", "scorer_settings": "scorer", "dpo_settings": "dpo"}
     methods = {
         "runtime": SETTING_BUNDLES["runtime"],
-        "tiny_spec": ("tiny_hidden_size", "tiny_layers", "tiny_patch_size", "tiny_position_embedding_std"),
+        "tiny_spec": SETTING_BUNDLES["tiny"],
         **{
             m: (f"{p}_epochs", f"{p}_learning_rate", f"{p}_batch_size", *TRAINING_SETTINGS)
             for m, p in trainings.items()
