@@ -21,9 +21,9 @@ from src_assets.source_data import (
     check_split_sizes,
     combine_sources,
     read_judgements_file,
-    read_source_file,
     synthetic_source,
 )
+from src_assets.source_files import source_options, user_sources
 from src_assets.tiny_models import build_tiny_judge
 
 from . import store_layout
@@ -44,6 +44,9 @@ from .versions import reads
     "max_objects",
     "teacher_error_rate",
     "source_prefix",
+    "source_datasets",
+    "source_columns",
+    "split_fractions",
     "max_source_file_bytes",
     "max_image_pixels",
     "max_text_chars",
@@ -51,43 +54,36 @@ from .versions import reads
     stages=("source_data", "scenes"),
 )
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
-    """Every (image, question, answer) row: synthetic scenes plus the Parquet files under the store's source prefix."""
+    """Every (image, question, answer) row: synthetic scenes, the files under the store's source prefix (Parquet,
+    LLaVA-style JSON/JSONL, ``datasets`` folders) and the hub datasets of ``source_datasets``."""
     cfg, s = settings.config(), store.store()
     named = []
-    if cfg.n_sft or cfg.n_calibrate or cfg.n_eval:
-        synthetic = synthetic_source(
+    synthetic = bool(cfg.n_sft or cfg.n_calibrate or cfg.n_eval)
+    if synthetic:
+        rows = synthetic_source(
             cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects, cfg.teacher_error_rate
         )
-        named.append(("synthetic", synthetic))
-    files = s.list(cfg.source_prefix, ".parquet")
-    for key in files:
-        context.log.info(f"reading source file {s.uri(key)}")
-        try:
-            with s.open(key) as file:
-                named.append(
-                    (
-                        s.uri(key),
-                        read_source_file(
-                            file,
-                            s.uri(key),
-                            s.size(key),
-                            cfg.max_source_file_bytes,
-                            cfg.max_image_pixels,
-                            cfg.max_text_chars,
-                        ),
-                    )
-                )
-        except SourceDataError as e:
-            raise Failure(str(e)) from e
+        named.append(("synthetic", rows))
+    options = source_options(cfg)
+    sources = user_sources(s, cfg)
+    try:
+        for source in sources:
+            context.log.info(f"reading source {source.name}")
+            named.append((source.name, source.read(options)))
+    except SourceDataError as e:
+        raise Failure(str(e)) from e
     if not named:
-        raise Failure(f"no source rows: synthetic sizes are 0 and {s.uri(cfg.source_prefix)} holds no Parquet files")
+        raise Failure(
+            f"no source rows: synthetic sizes are 0, {s.uri(cfg.source_prefix)} holds no Parquet, JSON or datasets "
+            f"files, and source_datasets is empty"
+        )
     try:
         df = combine_sources(named)
-        check_split_sizes(df, cfg.scorer_prompts)
+        check_split_sizes(df, cfg.scorer_prompts, synthetic)
     except SourceDataError as e:
         raise Failure(str(e)) from e
     context.add_output_metadata(
-        {**vqa_table_metadata(df), "source_files": MetadataValue.json([s.uri(k) for k in files])}
+        {**vqa_table_metadata(df), "source_files": MetadataValue.json([src.name for src in sources])}
     )
     return df
 

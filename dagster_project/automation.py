@@ -20,6 +20,7 @@ from dagster import (
 )
 
 from src_assets.fingerprints import digest
+from src_assets.source_files import source_file_keys
 
 from . import assets, loop_assets, store_layout
 from .loop_assets import iteration_key, iteration_partitions
@@ -71,18 +72,19 @@ def next_iteration(store) -> str:
     job=new_data_job,
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.STOPPED,
-    description="New Parquet files under the store's source prefix: read them into the source table and run the next iteration.",
+    description="New source files (Parquet, JSON, datasets folders) under the store's source prefix: read them into "
+    "the source table and run the next iteration.",
 )
 def new_source_data_sensor(context: SensorEvaluationContext, store: StoreResource, settings: SettingsResource):
     s = store.store()
-    files = s.list(settings.config().source_prefix, ".parquet")
+    files = source_file_keys(s, settings.config().source_prefix)
     # The cursor keys files by content, so a file fixed in place, or completed after a partial copy, is new again.
     seen = json.loads(context.cursor) if context.cursor else {}
     seen = seen if isinstance(seen, dict) else {}  # a cursor of an older version (a list of names): read all again
     digests = s.content_digests(files, seen)
     new = sorted(f for f in files if seen.get(f, {}).get("sha256") != digests[f]["sha256"])
     if not new:
-        return SkipReason(f"no new or changed Parquet files under {s.uri(settings.config().source_prefix)}")
+        return SkipReason(f"no new or changed source files under {s.uri(settings.config().source_prefix)}")
     key = next_iteration(s)
     context.log.info(f"{len(new)} new or changed source file(s) ({', '.join(new[:3])}...): starting iteration {key}")
     # The run key names the files' contents, so the same iteration can be asked for again when data changes.

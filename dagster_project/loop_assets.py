@@ -66,6 +66,7 @@ from . import store_layout
 from .assets import count_parameters
 from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
+from .tracking import log_pipeline_metrics, tracked
 from .training_log import DagsterLogCallback
 from .versions import reads, settings_digest
 
@@ -143,6 +144,7 @@ BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy",
     "base_learning_rate",
     "base_batch_size",
     "base_lr_scheduler",
+    "base_args",
     "training",
     "base_stop_at_exact_listing",
     "base_check_every",
@@ -200,7 +202,7 @@ def base_policy_model(
                 f"{tmp}/init",
                 perception_corpus,
                 f"{tmp}/base",
-                cfg.base_settings(),
+                tracked(cfg.base_settings(), cfg, s, "base_policy_model"),
                 callbacks=[DagsterLogCallback(context.log, "base stage")],
                 stop=stop,
             )
@@ -264,7 +266,14 @@ def base_policy_model(
     group_name="training",
     pool=GPU_POOL,
 )
-@reads("sft_epochs", "sft_learning_rate", "sft_batch_size", "training", stages=("rationale_sft", "training", "models"))
+@reads(
+    "sft_epochs",
+    "sft_learning_rate",
+    "sft_batch_size",
+    "sft_args",
+    "training",
+    stages=("rationale_sft", "training", "models"),
+)
 def sft_checkpoint(
     context: AssetExecutionContext,
     rationale_sft_set: pl.DataFrame,
@@ -288,7 +297,7 @@ def sft_checkpoint(
             s.local_model_dir(base_policy_model),
             rationale_sft_set,
             out,
-            cfg.sft_settings(),
+            tracked(cfg.sft_settings(), cfg, s, "sft_checkpoint"),
             callbacks=[DagsterLogCallback(context.log, "rationale SFT")],
         )
         uri = s.put_model(store_layout.SFT_MODEL, out)
@@ -319,6 +328,7 @@ def sft_checkpoint(
     "scorer_epochs",
     "scorer_learning_rate",
     "scorer_batch_size",
+    "scorer_args",
     "judgements_prefix",
     "training",
     "judge",
@@ -384,7 +394,11 @@ def r_scorer_checkpoint(
         )
     with tempfile.TemporaryDirectory() as out:
         result = train_r_scorer(
-            base_dir, judgements, out, cfg.scorer_settings(), callbacks=[DagsterLogCallback(context.log, "R-Scorer")]
+            base_dir,
+            judgements,
+            out,
+            tracked(cfg.scorer_settings(), cfg, s, "r_scorer_checkpoint"),
+            callbacks=[DagsterLogCallback(context.log, "R-Scorer")],
         )
         uri = s.put_model(store_layout.SCORER_MODEL, out)
     _remember_trained(s, store_layout.SCORER_MODEL, fingerprint, uri)
@@ -440,7 +454,12 @@ def sft_eval(
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
     parts = _anatomy(model, processor, eval_set, scored, cfg, context)
     context.add_output_metadata({**metric_values(summary), **anatomy_metadata(parts), "preview": table_preview(scored)})
+    log_pipeline_metrics(cfg, store.store(), 0, _tracked_metrics(summary), context.log)
     return scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint"))
+
+
+def _tracked_metrics(summary: dict) -> dict:
+    return {m: summary.get(m) for m in ("accuracy", "factuality", "consistency")}
 
 
 @asset_check(
@@ -633,6 +652,8 @@ def pairwise_scores(
         meta["sample_prompt"] = MetadataValue.text(row["prompt_id"])
         meta["sample_matrix_q"] = matrix_md(row["q"], row["win_rate"], row["strength"], texts)
     context.add_output_metadata(meta)
+    step = iteration_number(context.partition_key)
+    log_pipeline_metrics(cfg, store.store(), step, {"judge_agreement": agreement["judge_agreement"]}, context.log)
     return scores
 
 
@@ -666,6 +687,7 @@ def preference_set(
     candidate_pool: pl.DataFrame,
     calibration_prompts: pl.DataFrame,
     settings: SettingsResource,
+    store: StoreResource,
     iteration_lease: IterationLeaseResource,
 ):
     """Confidence-weighted (chosen, rejected) pairs, with the reason each dropped pair was dropped."""
@@ -678,12 +700,15 @@ def preference_set(
         pl.col("drop_reason").str.replace(r"\d+\.\d+", "x").str.replace(r"'.*'", "...")
     )
     quality = preference_quality(prefs, calibration_prompts)
+    mean_weight = float(kept["weight"].mean()) if kept.height else 0.0
+    step = iteration_number(context.partition_key)
+    log_pipeline_metrics(cfg, store.store(), step, {"pairs_kept": kept.height, "mean_weight": mean_weight}, context.log)
     yield Output(
         prefs,
         metadata={
             "pairs_considered": prefs.height,
             "pairs_kept": kept.height,
-            "mean_weight": float(kept["weight"].mean()) if kept.height else 0.0,
+            "mean_weight": mean_weight,
             **{f"kept/{k}": float(v) for k, v in quality.items()},
             "weight_histogram": histogram_md(kept["weight"].to_list(), "weight"),
             "drop_reasons": counts_table(dict(reasons.group_by("drop_reason").len().iter_rows()), "reason"),
@@ -718,6 +743,7 @@ def preference_set(
     "dpo_epochs",
     "dpo_learning_rate",
     "dpo_batch_size",
+    "dpo_args",
     "training",
     "beta",
     "dpo_nll_weight",
@@ -755,7 +781,7 @@ def policy_checkpoint(
                 s.local_model_dir(start_policy),
                 preference_set,
                 out,
-                cfg.dpo_settings(),
+                tracked(cfg.dpo_settings(), cfg, s, "policy_checkpoint", key),
                 [DagsterLogCallback(context.log, f"gold-data bound {key}")],
             )
         else:
@@ -763,7 +789,7 @@ def policy_checkpoint(
                 s.local_model_dir(start_policy),
                 preference_set,
                 out,
-                cfg.dpo_settings(),
+                tracked(cfg.dpo_settings(), cfg, s, "policy_checkpoint", key),
                 cfg.beta,
                 cfg.use_fused_dpo_kernel,
                 cfg.weighted_dpo,
@@ -875,6 +901,7 @@ def iteration_eval(
             "preview": table_preview(scored),
         },
     )
+    log_pipeline_metrics(cfg, s, iteration_number(key), _tracked_metrics(summary), context.log)
     previous = summarize(before)
     # A metric that cannot be computed (null: e.g. consistency without a verifier) is skipped, not failed.
     drops = {

@@ -15,6 +15,7 @@ valid.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -26,8 +27,9 @@ from .preference import AggregationConfig, CurationConfig
 from .r_scorer import JudgeConfig
 from .scenes import IMAGE_PIXELS
 from .setting import flat_name, setting, validate_fields
+from .source_data import parse_source_columns, parse_split_fractions
 from .tiny_models import POLICY_ARCHITECTURES, SCORER_ARCHITECTURES, TinySpec
-from .training import TrainSettings
+from .training import TRAINER_CONFIGS, TrainSettings, check_trainer_args, trainer_arg
 
 TINY = "tiny"  # a model reference meaning "build the tiny local model"
 
@@ -40,6 +42,8 @@ TRAINING_SETTINGS = (
     "gradient_checkpointing",
     "max_length",
     "report_to",
+    "lora_args",
+    "keep_adapter",
     *RUNTIME_SETTINGS,
 )
 # What a tiny model is made of besides its architecture and seed (``SRCConfig.tiny_spec``).
@@ -85,6 +89,12 @@ class SRCConfig:
     teacher_error_rate: float = setting(0.2, low=0, high=1)
     source_prefix: str = "source"
     judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
+    # Hugging Face hub datasets read besides the store's files, comma-separated ids (offline: from the local cache)
+    source_datasets: str = ""
+    # our column from theirs, e.g. "question:prompt,answer:label,image:img" (source_data.SourceOptions)
+    source_columns: str = setting("", check=parse_source_columns)
+    # rows with no split column are split by a hash of their id, e.g. "sft:0.5,calibrate:0.4,eval:0.1"
+    split_fractions: str = setting("", check=parse_split_fractions)
     max_source_file_bytes: int = setting(4 * 2**30, low=1)  # a source file over this is refused before it is read
     max_image_pixels: int = setting(4096 * 4096, low=1)  # an image over this area is refused before it is decoded
     max_text_chars: int = setting(
@@ -119,6 +129,18 @@ class SRCConfig:
     max_length: int = setting(0, low=0)  # > 0: examples are truncated to this many tokens (0: never)
     # comma-separated transformers integrations: "tensorboard", "wandb", "mlflow"
     report_to: str = setting("", check=_check_report_to)
+    # where trackers write (TensorBoard event files): <logging_dir>/<asset>[/<iteration>]; "" is a logs/ folder
+    # beside a local store (./logs for a remote one)
+    logging_dir: str = ""
+    # The trainers' own configs, as JSON objects of their fields (``--set sft.warmup_ratio=0.1`` writes sft_args):
+    # TRL's SFTConfig for the base stage, rationale SFT and the R-Scorer, WeightedDPOConfig (a DPOConfig) for DPO,
+    # peft's LoraConfig for LoRA. They win over the settings above.
+    base_args: str = setting("{}", check=check_trainer_args("base"))
+    sft_args: str = setting("{}", check=check_trainer_args("sft"))
+    scorer_args: str = setting("{}", check=check_trainer_args("scorer"))
+    dpo_args: str = setting("{}", check=check_trainer_args("dpo"))
+    lora_args: str = setting("{}", check=check_trainer_args("lora"))
+    keep_adapter: bool = False  # with lora_r > 0: keep each training's LoRA adapter in adapter/ beside the merged model
     # 0. The base stage (tiny policy only; a hub model is already capable): captions and direct answers
     n_base: int = setting(16000, low=0, high=MAX_SCENES)  # perception corpus rows, scenes of their own
     base_caption_share: float = setting(0.7, low=0, high=1)  # the rest are direct answers (no listing before them)
@@ -205,6 +227,8 @@ class SRCConfig:
                 f"setting tiny_patch_size: {self.tiny_patch_size} must divide the scenes' {IMAGE_PIXELS}-pixel side"
             )
         self.runtime().torch_dtype()  # validates dtype and device
+        if self.lora_r == 0 and self.lora_args not in ("", "{}"):
+            raise ValueError(f"settings lora.*: {self.lora_args} apply to LoRA training; set lora_r > 0")
 
     def tiny_spec(self) -> TinySpec:
         return TinySpec(
@@ -218,7 +242,7 @@ class SRCConfig:
     def runtime(self) -> Runtime:
         return Runtime(**{name: getattr(self, name) for name in RUNTIME_SETTINGS})
 
-    def _train(self, epochs: float, learning_rate: float, batch_size: int, **schedule) -> TrainSettings:
+    def _train(self, epochs: float, learning_rate: float, batch_size: int, stage: str, **schedule) -> TrainSettings:
         return TrainSettings(
             epochs,
             learning_rate,
@@ -230,6 +254,9 @@ class SRCConfig:
             self.max_length,
             tuple(_trackers(self.report_to)),
             self.runtime(),
+            trainer_args=tuple(sorted(json.loads(getattr(self, f"{stage}_args") or "{}").items())),
+            lora_args=tuple(sorted(json.loads(self.lora_args or "{}").items())),
+            keep_adapter=self.keep_adapter,
             **schedule,
         )
 
@@ -240,6 +267,7 @@ class SRCConfig:
                 self.base_epochs,
                 self.base_learning_rate,
                 self.base_batch_size,
+                "base",
                 lr_scheduler_type=self.base_lr_scheduler,
                 warmup_steps=20,
             ),
@@ -247,13 +275,13 @@ class SRCConfig:
         )
 
     def sft_settings(self) -> TrainSettings:
-        return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size)
+        return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size, "sft")
 
     def scorer_settings(self) -> TrainSettings:
-        return self._train(self.scorer_epochs, self.scorer_learning_rate, self.scorer_batch_size)
+        return self._train(self.scorer_epochs, self.scorer_learning_rate, self.scorer_batch_size, "scorer")
 
     def dpo_settings(self) -> TrainSettings:
-        return self._train(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size)
+        return self._train(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size, "dpo")
 
     def setting(self, name: str):
         """A setting by its flat name (``k`` is ``self.search.k``)."""
@@ -343,6 +371,7 @@ def profile(name: str, **overrides) -> SRCConfig:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
     known = setting_names()
+    overrides = _with_trainer_args(overrides)
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; the settings are {sorted(known)}")
@@ -353,3 +382,24 @@ def profile(name: str, **overrides) -> SRCConfig:
         for group in SETTING_GROUPS
     }
     return replace(base, **{k: v for k, v in typed.items() if known[k][0] is None}, **nested)
+
+
+def _with_trainer_args(overrides: dict) -> dict:
+    """``sft.warmup_ratio=0.1`` and the like folded into their stage's ``sft_args`` JSON (over any given whole)."""
+    out, dotted = {}, {}
+    for name, value in overrides.items():
+        stage, sep, field_name = name.partition(".")
+        if not sep:
+            out[name] = value
+            continue
+        if stage not in TRAINER_CONFIGS:
+            raise ValueError(f"unknown setting {name!r}; dotted settings are {sorted(TRAINER_CONFIGS)}.FIELD")
+        dotted.setdefault(stage, {})[field_name] = trainer_arg(stage, field_name, value)
+    for stage, args in dotted.items():
+        given = out.get(f"{stage}_args") or "{}"
+        try:
+            whole = json.loads(given) if isinstance(given, str) else dict(given)
+        except (ValueError, TypeError):
+            raise ValueError(f"setting {stage}_args: {str(given)[:80]!r} is not a JSON object") from None
+        out[f"{stage}_args"] = json.dumps({**whole, **args}, sort_keys=True)
+    return out

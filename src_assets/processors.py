@@ -30,6 +30,14 @@ def image_only(processor_class: type) -> type:
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
+        def save_pretrained(self, save_directory, **kwargs):
+            # The base class's would read the missing video processor; trainers (TRL's checkpoints) call this.
+            if self.video_processor is not None:
+                return super().save_pretrained(save_directory, **kwargs)
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            save_processor(self, save_directory)
+            return []
+
     ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
     return ImageOnly
 

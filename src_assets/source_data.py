@@ -13,12 +13,23 @@ One row per (image, question). Columns:
 | response | str | for ``sft`` rows | gold rationale then ``Answer: ...`` |
 | reference | str | no | reference description of the image, read by the R-Scorer |
 | scene, question_spec | str (JSON) | no | the synthetic domain's ground truth, read by the verifier |
+
+Three formats are read, each streamed (a row group, a shard batch or a few hundred JSON records at a time):
+Parquet (the image as bytes, or as the ``{bytes, path}`` struct Hugging Face datasets write), a ``datasets``
+folder written by ``save_to_disk`` or a hub dataset from the local cache, and LLaVA-style JSON/JSONL
+(``conversations`` of ``human``/``gpt`` turns, the image a path relative to the file). ``SourceOptions`` says how
+the user's columns map onto these, and how rows without a ``split`` are split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import posixpath
 import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import polars as pl
 from PIL import Image, UnidentifiedImageError
@@ -156,6 +167,128 @@ def validate_source(
     return df
 
 
+def parse_source_columns(text: str) -> dict[str, str]:
+    """``question:prompt,answer:label`` -> ``{"question": "prompt", "answer": "label"}``: each entry reads our
+    column (left) from the user's (right)."""
+    mapping = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        ours, sep, theirs = (x.strip() for x in entry.partition(":"))
+        if not sep or not ours or not theirs:
+            raise ValueError(f"{entry!r} is not OURS:THEIRS, e.g. question:prompt")
+        if ours not in SCHEMA:
+            raise ValueError(f"{ours!r} is not a source column; expected one of {list(SCHEMA)}")
+        if ours in mapping:
+            raise ValueError(f"{ours!r} is mapped twice")
+        mapping[ours] = theirs
+    return mapping
+
+
+def parse_split_fractions(text: str) -> dict[str, float]:
+    """``sft:0.5,calibrate:0.4,eval:0.1`` -> the share of each split, checked to sum to 1."""
+    shares = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        split, sep, share = (x.strip() for x in entry.partition(":"))
+        if split not in SPLITS or not sep:
+            raise ValueError(f"{entry!r} is not SPLIT:SHARE with SPLIT one of {SPLITS}")
+        try:
+            shares[split] = float(share)
+        except ValueError:
+            raise ValueError(f"share {share!r} of {split!r} is not a number") from None
+        if not 0 <= shares[split] <= 1:
+            raise ValueError(f"share {share!r} of {split!r} is not in [0, 1]")
+    if shares and abs(sum(shares.values()) - 1) > 1e-6:
+        raise ValueError(f"the shares {shares} sum to {sum(shares.values()):g}, not 1")
+    return shares
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How the user's files are read: column mapping, splitting, and the caps that keep a bad file out."""
+
+    columns: dict[str, str] = field(default_factory=dict)  # our column -> the user's (``parse_source_columns``)
+    split_fractions: dict[str, float] = field(default_factory=dict)  # for rows with no ``split`` column
+    max_bytes: int = MAX_FILE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_text_chars: int = MAX_TEXT_CHARS
+    batch_rows: int = 256  # rows validated at a time from a dataset or a JSON file
+
+
+def hashed_split(row_id: str, fractions: dict[str, float]) -> str:
+    """The split of a row by a stable hash of its id: the same id lands in the same split on every run."""
+    u = int(hashlib.sha256(row_id.encode()).hexdigest()[:15], 16) / 16**15
+    total = 0.0
+    for split in SPLITS:
+        total += fractions.get(split, 0.0)
+        if u < total:
+            return split
+    return next(s for s in reversed(SPLITS) if fractions.get(s, 0.0) > 0)
+
+
+ImageResolver = Callable[[str], bytes]  # an image path (relative to its source file) -> its bytes
+
+
+def _no_image_files(path: str) -> bytes:
+    raise SourceDataError(f"the image is a path ({quoted(path)}), and this source cannot read image files")
+
+
+def _image_bytes(value, resolve: ImageResolver):
+    """A cell of the image column as bytes: bytes as they are, the ``{bytes, path}`` struct of Hugging Face
+    datasets (its bytes, or the file at its path), or a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, dict):
+        return value.get("bytes") if value.get("bytes") is not None else _image_bytes(value.get("path"), resolve)
+    if isinstance(value, str):
+        return resolve(value) if value.strip() else None
+    return value  # validation names what it is
+
+
+def prepare_rows(
+    df: pl.DataFrame,
+    name: str,
+    options: SourceOptions,
+    first_row: int = 0,
+    resolve: ImageResolver = _no_image_files,
+    split: str | None = None,
+) -> pl.DataFrame:
+    """The user's rows as a validated source table: their columns renamed (``options.columns``), the image as
+    bytes, an id where they have none (``<file>#<row>``), a split where they have none (``split``, a dataset's own
+    split name, or ``options.split_fractions`` by a hash of the id)."""
+    missing = {ours: theirs for ours, theirs in options.columns.items() if theirs not in df.columns}
+    if missing:
+        ours, theirs = next(iter(missing.items()))
+        raise SourceDataError(
+            f"{name}: has no column {theirs!r}, which source_columns reads as {ours!r}; its columns are {df.columns}"
+        )
+    df = df.drop([c for c in options.columns if c in df.columns and c not in options.columns.values()])
+    df = df.rename({theirs: ours for ours, theirs in options.columns.items() if theirs != ours})
+    if "image" in df.columns and df.schema["image"] not in (pl.Binary, pl.Null):
+        images = []
+        for i, value in enumerate(df["image"].to_list(), start=first_row):
+            try:
+                images.append(_image_bytes(value, resolve))
+            except SourceDataError as e:
+                raise SourceDataError(f"{name}: row {i}: column 'image': {e}") from e
+            if images[-1] is not None and not isinstance(images[-1], bytes):
+                raise SourceDataError(
+                    f"{name}: row {i}: column 'image' holds {quoted(value)}; expected image bytes, the "
+                    f"{{bytes, path}} struct of Hugging Face datasets, or a path"
+                )
+        df = df.with_columns(pl.Series("image", images, dtype=pl.Binary))
+    if "id" not in df.columns:
+        stem = name.rstrip("/").rsplit("/", 1)[-1]
+        df = df.with_columns(pl.Series("id", [f"{stem}#{i}" for i in range(first_row, first_row + df.height)]))
+    if "split" not in df.columns:
+        if split is None and not options.split_fractions:
+            raise SourceDataError(
+                f"{name}: has no 'split' column; add one (sft, calibrate or eval per row), or set "
+                f"split_fractions=sft:0.5,calibrate:0.4,eval:0.1 to split the rows by a hash of their id"
+            )
+        splits = [split or hashed_split(str(i), options.split_fractions) for i in df["id"].to_list()]
+        df = df.with_columns(pl.Series("split", splits, dtype=pl.String))
+    return validate_source(df, name, options.max_image_pixels, first_row, options.max_text_chars)
+
+
 def read_source_file(
     file,
     name: str,
@@ -163,41 +296,184 @@ def read_source_file(
     max_bytes: int = MAX_FILE_BYTES,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     max_text_chars: int = MAX_TEXT_CHARS,
+    options: SourceOptions | None = None,
+    resolve: ImageResolver = _no_image_files,
 ) -> pl.DataFrame:
     """Parses and validates one Parquet file (bytes or an open binary file), one row group at a time, so that a bad
     row stops the read where it is; ``name`` (its URI) is used in errors. A file over ``max_bytes`` is refused
     unread, and so is a row group whose footer says it inflates to more than ``max_bytes``."""
     import pyarrow.parquet as pq
 
+    options = options or SourceOptions(
+        max_bytes=max_bytes, max_image_pixels=max_image_pixels, max_text_chars=max_text_chars
+    )
     if isinstance(file, bytes):
         size, file = len(file), io.BytesIO(file)
-    if size is not None and size > max_bytes:
-        raise SourceDataError(f"{name}: the file is {size} bytes, over the cap of {max_bytes} (max_source_file_bytes)")
+    if size is not None and size > options.max_bytes:
+        raise SourceDataError(
+            f"{name}: the file is {size} bytes, over the cap of {options.max_bytes} (max_source_file_bytes)"
+        )
     try:
         parquet = pq.ParquetFile(file)
     except Exception as e:
         raise SourceDataError(f"{name}: not a readable Parquet file ({quoted(str(e))})") from e
+
+    def row_groups():
+        for group in range(parquet.num_row_groups):
+            inflated = parquet.metadata.row_group(group).total_byte_size
+            if inflated > options.max_bytes:
+                raise SourceDataError(
+                    f"{name}: row group {group} inflates to {inflated} bytes, over the cap of {options.max_bytes} "
+                    f"(max_source_file_bytes)"
+                )
+            try:
+                yield pl.from_arrow(parquet.read_row_group(group))
+            except Exception as e:
+                raise SourceDataError(f"{name}: row group {group} is not readable ({quoted(str(e))})") from e
+
+    return _read_chunks(row_groups(), name, options, resolve, empty=parquet.schema_arrow.empty_table())
+
+
+def _read_chunks(chunks, name: str, options: SourceOptions, resolve: ImageResolver, empty=None, split=None):
     parts, offset = [], 0
-    for group in range(parquet.num_row_groups):
-        inflated = parquet.metadata.row_group(group).total_byte_size
-        if inflated > max_bytes:
-            raise SourceDataError(
-                f"{name}: row group {group} inflates to {inflated} bytes, over the cap of {max_bytes} "
-                f"(max_source_file_bytes)"
-            )
-        try:
-            df = pl.from_arrow(parquet.read_row_group(group))
-        except Exception as e:
-            raise SourceDataError(f"{name}: row group {group} is not readable ({quoted(str(e))})") from e
-        parts.append(validate_source(df, name, max_image_pixels, first_row=offset, max_text_chars=max_text_chars))
+    for df in chunks:
+        parts.append(prepare_rows(df, name, options, offset, resolve, split))
         offset += df.height
     if not parts:
-        return validate_source(
-            pl.from_arrow(parquet.schema_arrow.empty_table()), name, max_image_pixels, max_text_chars=max_text_chars
-        )
-    return (
-        combine_sources([(f"{name} (row group {i})", p) for i, p in enumerate(parts)]) if len(parts) > 1 else parts[0]
-    )
+        if empty is None:
+            return pl.DataFrame(schema=SCHEMA)
+        return prepare_rows(pl.from_arrow(empty), name, options, resolve=resolve, split=split)
+    if len(parts) == 1:
+        return parts[0]
+    return combine_sources([(f"{name} (part {i})", p) for i, p in enumerate(parts)])
+
+
+# --- LLaVA-style conversation JSON ---------------------------------------------------------------------------
+
+_ANSWER_PREFIX = "Answer:"
+JSON_READ_CHARS = 1 << 20  # characters read at a time from a JSON array
+
+
+def json_records(file, name: str) -> Iterator[tuple[int, dict]]:
+    """(index, record) of a JSON array or a JSON Lines file, read piece by piece (a 2 GB file is never held
+    whole); an unparsable record names the file and its line or index."""
+    text = io.TextIOWrapper(file, encoding="utf-8")
+    head = text.read(1)
+    while head and head.isspace():
+        head = text.read(1)
+    if head != "[":  # JSON Lines: one record per line
+        for line_number, line in enumerate(_lines(head, text), start=1):
+            if line.strip():
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SourceDataError(f"{name}: line {line_number} is not JSON ({e.msg})") from e
+        return
+    decoder, buffer, index = json.JSONDecoder(), "", 0
+    while True:
+        buffer = buffer.lstrip().removeprefix(",").lstrip()
+        if buffer.startswith("]"):
+            return
+        try:
+            record, end = decoder.raw_decode(buffer)
+        except json.JSONDecodeError as e:
+            more = text.read(JSON_READ_CHARS)
+            if not more:
+                raise SourceDataError(f"{name}: record {index} of the JSON array is not JSON ({e.msg})") from e
+            buffer += more
+            continue
+        yield index, record
+        buffer, index = buffer[end:], index + 1
+
+
+def _lines(head: str, text) -> Iterator[str]:
+    first = head + text.readline()
+    yield first
+    yield from text
+
+
+def conversation_rows(record, index: int, name: str) -> list[dict]:
+    """The rows of one record: a LLaVA-style record (``conversations`` of ``human``/``gpt`` turns) gives a row per
+    question and reply, the reply its ``response`` where it ends with an ``Answer: ...`` line, the answer that
+    line (or the reply itself where it has none); any other record is a row as it is."""
+    if not isinstance(record, dict):
+        raise SourceDataError(f"{name}: record {index} is a {type(record).__name__}, not a JSON object")
+    if "conversations" not in record:
+        return [record]
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise SourceDataError(f"{name}: record {index}: 'conversations' is not a list of turns")
+    if isinstance(record.get("image"), list):
+        raise SourceDataError(f"{name}: record {index}: has {len(record['image'])} images; one image per record")
+    base = {k: v for k, v in record.items() if k != "conversations"}
+    rows, question = [], None
+    for turn in turns:
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker in ("human", "user"):
+            question = str(value or "").replace("<image>", "").strip()
+        elif speaker in ("gpt", "assistant") and question is not None:
+            reply = str(value or "").strip()
+            last = reply.splitlines()[-1].strip() if reply else ""
+            graded = last.startswith(_ANSWER_PREFIX)
+            row = {
+                **base,
+                "question": question,
+                "answer": base.get("answer") or (last.removeprefix(_ANSWER_PREFIX).strip() if graded else reply),
+                "response": base.get("response") or (reply if graded else None),
+            }
+            if "id" in base:
+                row["id"] = str(base["id"]) + (f"#{len(rows)}" if rows else "")
+            rows.append(row)
+            question = None
+    if not rows:
+        raise SourceDataError(f"{name}: record {index}: no human turn followed by a gpt turn")
+    return rows
+
+
+def read_json_source(file, name: str, options: SourceOptions, resolve: ImageResolver) -> pl.DataFrame:
+    """A JSON or JSON Lines file of LLaVA-style records (or flat records of our columns), ``options.batch_rows``
+    records at a time; ``resolve`` reads an image path relative to the file."""
+
+    def batches():
+        rows = []
+        for index, record in json_records(file, name):
+            for row in conversation_rows(record, index, name):
+                rows.append(
+                    {k: v if isinstance(v, (str, bytes)) or v is None else json.dumps(v) for k, v in row.items()}
+                )
+            if len(rows) >= options.batch_rows:
+                yield pl.DataFrame(rows, infer_schema_length=None)
+                rows = []
+        if rows:
+            yield pl.DataFrame(rows, infer_schema_length=None)
+
+    return _read_chunks(batches(), name, options, resolve)
+
+
+# --- Hugging Face datasets -------------------------------------------------------------------------------------
+
+
+def read_dataset_source(dataset, name: str, options: SourceOptions) -> pl.DataFrame:
+    """A ``datasets.Dataset`` or ``DatasetDict`` (from ``load_from_disk`` or ``load_dataset``), read as Arrow
+    batches of ``options.batch_rows`` rows from its memory-mapped files. A ``DatasetDict``'s split names become
+    the rows' ``split`` where they have none: ``sft``, ``calibrate`` or ``eval``, or any name with
+    ``split_fractions`` set."""
+    from datasets import DatasetDict
+
+    parts = {None: dataset} if not isinstance(dataset, DatasetDict) else dict(dataset)
+    frames = []
+    for split, part in parts.items():
+        where = name if split is None else f"{name} (split {split!r})"
+        has_split = "split" in options.columns or "split" in part.column_names
+        if split is not None and not has_split and not options.split_fractions and split not in SPLITS:
+            raise SourceDataError(
+                f"{where}: the dataset's split {split!r} is none of {SPLITS} and its rows have no 'split' column; "
+                f"rename the split, or set split_fractions=sft:0.5,calibrate:0.4,eval:0.1"
+            )
+        own = split if split in SPLITS else None
+        chunks = (pl.from_arrow(b) for b in part.with_format("arrow").iter(batch_size=options.batch_rows))
+        frames.append((where, _read_chunks(chunks, where, options, _no_image_files, split=own)))
+    return combine_sources(frames)
 
 
 def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
@@ -246,20 +522,25 @@ def read_judgements_file(data: bytes, name: str, max_text_chars: int = MAX_TEXT_
     return validate_judgements(df, name, max_text_chars)
 
 
-def check_split_sizes(df: pl.DataFrame, scorer_prompts: int) -> None:
-    """Every stage has rows to work on, checked once the source is read, before anything trains."""
+def check_split_sizes(df: pl.DataFrame, scorer_prompts: int, synthetic: bool = True) -> None:
+    """Every stage has rows to work on, checked once the source is read, before anything trains. The advice names
+    what the user can change: their own rows, and the synthetic sizes only where synthetic data is on."""
     counts = dict(df.group_by("split").len().iter_rows())
     for split, why in (("sft", "rationale SFT"), ("eval", "evaluation")):
         if not counts.get(split):
+            more = f"set n_{split} > 0 or " if synthetic else ""
             raise SourceDataError(
-                f"the source has no {split!r} rows, which {why} needs: set n_{split} > 0 or add {split!r} "
-                f"rows to your Parquet files"
+                f"the source has no {split!r} rows, which {why} needs: {more}add rows with split {split!r} to your "
+                f"data (or set split_fractions with a share for {split!r})"
             )
     calibrate = counts.get("calibrate", 0)
     if calibrate <= scorer_prompts:
+        more = "raise n_calibrate, " if synthetic else ""
         raise SourceDataError(
-            f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of "
-            f"them train the R-Scorer and the iterations need more: raise n_calibrate or lower scorer_prompts"
+            f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of them "
+            f"train the R-Scorer and the iterations need at least one more: {more}add at least "
+            f"{scorer_prompts + 1 - calibrate} rows with split 'calibrate' to your data, or lower scorer_prompts "
+            f"(at most {max(calibrate - 1, 0)} with these rows)"
         )
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
 
 import polars as pl
 import torch
@@ -14,6 +18,78 @@ from .generation import decode_image, user_turn
 from .models import CPU_FLOAT32, Runtime, load_policy
 from .processors import save_model_dir
 from .progress import ProgressBar
+
+# Each training's own config class, whose fields ``--set STAGE.FIELD=VALUE`` reaches (``SRCConfig.<stage>_args``).
+TRAINER_CONFIGS = {
+    "base": "trl:SFTConfig",
+    "sft": "trl:SFTConfig",
+    "scorer": "trl:SFTConfig",
+    "dpo": "src_assets.weighted_dpo:WeightedDPOConfig",
+    "lora": "peft:LoraConfig",
+}
+
+
+@cache
+def trainer_config_class(stage: str) -> type:
+    import importlib
+
+    module, name = TRAINER_CONFIGS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def trainer_arg(stage: str, name: str, value):
+    """``value`` (a command-line string or a JSON value) for field ``name`` of the stage's config class: JSON
+    where it parses (numbers, booleans, lists, null), the text itself otherwise, or where the field is text."""
+    cls = trainer_config_class(stage)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if name not in known:
+        raise ValueError(
+            f"unknown setting {stage}.{name}: {cls.__name__} has no field {name!r}; its fields are {sorted(known)}"
+        )
+    default = known[name].default
+    parsed = value
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            pass
+    number = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
+    if (isinstance(default, bool) and not isinstance(parsed, bool)) or (
+        isinstance(default, (int, float)) and not isinstance(default, bool) and not number
+    ):
+        raise ValueError(
+            f"setting {stage}.{name}: {str(value)[:80]!r} is not a {type(default).__name__} "
+            f"({cls.__name__}.{name} defaults to {default!r})"
+        )
+    return parsed
+
+
+def check_trainer_args(stage: str):
+    """A check for ``SRCConfig.<stage>_args``: a JSON object of the stage's config fields that makes a valid config
+    (the config class validates the values: a scheduler or optimizer name, a LoRA rank...)."""
+
+    def check(text: str) -> None:
+        try:
+            args = json.loads(text or "{}")
+        except ValueError:
+            raise ValueError(f"{text[:80]!r} is not a JSON object of {stage} config fields") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"{text[:80]!r} is not a JSON object of {stage} config fields")
+        if not args:
+            return
+        for name, value in args.items():
+            trainer_arg(stage, name, value)
+        cls = trainer_config_class(stage)
+        try:
+            if stage == "lora":
+                cls(**args)
+            else:  # checked as on a CPU: whether bf16 or a GPU is there is the training machine's to say
+                hardware = {"use_cpu": True, "bf16": False, "fp16": False}
+                cls(**{**args, "output_dir": tempfile.gettempdir(), **hardware})
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{cls.__name__} refuses {args}: {str(e).splitlines()[0][:200]}") from None
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -30,6 +106,11 @@ class TrainSettings:
     runtime: Runtime = field(default=CPU_FLOAT32)
     lr_scheduler_type: str = "cosine"  # any of transformers' schedulers: "cosine", "constant_with_warmup", ...
     warmup_steps: int = 5
+    trainer_args: tuple = ()  # (field, value) of the trainer's config class, over everything above
+    lora_args: tuple = ()  # (field, value) of peft's LoraConfig
+    keep_adapter: bool = False  # with LoRA: the adapter is saved too, in adapter/ beside the merged model
+    log_dir: str = ""  # where trackers write (TensorBoard event files); "" for none of our own
+    run_name: str = ""  # the trackers' run name (e.g. "policy_checkpoint/001")
 
     def weights_runtime(self) -> Runtime:
         """Where and in what dtype the trained model is loaded: the runtime's, except that float16 trains as
@@ -62,6 +143,7 @@ class TrainSettings:
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             use_cpu=self.runtime.torch_device().type == "cpu",
+            **({"run_name": self.run_name} if self.run_name else {}),
         )
 
     def peft_config(self):
@@ -69,7 +151,18 @@ class TrainSettings:
             return None
         from peft import LoraConfig
 
-        return LoraConfig(r=self.lora_r, lora_alpha=2 * self.lora_r, target_modules="all-linear", lora_dropout=0.0)
+        defaults = dict(r=self.lora_r, lora_alpha=2 * self.lora_r, target_modules="all-linear", lora_dropout=0.0)
+        return LoraConfig(**{**defaults, **dict(self.lora_args)})
+
+    def tracker_callbacks(self) -> list:
+        """TensorBoard's callback writing under ``log_dir``: transformers' own would write under the trainer's
+        output directory, a scratch folder deleted after training."""
+        if "tensorboard" not in self.report_to or not self.log_dir:
+            return []
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        return [TensorBoardCallback(SummaryWriter(log_dir=self.log_dir))]
 
 
 def quiet(trainer, desc: str):
@@ -97,11 +190,16 @@ class NonFiniteTraining(ValueError):
     """A training ended with a NaN or inf loss or weight: nothing is saved, so nothing non-finite is committed."""
 
 
-def save_trained(trainer, processing_class, out_dir: str, stage: str, suspects: str, train_loss: float) -> None:
-    """Saves a plain model directory: LoRA adapters are merged, so every checkpoint loads the same way. A model
-    with a non-finite weight, or a non-finite loss, is refused first with the stage and the settings likely at fault."""
+def save_trained(
+    trainer, processing_class, out_dir: str, stage: str, suspects: str, train_loss: float, keep_adapter: bool = False
+) -> None:
+    """Saves a plain model directory: LoRA adapters are merged, so every checkpoint loads the same way (with
+    ``keep_adapter``, the adapter is saved too, in ``adapter/``). A model with a non-finite weight, or a non-finite
+    loss, is refused first with the stage and the settings likely at fault."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
+        if keep_adapter and math.isfinite(train_loss):
+            model.save_pretrained(Path(out_dir) / "adapter", safe_serialization=True)
         model = model.merge_and_unload()
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad or not math.isfinite(train_loss):
@@ -150,7 +248,8 @@ def train(
 
     model, processing_class = load(settings.weights_runtime())
     with tempfile.TemporaryDirectory() as scratch:
-        args = (config_class or SFTConfig)(**settings.trl_kwargs(scratch), **config)
+        # The trainer's own fields given by the user (``--set sft.X=...``) win over the stage's.
+        args = (config_class or SFTConfig)(**{**settings.trl_kwargs(scratch), **config, **dict(settings.trainer_args)})
         trainer = (trainer_class or SFTTrainer)(
             model=model,
             args=args,
@@ -159,8 +258,11 @@ def train(
             peft_config=settings.peft_config(),
             callbacks=list(callbacks),
         )
+        for tracker in settings.tracker_callbacks():
+            trainer.remove_callback(type(tracker))  # the default one, writing into the scratch folder
+            trainer.add_callback(tracker)
         result = quiet(trainer, f"{desc} (steps)").train()
-    save_trained(trainer, processing_class, out_dir, desc, suspects, result.training_loss)
+    save_trained(trainer, processing_class, out_dir, desc, suspects, result.training_loss, settings.keep_adapter)
     return {"train_loss": result.training_loss, "steps": result.global_step, "log": trainer.state.log_history}
 
 

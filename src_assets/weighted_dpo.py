@@ -11,7 +11,7 @@ runs the training loop; this subclass changes only the loss:
   responses' per-token negative log-likelihood, each pair's tokens weighted by
   its ``c_i`` too (all weights 1: TRL's own ``sft`` term);
 - the reference log-probs are computed once per preference set, before
-  training, through the same fused path (``precompute_reference``), so no
+  training, through the same fused path (TRL's ``precompute_ref_log_probs``), so no
   second model is held while the policy trains;
 - the model runs its backbone once (``logits_to_keep=1``, so no full-sequence
   logits), and only completion positions go through the LM head: the fused
@@ -44,7 +44,9 @@ class WeightedDPOConfig(DPOConfig):
 
     weight_column: str = field(default="weight", metadata={"help": "Column of per-pair confidence weights c_i."})
     use_fused_kernel: bool = field(default=True, metadata={"help": "Triton loss on CUDA; off: the eager reference."})
-    precompute_reference: bool = field(
+    # TRL's own field, on by default here; TRL refuses it for vision datasets, so this trainer computes the
+    # reference log-probs itself, through the same fused path as the loss.
+    precompute_ref_log_probs: bool = field(
         default=True,
         metadata={
             "help": "Compute the reference log-probs once before training, so no reference model is held while training."
@@ -92,9 +94,14 @@ class WeightedDPOTrainer(DPOTrainer):
         if args is not None and not isinstance(args, WeightedDPOConfig):
             raise TypeError(f"WeightedDPOTrainer takes a WeightedDPOConfig, got {type(args).__name__}")
         peft = kwargs.get("peft_config") is not None or hasattr(model, "peft_config")
-        if ref_model is None and args is not None and args.precompute_reference and not peft:
+        precompute = args is not None and args.precompute_ref_log_probs
+        if ref_model is None and precompute and not peft:
             ref_model = shares_weights(model)
+        if precompute:
+            args.precompute_ref_log_probs = False  # TRL's check refuses it for vision datasets; done below instead
         super().__init__(model, ref_model, args, *rest, **kwargs)
+        if precompute:
+            self.args.precompute_ref_log_probs = True
         if (
             list(self.loss_types) not in (["sigmoid"], ["sigmoid", "sft"])
             or self.f_divergence_type != "reverse_kl"
@@ -109,7 +116,7 @@ class WeightedDPOTrainer(DPOTrainer):
         self.dpo_loss_weight = weights[0]
         self.use_fused_kernel = self.args.use_fused_kernel if use_fused_kernel is None else use_fused_kernel
         self.data_collator = WeightedPreferenceCollator(self.data_collator, self.args.weight_column)
-        if self.args.precompute_reference:
+        if precompute:
             self.train_dataset = self._with_reference_logps(self.train_dataset)
             self.precompute_ref_logps = True
             self.ref_model = None  # the shared-weights view would follow the policy as it trains
@@ -124,7 +131,10 @@ class WeightedDPOTrainer(DPOTrainer):
         """``dataset`` with each pair's reference log-probs, computed once with the model at its starting weights."""
         device = self.accelerator.device
         loader = DataLoader(
-            dataset, batch_size=self.args.per_device_train_batch_size, shuffle=False, collate_fn=self.data_collator
+            dataset,
+            batch_size=self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size,
+            shuffle=False,
+            collate_fn=self.data_collator,
         )
         self.model.to(device)
         chosen, rejected = [], []

@@ -207,7 +207,7 @@ def test_each_asset_declares_every_setting_its_code_reads():
         "runtime": SETTING_BUNDLES["runtime"],
         "tiny_spec": SETTING_BUNDLES["tiny"],
         **{
-            m: (f"{p}_epochs", f"{p}_learning_rate", f"{p}_batch_size", *TRAINING_SETTINGS)
+            m: (f"{p}_epochs", f"{p}_learning_rate", f"{p}_batch_size", f"{p}_args", *TRAINING_SETTINGS)
             for m, p in trainings.items()
         },
     }

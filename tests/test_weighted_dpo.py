@@ -46,7 +46,7 @@ def _trainer(tiny_dirs, tmp_path, rows, loss=None, **kwargs):
         learning_rate=1e-3,
         save_strategy="no",
         beta=0.5,
-        precompute_reference=False,
+        precompute_ref_log_probs=False,
         **(loss or {}),
     )
     dataset = Dataset.from_list(rows)
@@ -158,7 +158,7 @@ def test_reference_log_probs_are_computed_once_without_a_second_model(tiny_dirs,
         use_cpu=True,
         max_steps=1,
         beta=0.5,
-        precompute_reference=True,
+        precompute_ref_log_probs=True,
     )
     # The policy starts from the live trainer's reference weights, perturbed as there, so both see the same pair.
     model, processor = load_policy(str(tiny_dirs[0]))
@@ -214,7 +214,7 @@ def test_the_fused_kernel_takes_the_frozen_head_path_under_lora(tiny_dirs, tmp_p
         use_cpu=True,
         max_steps=1,
         save_strategy="no",
-        precompute_reference=False,
+        precompute_ref_log_probs=False,
     )
     peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
     ref = None if lora else load_policy(str(tiny_dirs[0]))[0]
