@@ -295,12 +295,11 @@ def evaluate(args) -> int:
             f"--n must be >= 1, --samples >= 0 and --temperature > 0 (got {args.n}, {args.samples}, {args.temperature})"
         )
     store = Store(args.store) if args.store else Store()
-    model_dir = (
-        store.local_model_dir(args.checkpoint)
-        if "://" in args.checkpoint or Path(args.checkpoint).is_dir()
-        else args.checkpoint
-    )
-    model, processor = load_policy(model_dir, Runtime(args.device, args.dtype))
+    if args.data:
+        return _evaluate_on_data(args, store)
+    if args.against or args.set:
+        return _usage_error("--against and --set go with --data (your rows); the synthetic scenes need neither")
+    model, processor = load_policy(_model_dir(store, args.checkpoint), Runtime(args.device, args.dtype))
     held_out = synthetic_source(args.seed, 0, 0, args.n)
     if args.images == "blank":
         held_out = with_blank_images(held_out)
@@ -322,6 +321,71 @@ def evaluate(args) -> int:
     print(_line({k: v for k, v in row.items() if k != "anatomy"}))
     if args.anatomy:
         print(anatomy_table(row["anatomy"]))
+    return 0
+
+
+def _model_dir(store, reference: str) -> str:
+    return store.local_model_dir(reference) if "://" in reference or Path(reference).is_dir() else reference
+
+
+def _evaluate_on_data(args, store) -> int:
+    """``evaluate --data``: the checkpoint on the user's rows of one split (accuracy from their ``answer``), and
+    with ``--against``, the judge's win rate of the checkpoint over another one on the same rows."""
+    import polars as pl
+
+    from src_assets.config import profile
+    from src_assets.evaluation import evaluate_policy, full_anatomy
+    from src_assets.generation import generate_responses
+    from src_assets.models import Runtime, load_policy
+    from src_assets.r_scorer import Judge
+    from src_assets.source_data import SourceDataError, combine_sources
+    from src_assets.source_files import local_sources, source_options
+
+    try:
+        cfg = profile("default", **_overrides(args.set))
+        options = source_options(cfg)
+        sources = local_sources(args.data, cfg)
+        rows = combine_sources([(src.name, src.read(options)) for src in sources])
+    except (ValueError, SourceDataError) as e:
+        return _usage_error(str(e))
+    rows = rows.filter(pl.col("split") == args.split).head(args.n)
+    if rows.is_empty():
+        return _usage_error(f"{args.data} has no rows with split {args.split!r}")
+    runtime = Runtime(args.device, args.dtype)
+    model, processor = load_policy(_model_dir(store, args.checkpoint), runtime)
+    summary, scored = evaluate_policy(model, processor, rows)
+    row = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, **summary}
+    if args.anatomy:
+        row["anatomy"] = full_anatomy(model, processor, rows, scored, args.samples, args.temperature, seed=args.seed)
+    if args.against:
+        other, other_processor = load_policy(_model_dir(store, args.against), runtime)
+        old = generate_responses(other, other_processor, rows["question"].to_list(), rows["image"].to_list())
+        judge = Judge.load(args.judge, runtime, cfg.judge, lambda ref: _model_dir(store, ref))
+        row.update(against=args.against, judge=args.judge)
+        row["judge_win_rate"] = judge.win_rate(rows, scored["response"].to_list(), old)
+    print(json.dumps(row, indent=1) if args.json else _line({k: v for k, v in row.items() if k != "anatomy"}))
+    return 0
+
+
+def export(args) -> int:
+    """``export``: an iteration's preference set as a Hugging Face dataset in TRL's columns."""
+    from src_assets.export import export_preference_set
+    from src_assets.storage import Store
+
+    from . import store_layout
+    from .loop_assets import iteration_key
+
+    if args.iteration < 1:
+        return _usage_error(f"--iteration must be >= 1 (got {args.iteration})")
+    store = Store(args.store) if args.store else Store()
+    key = store_layout.asset_table("preference_set", iteration_key(args.iteration))
+    if not store.exists(key):
+        return _usage_error(f"{store.uri(key)} does not exist: iteration {args.iteration} has no preference set")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        return _usage_error(f"{out} exists and is not empty; give --out a new folder")
+    dataset = export_preference_set(store.read_table(key), out, kept_only=not args.all_pairs)
+    print(f"{dataset.num_rows} pairs -> {out} (datasets.load_from_disk; columns {dataset.column_names})")
     return 0
 
 
@@ -410,8 +474,31 @@ def main(argv=None) -> int:
     e.add_argument(
         "--dtype", default="auto", help="auto (bfloat16 on a GPU that supports it), float32, bfloat16, float16"
     )
+    e.add_argument(
+        "--data", help="score on your rows instead: a Parquet/JSON/JSONL file, a datasets folder, or a folder of them"
+    )
+    e.add_argument("--split", default="eval", help="with --data: the rows of this split")
+    e.add_argument("--against", help="with --data: a second checkpoint; the judge's win rate of --checkpoint over it")
+    e.add_argument(
+        "--judge", default="verifier", help="with --against: a judge model directory, store URI or 'verifier'"
+    )
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --data: source settings, e.g. --set source_columns=question:prompt --set split_fractions=eval:1",
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=evaluate)
+    o = sub.add_parser("export", help="an iteration's preference set as a Hugging Face dataset in TRL's columns")
+    o.add_argument("--store", help="base URI of the store (default: $SRC_STORE_URI or ./.src_store)")
+    o.add_argument("--iteration", type=int, required=True)
+    o.add_argument("--out", required=True, help="a new folder (read it with datasets.load_from_disk)")
+    o.add_argument(
+        "--all-pairs", action="store_true", help="dropped pairs too (their weight says why they were not kept)"
+    )
+    o.set_defaults(fn=export)
     x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
     x.add_argument("--seeds", type=_seed, nargs="+", default=[1, 2, 3])
     x.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))

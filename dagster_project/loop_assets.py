@@ -20,6 +20,7 @@ stale when either changes.
 """
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +66,7 @@ from src_assets.weighted_dpo import train_gold_bound, train_weighted_dpo
 from . import store_layout
 from .assets import count_parameters
 from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
+from .model_cards import write_model_card, write_training_report
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .tracking import log_pipeline_metrics, tracked
 from .training_log import DagsterLogCallback
@@ -300,7 +302,17 @@ def sft_checkpoint(
             tracked(cfg.sft_settings(), cfg, s, "sft_checkpoint"),
             callbacks=[DagsterLogCallback(context.log, "rationale SFT")],
         )
+        write_training_report(
+            out,
+            cfg,
+            0,
+            base_policy_model,
+            stage="rationale SFT",
+            train_loss=result["train_loss"],
+            steps=result["steps"],
+        )
         uri = s.put_model(store_layout.SFT_MODEL, out)
+    write_model_card(s, uri, cfg, "SFT checkpoint")
     _remember_trained(s, store_layout.SFT_MODEL, fingerprint, uri)
     context.add_output_metadata(
         {
@@ -447,15 +459,24 @@ def sft_eval(
     eval_set: pl.DataFrame,
     settings: SettingsResource,
     store: StoreResource,
-) -> pl.DataFrame:
+):
     """Iteration 0: the SFT checkpoint on the held-out set."""
     cfg = settings.config()
     model, processor = load_policy(store.store().local_model_dir(sft_checkpoint), cfg.runtime())
     summary, scored = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
     parts = _anatomy(model, processor, eval_set, scored, cfg, context)
-    context.add_output_metadata({**metric_values(summary), **anatomy_metadata(parts), "preview": table_preview(scored)})
     log_pipeline_metrics(cfg, store.store(), 0, _tracked_metrics(summary), context.log)
-    return scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint"))
+    yield Output(
+        scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint")),
+        metadata={**metric_values(summary), **anatomy_metadata(parts), "preview": table_preview(scored)},
+    )
+    _update_card(store.store(), sft_checkpoint, cfg, "SFT checkpoint")
+
+
+def _update_card(s, uri: str, cfg, name: str) -> None:
+    """The policy's model card again, now with the evaluation just stored (a model outside the store has none)."""
+    if uri.startswith(s.base_uri + "/"):
+        write_model_card(s, uri, cfg, name)
 
 
 def _tracked_metrics(summary: dict) -> dict:
@@ -765,7 +786,13 @@ def policy_checkpoint(
     if not preference_set["kept"].any():
         # Nothing to learn from: policy k is policy k-1, stored as its own version so iteration k+1 can start.
         context.log.warning(f"iteration {key}: the preference set keeps no pair; policy {key} is policy k-1 unchanged")
-        uri = s.put_model(store_layout.policy_model(key), s.local_model_dir(start_policy))
+        with tempfile.TemporaryDirectory() as out:
+            shutil.copytree(s.local_model_dir(start_policy), out, dirs_exist_ok=True)
+            write_training_report(
+                out, cfg, iteration_number(key), start_policy, stage="not trained: no pair kept", pairs=0
+            )
+            uri = s.put_model(store_layout.policy_model(key), out)
+        write_model_card(s, uri, cfg, f"SRC policy, iteration {key}")
         context.add_output_metadata(
             {
                 "model": MetadataValue.text(uri),
@@ -796,7 +823,18 @@ def policy_checkpoint(
                 cfg.dpo_nll_weight,
                 [DagsterLogCallback(context.log, f"DPO {key}")],
             )
+        write_training_report(
+            out,
+            cfg,
+            iteration_number(key),
+            start_policy,
+            stage=cfg.policy_update,
+            train_loss=result["train_loss"],
+            steps=result["steps"],
+            pairs=result["pairs"],
+        )
         uri = s.put_model(store_layout.policy_model(key), out)
+    write_model_card(s, uri, cfg, f"SRC policy, iteration {key}")
     context.add_output_metadata(
         {
             "model": MetadataValue.text(uri),
@@ -902,6 +940,7 @@ def iteration_eval(
         },
     )
     log_pipeline_metrics(cfg, s, iteration_number(key), _tracked_metrics(summary), context.log)
+    _update_card(s, policy_checkpoint, cfg, f"SRC policy, iteration {key}")
     previous = summarize(before)
     # A metric that cannot be computed (null: e.g. consistency without a verifier) is skipped, not failed.
     drops = {

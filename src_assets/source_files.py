@@ -8,7 +8,8 @@ An image path in a JSON record or a Parquet struct is read relative to its file,
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import polars as pl
 
@@ -82,9 +83,10 @@ def source_file_keys(store: Store, prefix: str) -> list[str]:
     return [k for k in keys if k.endswith(FILE_SUFFIXES) or any(k.startswith(d + "/") for d in folders)]
 
 
-def user_sources(store: Store, cfg) -> list[UserSource]:
-    """The sources under ``cfg.source_prefix`` in the store, then the hub datasets of ``cfg.source_datasets``."""
-    keys = store.list(cfg.source_prefix)
+def user_sources(store: Store, cfg, prefix: str | None = None) -> list[UserSource]:
+    """The sources under ``prefix`` (default ``cfg.source_prefix``) in the store, then the hub datasets of
+    ``cfg.source_datasets``."""
+    keys = store.list(cfg.source_prefix if prefix is None else prefix)
     folders = _dataset_folders(keys)
     sources = [UserSource(store, "dataset", key=d) for d in folders]
     for key in keys:
@@ -138,3 +140,20 @@ def _load_hub_dataset(hub_id: str):
             f"hub dataset {hub_id!r} (source_datasets) is not loadable: {quoted(str(e), 200)}; offline, it must be "
             f"in the local Hugging Face cache"
         ) from e
+
+
+def local_sources(path: str, cfg) -> list[UserSource]:
+    """The sources at a local ``path``: one file, a ``datasets`` folder, or a folder of source files."""
+    target = Path(path).expanduser().resolve()
+    if not target.exists():
+        raise SourceDataError(f"{target}: no such file or folder")
+    store = Store(str(target.parent))
+    if target.is_file():
+        kind = "parquet" if target.suffix == ".parquet" else "json" if target.suffix in (".json", ".jsonl") else None
+        if kind is None:
+            raise SourceDataError(f"{target}: not a .parquet, .json or .jsonl file")
+        return [UserSource(store, kind, key=target.name)]
+    found = user_sources(store, replace(cfg, source_datasets=""), prefix=target.name)
+    if not found:
+        raise SourceDataError(f"{target}: holds no Parquet, JSON or datasets files")
+    return found

@@ -54,6 +54,9 @@ ENDPOINT_ENV = "SRC_S3_ENDPOINT_URL"
 LEASE_TTL_S = 300.0  # a lease whose heartbeat is older than this is abandoned (its holder died on another host)
 
 
+MODEL_CARD = "README.md"
+
+
 class StoreError(RuntimeError):
     """A missing or unreadable artefact; the message names its URI."""
 
@@ -291,9 +294,11 @@ class Store:
         if not (local_dir / "config.json").is_file():
             raise StoreError(f"{local_dir} is not a model directory (no config.json)")
         version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        card = local_dir / MODEL_CARD
         target = self._path(f"{key}/versions/{version}")
         files = {}
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        # A model card (README.md) is not part of a version: it is written beside it, and evaluation adds to it.
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST and p != card):
             name = file.relative_to(local_dir).as_posix()
             dest = f"{target}/{name}"
             if self.is_local:
@@ -303,6 +308,12 @@ class Store:
         self.write_json(f"{key}/versions/{version}/{MANIFEST}", {"files": files})
         self.write_json(f"{key}/CURRENT", {"version": version})
         return self.uri(f"{key}/versions/{version}")
+
+    def write_model_card(self, uri: str, text: str) -> None:
+        """Writes (or rewrites) the model card of the stored version at ``uri``; the manifest does not list it."""
+        if not uri.startswith(self.base_uri + "/"):
+            raise StoreError(f"{uri} is not a model version of this store ({self.base_uri})")
+        self.write_bytes(f"{uri[len(self.base_uri) + 1 :]}/{MODEL_CARD}", text.encode())
 
     def current_model(self, key: str) -> str | None:
         """URI of the committed version of ``key``, or None when none was ever committed."""
