@@ -130,37 +130,43 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def _materialize(assets, instance, resources, tags, verbose: bool, selection=None, partition_key=None):
-    """One run of ``assets`` (``selection`` of them) in ``instance``; its log is one line per finished step
-    (``step_log``), or Dagster's event stream with ``verbose``."""
-    from dagster import Definitions, define_asset_job
+def _jobs(cfg, instance, verbose: bool) -> dict:
+    """The code location's jobs (``src_foundation``, ``src_iteration``), their assets carrying this run's code
+    versions, with one line per finished step as their log (``step_log``) unless ``verbose``."""
+    from dagster import Definitions, in_process_executor
 
+    from .automation import foundation_job, iteration_job
+    from .definitions import all_assets, all_checks, build_resources
     from .step_log import step_lines
+    from .versions import with_code_versions
 
-    job = "src_calibrate_run"
     defs = Definitions(
-        assets=assets,
-        jobs=[define_asset_job(job, selection=selection)],
-        resources=resources,
+        assets=with_code_versions(all_assets, cfg),  # so Dagster records the versions of this run's settings
+        asset_checks=all_checks,
+        jobs=[foundation_job, iteration_job],
+        resources=build_resources(),
         loggers={} if verbose else {"console": step_lines(instance)},
-    )  # execute_in_process runs in this process
-    with RunWatchdog(instance, print if verbose else (lambda *a: print(" ", *a, file=sys.stderr))):
-        return defs.resolve_job_def(job).execute_in_process(
-            run_config=None if verbose else {"loggers": {"console": {}}},
-            instance=instance,
-            partition_key=partition_key,
-            raise_on_error=False,
-            tags=tags,
-        )
+        executor=in_process_executor,
+    )
+    return {job.name: defs.resolve_job_def(job.name) for job in (foundation_job, iteration_job)}
+
+
+def _launch(args, instance, job, config: dict, tags: dict, log, partition_key=None):
+    """One run of ``job``: executed in this process, or with ``--submit`` queued for the daemon."""
+    from . import launch
+
+    if args.submit:
+        return launch.submit(instance, job, config, tags, partition_key, log=lambda *a: log(*a))
+    with RunWatchdog(instance, print if args.verbose else (lambda *a: print(" ", *a, file=sys.stderr))):
+        return launch.execute(instance, job, config, tags, partition_key)
 
 
 def run(args) -> int:
     import socket
     from dataclasses import asdict
 
-    from .definitions import all_assets, build_resources, split_by_iteration
+    from . import launch
     from .resources import STORE_LEASE_OWNER_TAG, SettingsResource, StoreResource
-    from .versions import with_code_versions
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
     try:
@@ -171,10 +177,14 @@ def run(args) -> int:
         cfg = settings.config()  # fails early on a bad setting
     except ValueError as e:
         return _usage_error(str(e))
-    resources = build_resources(store, settings)
     instance = _instance()
-    assets = with_code_versions(all_assets, cfg)  # so Dagster records the versions of this run's settings
-    foundation, iteration = split_by_iteration(assets)
+    if args.submit and not launch.queue_daemon_alive(instance):
+        return _usage_error(
+            f"--submit queues the runs for a dagster-daemon, and none is running for {instance.root_directory}: "
+            f"start one (DAGSTER_HOME={instance.root_directory} dagster-daemon run -w workspace.yaml), or drop --submit"
+        )
+    jobs = _jobs(cfg, instance, args.verbose)
+    config = launch.run_config(store, settings, None if args.verbose or args.submit else {"console": {}})
     digest = fingerprint(asdict(cfg), length=16)
     tags = {
         RUN_HOST_TAG: socket.gethostname(),
@@ -208,19 +218,17 @@ def run(args) -> int:
         return 1
     with lease:
         try:
-            return _run_holding_the_store(args, store, resources, instance, foundation, iteration, tags, digest, log)
+            return _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log)
         except StoreError as e:  # e.g. a CURRENT pointer written by hand: one line naming the path, no traceback
             print(f"src-calibrate: error: {e}", file=sys.stderr)
             return 1
 
 
-def _run_holding_the_store(args, store, resources, instance, foundation, iteration, tags, digest, log) -> int:
-    from .automation import ITERATION_ASSETS, ITERATION_TAG
-    from .definitions import all_checks
+def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log) -> int:
     from .loop_assets import iteration_key, iteration_partitions
 
     log(f"data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
-    result = _materialize([*foundation, *all_checks], instance, resources, tags, args.verbose)
+    result = _launch(args, instance, jobs["src_foundation"], config, tags, log)
     if not _succeeded(result, log):
         return 1
     sft = _meta(result, "sft_eval")
@@ -246,15 +254,7 @@ def _run_holding_the_store(args, store, resources, instance, foundation, iterati
             start = done["checkpoint"]
             continue
         log(f"iteration {key}")
-        result = _materialize(
-            iteration + foundation,
-            instance,
-            resources,
-            {**ITERATION_TAG, **tags},
-            args.verbose,
-            selection=list(ITERATION_ASSETS),
-            partition_key=key,
-        )
+        result = _launch(args, instance, jobs["src_iteration"], config, tags, log, partition_key=key)
         if not _succeeded(result, log):
             return 1
         rows.append(
@@ -437,6 +437,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
     p.add_argument(
         "-v", "--verbose", action="store_true", help="show Dagster's event stream and the libraries' own output"
+    )
+    p.add_argument(
+        "--submit",
+        action="store_true",
+        help="queue the runs for a running dagster-daemon (dagster.yaml's run limits apply) instead of running them here",
     )
     p.add_argument(
         "--fresh",

@@ -24,13 +24,15 @@ all_checks = load_asset_checks_from_modules([assets, loop_assets])
 
 
 def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
-    """The resources of a run; with no arguments, the store and profile come from the environment."""
-    store = store or StoreResource()
+    """The resources of a run. With no arguments, the store and settings are configured at launch (run config),
+    their defaults from the environment; the IO manager and the leases are bound to the one ``store``, so a run's
+    config for ``store`` is where all of them write."""
+    store = store or StoreResource.configure_at_launch()
     io_manager = StoreIOManager(store=store, run_lease=StoreRunLeaseResource(store=store))
     return {
         "store": store,
         "io_manager": io_manager,
-        "settings": settings or SettingsResource(),
+        "settings": settings or SettingsResource.configure_at_launch(),
         "iteration_lease": IterationLeaseResource(store=store),
     }
 

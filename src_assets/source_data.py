@@ -539,8 +539,8 @@ def check_split_sizes(df: pl.DataFrame, scorer_prompts: int, synthetic: bool = T
         raise SourceDataError(
             f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of them "
             f"train the R-Scorer and the iterations need at least one more: {more}add at least "
-            f"{scorer_prompts + 1 - calibrate} rows with split 'calibrate' to your data, or lower scorer_prompts "
-            f"(at most {max(calibrate - 1, 0)} with these rows)"
+            f"{scorer_prompts + 1 - calibrate} rows with split 'calibrate' to your data"
+            + (f", or lower scorer_prompts to at most {calibrate - 1}" if calibrate >= 2 else "")
         )
 
 

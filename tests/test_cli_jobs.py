@@ -1,0 +1,122 @@
+"""``src-calibrate run`` makes runs of the code location's jobs: the UI can re-execute them, and ``--submit`` puts
+them through the instance's run queue for a real ``dagster-daemon``."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
+
+from dagster_project.cli import main
+from dagster_project.launch import LOCATION, queue_daemon_alive
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _home(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", path / "dagster.yaml")  # the shipped instance: a run queue with limits
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_jobs")
+    os.environ["DAGSTER_HOME"] = str(_home(root / "home"))
+    code = main(["run", "--profile", "smoke", "--iterations", "1", "--store", str(root / "store"), "--json"])
+    assert code == 0
+    return root
+
+
+def _runs(home: Path) -> list:
+    os.environ["DAGSTER_HOME"] = str(home)
+    return sorted(DagsterInstance.get().get_runs(), key=lambda r: r.run_id)
+
+
+def test_cli_runs_are_runs_of_the_code_location_jobs(cli_run):
+    runs = _runs(cli_run / "home")
+    assert sorted(r.job_name for r in runs) == ["src_foundation", "src_iteration"]
+    for run in runs:
+        assert run.remote_job_origin.location_name == LOCATION
+        assert run.remote_job_origin.repository_origin.repository_name == "__repository__"
+        store = run.run_config["resources"]["store"]["config"]["base_uri"]
+        assert store == str(cli_run / "store")  # a re-execution writes where this run wrote
+    iteration = next(r for r in runs if r.job_name == "src_iteration")
+    assert iteration.tags["dagster/partition"] == "001" and iteration.tags["src/iteration_run"] == "true"
+
+
+def test_the_ui_can_re_execute_a_cli_run(cli_run):
+    """What the UI's "Re-execute all" sends: the run's job is found in the workspace that workspace.yaml loads,
+    and the new run carries the parent's store and settings."""
+    from dagster_graphql.client.query import LAUNCH_PIPELINE_REEXECUTION_MUTATION
+    from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+
+    runs = _runs(cli_run / "home")
+    parent = next(r for r in runs if r.job_name == "src_iteration")
+    instance = DagsterInstance.get()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with define_out_of_process_context(str(ROOT / "workspace.yaml"), None, instance) as context:
+            result = execute_dagster_graphql(
+                context,
+                LAUNCH_PIPELINE_REEXECUTION_MUTATION,
+                variables={"reexecutionParams": {"parentRunId": parent.run_id, "strategy": "ALL_STEPS"}},
+            )
+    finally:
+        os.chdir(cwd)
+    launched = result.data["launchPipelineReexecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    assert launched["run"]["parentRunId"] == parent.run_id and launched["run"]["pipeline"]["name"] == "src_iteration"
+    assert str(cli_run / "store") in launched["run"]["runConfigYaml"]
+    assert launched["run"]["status"] == "QUEUED"  # the shipped instance queues runs; no daemon runs in this test
+    instance.delete_run(launched["run"]["runId"])
+
+
+def test_submit_without_a_daemon_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(_home(tmp_path / "home")))
+    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--submit"])
+    assert code == 2
+    assert "--submit queues the runs for a dagster-daemon, and none is running" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def test_submit_queues_the_runs_for_a_real_daemon(tmp_path, monkeypatch, capsys):
+    home = _home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "daemon.log", "w"),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not queue_daemon_alive(DagsterInstance.get()):
+            assert daemon.poll() is None and time.time() < deadline, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(1)
+        store = tmp_path / "store"
+        code = main(["run", "--profile", "smoke", "--iterations", "0", "--store", str(store), "--submit", "--json"])
+        err = capsys.readouterr().err
+        assert code == 0, err[-3000:] + (tmp_path / "daemon.log").read_text()[-3000:]
+        assert "queued; the daemon launches it" in err
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+    instance = DagsterInstance.get()
+    runs = instance.get_runs()
+    [run] = runs
+    assert run.job_name == "src_foundation" and run.status == DagsterRunStatus.SUCCESS
+    kinds = [e.dagster_event.event_type for e in instance.all_logs(run.run_id) if e.dagster_event]
+    # Queued by this command, then launched by the daemon (a worker process of its own).
+    assert kinds.index(DagsterEventType.RUN_ENQUEUED) < kinds.index(DagsterEventType.RUN_STARTING)
+    assert run.tags["src/pid"] == str(os.getpid())
+    assert (store / "models" / "sft_checkpoint" / "CURRENT").exists()
