@@ -133,10 +133,11 @@ def _quiet_libraries() -> None:
 def _jobs(cfg, instance, verbose: bool) -> dict:
     """The code location's jobs (``src_foundation``, ``src_iteration``), their assets carrying this run's code
     versions, with one line per finished step as their log (``step_log``) unless ``verbose``."""
-    from dagster import Definitions, in_process_executor
+    from dagster import Definitions
 
     from .automation import foundation_job, iteration_job
     from .definitions import all_assets, all_checks, build_resources
+    from .executors import local_executor
     from .step_log import step_lines
     from .versions import with_code_versions
 
@@ -145,10 +146,15 @@ def _jobs(cfg, instance, verbose: bool) -> dict:
         asset_checks=all_checks,
         jobs=[foundation_job, iteration_job],
         resources=build_resources(),
-        loggers={} if verbose else {"console": step_lines(instance)},
-        executor=in_process_executor,
+        loggers={"step_lines": step_lines(instance)},
+        executor=local_executor,
     )
-    return {job.name: defs.resolve_job_def(job.name) for job in (foundation_job, iteration_job)}
+    # Resolving the jobs reads the instance's definitions state; a test process may hold a disposed instance's
+    # storage as the current one, so this instance's is named explicitly.
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(instance.defs_state_storage):
+        return {job.name: defs.resolve_job_def(job.name) for job in (foundation_job, iteration_job)}
 
 
 def _launch(args, instance, job, config: dict, tags: dict, log, partition_key=None):
@@ -158,6 +164,8 @@ def _launch(args, instance, job, config: dict, tags: dict, log, partition_key=No
     if args.submit:
         return launch.submit(instance, job, config, tags, partition_key, log=lambda *a: log(*a))
     with RunWatchdog(instance, print if args.verbose else (lambda *a: print(" ", *a, file=sys.stderr))):
+        if args.executor == "multiprocess":  # its steps load the job from the code location in processes of their own
+            return launch.execute(instance, launch.reconstructable_job(job.name), config, tags, partition_key)
         return launch.execute(instance, job, config, tags, partition_key)
 
 
@@ -184,7 +192,7 @@ def run(args) -> int:
             f"start one (DAGSTER_HOME={instance.root_directory} dagster-daemon run -w workspace.yaml), or drop --submit"
         )
     jobs = _jobs(cfg, instance, args.verbose)
-    config = launch.run_config(store, settings, None if args.verbose or args.submit else {"console": {}})
+    config = launch.run_config(store, settings, None if args.verbose else {"step_lines": {}}, args.executor)
     digest = fingerprint(asdict(cfg), length=16)
     tags = {
         RUN_HOST_TAG: socket.gethostname(),
@@ -437,6 +445,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
     p.add_argument(
         "-v", "--verbose", action="store_true", help="show Dagster's event stream and the libraries' own output"
+    )
+    p.add_argument(
+        "--executor",
+        choices=("in_process", "multiprocess"),
+        default="in_process",
+        help="multiprocess: each step (each shard of candidate search and judging) in a process of its own",
     )
     p.add_argument(
         "--submit",

@@ -1,11 +1,13 @@
 """The code location: every asset, resource, check, job, schedule and sensor of the SRC pipeline."""
 
-from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from . import assets, loop_assets
 from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
+from .executors import executor_from_env
 from .loop_assets import iteration_partitions
 from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource, StoreRunLeaseResource
+from .step_log import step_lines
 from .versions import with_code_versions
 
 # Code versions under the environment's settings (SRC_PROFILE): what `dagster dev` materializes with.
@@ -44,7 +46,9 @@ defs = Definitions(
     schedules=[iteration_schedule],
     sensors=[new_source_data_sensor],
     resources=build_resources(),
-    # Model steps share one device and run one after another anyway; in-process saves a Python start-up
-    # (torch, transformers) per step. Swap in multiprocess_executor, k8s_job_executor or celery_executor here.
-    executor=in_process_executor,
+    # src-calibrate's runs log through this one (one line per finished step), by their run config.
+    loggers={"step_lines": step_lines()},
+    # SRC_EXECUTOR picks in-process or multiprocess (per run), Kubernetes or Celery, with no code edit
+    # (dagster_project/executors.py); whichever it is holds the run's leases from its first step to its last.
+    executor=executor_from_env(),
 )

@@ -46,8 +46,9 @@ def origins(job_name: str):
     return remote, JobPythonOrigin(job_name, python)
 
 
-def run_config(store, settings, loggers: dict | None = None) -> dict:
-    """The run's store and settings as run config, so that a re-execution from the UI uses them again."""
+def run_config(store, settings, loggers: dict | None = None, executor: str = "in_process") -> dict:
+    """The run's store, settings and executor mode as run config, so that a re-execution from the UI uses them
+    again."""
     config = {
         "resources": {
             "store": {"config": {"base_uri": store.base_uri, "s3_endpoint_url": store.s3_endpoint_url}},
@@ -56,7 +57,16 @@ def run_config(store, settings, loggers: dict | None = None) -> dict:
     }
     if loggers is not None:
         config["loggers"] = loggers
+    if executor == "multiprocess":
+        config["execution"] = {"config": {"multiprocess": {}}}
     return config
+
+
+def reconstructable_job(job_name: str):
+    """The code location's job, loaded from its module: what a step in another process loads too."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    return ReconstructableRepository.for_module(LOCATION, "defs", str(ROOT)).get_reconstructable_job(job_name)
 
 
 @dataclass
@@ -93,13 +103,16 @@ def _create(instance, job_def, config: dict, tags: dict, partition_key: str | No
     )
 
 
-def execute(instance, job_def, config: dict, tags: dict, partition_key: str | None = None) -> RunOutcome:
-    """Creates the run and executes it in this process."""
+def execute(instance, job, config: dict, tags: dict, partition_key: str | None = None) -> RunOutcome:
+    """Creates the run and executes it from this process: ``job`` is a job definition (run here), or a
+    reconstructable job (``reconstructable_job``: its steps may run in other processes)."""
     from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.definitions.reconstruct import ReconstructableJob
     from dagster._core.execution.api import execute_run
 
-    run = _create(instance, job_def, config, tags, partition_key)
-    execute_run(InMemoryJob(job_def), run, instance)
+    reconstructable = isinstance(job, ReconstructableJob)
+    run = _create(instance, job.get_definition() if reconstructable else job, config, tags, partition_key)
+    execute_run(job if reconstructable else InMemoryJob(job), run, instance)
     return RunOutcome.read(instance, run.run_id)
 
 

@@ -32,12 +32,20 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
+    DynamicOut,
+    DynamicOutput,
     DynamicPartitionsDefinition,
     Failure,
     MetadataValue,
+    Nothing,
+    OpExecutionContext,
+    Out,
     Output,
+    RetryPolicy,
     asset,
     asset_check,
+    graph_asset,
+    op,
 )
 
 from src_assets.base_stage import StopWhenPerceiving, evaluate_captions, probe_scenes, train_base_policy
@@ -575,45 +583,74 @@ def calibration_prompts(
     return rows
 
 
-@asset(
-    **ITERATION,
-    pool=GPU_POOL,
-    check_specs=[
-        AssetCheckSpec(
-            "most_prompts_have_two_distinct_candidates",
-            asset="candidate_pool",
-            description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).",
-        )
-    ],
-)
-@reads("search", "runtime", "seed", stages=("candidate_search", "generation"))
-def candidate_pool(
-    context: AssetExecutionContext,
+# --- Candidate search and judging, in shards -------------------------------------------------------------------
+# Each is a graph: one step plans `shards` contiguous ranges of the iteration's prompts, one step per range does
+# the work (retried alone if it fails; only a finished shard's output is stored, so a partial one is never read),
+# and one step joins the shards in prompt order. With a multi-process, Kubernetes or Celery executor, the shards run
+# in processes, pods or workers of their own. A prompt's random stream comes from its id and the iteration, not
+# from its shard, so with one prompt per batch (search_batch_size and judge_batch_size small enough) any number of
+# shards gives the same tables.
+
+SHARD_RETRIES = RetryPolicy(max_retries=2, delay=1)
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous, nearly equal ranges of ``n`` prompts (no empty one)."""
+    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+@op(out=DynamicOut(list))
+def plan_shards(context: OpExecutionContext, calibration_prompts: pl.DataFrame, settings: SettingsResource):
+    """The shards of the iteration's prompts: [first, end) of each."""
+    ranges = shard_ranges(calibration_prompts.height, settings.config().shards)
+    context.log.info(f"{calibration_prompts.height} prompts in {len(ranges)} shard(s): {ranges}")
+    for a, b in ranges:
+        yield DynamicOutput([a, b], mapping_key=f"prompts_{a}_{b}")
+
+
+def _in_prompt_order(parts: list[pl.DataFrame], prompts: pl.DataFrame) -> pl.DataFrame:
+    order = {pid: i for i, pid in enumerate(prompts["id"].to_list())}
+    joined = pl.concat(parts, how="vertical")
+    return joined.sort(pl.col("prompt_id").replace_strict(order, return_dtype=pl.Int64), maintain_order=True)
+
+
+@op(retry_policy=SHARD_RETRIES, pool=GPU_POOL)
+def search_shard(
+    context: OpExecutionContext,
     calibration_prompts: pl.DataFrame,
     start_policy: str,
+    shard: list,
     settings: SettingsResource,
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
-):
-    """K distinct complete responses per prompt from the start policy, by sentence-level beam search."""
+) -> pl.DataFrame:
+    """Sentence-level beam search over one shard's prompts."""
     cfg, key = settings.config(), context.partition_key
-    context.log.info(f"iteration {key}: sampling {calibration_prompts.height} prompts from {start_policy}")
+    prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
+    context.log.info(f"iteration {key}: sampling prompts {shard[0]}-{shard[1] - 1} from {start_policy}")
     model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
-    pool = sentence_beam_search(
-        model,
-        processor,
-        calibration_prompts,
-        cfg.search,
-        seed=derive_seed(cfg.seed, "candidate_pool", key),
-        progress=context.log.info,
-    )
+    seed = derive_seed(cfg.seed, "candidate_pool", key)  # per prompt id below it: not the shard's
+    return sentence_beam_search(model, processor, prompts, cfg.search, seed=seed, progress=context.log.info)
+
+
+@op(
+    out={
+        "result": Out(pl.DataFrame),
+        "candidate_pool_most_prompts_have_two_distinct_candidates": Out(Nothing, is_required=False),
+    }
+)
+def join_candidates(context: OpExecutionContext, shards: list, calibration_prompts: pl.DataFrame, start_policy: str):
+    pool = _in_prompt_order(shards, calibration_prompts)
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
     yield Output(
         pool,
+        "result",
         metadata={
             "policy": MetadataValue.text(start_policy),
             "prompts": calibration_prompts.height,
+            "shards": len(shards),
             "candidates": pool.height,
             "mean_candidates_per_prompt": float(per_prompt.mean() or 0),
             "candidates_per_prompt": counts_table(
@@ -623,6 +660,7 @@ def candidate_pool(
         },
     )
     yield AssetCheckResult(
+        asset_key="candidate_pool",
         check_name="most_prompts_have_two_distinct_candidates",
         passed=with_two >= 0.8 * calibration_prompts.height,
         severity=AssetCheckSeverity.WARN,
@@ -630,27 +668,58 @@ def candidate_pool(
     )
 
 
-@asset(
+@graph_asset(
     **ITERATION,
-    pool=GPU_POOL,
+    check_specs=[
+        AssetCheckSpec(
+            "most_prompts_have_two_distinct_candidates",
+            asset="candidate_pool",
+            description="At least 80% of prompts have 2 or more distinct complete candidates (WARN).",
+        )
+    ],
 )
-@reads("judge", "aggregation", "runtime", "scoring", stages=("r_scorer", "preference", "verifier"))
-def pairwise_scores(
-    context: AssetExecutionContext,
+@reads("search", "runtime", "seed", "shards", stages=("candidate_search", "generation"))
+def candidate_pool(calibration_prompts: pl.DataFrame, start_policy: str):
+    """K distinct complete responses per prompt from the start policy, by sentence-level beam search, in shards."""
+    shards = plan_shards(calibration_prompts).map(lambda shard: search_shard(calibration_prompts, start_policy, shard))
+    pool, check = join_candidates(shards.collect(), calibration_prompts, start_policy)
+    return {"result": pool, "candidate_pool_most_prompts_have_two_distinct_candidates": check}
+
+
+@op(retry_policy=SHARD_RETRIES, pool=GPU_POOL)
+def judge_shard(
+    context: OpExecutionContext,
+    candidate_pool: pl.DataFrame,
+    calibration_prompts: pl.DataFrame,
+    r_scorer_checkpoint: str,
+    shard: list,
+    settings: SettingsResource,
+    store: StoreResource,
+    iteration_lease: IterationLeaseResource,
+) -> pl.DataFrame:
+    """Every ordered pair of one shard's prompts' candidates judged; their debiased matrices and scores."""
+    cfg = settings.config()
+    prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
+    candidates = candidate_pool.filter(pl.col("prompt_id").is_in(prompts["id"].implode()))
+    judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
+    ids, matrices = judge.matrices(candidates, prompts, cfg.scoring, progress=context.log.info)
+    return score_table(ids, matrices, cfg.aggregation)
+
+
+@op
+def join_scores(
+    context: OpExecutionContext,
+    shards: list,
     candidate_pool: pl.DataFrame,
     calibration_prompts: pl.DataFrame,
     r_scorer_checkpoint: str,
     settings: SettingsResource,
     store: StoreResource,
-    iteration_lease: IterationLeaseResource,
 ) -> pl.DataFrame:
-    """Every ordered pair of each prompt's candidates judged by the R-Scorer; debiased matrices and per-candidate
-    scores."""
     cfg = settings.config()
-    judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
-    ids, matrices = judge.matrices(candidate_pool, calibration_prompts, cfg.scoring, progress=context.log.info)
-    scores = score_table(ids, matrices, cfg.aggregation)
-    # Held out: the R-Scorer never trained on calibration prompts.
+    scores = _in_prompt_order(shards, calibration_prompts)
+    # Held out: the R-Scorer never trained on calibration prompts. The verifier's side needs no model.
+    judge = Judge(cfg.judge)
     agreement = judge.agreement(
         scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts
     )
@@ -661,6 +730,7 @@ def pairwise_scores(
     sample = scores.filter(pl.col("n_candidates") >= 2).head(1)
     meta = {
         "prompts": scores.height,
+        "shards": len(shards),
         "scoring": cfg.scoring,
         "judge": MetadataValue.text(r_scorer_checkpoint),
         **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items()},
@@ -676,6 +746,17 @@ def pairwise_scores(
     step = iteration_number(context.partition_key)
     log_pipeline_metrics(cfg, store.store(), step, {"judge_agreement": agreement["judge_agreement"]}, context.log)
     return scores
+
+
+@graph_asset(**ITERATION)
+@reads("judge", "aggregation", "runtime", "scoring", "shards", stages=("r_scorer", "preference", "verifier"))
+def pairwise_scores(candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame, r_scorer_checkpoint: str):
+    """Every ordered pair of each prompt's candidates judged by the R-Scorer, in shards; debiased matrices and
+    per-candidate scores."""
+    shards = plan_shards(calibration_prompts).map(
+        lambda shard: judge_shard(candidate_pool, calibration_prompts, r_scorer_checkpoint, shard)
+    )
+    return join_scores(shards.collect(), candidate_pool, calibration_prompts, r_scorer_checkpoint)
 
 
 @asset(

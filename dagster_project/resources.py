@@ -154,6 +154,10 @@ class StoreIOManager(ConfigurableIOManager):
     run_lease: StoreRunLeaseResource
 
     def _key(self, context: InputContext | OutputContext) -> str:
+        if not context.has_asset_key:  # a step's output inside a graph (a shard's table): kept under its run
+            output = context if isinstance(context, OutputContext) else context.upstream_output
+            name = output.name + (f".{output.mapping_key}" if output.mapping_key else "")  # one per dynamic output
+            return store_layout.step_output(output.run_id, output.step_key, name)
         partition = context.asset_partition_key if context.has_asset_partitions else None
         return store_layout.asset_value("/".join(context.asset_key.path), partition)
 

@@ -9,6 +9,7 @@ in one place:
     models/<asset>/by_inputs/<digest>.json       which version a training with these inputs produced
     leases/iteration/<iteration>.json            the run writing an iteration now
     leases/store_run.json                        the src-calibrate run using this store now
+    runs/<run id>/<step>/<output>.parquet|json   a step's output inside a graph asset (a shard's table)
     source/*.parquet, judgements/*.parquet       your data (prefixes are settings)
 """
 
@@ -45,3 +46,9 @@ def iteration_lease(iteration: str) -> str:
 # One ``src-calibrate run`` per store at a time: from its first write to its end, so no other run rewrites the
 # foundation (source table, eval set, SFT, R-Scorer) that this run's iterations read.
 STORE_RUN_LEASE = "leases/store_run.json"
+
+
+def step_output(run_id: str, step_key: str, output: str) -> str:
+    """A step's output that is no asset (a shard's table inside a graph asset), kept under the run that made it so
+    that a re-execution from failure reads it; ``step_key`` brackets (``search_shard[prompts_0_8]``) are kept."""
+    return f"runs/{run_id}/{step_key}/{output}"

@@ -72,13 +72,22 @@ def settings_digest(asset: str, cfg: SRCConfig) -> str:
     return digest(settings_read(asset, cfg))
 
 
+def asset_functions(asset) -> list:
+    """The Python functions that compute ``asset``: its own, or each op's of a graph-backed asset."""
+    from dagster import GraphDefinition
+
+    node = asset.node_def
+    ops = node.node_defs if isinstance(node, GraphDefinition) else [node]
+    return [op.compute_fn.decorated_fn for op in ops]
+
+
 def code_version(asset, cfg: SRCConfig) -> str:
     """``asset``'s version under ``cfg``: its own function's source and its stage modules', then its settings."""
     name = asset.key.to_user_string()
     if name not in READS:
         raise KeyError(f"asset {name!r} declares nothing it reads; put @reads(...) under its @asset")
-    fn = asset.op.compute_fn.decorated_fn
-    sources = [inspect.getsource(fn)] + [(_SRC / f"{m}.py").read_text() for m in READS[name].stages]
+    sources = [inspect.getsource(fn) for fn in asset_functions(asset)]
+    sources += [(_SRC / f"{m}.py").read_text() for m in READS[name].stages]
     return f"code-{digest(*sources)[:8]}.settings-{settings_digest(name, cfg)[:8]}"
 
 

@@ -231,7 +231,15 @@ def sentence_beam_search(
             prompt_inputs(processor, q, image) for q, image in zip(questions[g0 : g0 + group], images[g0 : g0 + group])
         ]
         finished += _search_group(
-            model, _Prompts(model, inputs, pad_id), len(inputs), cfg, eos_id, stop_ids, derive_seed(seed, "group", g0)
+            model,
+            _Prompts(model, inputs, pad_id),
+            len(inputs),
+            cfg,
+            eos_id,
+            stop_ids,
+            # From the group's first prompt id, not its position: a prompt searched alone draws the same samples
+            # whichever shard or batch it is in.
+            derive_seed(seed, "group", ids[g0]),
         )
         bar.update(len(inputs))
     bar.close()

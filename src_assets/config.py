@@ -163,6 +163,9 @@ class SRCConfig:
     sft_batch_size: int = setting(32, low=1)
     # 2. Candidate search: k, beams, samples_per_beam, temperature, max_sentences, include_greedy...
     prompts_per_iteration: int = setting(1024, low=1, high=MAX_SCENES)
+    # Candidate search and judging run as this many steps over contiguous ranges of the prompts (one per process,
+    # pod or worker with a multi-process executor); 1: one step each
+    shards: int = setting(1, low=1, high=4096)
     search: SearchConfig = field(default_factory=SearchConfig)
     # 3. R-Scorer (judging itself: judge_template, judge_batch_size, judge_tie_margin...)
     scorer_prompts: int = setting(
