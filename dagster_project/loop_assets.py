@@ -77,6 +77,7 @@ from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, m
 from .model_cards import write_model_card, write_training_report
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .tracking import log_pipeline_metrics, tracked
+from .train_worker import run_training
 from .training_log import DagsterLogCallback
 from .versions import reads, settings_digest
 
@@ -114,6 +115,33 @@ def _trained_before(context, store, key: str, fingerprint: str, cfg) -> dict | N
         f"(reuse_checkpoints=false retrains)"
     )
     return found
+
+
+_TRAININGS = {
+    "rationale_sft": lambda model, rows, out, settings, callbacks, **_: train_rationale_sft(
+        model, rows, out, settings, callbacks
+    ),
+    "r_scorer": lambda model, rows, out, settings, callbacks, **_: train_r_scorer(
+        model, rows, out, settings, callbacks
+    ),
+    "weighted_dpo": lambda model, rows, out, settings, callbacks, **options: train_weighted_dpo(
+        model, rows, out, settings, callbacks=callbacks, **options
+    ),
+    "gold_bound": lambda model, rows, out, settings, callbacks, **_: train_gold_bound(
+        model, rows, out, settings, callbacks
+    ),
+}
+
+
+def _train(context, stage: str, model: str, rows: pl.DataFrame, out: str, settings, **options) -> dict:
+    """A training here, or with ``train_processes`` > 1 in that many processes under ``accelerate launch`` (a
+    Dagster Pipes subprocess that reports its log and metrics back to this step)."""
+    if settings.processes > 1:
+        return run_training(context, stage, model, rows, out, settings, **options)
+    callbacks = [
+        DagsterLogCallback(context.log, f"{stage} {context.partition_key if context.has_partition_key else ''}".strip())
+    ]
+    return _TRAININGS[stage](model, rows, out, settings, callbacks, **options)
 
 
 def _remember_trained(store, key: str, fingerprint: str, uri: str, **reported) -> None:
@@ -290,7 +318,7 @@ def sft_checkpoint(
     base_policy_model: str,
     settings: SettingsResource,
     store: StoreResource,
-) -> str:
+) -> Output[str]:
     """Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer)."""
     cfg, s = settings.config(), store.store()
     fingerprint = digest(
@@ -301,14 +329,15 @@ def sft_checkpoint(
         context.add_output_metadata(
             {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
         )
-        return found["uri"]
+        return Output(found["uri"])
     with tempfile.TemporaryDirectory() as out:
-        result = train_rationale_sft(
+        result = _train(
+            context,
+            "rationale_sft",
             s.local_model_dir(base_policy_model),
             rationale_sft_set,
             out,
             tracked(cfg.sft_settings(), cfg, s, "sft_checkpoint"),
-            callbacks=[DagsterLogCallback(context.log, "rationale SFT")],
         )
         write_training_report(
             out,
@@ -331,7 +360,7 @@ def sft_checkpoint(
             "steps": result["steps"],
         }
     )
-    return uri
+    return Output(uri)
 
 
 @asset(
@@ -363,16 +392,16 @@ def r_scorer_checkpoint(
     judgement_tables: pl.DataFrame,
     settings: SettingsResource,
     store: StoreResource,
-) -> str:
+) -> Output[str]:
     """The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used
     zero-shot."""
     cfg, s = settings.config(), store.store()
     if is_oracle(cfg.scorer_model):
         context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model), "trained": False})
-        return cfg.scorer_model  # the oracle: the domain verifier judges every pair
+        return Output(cfg.scorer_model)  # the oracle: the domain verifier judges every pair
     if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
-        return base_r_scorer_model  # a pretrained judge, used zero-shot
+        return Output(base_r_scorer_model)  # a pretrained judge, used zero-shot
     prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
     base_judge = (
         _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
@@ -390,7 +419,7 @@ def r_scorer_checkpoint(
         context.add_output_metadata(
             {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
         )
-        return found["uri"]
+        return Output(found["uri"])
     base_dir = s.local_model_dir(base_r_scorer_model)
     judgements, sources = judge_training_set(
         load_tokenizer(base_dir),
@@ -413,12 +442,13 @@ def r_scorer_checkpoint(
             f"pretrained judge (scorer_model) with scorer_epochs=0"
         )
     with tempfile.TemporaryDirectory() as out:
-        result = train_r_scorer(
+        result = _train(
+            context,
+            "r_scorer",
             base_dir,
             judgements,
             out,
             tracked(cfg.scorer_settings(), cfg, s, "r_scorer_checkpoint"),
-            callbacks=[DagsterLogCallback(context.log, "R-Scorer")],
         )
         uri = s.put_model(store_layout.SCORER_MODEL, out)
     _remember_trained(s, store_layout.SCORER_MODEL, fingerprint, uri)
@@ -435,7 +465,7 @@ def r_scorer_checkpoint(
             "train_loss": result["train_loss"],
         }
     )
-    return uri
+    return Output(uri)
 
 
 def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg, context) -> dict:
@@ -861,7 +891,7 @@ def policy_checkpoint(
     settings: SettingsResource,
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
-) -> str:
+) -> Output[str]:
     """Policy k: the start policy trained with confidence-weighted DPO on the kept pairs (and its reference)."""
     cfg, s, key = settings.config(), store.store(), context.partition_key
     if not preference_set["kept"].any():
@@ -882,27 +912,29 @@ def policy_checkpoint(
                 "pairs": 0,
             }
         )
-        return uri
+        return Output(uri)
     with tempfile.TemporaryDirectory() as out:
         if cfg.policy_update == "gold_sft":
-            result = train_gold_bound(
+            result = _train(
+                context,
+                "gold_bound",
                 s.local_model_dir(start_policy),
                 preference_set,
                 out,
                 tracked(cfg.dpo_settings(), cfg, s, "policy_checkpoint", key),
-                [DagsterLogCallback(context.log, f"gold-data bound {key}")],
             )
         else:
-            result = train_weighted_dpo(
+            result = _train(
+                context,
+                "weighted_dpo",
                 s.local_model_dir(start_policy),
                 preference_set,
                 out,
                 tracked(cfg.dpo_settings(), cfg, s, "policy_checkpoint", key),
-                cfg.beta,
-                cfg.use_fused_dpo_kernel,
-                cfg.weighted_dpo,
-                cfg.dpo_nll_weight,
-                [DagsterLogCallback(context.log, f"DPO {key}")],
+                beta=cfg.beta,
+                use_fused_kernel=cfg.use_fused_dpo_kernel,
+                weighted=cfg.weighted_dpo,
+                nll_weight=cfg.dpo_nll_weight,
             )
         write_training_report(
             out,
@@ -927,7 +959,7 @@ def policy_checkpoint(
             "steps": result["steps"],
         }
     )
-    return uri
+    return Output(uri)
 
 
 def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.DataFrame) -> pl.DataFrame | None:

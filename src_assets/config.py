@@ -44,6 +44,7 @@ TRAINING_SETTINGS = (
     "report_to",
     "lora_args",
     "keep_adapter",
+    "train_processes",
     *RUNTIME_SETTINGS,
 )
 # What a tiny model is made of besides its architecture and seed (``SRCConfig.tiny_spec``).
@@ -140,6 +141,9 @@ class SRCConfig:
     scorer_args: str = setting("{}", check=check_trainer_args("scorer"))
     dpo_args: str = setting("{}", check=check_trainer_args("dpo"))
     lora_args: str = setting("{}", check=check_trainer_args("lora"))
+    # > 1: rationale SFT, the R-Scorer and DPO train in this many processes under `accelerate launch` (one per GPU;
+    # gloo processes on the CPU), each batch split across them; 1: in the step's own process
+    train_processes: int = setting(1, low=1, high=1024)
     keep_adapter: bool = False  # with lora_r > 0: keep each training's LoRA adapter in adapter/ beside the merged model
     # 0. The base stage (tiny policy only; a hub model is already capable): captions and direct answers
     n_base: int = setting(16000, low=0, high=MAX_SCENES)  # perception corpus rows, scenes of their own
@@ -260,6 +264,7 @@ class SRCConfig:
             trainer_args=tuple(sorted(json.loads(getattr(self, f"{stage}_args") or "{}").items())),
             lora_args=tuple(sorted(json.loads(self.lora_args or "{}").items())),
             keep_adapter=self.keep_adapter,
+            processes=self.train_processes,
             **schedule,
         )
 
@@ -275,6 +280,7 @@ class SRCConfig:
                 warmup_steps=20,
             ),
             lora_r=0,
+            processes=1,  # its probe callback stops training early: it trains in the step's process
         )
 
     def sft_settings(self) -> TrainSettings:

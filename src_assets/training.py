@@ -111,6 +111,7 @@ class TrainSettings:
     keep_adapter: bool = False  # with LoRA: the adapter is saved too, in adapter/ beside the merged model
     log_dir: str = ""  # where trackers write (TensorBoard event files); "" for none of our own
     run_name: str = ""  # the trackers' run name (e.g. "policy_checkpoint/001")
+    processes: int = 1  # > 1: the asset runs this training under `accelerate launch` with this many processes
 
     def weights_runtime(self) -> Runtime:
         """Where and in what dtype the trained model is loaded: the runtime's, except that float16 trains as
@@ -196,7 +197,11 @@ def save_trained(
     """Saves a plain model directory: LoRA adapters are merged, so every checkpoint loads the same way (with
     ``keep_adapter``, the adapter is saved too, in ``adapter/``). A model with a non-finite weight, or a non-finite
     loss, is refused first with the stage and the settings likely at fault."""
-    model = trainer.model
+    accelerator = trainer.accelerator
+    if not accelerator.is_main_process:  # under several processes, the first one saves
+        accelerator.wait_for_everyone()
+        return
+    model = accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
         if keep_adapter and math.isfinite(train_loss):
             model.save_pretrained(Path(out_dir) / "adapter", safe_serialization=True)
@@ -208,6 +213,7 @@ def save_trained(
             f"tensors hold NaN or inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {suspects}."
         )
     save_model_dir(model, processing_class, out_dir)
+    accelerator.wait_for_everyone()
 
 
 def vision_dataset(df: pl.DataFrame, columns: dict[str, str]) -> Dataset:

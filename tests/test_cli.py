@@ -300,7 +300,13 @@ def test_a_run_prints_one_line_per_step_and_v_shows_dagsters_events(tmp_path, mo
     assert len(lines) < 40, "\n".join(lines)  # fits on one screen, progress bars aside
     assert "DEBUG" not in err and "STEP_SUCCESS" not in err
     steps = [line.split()[0] for line in lines if line.startswith("  ") and " s" in line]
-    assert {"sft_checkpoint", "start_policy", "candidate_pool", "policy_checkpoint", "iteration_eval"} <= set(steps)
+    assert {
+        "sft_checkpoint",
+        "start_policy",
+        "candidate_pool.join_candidates",
+        "policy_checkpoint",
+        "iteration_eval",
+    } <= set(steps)
     assert any(line.split()[0] == "preference_set" and "pairs_kept=" in line for line in lines)
     assert main(["run", "--profile", "smoke", "--iterations", "1", "--store", store, "--json", "-v", "--fresh"]) == 0
     assert "STEP_SUCCESS" in capsys.readouterr().err

@@ -97,3 +97,111 @@ def test_two_runs_of_one_iteration_under_the_multiprocess_executor_exactly_one_w
     assert {p.name for p in (store / "runs").iterdir()} - before == {run_a["run_id"]}  # B stored nothing
     assert not (store / "leases" / "iteration" / "001.json").exists()  # A released it at its end
     assert pl.read_parquet(store / "assets/candidate_pool/001.parquet").height > 0
+
+
+# --- Trainings in several processes (accelerate launch, gloo on the CPU) ------------------------------------------
+
+
+def _launch(tmp_path: Path, stage: str, model: str, rows: pl.DataFrame, settings, **options) -> dict:
+    """The worker under ``accelerate launch``, as the training assets start it (without Dagster around it)."""
+    from dataclasses import asdict
+
+    from dagster_project.train_worker import launch_command
+
+    rows.write_parquet(tmp_path / "rows.parquet")
+    spec = {
+        "stage": stage,
+        "model": model,
+        "rows": str(tmp_path / "rows.parquet"),
+        "out_dir": str(tmp_path / "out"),
+        "settings": asdict(settings),
+        "options": options,
+        "result": str(tmp_path / "result.json"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec, default=str))
+    command, env = launch_command(settings.processes, str(tmp_path / "spec.json"), "cpu")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def _losses(log: list[dict]) -> list[float]:
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
+def _settings(batch_size: int, processes: int):
+    from src_assets.training import TrainSettings
+
+    # Three steps, each logged; a constant rate with no warmup, so the first step already moves the weights.
+    steps = (("max_steps", 3), ("logging_steps", 1))
+    return TrainSettings(
+        batch_size=batch_size,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        trainer_args=steps,
+        processes=processes,
+    )
+
+
+# The same global batch of 8 in one process or two: each step sees the same 8 examples (accelerate splits the one
+# seeded order between the processes) and the same mean loss over them. What differs is float32 summation order
+# (the two halves' gradients are summed by gloo, not inside one backward pass), ~1e-7 relative per step, which
+# Adam can grow where a gradient is near zero: 1e-4 relative leaves a wide margin over that and is far below any
+# real difference (a wrong weight, a shifted batch: 1e-2 and more).
+LOSS_TOLERANCE = 1e-4
+
+
+def test_two_process_rationale_sft_matches_one_process_and_its_checkpoint_loads(tmp_path):
+    from src_assets.models import load_policy
+    from src_assets.rationale_sft import build_rationale_sft_set, train_rationale_sft
+    from src_assets.source_data import synthetic_source
+    from src_assets.tiny_models import TinySpec, build_tiny_policy
+
+    spec = TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden_size=32, vision_layers=1)
+    policy = str(build_tiny_policy(tmp_path / "policy", "llava", spec))
+    rows = build_rationale_sft_set(synthetic_source(seed=4, n_sft=24, n_calibrate=0, n_eval=0))
+    one = train_rationale_sft(policy, rows, str(tmp_path / "one"), _settings(8, 1))
+    (tmp_path / "two").mkdir()
+    two = _launch(tmp_path / "two", "rationale_sft", policy, rows, _settings(4, 2))
+    assert two["processes"] == 2 and two["steps"] == one["steps"] == 3
+    assert _losses(two["log"]) == pytest.approx(_losses(one["log"]), rel=LOSS_TOLERANCE)
+    load_policy(str(tmp_path / "two" / "out"))  # saved once, by the first process, and loads as any checkpoint
+
+
+def test_two_process_weighted_dpo_keeps_each_pairs_weight_and_reference(tmp_path):
+    """Weights that differ per pair, and reference log-probs computed before training, follow their pairs into
+    whichever process gets them: the two-process losses equal the one-process ones."""
+    from src_assets.source_data import synthetic_source
+    from src_assets.tiny_models import TinySpec, build_tiny_policy
+    from src_assets.weighted_dpo import train_weighted_dpo
+
+    spec = TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden_size=32, vision_layers=1)
+    policy = str(build_tiny_policy(tmp_path / "policy", "llava", spec))
+    prompts = synthetic_source(seed=5, n_sft=0, n_calibrate=24, n_eval=0)
+    pairs = prompts.select(
+        pl.col("id").alias("prompt_id"),
+        "question",
+        "image",
+        pl.col("response").alias("chosen"),
+        pl.lit("there is nothing here.\nAnswer: none").alias("rejected"),
+        pl.Series("weight", [0.1 + 0.9 * ((i * 7) % 24) / 23 for i in range(24)]),
+        pl.lit(True).alias("kept"),
+    )
+    one = train_weighted_dpo(policy, pairs, str(tmp_path / "one"), _settings(8, 1), beta=0.1)
+    (tmp_path / "two").mkdir()
+    two = _launch(tmp_path / "two", "weighted_dpo", policy, pairs, _settings(4, 2), beta=0.1)
+    assert _losses(two["log"]) == pytest.approx(_losses(one["log"]), rel=LOSS_TOLERANCE)
+    flat = train_weighted_dpo(policy, pairs, str(tmp_path / "flat"), _settings(8, 1), beta=0.1, weighted=False)
+    assert _losses(flat["log"])[0] != pytest.approx(_losses(one["log"])[0], rel=1e-2)  # the weights matter
+
+
+def test_train_processes_runs_the_smoke_loop_through_accelerate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    store = tmp_path / "store"
+    args = ["run", "--profile", "smoke", "--iterations", "1", "--store", str(store), "--set", "train_processes=2"]
+    assert main([*args, "--json"]) == 0, capsys.readouterr().err[-3000:]
+    from src_assets.models import load_policy
+
+    for key in ("models/sft_checkpoint", "models/policy_checkpoint/001"):
+        load_policy(Store(str(store)).current_model(key))
