@@ -20,6 +20,7 @@ stale when either changes.
 """
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -83,6 +84,13 @@ from .versions import reads, settings_digest
 
 iteration_partitions = DynamicPartitionsDefinition(name="iteration")
 GPU_POOL = "gpu"  # every asset that runs a model shares this concurrency pool
+# On Kubernetes (SRC_EXECUTOR=k8s) each model step's pod asks for SRC_GPUS_PER_STEP GPUs (set it to
+# train_processes for multi-process training); other executors ignore the tag.
+GPU_STEP_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": os.environ.get("SRC_GPUS_PER_STEP", "1")}}}
+    }
+}
 
 
 def iteration_key(k: int) -> str:
@@ -165,6 +173,7 @@ BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy",
 @asset(
     group_name="training",
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         AssetCheckSpec(
             "base_policy_lists_the_scene",
@@ -303,6 +312,7 @@ def base_policy_model(
 @asset(
     group_name="training",
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
 )
 @reads(
     "sft_epochs",
@@ -366,6 +376,7 @@ def sft_checkpoint(
 @asset(
     group_name="training",
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
 )
 @reads(
     "scorer_model",
@@ -482,7 +493,7 @@ def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg
     )
 
 
-@asset(group_name="evaluation", pool=GPU_POOL)
+@asset(group_name="evaluation", pool=GPU_POOL, op_tags=GPU_STEP_TAGS)
 @reads(
     "runtime",
     "eval_max_new_tokens",
@@ -645,7 +656,7 @@ def _in_prompt_order(parts: list[pl.DataFrame], prompts: pl.DataFrame) -> pl.Dat
     return joined.sort(pl.col("prompt_id").replace_strict(order, return_dtype=pl.Int64), maintain_order=True)
 
 
-@op(retry_policy=SHARD_RETRIES, pool=GPU_POOL)
+@op(retry_policy=SHARD_RETRIES, pool=GPU_POOL, tags=GPU_STEP_TAGS)
 def search_shard(
     context: OpExecutionContext,
     calibration_prompts: pl.DataFrame,
@@ -716,7 +727,7 @@ def candidate_pool(calibration_prompts: pl.DataFrame, start_policy: str):
     return {"result": pool, "candidate_pool_most_prompts_have_two_distinct_candidates": check}
 
 
-@op(retry_policy=SHARD_RETRIES, pool=GPU_POOL)
+@op(retry_policy=SHARD_RETRIES, pool=GPU_POOL, tags=GPU_STEP_TAGS)
 def judge_shard(
     context: OpExecutionContext,
     candidate_pool: pl.DataFrame,
@@ -870,6 +881,7 @@ def preference_set(
 @asset(
     **ITERATION,
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
 )
 @reads(
     "dpo_epochs",
@@ -986,6 +998,7 @@ def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.Da
     group_name="evaluation",
     partitions_def=iteration_partitions,
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         AssetCheckSpec(
             "no_regression",
