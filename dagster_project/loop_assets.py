@@ -670,8 +670,16 @@ def search_shard(
     cfg, key = settings.config(), context.partition_key
     prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
     context.log.info(f"iteration {key}: sampling prompts {shard[0]}-{shard[1] - 1} from {start_policy}")
-    model, processor = load_policy(store.store().local_model_dir(start_policy), cfg.runtime())
+    model_dir = store.store().local_model_dir(start_policy)
     seed = derive_seed(cfg.seed, "candidate_pool", key)  # per prompt id below it: not the shard's
+    if cfg.search.backend == "vllm":
+        from src_assets.processors import load_processor
+        from src_assets.vllm_search import load_vllm, vllm_beam_search
+
+        return vllm_beam_search(
+            load_vllm(model_dir, cfg.runtime()), load_processor(model_dir), prompts, cfg.search, seed
+        )
+    model, processor = load_policy(model_dir, cfg.runtime())
     return sentence_beam_search(model, processor, prompts, cfg.search, seed=seed, progress=context.log.info)
 
 
