@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
