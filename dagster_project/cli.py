@@ -427,13 +427,16 @@ def _seed(text: str) -> int:
     return int(text)
 
 
+STORE_HELP = "base URI of the store (default: $SRC_STORE_URI or ./.src_store)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="src-calibrate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="materialize the whole graph: SFT, R-Scorer, then N iterations in order")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
-    p.add_argument("--store", help="base URI of the store (default: $SRC_STORE_URI or ./.src_store)")
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--set",
@@ -511,7 +514,7 @@ def main(argv=None) -> int:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=evaluate)
     o = sub.add_parser("export", help="an iteration's preference set as a Hugging Face dataset in TRL's columns")
-    o.add_argument("--store", help="base URI of the store (default: $SRC_STORE_URI or ./.src_store)")
+    o.add_argument("--store", help=STORE_HELP)
     o.add_argument("--iteration", type=int, required=True)
     o.add_argument("--out", required=True, help="a new folder (read it with datasets.load_from_disk)")
     o.add_argument(

@@ -74,6 +74,7 @@ from src_assets.weighted_dpo import train_gold_bound, train_weighted_dpo
 
 from . import store_layout
 from .assets import count_parameters
+from .executors import shard_threads
 from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .model_cards import write_model_card, write_training_report
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
@@ -635,16 +636,23 @@ def calibration_prompts(
 SHARD_RETRIES = RetryPolicy(max_retries=2, delay=1)
 
 
-def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
-    """``shards`` contiguous, nearly equal ranges of ``n`` prompts (no empty one)."""
-    bounds = [round(i * n / shards) for i in range(shards + 1)]
+def shard_ranges(n: int, shards: int, whole: int = 1) -> list[tuple[int, int]]:
+    """``shards`` contiguous, nearly equal ranges of ``n`` prompts (no empty one), cut only between blocks of
+    ``whole`` prompts."""
+    blocks = -(-n // whole)
+    bounds = [min(n, round(i * blocks / shards) * whole) for i in range(shards + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 @op(out=DynamicOut(list))
 def plan_shards(context: OpExecutionContext, calibration_prompts: pl.DataFrame, settings: SettingsResource):
-    """The shards of the iteration's prompts: [first, end) of each."""
-    ranges = shard_ranges(calibration_prompts.height, settings.config().shards)
+    """The shards of the iteration's prompts: [first, end) of each.
+
+    Shards cut between blocks of the candidate search's generate batch (judging keeps to the same blocks), so that a
+    prompt's batches, and with them its samples and scores, are the same for any number of shards at any batch
+    size."""
+    cfg = settings.config()
+    ranges = shard_ranges(calibration_prompts.height, cfg.shards, cfg.search.prompts_per_batch)
     context.log.info(f"{calibration_prompts.height} prompts in {len(ranges)} shard(s): {ranges}")
     for a, b in ranges:
         yield DynamicOutput([a, b], mapping_key=f"prompts_{a}_{b}")
@@ -654,6 +662,17 @@ def _in_prompt_order(parts: list[pl.DataFrame], prompts: pl.DataFrame) -> pl.Dat
     order = {pid: i for i, pid in enumerate(prompts["id"].to_list())}
     joined = pl.concat(parts, how="vertical")
     return joined.sort(pl.col("prompt_id").replace_strict(order, return_dtype=pl.Int64), maintain_order=True)
+
+
+def _share_cores(context: OpExecutionContext) -> None:
+    threads = shard_threads(context, GPU_POOL)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        context.log.info(
+            f"{threads} torch thread(s) for this shard: the steps the gpu pool lets run beside it share the cores"
+        )
 
 
 @op(retry_policy=SHARD_RETRIES, pool=GPU_POOL, tags=GPU_STEP_TAGS)
@@ -670,6 +689,7 @@ def search_shard(
     cfg, key = settings.config(), context.partition_key
     prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
     context.log.info(f"iteration {key}: sampling prompts {shard[0]}-{shard[1] - 1} from {start_policy}")
+    _share_cores(context)
     model_dir = store.store().local_model_dir(start_policy)
     seed = derive_seed(cfg.seed, "candidate_pool", key)  # per prompt id below it: not the shard's
     if cfg.search.backend == "vllm":
@@ -750,8 +770,12 @@ def judge_shard(
     cfg = settings.config()
     prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
     candidates = candidate_pool.filter(pl.col("prompt_id").is_in(prompts["id"].implode()))
+    _share_cores(context)
     judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
-    ids, matrices = judge.matrices(candidates, prompts, cfg.scoring, progress=context.log.info)
+    # in the shards' blocks, so that any number of shards judges each prompt in the same batch
+    ids, matrices = judge.matrices(
+        candidates, prompts, cfg.scoring, progress=context.log.info, block=cfg.search.prompts_per_batch
+    )
     return score_table(ids, matrices, cfg.aggregation)
 
 

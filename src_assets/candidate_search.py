@@ -17,6 +17,7 @@ log-probs are kept, never a ``[rows, steps, vocabulary]`` tensor.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import polars as pl
@@ -52,6 +53,11 @@ class SearchConfig:
 
     def __post_init__(self):
         validate_fields(self)
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Prompts searched together in one generate call (their rows fill ``batch_size``)."""
+        return max(1, self.batch_size // (self.beams * self.samples_per_beam))
 
 
 @dataclass
@@ -226,7 +232,7 @@ def sentence_beam_search(
     finished: list[dict[tuple, _Beam]] = []
     # Prompts go in groups whose rows (prompt x beam x sample) fill one generate call, so that one group's prompt
     # cache is all that is held at a time.
-    group = max(1, cfg.batch_size // (cfg.beams * cfg.samples_per_beam))
+    group = cfg.prompts_per_batch
     bar = ProgressBar(len(ids), "candidate search (prompts)", progress)
     for g0 in range(0, len(ids), group):
         inputs = [
@@ -246,13 +252,20 @@ def sentence_beam_search(
         bar.update(len(inputs))
     bar.close()
 
-    params = json.dumps(asdict(cfg) | {"seed": seed})
+    ranked = [  # decoded lazily: only until k distinct texts are found
+        ((tok.decode(list(b.tokens), skip_special_tokens=True), b.logprob, len(b.tokens)) for b in best)
+        for best in (sorted(pool.values(), key=lambda b: -b.score) for pool in finished)
+    ]
+    return pool_table(ids, ranked, cfg.k, json.dumps(asdict(cfg) | {"seed": seed}))
+
+
+def pool_table(ids: list[str], ranked: list[Iterable[tuple[str, float, int]]], k: int, params: str) -> pl.DataFrame:
+    """The pool's rows: per prompt, its first ``k`` distinct texts of ``(text, logprob, n_tokens)``, best first."""
     out = []
-    for pid, pool in zip(ids, finished):
-        best = sorted(pool.values(), key=lambda b: -b.score)
+    for pid, candidates in zip(ids, ranked):
         seen_texts = set()
-        for beam in best:
-            text = tok.decode(list(beam.tokens), skip_special_tokens=True).strip()
+        for text, logprob, n_tokens in candidates:
+            text = text.strip()
             if text in seen_texts:  # distinct token sequences can decode alike
                 continue
             seen_texts.add(text)
@@ -264,12 +277,12 @@ def sentence_beam_search(
                     "text": text,
                     "rationale": rationale.strip(),
                     "answer": answer,
-                    "logprob": beam.logprob,
-                    "n_tokens": len(beam.tokens),
+                    "logprob": logprob,
+                    "n_tokens": n_tokens,
                     "params": params,
                 }
             )
-            if len(seen_texts) == cfg.k:
+            if len(seen_texts) == k:
                 break
     return pl.DataFrame(out, schema=POOL_SCHEMA)
 

@@ -191,18 +191,26 @@ def _verdict_logprobs(prefixes: _SharedPrefixes, ids: list[list[int]], tails: li
     return out
 
 
+def batch_ranges(n: int, batch_size: int, breaks=()) -> list[tuple[int, int]]:
+    """[start, end) batches of ``n`` items, ``batch_size`` at a time, each break starting a new batch."""
+    edges = sorted({0, n, *(b for b in breaks if 0 < b < n)})
+    return [
+        (a, min(a + batch_size, end)) for start, end in zip(edges, edges[1:]) for a in range(start, end, batch_size)
+    ]
+
+
 @torch.no_grad()
 def verdict_probabilities(
-    model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False
+    model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False, breaks=()
 ) -> torch.Tensor:
     """[prompts, 3]: P(A), P(B), P(tie) after each judge prompt, each verdict's whole token sequence scored and the
-    three renormalised among themselves."""
+    three renormalised among themselves. No batch spans a break (an index where a batch must start)."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     bar = ProgressBar(len(prompts), "judging pairs", progress)
-    for start in range(0, len(prompts), batch_size):
-        ids, tails = verdict_continuations(tokenizer, prompts[start : start + batch_size])
+    for start, end in batch_ranges(len(prompts), batch_size, breaks):
+        ids, tails = verdict_continuations(tokenizer, prompts[start:end])
         prefixes = _SharedPrefixes(model, ids, pad_id)
         if all(len(t) == 1 for row in tails for t in row):  # one forward: every verdict is one token
             logits = prefixes.last_logits(ids, 1)[:, -1]
@@ -218,9 +226,11 @@ def verdict_probabilities(
     return torch.cat(out) if out else torch.empty(0, len(VERDICTS))
 
 
-def judge(model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False) -> torch.Tensor:
+def judge(
+    model, tokenizer, prompts: list[str], batch_size: int = 128, progress: Progress = False, breaks=()
+) -> torch.Tensor:
     """p(first beats second) for each judge prompt: ``P(A) + P(tie) / 2``."""
-    probs = verdict_probabilities(model, tokenizer, prompts, batch_size, progress)
+    probs = verdict_probabilities(model, tokenizer, prompts, batch_size, progress, breaks)
     return probs[:, 0] + probs[:, 2] / 2
 
 
@@ -231,16 +241,20 @@ def pairwise_matrices(
     prompts: pl.DataFrame,
     cfg: JudgeConfig = JudgeConfig(),
     progress: Progress = True,
+    block: int = 0,
 ) -> tuple[list[str], list[list[list[float]]]]:
-    """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5)."""
-    ids, matrices, texts, index = [], [], [], []
+    """Every ordered pair of every prompt's candidates judged; returns prompt ids and K x K matrices (diagonal 0.5).
+    With ``block``, no judge batch mixes two blocks of ``block`` prompts."""
+    ids, matrices, texts, index, breaks = [], [], [], [], []
     for pid, row, cands in candidates_per_prompt(candidates, prompts):
+        if block and len(ids) % block == 0:
+            breaks.append(len(texts))
         ids.append(pid)
         matrices.append([[0.5] * len(cands) for _ in cands])
         for i, j in permutations(range(len(cands)), 2):
             texts.append(judge_prompt(tokenizer, row, cands[i], cands[j], cfg.template))
             index.append((len(ids) - 1, i, j))
-    for (b, i, j), p in zip(index, judge(model, tokenizer, texts, cfg.batch_size, progress).tolist()):
+    for (b, i, j), p in zip(index, judge(model, tokenizer, texts, cfg.batch_size, progress, breaks).tolist()):
         matrices[b][i][j] = p
     return ids, matrices
 
@@ -252,20 +266,23 @@ def independent_matrices(
     prompts: pl.DataFrame,
     cfg: JudgeConfig = JudgeConfig(),
     progress: Progress = True,
+    block: int = 0,
 ) -> tuple[list[str], list[list[list[float]]]]:
     """The ablation of pairwise judging: each candidate judged alone, against an empty response, in both orders.
 
     Its score ``s_i`` becomes a matrix ``p_ij = sigmoid(logit s_i - logit s_j)`` so that aggregation and curation
     run unchanged; only the judge's view differs (one candidate at a time instead of two side by side).
     """
-    ids, texts, sizes = [], [], []
+    ids, texts, sizes, breaks = [], [], [], []
     for pid, row, cands in candidates_per_prompt(candidates, prompts):
+        if block and len(ids) % block == 0:
+            breaks.append(len(texts))
         ids.append(pid)
         sizes.append(len(cands))
         for c in cands:
             for first, second in ((c, ""), ("", c)):
                 texts.append(judge_prompt(tokenizer, row, first, second, cfg.template))
-    probs = judge(model, tokenizer, texts, cfg.batch_size, progress).view(-1, 2) if texts else torch.empty(0, 2)
+    probs = judge(model, tokenizer, texts, cfg.batch_size, progress, breaks).view(-1, 2) if texts else torch.empty(0, 2)
     alone = debias(probs[:, 0], probs[:, 1]).clamp(1e-4, 1 - 1e-4)  # candidate first vs. empty, empty first vs. it
     logit = torch.log(alone) - torch.log1p(-alone)
     matrices, start = [], 0
@@ -297,14 +314,21 @@ class Judge:
         return self.model is None
 
     def matrices(
-        self, candidates: pl.DataFrame, prompts: pl.DataFrame, scoring: str = "pairwise", progress: Progress = False
+        self,
+        candidates: pl.DataFrame,
+        prompts: pl.DataFrame,
+        scoring: str = "pairwise",
+        progress: Progress = False,
+        block: int = 0,
     ) -> tuple[list[str], list[list[list[float]]]]:
         """Each prompt's K x K matrix of ``p(i beats j)``: every ordered pair judged (``scoring="independent"``: each
-        candidate alone, the ablation; the oracle always compares pairs)."""
+        candidate alone, the ablation; the oracle always compares pairs). With ``block``, each judge batch holds
+        prompts of one block of ``block`` only: batches shape the last bits of a score (padding, kernel tiling), so
+        shards that cut between blocks then give the scores one shard gives."""
         if self.is_oracle:
             return verifier_matrices(candidates, prompts, self.cfg.quality_weights, self.cfg.tie_margin)
         judge_all = pairwise_matrices if scoring == "pairwise" else independent_matrices
-        return judge_all(self.model, self.tokenizer, candidates, prompts, self.cfg, progress)
+        return judge_all(self.model, self.tokenizer, candidates, prompts, self.cfg, progress, block)
 
     def win_rate(self, prompts: pl.DataFrame, new: list[str], old: list[str], progress: Progress = False) -> float:
         """Mean debiased preference of ``new`` over ``old`` responses to the same prompts, both orders judged."""

@@ -5,7 +5,7 @@ Each step sends every live beam of every prompt as one request (the prompt, its 
 asking for ``samples_per_beam`` samples (``n``) that stop at the sentence delimiter; vLLM's prefix caching
 reuses the prompt and the beam's shared prefix across steps and samples. The beams are kept by the same
 length-normalised log-probability (vLLM's raw log-probs, as the transformers backend records them at temperature 1),
-and the table has ``candidate_search.POOL_SCHEMA``. Each request's seed comes from its prompt's id, the step and the
+and the table is built by ``candidate_search.pool_table``. Each request's seed comes from its prompt's id, the step and the
 beam, so a prompt's samples do not depend on its batch or shard.
 
 vLLM is never required: ``load_vllm`` says how to get it where it is missing. This module has not run with a real
@@ -20,10 +20,9 @@ from dataclasses import asdict
 
 import polars as pl
 
-from .candidate_search import POOL_SCHEMA, SearchConfig
+from .candidate_search import SearchConfig, pool_table
 from .fingerprints import derive_seed
 from .generation import decode_image, generation_prompt
-from .verifier import split_response
 
 
 def load_vllm(model_dir: str, runtime=None):
@@ -113,29 +112,8 @@ def vllm_beam_search(llm, processor, prompts: pl.DataFrame, cfg: SearchConfig, s
             if sample.finish_reason == "stop" and sample.text:
                 finished[p].setdefault(sample.text, (sample.cumulative_logprob or 0.0, len(sample.token_ids)))
 
-    settings = json.dumps(asdict(cfg) | {"seed": seed, "backend": "vllm"})
-    rows = []
-    for pid, pool in zip(ids, finished):
-        ranked = sorted(pool.items(), key=lambda kv: -_length_normalised(*kv[1]))
-        kept: list[str] = []
-        for text, (logprob, tokens) in ranked:
-            text = text.strip()
-            if not text or text in kept:
-                continue
-            kept.append(text)
-            rationale, answer = split_response(text)
-            rows.append(
-                {
-                    "prompt_id": pid,
-                    "candidate": len(kept) - 1,
-                    "text": text,
-                    "rationale": rationale.strip(),
-                    "answer": answer,
-                    "logprob": logprob,
-                    "n_tokens": tokens,
-                    "params": settings,
-                }
-            )
-            if len(kept) == cfg.k:
-                break
-    return pl.DataFrame(rows, schema=POOL_SCHEMA)
+    ranked = [
+        [(text, *v) for text, v in sorted(pool.items(), key=lambda kv: -_length_normalised(*kv[1])) if text.strip()]
+        for pool in finished
+    ]
+    return pool_table(ids, ranked, cfg.k, json.dumps(asdict(cfg) | {"seed": seed, "backend": "vllm"}))

@@ -14,6 +14,7 @@ from src_assets.judge_corpus import (
 from src_assets.models import load_scorer
 from src_assets.r_scorer import (
     JudgeConfig,
+    batch_ranges,
     independent_matrices,
     judge,
     judge_prompt,
@@ -150,6 +151,34 @@ def test_every_ordered_pair_is_judged(scorer, prompts):
     # A prompt without candidates gets an empty matrix.
     ids, matrices = pairwise_matrices(model, tok, pool.filter(pl.col("prompt_id") != ids[0]), prompts, progress=False)
     assert matrices[0] == []
+
+
+def test_batches_start_at_every_break():
+    assert batch_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_ranges(10, 4, [3, 7]) == [(0, 3), (3, 7), (7, 10)]
+    assert batch_ranges(10, 2, [0, 5, 10, 12]) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 10)]
+    assert batch_ranges(0, 4) == []
+
+
+@pytest.mark.parametrize("judge_all", [pairwise_matrices, independent_matrices])
+def test_a_prompt_judged_in_its_block_scores_as_it_does_judged_alone(scorer, judge_all):
+    """Shards cut between blocks: each must give the bits that one shard gives. Batches of 4 texts would otherwise
+    span two prompts, whose candidates' lengths differ, and padding changes the last bits of a score."""
+    model, tok = scorer
+    prompts = synthetic_source(seed=3, n_sft=0, n_calibrate=4, n_eval=0)
+    sentence = "there is a red circle at the top left. "
+    pool = pl.DataFrame(
+        [
+            {"prompt_id": r["id"], "candidate": c, "text": text}
+            for n, r in enumerate(prompts.iter_rows(named=True))
+            for c, text in enumerate([r["response"], sentence * (1 + 2 * n) + "\nAnswer: nine", "so.\nAnswer: seven"])
+        ]
+    )
+    cfg = JudgeConfig(batch_size=4)
+    ids, whole = judge_all(model, tok, pool, prompts, cfg, progress=False, block=1)
+    for i, pid in enumerate(ids):
+        _, alone = judge_all(model, tok, pool, prompts.slice(i, 1), cfg, progress=False, block=1)
+        assert alone[0] == whole[i], pid  # bit for bit
 
 
 def test_independent_scoring_builds_a_consistent_matrix(scorer, prompts):

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCH_AND_JUDGING = "candidate_pool,pairwise_scores"
 
 # A run of iteration 001's candidate search and judging alone, the job loaded from the code location (each step in
-# a process of its own), in its own process: prints the run's id and status as JSON.
+# a process of its own), in its own process, with the gpu pool opened to 3 slots as a user does for parallel
+# shards: prints the run's id, status and its search shards' [start, end] times as JSON.
 RUN_SUBSET = """
 import json, sys
 from dagster import AssetKey, DagsterInstance, execute_job
@@ -29,10 +30,16 @@ store, overrides = sys.argv[1], json.loads(sys.argv[2])
 config = run_config(StoreResource(base_uri=store), SettingsResource(profile="smoke", overrides=overrides),
                     executor="multiprocess")
 with DagsterInstance.get() as instance:
+    instance.event_log_storage.set_concurrency_slots("gpu", 3)
     result = execute_job(reconstructable_job("src_iteration"), instance, run_config=config,
                          tags={"dagster/partition": "001"},
                          asset_selection=[AssetKey(k) for k in sys.argv[3].split(",")])
-    print(json.dumps({"run_id": result.run_id, "success": result.success}))
+    spans = {}
+    for record in instance.all_logs(result.run_id):
+        event = record.dagster_event
+        if event and "search_shard" in (event.step_key or "") and event.event_type_value in ("STEP_START", "STEP_SUCCESS"):
+            spans.setdefault(event.step_key, [0, 0])[event.event_type_value == "STEP_SUCCESS"] = record.timestamp
+    print(json.dumps({"run_id": result.run_id, "success": result.success, "search_shards": spans}))
 """
 
 
@@ -60,6 +67,8 @@ ONE_PROMPT_PER_BATCH = {"search_batch_size": "1", "judge_batch_size": "1"}
 
 
 def test_three_shards_give_the_tables_of_one_under_the_multiprocess_executor(smoke_store):
+    """In parallel, each shard with its share of the cores (the torch threads the machine and the pool allow,
+    whatever the number of shards): the same tables, floats included."""
     tables = {}
     for shards in (1, 3):
         store = smoke_store / f"store_{shards}"
@@ -68,6 +77,9 @@ def test_three_shards_give_the_tables_of_one_under_the_multiprocess_executor(smo
         assert run["success"]
         shard_steps = sorted(p.name for p in (store / "runs" / run["run_id"]).iterdir() if "search_shard" in p.name)
         assert len(shard_steps) == shards  # each shard was a step of its own, its table stored under the run
+        if shards == 3 and (os.cpu_count() or 1) >= 2:  # the executor ran two at once (one per core)
+            spans = sorted(run["search_shards"].values())
+            assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
         tables[shards] = {
             a: Store(str(store)).read_table(f"assets/{a}/001.parquet") for a in ("candidate_pool", "pairwise_scores")
         }
@@ -97,6 +109,45 @@ def test_two_runs_of_one_iteration_under_the_multiprocess_executor_exactly_one_w
     assert {p.name for p in (store / "runs").iterdir()} - before == {run_a["run_id"]}  # B stored nothing
     assert not (store / "leases" / "iteration" / "001.json").exists()  # A released it at its end
     assert pl.read_parquet(store / "assets/candidate_pool/001.parquet").height > 0
+
+
+def test_shards_cover_the_prompts_in_order_and_cut_only_between_search_batches():
+    from dagster_project.loop_assets import shard_ranges
+
+    for n, shards, whole in [(1024, 2, 56), (1024, 3, 56), (10, 3, 1), (5, 8, 1), (100, 3, 56), (57, 2, 56)]:
+        ranges = shard_ranges(n, shards, whole)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a < b for a, b in ranges) and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))
+        assert all(a % whole == 0 for a, _ in ranges)
+        assert len(ranges) == min(shards, -(-n // whole))
+    assert shard_ranges(1024, 3, 56) == [(0, 336), (336, 728), (728, 1024)]
+
+
+def test_shards_running_side_by_side_split_the_cores_and_others_keep_torchs_default(tmp_path, monkeypatch):
+    """On 2 cores, two shard processes with a thread per core each ran about 7 times slower than one. The share
+    comes from the pool and the executor, never the number of shards, so that 1 and 3 shards round alike."""
+    from types import SimpleNamespace
+
+    from dagster import DagsterInstance
+
+    from dagster_project.executors import shard_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with DagsterInstance.local_temp(str(tmp_path)) as instance:
+
+        def threads(execution: dict | None, slots: int):
+            instance.event_log_storage.set_concurrency_slots("gpu", slots)
+            run_config = {"execution": {"config": execution}} if execution is not None else {}
+            return shard_threads(SimpleNamespace(run=SimpleNamespace(run_config=run_config), instance=instance), "gpu")
+
+        assert threads({"multiprocess": {}}, 3) == 5  # three model steps at once: 16 // 3
+        assert threads({"multiprocess": {"max_concurrent": 2}}, 3) == 8  # the executor runs two at a time
+        assert threads({"multiprocess": {}}, 1) == 16  # one slot: shards run one after another
+        assert threads({"multiprocess": {}}, 32) == 1
+        assert threads(None, 3) is None and threads({"in_process": {}}, 3) is None
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        assert threads({"multiprocess": {}}, 3) is None  # the user's own choice stands
 
 
 # --- Trainings in several processes (accelerate launch, gloo on the CPU) ------------------------------------------
