@@ -130,9 +130,29 @@ def shard_threads(context, pool: str) -> int | None:
     give bit-identical tables. In-process runs shards one after another, and Kubernetes or Celery put each on a
     machine of its own, so both keep the default; so does an explicit ``OMP_NUM_THREADS``.
     """
-    multiprocess = ((context.run.run_config or {}).get("execution") or {}).get("config", {}).get("multiprocess")
+    multiprocess = _multiprocess(context)
     if multiprocess is None or os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = os.cpu_count() or 1
     slots = context.instance.event_log_storage.get_concurrency_info(pool).limit or cores
     return max(1, cores // max(1, min(slots, multiprocess.get("max_concurrent") or cores)))
+
+
+def shard_device(context, index: int) -> int | None:
+    """The CUDA device for shard ``index`` of a multiprocess run on a machine with several, or None.
+
+    Shard i takes device i mod count, so that shards running side by side do not all land on the first device (set
+    ``shards`` to a multiple of the devices and the pool's slots to their number). In-process shards run one after
+    another, and Kubernetes or Celery give each step a device of its own, so they keep the runtime's device.
+    """
+    if _multiprocess(context) is None:
+        return None
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return index % count if count > 1 else None
+
+
+def _multiprocess(context) -> dict | None:
+    """The multiprocess executor's config where the run's steps run in processes of this machine."""
+    return ((context.run.run_config or {}).get("execution") or {}).get("config", {}).get("multiprocess")

@@ -74,7 +74,7 @@ from src_assets.weighted_dpo import train_gold_bound, train_weighted_dpo
 
 from . import store_layout
 from .assets import count_parameters
-from .executors import shard_threads
+from .executors import shard_device, shard_threads
 from .metadata import anatomy_metadata, counts_table, histogram_md, matrix_md, metric_values, table_preview
 from .model_cards import write_model_card, write_training_report
 from .resources import IterationLeaseResource, SettingsResource, StoreResource
@@ -646,7 +646,7 @@ def shard_ranges(n: int, shards: int, whole: int = 1) -> list[tuple[int, int]]:
 
 @op(out=DynamicOut(list))
 def plan_shards(context: OpExecutionContext, calibration_prompts: pl.DataFrame, settings: SettingsResource):
-    """The shards of the iteration's prompts: [first, end) of each.
+    """The shards of the iteration's prompts: [first, end, shard index] of each.
 
     Shards cut between blocks of the candidate search's generate batch (judging keeps to the same blocks), so that a
     prompt's batches, and with them its samples and scores, are the same for any number of shards at any batch
@@ -654,8 +654,8 @@ def plan_shards(context: OpExecutionContext, calibration_prompts: pl.DataFrame, 
     cfg = settings.config()
     ranges = shard_ranges(calibration_prompts.height, cfg.shards, cfg.search.prompts_per_batch)
     context.log.info(f"{calibration_prompts.height} prompts in {len(ranges)} shard(s): {ranges}")
-    for a, b in ranges:
-        yield DynamicOutput([a, b], mapping_key=f"prompts_{a}_{b}")
+    for i, (a, b) in enumerate(ranges):
+        yield DynamicOutput([a, b, i], mapping_key=f"prompts_{a}_{b}")
 
 
 def _in_prompt_order(parts: list[pl.DataFrame], prompts: pl.DataFrame) -> pl.DataFrame:
@@ -664,15 +664,20 @@ def _in_prompt_order(parts: list[pl.DataFrame], prompts: pl.DataFrame) -> pl.Dat
     return joined.sort(pl.col("prompt_id").replace_strict(order, return_dtype=pl.Int64), maintain_order=True)
 
 
-def _share_cores(context: OpExecutionContext) -> None:
+def _place_shard(context: OpExecutionContext, shard: list) -> None:
+    """Shards that run side by side on one machine share its cores, and its GPUs one each."""
+    import torch
+
     threads = shard_threads(context, GPU_POOL)
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
         context.log.info(
             f"{threads} torch thread(s) for this shard: the steps the gpu pool lets run beside it share the cores"
         )
+    device = shard_device(context, shard[2])
+    if device is not None:
+        torch.cuda.set_device(device)  # "cuda" (the runtime's "auto") now means this device
+        context.log.info(f"this shard runs on cuda:{device}")
 
 
 @op(retry_policy=SHARD_RETRIES, pool=GPU_POOL, tags=GPU_STEP_TAGS)
@@ -689,7 +694,7 @@ def search_shard(
     cfg, key = settings.config(), context.partition_key
     prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
     context.log.info(f"iteration {key}: sampling prompts {shard[0]}-{shard[1] - 1} from {start_policy}")
-    _share_cores(context)
+    _place_shard(context, shard)
     model_dir = store.store().local_model_dir(start_policy)
     seed = derive_seed(cfg.seed, "candidate_pool", key)  # per prompt id below it: not the shard's
     if cfg.search.backend == "vllm":
@@ -770,7 +775,7 @@ def judge_shard(
     cfg = settings.config()
     prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
     candidates = candidate_pool.filter(pl.col("prompt_id").is_in(prompts["id"].implode()))
-    _share_cores(context)
+    _place_shard(context, shard)
     judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
     # in the shards' blocks, so that any number of shards judges each prompt in the same batch
     ids, matrices = judge.matrices(

@@ -150,6 +150,24 @@ def test_shards_running_side_by_side_split_the_cores_and_others_keep_torchs_defa
         assert threads({"multiprocess": {}}, 3) is None  # the user's own choice stands
 
 
+def test_shards_running_side_by_side_take_one_gpu_each(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from dagster_project.executors import shard_device
+
+    def device(execution: dict | None, index: int, gpus: int):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        run_config = {"execution": {"config": execution}} if execution is not None else {}
+        return shard_device(SimpleNamespace(run=SimpleNamespace(run_config=run_config)), index)
+
+    assert [device({"multiprocess": {}}, i, 4) for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert device({"multiprocess": {}}, 3, 1) is None and device({"multiprocess": {}}, 3, 0) is None
+    assert device(None, 3, 4) is None and device({"in_process": {}}, 3, 4) is None
+
+
 # --- Trainings in several processes (accelerate launch, gloo on the CPU) ------------------------------------------
 
 
