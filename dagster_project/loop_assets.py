@@ -827,7 +827,16 @@ def join_scores(
 
 
 @graph_asset(**ITERATION)
-@reads("judge", "aggregation", "runtime", "scoring", "shards", stages=("r_scorer", "preference", "verifier"))
+@reads(
+    "judge",
+    "aggregation",
+    "runtime",
+    "scoring",
+    "shards",
+    # the search's generate blocks: shards cut between them, and judge batches keep to them
+    *("search_batch_size", "beams", "samples_per_beam"),
+    stages=("r_scorer", "preference", "verifier"),
+)
 def pairwise_scores(candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame, r_scorer_checkpoint: str):
     """Every ordered pair of each prompt's candidates judged by the R-Scorer, in shards; debiased matrices and
     per-candidate scores."""

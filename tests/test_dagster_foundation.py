@@ -197,10 +197,11 @@ def test_each_asset_declares_every_setting_its_code_reads():
     fresh and reuse a model trained without it."""
     import ast
     import inspect
+    import textwrap
 
     from dagster_project import assets, loop_assets
     from dagster_project.versions import READS, asset_functions
-    from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, TRAINING_SETTINGS, setting_names
+    from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, TRAINING_SETTINGS, SRCConfig, setting_names
 
     trainings = {"base_settings": "base", "sft_settings": "sft", "scorer_settings": "scorer", "dpo_settings": "dpo"}
     methods = {
@@ -217,6 +218,18 @@ def test_each_asset_declares_every_setting_its_code_reads():
     flat = setting_names()
     by_field = {(g, f): n for n, (g, f, _) in flat.items() if g}
 
+    def group_fields(group: str, attr: str) -> set[str]:
+        """A field of a settings group, or the fields that a property of the group reads."""
+        if (group, attr) in by_field:
+            return {by_field[(group, attr)]}
+        prop = getattr(type(getattr(SRCConfig(), group)), attr)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(prop.fget)))
+        return {
+            by_field[(group, n.attr)]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+        }
+
     def used(fn, module, seen):
         names, tree = set(), ast.parse(inspect.getsource(fn).lstrip())
         parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -224,7 +237,7 @@ def test_each_asset_declares_every_setting_its_code_reads():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
                 parent = parents.get(id(node))
                 if node.attr in SETTING_GROUPS and isinstance(parent, ast.Attribute):  # cfg.curation.tau: one field
-                    names.add(by_field[(node.attr, parent.attr)])
+                    names |= group_fields(node.attr, parent.attr)
                 else:
                     names |= set(methods.get(node.attr, (node.attr,)))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in seen:
