@@ -5,8 +5,8 @@ Each step sends every live beam of every prompt as one request (the prompt, its 
 asking for ``samples_per_beam`` samples (``n``) that stop at the sentence delimiter; vLLM's prefix caching
 reuses the prompt and the beam's shared prefix across steps and samples. The beams are kept by the same
 length-normalised log-probability (vLLM's raw log-probs, as the transformers backend records them at temperature 1),
-and the table is built by ``candidate_search.pool_table``. Each request's seed comes from its prompt's id, the step and the
-beam, so a prompt's samples do not depend on its batch or shard.
+and the table is built by ``candidate_search.pool_table``. Each request's seed comes from its prompt's id, the step
+and the beam, so a prompt's samples do not depend on its batch or shard.
 
 vLLM is never required: ``load_vllm`` says how to get it where it is missing. This module has not run with a real
 vLLM: its PyPI build pulls the CUDA libraries (and its own torch), so this project's CPU machine does not install

@@ -37,7 +37,8 @@ with DagsterInstance.get() as instance:
     spans = {}
     for record in instance.all_logs(result.run_id):
         event = record.dagster_event
-        if event and "search_shard" in (event.step_key or "") and event.event_type_value in ("STEP_START", "STEP_SUCCESS"):
+        shard = event and "search_shard" in (event.step_key or "")
+        if shard and event.event_type_value in ("STEP_START", "STEP_SUCCESS"):
             spans.setdefault(event.step_key, [0, 0])[event.event_type_value == "STEP_SUCCESS"] = record.timestamp
     print(json.dumps({"run_id": result.run_id, "success": result.success, "search_shards": spans}))
 """
