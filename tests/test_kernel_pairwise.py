@@ -1,5 +1,10 @@
 """The pairwise-aggregation Triton kernel against its PyTorch reference (CPU, TRITON_INTERPRET=1)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,3 +144,24 @@ def test_bt_iteration_limit_and_tolerance_are_honoured():
     assert_same(loose, aggregate_pairwise_reference(p, bt_tol=1e-2))
     tight = aggregate_pairwise(p)
     assert not torch.allclose(one.strength, tight.strength, atol=1e-4)
+
+
+def test_importing_kernels_beside_hugging_face_kernels_names_the_clash(tmp_path):
+    # transformers 5.25 pulls in Hugging Face's `kernels`, whose import name is this package's: the error must say
+    # so rather than fail later inside transformers. A dist-info folder is all importlib.metadata looks at.
+    dist_info = tmp_path / "kernels-0.19.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", "import kernels"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{tmp_path}"},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode != 0
+    assert "Hugging Face package 'kernels' 0.19.1 is installed" in run.stderr
+    assert "transformers>=5.0,<5.25" in run.stderr
+    clean = subprocess.run([sys.executable, "-c", "import kernels"], cwd=repo, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
