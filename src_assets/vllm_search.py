@@ -38,7 +38,7 @@ def load_vllm(model_dir: str, runtime=None):
     return LLM(model=model_dir, enable_prefix_caching=True, trust_remote_code=False, dtype=dtype)
 
 
-def _sampling(cfg: SearchConfig, seed: int, n: int, temperature: float, max_tokens: int, stop: list[str] | None):
+def _sampling(seed: int, n: int, temperature: float, max_tokens: int, stop: list[str] | None):
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -72,7 +72,6 @@ def vllm_beam_search(llm, processor, prompts: pl.DataFrame, cfg: SearchConfig, s
                 request_seed = derive_seed(seed, "vllm", ids[p], step, b) % 2**31
                 params.append(
                     _sampling(
-                        cfg,
                         request_seed,
                         cfg.samples_per_beam,
                         cfg.temperature,
@@ -106,7 +105,7 @@ def vllm_beam_search(llm, processor, prompts: pl.DataFrame, cfg: SearchConfig, s
 
     if cfg.include_greedy:
         requests = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images)]
-        greedy = _sampling(cfg, seed % 2**31, 1, 0.0, cfg.max_sentences * cfg.max_sentence_tokens, None)
+        greedy = _sampling(seed % 2**31, 1, 0.0, cfg.max_sentences * cfg.max_sentence_tokens, None)
         for p, result in enumerate(llm.generate(requests, greedy, use_tqdm=False)):
             sample = result.outputs[0]
             if sample.finish_reason == "stop" and sample.text:
