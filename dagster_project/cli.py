@@ -169,9 +169,17 @@ def _launch(args, instance, job, config: dict, tags: dict, log, partition_key=No
         return launch.execute(instance, job, config, tags, partition_key)
 
 
+def settings_tag(config: dict) -> str:
+    """The digest of the settings a run's assets read: those its run config builds, not those the CLI parsed."""
+    from dataclasses import asdict
+
+    from .resources import SettingsResource
+
+    return fingerprint(asdict(SettingsResource(**config["resources"]["settings"]["config"]).config()), length=16)
+
+
 def run(args) -> int:
     import socket
-    from dataclasses import asdict
 
     from . import launch
     from .resources import STORE_LEASE_OWNER_TAG, SettingsResource, StoreResource
@@ -193,7 +201,7 @@ def run(args) -> int:
         )
     jobs = _jobs(cfg, instance, args.verbose)
     config = launch.run_config(store, settings, None if args.verbose else {"step_lines": {}}, args.executor)
-    digest = fingerprint(asdict(cfg), length=16)
+    digest = settings_tag(config)
     tags = {
         RUN_HOST_TAG: socket.gethostname(),
         RUN_PID_TAG: str(os.getpid()),

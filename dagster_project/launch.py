@@ -52,7 +52,7 @@ def run_config(store, settings, loggers: dict | None = None, executor: str = "in
     config = {
         "resources": {
             "store": {"config": {"base_uri": store.base_uri, "s3_endpoint_url": store.s3_endpoint_url}},
-            "settings": {"config": {"profile": settings.profile, "overrides": dict(settings.overrides)}},
+            "settings": {"config": settings.run_config()},
         }
     }
     if loggers is not None:

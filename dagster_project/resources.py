@@ -117,6 +117,12 @@ class _Settings(ConfigurableResource):
         typed = {name: getattr(self, name) for name in _SCALAR_SETTINGS if getattr(self, name) is not None}
         return profile(self.profile, **{**typed, **self.overrides})
 
+    def run_config(self) -> dict:
+        """This resource's config as a run carries it: the profile, the overrides and every typed field that is set
+        (``seed`` among them), so that the run's assets read the settings this resource was made with."""
+        typed = {name: getattr(self, name) for name in _SCALAR_SETTINGS if getattr(self, name) is not None}
+        return {"profile": self.profile, "overrides": dict(self.overrides), **typed}
+
 
 _PYTHON_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # Every scalar setting of SRCConfig, by its flat name; the one tuple (judge_quality_weights) goes through overrides.

@@ -120,3 +120,52 @@ def test_submit_queues_the_runs_for_a_real_daemon(tmp_path, monkeypatch, capsys)
     assert kinds.index(DagsterEventType.RUN_ENQUEUED) < kinds.index(DagsterEventType.RUN_STARTING)
     assert run.tags["src/pid"] == str(os.getpid())
     assert (store / "models" / "sft_checkpoint" / "CURRENT").exists()
+
+
+def test_every_setting_the_cli_takes_reaches_the_run_config():
+    """What ``run`` builds its runs' config from (profile, ``--seed``, ``--set``, typed fields) comes back whole
+    when the run's settings resource is made from that config, as the run's assets make it."""
+    from dagster_project.launch import run_config
+    from dagster_project.resources import SettingsResource, StoreResource
+
+    given = SettingsResource(
+        profile="smoke", seed=7, n_eval=12, overrides={"tau": "0.3", "k": 4, "sft.lr_scheduler_type": "constant"}
+    )
+    config = run_config(StoreResource(base_uri="/tmp/x"), given, None, "multiprocess")
+    seen = SettingsResource(**config["resources"]["settings"]["config"]).config()
+    assert seen == given.config()
+    assert (seen.seed, seen.n_eval, seen.curation.tau, seen.search.k) == (7, 12, 0.3, 4)
+    assert '"lr_scheduler_type": "constant"' in seen.sft_args
+
+
+def test_two_seeds_train_on_different_data_and_the_tag_is_the_digest_the_run_used(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    import polars as pl
+
+    from dagster_project.recovery import SETTINGS_TAG
+    from dagster_project.resources import SettingsResource
+    from src_assets.config import profile
+    from src_assets.fingerprints import digest
+
+    tables, weights = {}, {}
+    for seed in (1, 2):
+        os.environ["DAGSTER_HOME"] = str(_home(tmp_path / f"home{seed}"))
+        store = tmp_path / f"store{seed}"
+        assert main(["run", "--profile", "smoke", "--iterations", "0", "--seed", str(seed), "--store", str(store)]) == 0
+        tables[seed] = pl.read_parquet(store / "assets" / "vqa_source.parquet")
+        assert tables[seed]["id"].str.contains(f"-{seed}-").all()  # the seed's own scenes
+        model = store / "models" / "base_policy_model"
+        version = json.loads((model / "CURRENT").read_text())["version"]
+        weights[seed] = (model / "versions" / version / "model.safetensors").read_bytes()
+        (run,) = _runs(tmp_path / f"home{seed}")
+        used = SettingsResource(**run.run_config["resources"]["settings"]["config"]).config()
+        assert used.seed == seed
+        assert (
+            run.tags[SETTINGS_TAG]
+            == digest(asdict(used), length=16)
+            == digest(asdict(profile("smoke", seed=seed)), length=16)
+        )
+    assert not tables[1].select("question", "answer").equals(tables[2].select("question", "answer"))
+    assert weights[1] != weights[2]
