@@ -43,6 +43,7 @@ from .versions import reads
     "min_objects",
     "max_objects",
     "teacher_error_rate",
+    "teacher_slip_rate",
     "source_prefix",
     "source_datasets",
     "source_columns",
@@ -61,7 +62,14 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
     synthetic = bool(cfg.n_sft or cfg.n_calibrate or cfg.n_eval)
     if synthetic:
         rows = synthetic_source(
-            cfg.seed, cfg.n_sft, cfg.n_calibrate, cfg.n_eval, cfg.min_objects, cfg.max_objects, cfg.teacher_error_rate
+            cfg.seed,
+            cfg.n_sft,
+            cfg.n_calibrate,
+            cfg.n_eval,
+            cfg.min_objects,
+            cfg.max_objects,
+            cfg.teacher_error_rate,
+            cfg.teacher_slip_rate,
         )
         named.append(("synthetic", rows))
     options = source_options(cfg)

@@ -88,6 +88,9 @@ class SRCConfig:
     # A share of the sft rows' rationales misperceive one object while the answer stays gold, as a teacher
     # model's rationales do (scenes.teacher_response); 0: every rationale is true.
     teacher_error_rate: float = setting(0.2, low=0, high=1)
+    # A share of the sft rows' rationales slip in one reasoning step (a wrong state, the steps after it following
+    # from it) while the answer stays gold; 0: every step follows.
+    teacher_slip_rate: float = setting(0.0, low=0, high=1)
     source_prefix: str = "source"
     judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
     # Hugging Face hub datasets read besides the store's files, comma-separated ids (offline: from the local cache)

@@ -20,8 +20,9 @@ from .scenes import Question, Scene
 from .verifier import normalize_answer, split_response, verify
 
 METRICS = ("accuracy", "factuality", "completeness", "consistency")
-# Where a response's errors come from (verifier.Verification): the listing, the conclusion, the answer line.
-ANATOMY = ("exact_listing", "conclusion_follows_listing", "answer_is_conclusion")
+# Where a response's errors come from (verifier.Verification): the listing (perception), the steps and the
+# conclusion (reasoning), the answer line (alignment).
+ANATOMY = ("exact_listing", "steps_follow", "conclusion_follows_listing", "answer_is_conclusion")
 
 
 def score_responses(eval_set: pl.DataFrame, responses: list[str]) -> pl.DataFrame:
@@ -48,6 +49,7 @@ def score_responses(eval_set: pl.DataFrame, responses: list[str]) -> pl.DataFram
                 "completeness": v.completeness,
                 "consistency": v.consistency,
                 "exact_listing": float(v.exact_listing),
+                "steps_follow": float(v.steps_follow),
                 "conclusion_follows_listing": float(v.conclusion_follows_listing),
                 "answer_is_conclusion": float(v.answer_is_conclusion),
             }
@@ -73,6 +75,7 @@ def summarize(scored: pl.DataFrame) -> dict[str, float | None]:
 ANATOMY_ROWS = (
     "accuracy",
     "exact_listing",
+    "steps_follow",
     "conclusion_follows_listing",
     "answer_is_conclusion",
     "consistency",
@@ -83,7 +86,7 @@ ANATOMY_ROWS = (
 
 def anatomy(scored: pl.DataFrame) -> dict[str, dict[str, float | None]]:
     """The anatomy of a set of scored responses (``score_responses``), over all rows and per question kind: how
-    often the listing is exact, the conclusion follows from it, the answer line is the conclusion, and how the
+    often the listing is exact, every reasoning step follows, the conclusion follows from the listing, the answer line is the conclusion, and how the
     wrong answers split between exact and wrong listings (shares of all rows). Only rows with a scene count."""
     rows = scored.filter(pl.col("exact_listing").is_not_null())
     groups = {"all": rows, **{k: g for (k,), g in sorted(rows.group_by("kind"), key=lambda kv: kv[0])}}
@@ -187,7 +190,7 @@ def evaluate_policy(
 
 def preference_quality(prefs: pl.DataFrame, prompts: pl.DataFrame) -> dict[str, float]:
     """Of the kept pairs whose prompt has a scene: the share of chosen responses that are correct, consistent and
-    fully factual (every sentence true), and the same of rejected ones; what DPO will pull towards and push from."""
+    fully factual (every perception sentence true), and the same of rejected ones; what DPO will pull towards and push from."""
     truth = {r["id"]: r for r in prompts.select("id", "scene", "question_spec").iter_rows(named=True)}
     counts = {f"{side}_{m}": 0 for side in ("chosen", "rejected") for m in ("correct", "consistent", "fully_factual")}
     n = 0

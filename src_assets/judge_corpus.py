@@ -4,8 +4,9 @@ Three sources, each row a judge prompt (``r_scorer.judge_prompt``) and the verdi
 
 - **the policy's own candidates**: the SFT policy's sentence-level beam search on the R-Scorer's prompts, every
   ordered pair labelled by the verifier (``verifier.verifier_verdict``), where the prompts have a scene;
-- **contrast pairs**: a gold response against perturbed copies of itself (a wrong answer, a recoloured object, a
-  wrong conclusion with a matching answer), every ordered pair labelled by the verifier. They cost no sampling
+- **contrast pairs**: a gold response against perturbed copies of itself (a wrong answer, a misperceived object
+  reasoned from, a slipped reasoning step, a wrong conclusion with a matching answer), every ordered pair labelled
+  by the verifier. They cost no sampling
   and show a small judge what to compare far sooner than the policy's candidates alone;
 - **your judgements**: a judgement table (``source_data.validate_judgements``), each pair in both orders with the
   verdict swapped, so the judge learns the judgement and not the position.
@@ -20,7 +21,22 @@ import polars as pl
 
 from .fingerprints import derive_seed
 from .r_scorer import JudgeConfig, judge_prompt, verdict_completion
-from .scenes import COLORS, COLUMNS, NUMBER_WORDS, ROWS
+from .scenes import (
+    COLORS,
+    COLUMNS,
+    NUMBER_WORDS,
+    ROWS,
+    Question,
+    Scene,
+    answer_question,
+    conclusion_from_state,
+    gold_response,
+    misperceived,
+    rationale_response,
+    reasoning_steps,
+    slipped_state,
+    state_answer,
+)
 from .verifier import response_quality, verifier_verdict
 
 JUDGEMENT_ROWS = {"prompt": pl.String, "completion": pl.String, "verdict": pl.String}
@@ -72,47 +88,54 @@ def _other_answers(answer: str) -> list[str]:
     return ["no"] if answer != "no" else ["yes"]
 
 
-def perturbed_responses(gold: str, rng: random.Random) -> list[str]:
-    """Contrasting versions of a gold response, the mistakes a policy makes:
+def perturbed_responses(scene: Scene, question: Question, rng: random.Random) -> list[str]:
+    """Contrasting versions of the gold response to ``question`` about ``scene``, one of each kind of error a policy
+    makes (``verifier``):
 
-    - a wrong final answer under the gold rationale (wrong and inconsistent);
-    - one perceived object recoloured (a false claim);
-    - a wrong conclusion sentence and answer that agree with each other (the rationale's reasoning goes wrong).
+    - alignment: the gold rationale with a wrong final answer;
+    - factuality: one object misperceived, the steps and the answer reasoned from what was seen;
+    - reasoning: one state slipped, the later steps, the conclusion and the answer following from it;
+    - reasoning: the gold steps with a wrong conclusion, and an answer that agrees with the conclusion.
     """
-    rationale, answer = gold.rsplit("Answer:", 1)
-    answer = answer.strip()
-    wrong = rng.choice(_other_answers(answer))
-    sentences = rationale.split(". ")
-    i = rng.randrange(max(len(sentences) - 1, 1))  # a perception sentence, not the conclusion
-    colours = [c for c in COLORS if c in sentences[i].split()]
-    recoloured = list(sentences)
-    if colours:
-        recoloured[i] = sentences[i].replace(colours[0], rng.choice([c for c in COLORS if c != colours[0]]), 1)
-    out = [f"{rationale}Answer: {wrong}", ". ".join(recoloured) + f"Answer: {answer}"]
-    conclusion = sentences[-1]
-    if f" {answer}" in conclusion:
-        out.append(". ".join([*sentences[:-1], conclusion.replace(f" {answer}", f" {wrong}")]) + f"Answer: {wrong}")
-    elif answer in ("yes", "no") and (" is a " in conclusion or " is no " in conclusion):
-        flipped = (
-            conclusion.replace(" is a ", " is no ")
-            if " is a " in conclusion
-            else conclusion.replace(" is no ", " is a ")
-        )
-        out.append(". ".join([*sentences[:-1], flipped]) + f"Answer: {wrong}")
+    objects, gold = scene.objects, answer_question(scene.objects, question)
+    wrong = rng.choice(_other_answers(gold))
+    out = [rationale_response(objects, question, wrong)]
+    seen = misperceived(scene, rng)
+    if answer_question(seen.objects, question) is not None:
+        out.append(rationale_response(seen.objects, question, answer_question(seen.objects, question)))
+    slipped_steps, slipped = reasoning_steps(objects, question, rng.randrange(len(objects)), rng)
+    out.append(_concluded(slipped_steps, question, slipped))
+    steps, last = reasoning_steps(objects, question)
+    out.append(_concluded(steps, question, _miscopied(question, last, rng)))
     return out
+
+
+def _miscopied(question: Question, state, rng: random.Random):
+    """A state other than ``state`` whose answer differs too (a compare's tallies moved across each other)."""
+    if question.kind == "compare":
+        first, second = state
+        return (second, second) if first > second else (second + 1, second)
+    return slipped_state(question, state, rng)
+
+
+def _concluded(steps: list[str], question: Question, state) -> str:
+    """``steps``, then a conclusion that copies ``state`` and the answer line that states it."""
+    return " ".join([*steps, conclusion_from_state(question, state)]) + f"\nAnswer: {state_answer(question, state)}"
 
 
 def contrast_judgements(
     rows: pl.DataFrame, tokenizer, cfg: JudgeConfig = JudgeConfig(), max_pairs: int | None = None, seed: int = 0
 ) -> pl.DataFrame:
     """Each row's gold response and its perturbed copies, every ordered pair of them labelled by the verifier; at
-    most ``max_pairs`` (0: none), drawn at random. ``rows`` need ``response``, ``scene`` and ``question_spec``."""
+    most ``max_pairs`` (0: none), drawn at random. Rows without a ``scene`` are skipped; the gold response is
+    written from the scene and ``question_spec``."""
     if max_pairs == 0:
         return pl.DataFrame(schema=JUDGEMENT_ROWS)
     rng = random.Random(derive_seed(seed, "perturbed_responses"))
     out = []
-    for prompt in rows.filter(pl.col("scene").is_not_null() & pl.col("response").is_not_null()).iter_rows(named=True):
-        texts = [prompt["response"], *perturbed_responses(prompt["response"], rng)]
+    for prompt in rows.filter(pl.col("scene").is_not_null()).iter_rows(named=True):
+        scene, question = Scene.from_json(prompt["scene"]), Question.from_json(prompt["question_spec"])
+        texts = [gold_response(scene, question), *perturbed_responses(scene, question, rng)]
         out += _labelled(tokenizer, prompt, texts, permutations(range(len(texts)), 2), cfg)
     return _at_most(out, len(out) if max_pairs is None else max_pairs, derive_seed(seed, "contrast_judgements"))
 

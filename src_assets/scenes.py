@@ -2,9 +2,24 @@
 
 Scenes are a few coloured shapes on a 3x3 grid, drawn with Pillow and generated
 deterministically from a seed. Every question has a machine-checkable gold
-response in the rationale template (perception sentences, one reasoning
-sentence, then ``Answer: <answer>``), so the verifier in ``verifier.py`` can
+response in the rationale template, so the verifier in ``verifier.py`` can
 score any response against the scene.
+
+The rationale is written as local steps. Each perception sentence lists one
+object and then carries the question's running state after that object (a
+tally, a found flag, the colour or the cell seen so far), and the conclusion
+copies the last state::
+
+    there is a red circle at the top left, red count one. there is a blue square
+    at the middle center, red count one. so the number of red shapes is one.
+    Answer: one
+
+For a question about a colour and a shape, each attribute is checked on its own
+before the state (``blue yes triangle no, found no``). Every step then depends
+only on the object just written, the question and the previous step, which a
+2-layer decoder learns; a conclusion that aggregates over a whole listing it
+does not (docs/method.md). Captions and the judge's reference stay plain
+listings: a state belongs to a question.
 
 Words are lower case and come from a closed vocabulary (``DOMAIN_WORDS``), which
 is what lets the tiny models use a word-level tokenizer.
@@ -122,31 +137,137 @@ def perception_sentence(o: SceneObject) -> str:
     return f"there is a {o.color} {o.shape} at the {o.position}."
 
 
-def conclusion_sentence(objects, question: Question) -> str:
-    """The reasoning sentence that links the perceived objects to the answer."""
+# --- Local reasoning steps ----------------------------------------------------------------------------------------
+# A question's running state over the listed objects: a tally (count), two tallies (compare), a found flag
+# (exists), the colour seen at the asked cell (attribute) or the cell of the asked object (position).
+
+
+def initial_state(question: Question):
+    """The state before any object is listed."""
+    return {"count": 0, "compare": (0, 0), "exists": False, "attribute": None, "position": None}[question.kind]
+
+
+def next_state(question: Question, o: SceneObject, state):
+    """The state after ``o`` is listed, from ``o``, the question and the previous ``state`` alone."""
     q = question
     if q.kind == "count":
-        subject = f"{q.color} shapes" if q.color else f"{q.shape}s"
-        return f"so the number of {subject} is {answer_question(objects, q)}."
-    if q.kind == "exists":
-        return f"so there is {'a' if count_objects(objects, q.color, q.shape) else 'no'} {q.color} {q.shape}."
-    if q.kind == "attribute":
-        return f"so the shape at the {q.position} is {answer_question(objects, q)}."
-    if q.kind == "position":
-        return f"so the {q.color} {q.shape} is at the {answer_question(objects, q)}."
+        return state + ((q.color is None or o.color == q.color) and (q.shape is None or o.shape == q.shape))
     if q.kind == "compare":
-        n1, n2 = count_objects(objects, q.color), count_objects(objects, q.other_color)
-        return (
-            f"so the number of {q.color} shapes is {NUMBER_WORDS[n1]} "
-            f"and the number of {q.other_color} shapes is {NUMBER_WORDS[n2]}."
-        )
+        return (state[0] + (o.color == q.color), state[1] + (o.color == q.other_color))
+    if q.kind == "exists":
+        return state or (o.color == q.color and o.shape == q.shape)
+    if q.kind == "attribute":
+        return o.color if o.position == q.position else state
+    if q.kind == "position":
+        return o.position if o.color == q.color and o.shape == q.shape else state
     raise ValueError(f"unknown question kind {q.kind!r}")
 
 
+def state_answer(question: Question, state) -> str | None:
+    """The answer a final state commits to (None: no answer, e.g. the asked cell was never listed)."""
+    q = question
+    if q.kind == "count":
+        return NUMBER_WORDS[state] if 0 <= state < len(NUMBER_WORDS) else None
+    if q.kind == "compare":
+        return "yes" if state[0] > state[1] else "no"
+    if q.kind == "exists":
+        return "yes" if state else "no"
+    return state
+
+
+def _word(n: int) -> str:
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def step_clause(question: Question, o: SceneObject, state) -> str:
+    """What follows a perception sentence's comma: the checks of ``o`` against the question (for a colour and a
+    shape, each on its own), then ``state``, the state after ``o``."""
+    q = question
+    if q.kind == "count":
+        return f"{q.color or q.shape} count {_word(state)}"
+    if q.kind == "compare":
+        return f"{q.color} count {_word(state[0])} {q.other_color} count {_word(state[1])}"
+    checks = f"{q.color} {'yes' if o.color == q.color else 'no'} {q.shape} {'yes' if o.shape == q.shape else 'no'}"
+    if q.kind == "exists":
+        return f"{checks} found {'yes' if state else 'no'}"
+    if q.kind == "attribute":
+        return f"color {state or 'none'}"
+    if q.kind == "position":
+        return f"{checks} place {state or 'none'}"
+    raise ValueError(f"unknown question kind {q.kind!r}")
+
+
+def step_sentence(question: Question, o: SceneObject, state) -> str:
+    """A reasoning step: the perception sentence of ``o`` carrying the state after it."""
+    return f"there is a {o.color} {o.shape} at the {o.position}, {step_clause(question, o, state)}."
+
+
+def reasoning_steps(objects, question: Question, slip_at: int | None = None, rng: random.Random | None = None):
+    """The step sentences over ``objects`` and the final state. With ``slip_at``, the state after that object is a
+    wrong one (``slipped_state``), and every later step follows locally from it: a reasoning slip."""
+    state, sentences = initial_state(question), []
+    for i, o in enumerate(objects):
+        state = next_state(question, o, state)
+        if i == slip_at:
+            state = slipped_state(question, state, rng or random.Random(0))
+        sentences.append(step_sentence(question, o, state))
+    return sentences, state
+
+
+def conclusion_sentence(objects, question: Question) -> str:
+    """The reasoning sentence that links the perceived objects to the answer: the last state, copied."""
+    state = initial_state(question)
+    for o in objects:
+        state = next_state(question, o, state)
+    return conclusion_from_state(question, state)
+
+
+def conclusion_from_state(question: Question, state) -> str:
+    """The reasoning sentence that copies the last state (``conclusion_sentence`` of the objects it stands for)."""
+    q = question
+    if q.kind == "count":
+        subject = f"{q.color} shapes" if q.color else f"{q.shape}s"
+        return f"so the number of {subject} is {_word(state)}."
+    if q.kind == "compare":
+        return (
+            f"so the number of {q.color} shapes is {_word(state[0])} "
+            f"and the number of {q.other_color} shapes is {_word(state[1])}."
+        )
+    if q.kind == "exists":
+        return f"so there is {'a' if state else 'no'} {q.color} {q.shape}."
+    if q.kind == "attribute":
+        return f"so the shape at the {q.position} is {state or 'none'}."
+    if q.kind == "position":
+        return f"so the {q.color} {q.shape} is at the {state or 'none'}."
+    raise ValueError(f"unknown question kind {q.kind!r}")
+
+
+def slipped_state(question: Question, state, rng: random.Random):
+    """A wrong state in place of ``state``: a tally off by one, a flipped flag, another colour or cell."""
+    q = question
+    if q.kind == "count":
+        return state + 1 if state == 0 or rng.random() < 0.5 else state - 1
+    if q.kind == "compare":
+        i = rng.randrange(2)
+        n = state[i] + 1 if state[i] == 0 or rng.random() < 0.5 else state[i] - 1
+        return (n, state[1]) if i == 0 else (state[0], n)
+    if q.kind == "exists":
+        return not state
+    if q.kind == "attribute":
+        return rng.choice([c for c in COLORS if c != state])
+    cells = [f"{r} {c}" for r in ROWS for c in COLUMNS]
+    return rng.choice([c for c in cells if c != state])
+
+
+def rationale_response(objects, question: Question, answer: str | None, slip_at=None, rng=None) -> str:
+    """A response in the rationale template reasoning over ``objects`` (the scene, or what a teacher saw) by local
+    steps, its conclusion the last state, and ``answer`` on the answer line."""
+    sentences, state = reasoning_steps(objects, question, slip_at, rng)
+    return " ".join([*sentences, conclusion_from_state(question, state)]) + f"\nAnswer: {answer}"
+
+
 def gold_response(scene: Scene, question: Question) -> str:
-    sentences = [perception_sentence(o) for o in scene.objects]
-    sentences.append(conclusion_sentence(scene.objects, question))
-    return " ".join(sentences) + f"\nAnswer: {answer_question(scene.objects, question)}"
+    return rationale_response(scene.objects, question, answer_question(scene.objects, question))
 
 
 def describe_scene(scene: Scene) -> str:
@@ -169,20 +290,26 @@ def misperceived(scene: Scene, rng: random.Random) -> Scene:
     return Scene(scene.objects[:i] + (o,) + scene.objects[i + 1 :])
 
 
-def teacher_response(scene: Scene, question: Question, rng: random.Random, error_rate: float = 0.0) -> str:
-    """A rationale SFT target as a teacher model writes one: with probability ``error_rate`` it misperceives one
-    object and reasons from what it saw, while the answer line keeps the dataset's gold label. Such a response is
-    untrue in one sentence and, when the mistake matters to the question, its answer no longer follows from it."""
-    if error_rate <= 0 or rng.random() >= error_rate:
-        return gold_response(scene, question)
-    seen = misperceived(scene, rng)
-    if answer_question(seen.objects, question) is None:  # e.g. "where is the red circle?" after it was seen as blue
+def teacher_response(
+    scene: Scene, question: Question, rng: random.Random, error_rate: float = 0.0, slip_rate: float = 0.0
+) -> str:
+    """A rationale SFT target as a teacher model writes one, the answer line always the dataset's gold label:
+
+    - with probability ``error_rate`` it misperceives one object and reasons from what it saw: one sentence is
+      untrue and, when the mistake matters to the question, the answer no longer follows from the rationale;
+    - with probability ``slip_rate`` one state slips (``slipped_state``) and the steps after it follow from the
+      slip: a reasoning error, and an answer that may no longer follow.
+    """
+    gold = answer_question(scene.objects, question)
+    objects = scene.objects
+    if error_rate > 0 and rng.random() < error_rate:
         seen = misperceived(scene, rng)
-        if answer_question(seen.objects, question) is None:
-            return gold_response(scene, question)
-    sentences = [perception_sentence(o) for o in seen.objects]
-    sentences.append(conclusion_sentence(seen.objects, question))
-    return " ".join(sentences) + f"\nAnswer: {answer_question(scene.objects, question)}"
+        if answer_question(seen.objects, question) is None:  # e.g. "where is the red circle?" after it was seen blue
+            seen = misperceived(scene, rng)
+        if answer_question(seen.objects, question) is not None:
+            objects = seen.objects
+    slip_at = rng.randrange(len(objects)) if slip_rate > 0 and rng.random() < slip_rate and objects else None
+    return rationale_response(objects, question, gold, slip_at, rng)
 
 
 def generate_scene(rng: random.Random, min_objects: int = 2, max_objects: int = 5) -> Scene:
@@ -257,6 +384,7 @@ def _response_words() -> set[str]:
         q = Question(kind, "red", "circle", "top left", "blue")
         words |= set(conclusion_sentence([o], q).replace(".", " ").split())
     words |= set(perception_sentence(o).replace(".", " ").split())
+    words |= {"count", "found", "color", "place", "none"}  # the step clauses' words (``step_clause``)
     return words | {"no", "yes", "a"}
 
 

@@ -53,15 +53,27 @@ class SourceDataError(ValueError):
 
 
 def synthetic_source(
-    seed: int, n_sft: int, n_calibrate: int, n_eval: int, min_objects=2, max_objects=5, teacher_error_rate: float = 0.0
+    seed: int,
+    n_sft: int,
+    n_calibrate: int,
+    n_eval: int,
+    min_objects=2,
+    max_objects=5,
+    teacher_error_rate: float = 0.0,
+    teacher_slip_rate: float = 0.0,
 ) -> pl.DataFrame:
     """The embedded domain's rows. The ``sft`` rows' responses are written by a fallible teacher: a share
-    ``teacher_error_rate`` of them misperceive one object (``scenes.teacher_response``), the answer staying gold."""
+    ``teacher_error_rate`` of them misperceive one object, and a share ``teacher_slip_rate`` slip in one reasoning
+    step (``scenes.teacher_response``), the answer staying gold."""
     rows = []
     teacher = random.Random(f"{seed}/teacher")
     for split, n in (("sft", n_sft), ("calibrate", n_calibrate), ("eval", n_eval)):
         for e in generate_examples(n, seed, split, min_objects=min_objects, max_objects=max_objects):
-            response = teacher_response(e.scene, e.question, teacher, teacher_error_rate) if split == "sft" else None
+            response = (
+                teacher_response(e.scene, e.question, teacher, teacher_error_rate, teacher_slip_rate)
+                if split == "sft"
+                else None
+            )
             rows.append(e.row(response))
     return pl.DataFrame(rows, schema=SCHEMA)
 

@@ -7,26 +7,37 @@ truncated, unknown words or a missing answer line are reported in
 
 Metrics, each in [0, 1]:
 - ``correct``: the stated answer equals the gold answer.
-- ``factuality``: the fraction of the rationale's sentences that are true
-  claims about the scene (a sentence that parses as no claim counts as untrue).
+- ``factuality``: the fraction of the rationale's perception sentences that
+  are true claims about the scene (a sentence that parses as no claim counts as
+  untrue); a rationale with no perception sentence is scored on its conclusion.
 - ``completeness``: the fraction of the scene's objects the rationale correctly
   mentions.
 - ``consistency``: the stated answer is what the rationale's own claims imply,
-  whether or not those claims are true: its perceived objects imply it, and
-  its conclusion sentence about the question's subject states it. A rationale
-  with no such conclusion (none, or one about another subject) does not reach
-  its answer, so it is not consistent with it.
+  whether or not those claims are true: every reasoning step follows, its
+  perceived objects imply the answer, and its conclusion sentence about the
+  question's subject copies the last step's state and states the answer. A
+  rationale with no such conclusion (none, or one about another subject) does
+  not reach its answer, so it is not consistent with it.
+
+Three kinds of error are kept apart (``scenes`` describes the local steps):
+
+- a false perception sentence is a **factuality** error;
+- a step whose state does not follow from the object it lists and the state
+  before it (or whose checks of that object are wrong), or a conclusion that
+  does not copy the last state, is a **reasoning** error, against consistency;
+- an answer line that differs from the conclusion is an **alignment** error.
 
 The anatomy of a response says where an error comes from: whether its listing
-of the scene is exact (``exact_listing``), whether its conclusion follows from
-what it listed (``listing_answer`` against ``conclusion``), and whether its
-answer line is its conclusion.
+of the scene is exact (``exact_listing``), whether every step follows
+(``steps_follow``), whether its conclusion follows from what it listed
+(``listing_answer`` against ``conclusion``), and whether its answer line is its
+conclusion.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .scenes import (
     COLORS,
@@ -39,7 +50,12 @@ from .scenes import (
     Scene,
     SceneObject,
     answer_question,
+    conclusion_from_state,
     count_objects,
+    initial_state,
+    next_state,
+    state_answer,
+    step_clause,
 )
 
 _WORD = re.compile(r"[a-z]+|[.?:!,]")
@@ -52,6 +68,7 @@ class Claim:
     text: str
     true: bool
     fields: tuple = ()
+    clause: str | None = None  # an object claim's reasoning step: the words after its comma, if any
 
 
 @dataclass
@@ -66,10 +83,17 @@ class Verification:
     exact_listing: bool = False  # the perception sentences list the scene's objects exactly, each once, nothing else
     listing_answer: str | None = None  # the answer the listed objects imply (true or not)
     conclusion: str | None = None  # the answer the conclusion sentence commits to, if it has one about the question
+    steps_follow: bool = False  # each listed object carries a step whose state follows from it and the one before
+    steps_answer: str | None = None  # the answer the last step's stated state commits to
+    conclusion_copies_state: bool = False  # the conclusion sentence states the last step's state, word for word
 
     @property
     def conclusion_follows_listing(self) -> bool:
         return self.conclusion is not None and self.conclusion == self.listing_answer
+
+    @property
+    def conclusion_follows_steps(self) -> bool:
+        return self.conclusion is not None and self.conclusion_copies_state
 
     @property
     def answer_is_conclusion(self) -> bool:
@@ -130,6 +154,58 @@ def _subject(words) -> tuple[str | None, str | None] | None:
     if len(words) == 1 and words[0] in _PLURALS:
         return None, _PLURALS[words[0]]
     return None
+
+
+def _split_clause(words: list[str]) -> tuple[list[str], str | None]:
+    """A sentence's claim and its reasoning step: the words before and after its first comma."""
+    if "," not in words:
+        return words, None
+    i = words.index(",")
+    return words[:i], " ".join(words[i + 1 :])
+
+
+def _stated_state(question: Question, clause: str):
+    """The state a step clause states, read from its last words (its checks are compared by ``step_clause``);
+    None when the clause states no state of this question's kind."""
+    w = clause.split()
+    if question.kind == "count" and len(w) >= 1 and w[-1] in NUMBER_WORDS:
+        return NUMBER_WORDS.index(w[-1])
+    if question.kind == "compare" and len(w) == 6 and w[2] in NUMBER_WORDS and w[5] in NUMBER_WORDS:
+        return NUMBER_WORDS.index(w[2]), NUMBER_WORDS.index(w[5])
+    if question.kind == "exists" and w[-2:] in (["found", "yes"], ["found", "no"]):
+        return w[-1] == "yes"
+    if question.kind == "attribute" and len(w) == 2 and w[0] == "color" and (w[1] in COLORS or w[1] == "none"):
+        return None if w[1] == "none" else w[1]
+    if question.kind == "position" and "place" in w:
+        rest = w[w.index("place") + 1 :]
+        if rest == ["none"]:
+            return None
+        if _position(rest):
+            return _position(rest)
+    return _NO_STATE
+
+
+_NO_STATE = object()  # a clause that states no state of the question's kind
+
+
+def follow_steps(claims: list[Claim], question: Question) -> tuple[bool, object]:
+    """Whether every object claim carries a step that follows from its object and the stated state before it,
+    and the last stated state. A step is checked locally: a slip early on does not make later steps fail when
+    they follow from it, so one slip is one error."""
+    state, follows, steps = initial_state(question), True, 0
+    for c in claims:
+        if c.kind != "object":
+            continue
+        steps += 1
+        o = SceneObject(c.fields[0], c.fields[1], *c.fields[2].split(" "))
+        expected = next_state(question, o, state)
+        stated = _stated_state(question, c.clause) if c.clause is not None else _NO_STATE
+        if stated is _NO_STATE or c.clause != step_clause(question, o, stated):
+            follows, state = False, expected  # no readable state: the next step is checked against the right one
+            continue
+        follows = follows and stated == expected
+        state = stated
+    return follows and steps > 0, state
 
 
 def _parse_sentence(w: list[str]):
@@ -216,36 +292,36 @@ def verify(response: str | None, scene: Scene, question: Question) -> Verificati
     if unknown:
         problems.append(f"unknown words: {' '.join(unknown[:10])}")
 
-    claims: list[Claim] = []
-    for words in _sentences(rationale):
-        text = " ".join(words)
-        parsed = _parse_sentence(words)
-        if parsed is None:
-            claims.append(Claim("unparsed", text, False))
-        else:
-            kind, fields = parsed
-            claims.append(Claim(kind, text, _claim_true(kind, fields, scene.objects), fields))
+    claims = _claims(rationale, scene)
     if any(c.kind == "unparsed" for c in claims):
         problems.append("unparseable sentence")
 
     gold = answer_question(scene.objects, question)
     correct = float(answer is not None and answer == gold)
-    factuality = sum(c.true for c in claims) / len(claims) if claims else 0.0
+    # Perception is what factuality scores: a conclusion that does not follow is a reasoning error, counted
+    # against consistency. A rationale that is only a conclusion (a direct answer) is scored on it.
+    perceived = [c for c in claims if c.kind in ("object", "unparsed")] or claims
+    factuality = sum(c.true for c in perceived) / len(perceived) if perceived else 0.0
 
     mentioned = {c.fields for c in claims if c.kind == "object" and c.true}
     completeness = len(mentioned) / len(scene.objects) if scene.objects else 1.0
 
     claimed_objects = [SceneObject(c, s, *p.split(" ")) for c, s, p in (c.fields for c in claims if c.kind == "object")]
     listing_answer = answer_question(claimed_objects, question) if claimed_objects else None
-    consistent = answer is not None and bool(claimed_objects) and listing_answer == answer
-    conclusion = None
+    steps_follow, last_state = follow_steps(claims, question)
+    steps_answer = state_answer(question, last_state) if claimed_objects else None
+    consistent = answer is not None and steps_follow and listing_answer == answer and steps_answer == answer
+    conclusion, copies_state = None, False
     for c in claims:
         implied = _implied_by_conclusion(c, question)
         if implied is not None:
             conclusion = implied
+            copies_state = bool(claimed_objects) and c.text == conclusion_from_state(question, last_state).rstrip(".")
             if implied != answer:
                 consistent = False
-    consistent = consistent and conclusion is not None
+    consistent = consistent and conclusion is not None and copies_state
+    if claimed_objects and not steps_follow:
+        problems.append("a reasoning step does not follow")
     if not consistent and answer is not None:
         problems.append("answer does not follow from the rationale")
     return Verification(
@@ -259,7 +335,25 @@ def verify(response: str | None, scene: Scene, question: Question) -> Verificati
         lists_scene_exactly(claims, scene),
         listing_answer,
         conclusion,
+        steps_follow,
+        steps_answer,
+        copies_state,
     )
+
+
+def _claims(text: str, scene: Scene) -> list[Claim]:
+    """Each sentence of ``text`` as a claim about ``scene``; an object claim keeps its reasoning step's clause."""
+    claims = []
+    for words in _sentences(text):
+        main, clause = _split_clause(words)
+        parsed = _parse_sentence(main)
+        if parsed is None:
+            claims.append(Claim("unparsed", " ".join(words), False))
+        else:
+            kind, fields = parsed
+            clause = clause if kind == "object" else None
+            claims.append(Claim(kind, " ".join(words), _claim_true(kind, fields, scene.objects), fields, clause))
+    return claims
 
 
 def lists_scene_exactly(claims: list[Claim], scene: Scene) -> bool:
@@ -271,16 +365,10 @@ def lists_scene_exactly(claims: list[Claim], scene: Scene) -> bool:
 def verify_caption(caption: str | None, scene: Scene) -> tuple[float, bool]:
     """A base-stage caption's (factuality, exact listing): the share of its sentences that are true object claims,
     and whether it lists the scene exactly with no other sentence."""
-    sentences = _sentences(caption) if isinstance(caption, str) else []
-    claims = []
-    for words in sentences:
-        parsed = _parse_sentence(words)
-        kind, fields = parsed if parsed is not None else ("unparsed", ())
-        claims.append(
-            Claim(kind, " ".join(words), kind == "object" and _claim_true(kind, fields, scene.objects), fields)
-        )
+    claims = [c if c.kind == "object" else replace(c, true=False) for c in _claims(caption or "", scene)]
     factuality = sum(c.true for c in claims) / len(claims) if claims else 0.0
-    return factuality, bool(claims) and all(c.kind == "object" for c in claims) and lists_scene_exactly(claims, scene)
+    plain = all(c.kind == "object" and c.clause is None for c in claims)  # a caption is a listing, no reasoning
+    return factuality, bool(claims) and plain and lists_scene_exactly(claims, scene)
 
 
 _KNOWN_WORDS = {w.lower() for w in DOMAIN_WORDS}

@@ -109,48 +109,49 @@ def test_the_teacher_error_rate_sets_the_share_of_flawed_sft_rationales_only():
 
 
 def test_the_anatomy_says_where_each_error_comes_from():
-    other = "there is a red square at the top left. there is a blue circle at the middle center."
-    gold = gold_response(SCENE, COUNT)
+    steps = "there is a red square at the top left, red count one. there is a blue circle at the middle center, red count one."
+    all_steps = steps + " there is a red circle at the bottom right, red count two."
+    slipped = steps + " there is a red circle at the bottom right, red count one."
     responses = {
-        "gold": gold,
-        # exact listing, conclusion that does not follow from it, answer that follows the conclusion
-        "bad_conclusion": describe_scene(SCENE) + " so the number of red shapes is one.\nAnswer: one",
-        # exact listing and right conclusion, but the answer line says something else
-        "bad_answer": describe_scene(SCENE) + " so the number of red shapes is two.\nAnswer: one",
-        # a wrong listing whose own conclusion and answer follow from it
-        "bad_listing": other + " so the number of red shapes is one.\nAnswer: one",
+        "gold": gold_response(SCENE, COUNT),
+        # exact listing and steps, a conclusion that does not copy the last state, an answer that follows it
+        "bad_conclusion": all_steps + " so the number of red shapes is one.\nAnswer: one",
+        # exact listing, steps and conclusion, but the answer line says something else
+        "bad_answer": all_steps + " so the number of red shapes is two.\nAnswer: one",
+        # a wrong listing (the last object missed) whose own steps, conclusion and answer follow from it
+        "bad_listing": steps + " so the number of red shapes is one.\nAnswer: one",
+        # exact listing, a step that slips, and a conclusion and answer that follow the slip
+        "bad_step": slipped + " so the number of red shapes is one.\nAnswer: one",
     }
     v = {k: verify(r, SCENE, COUNT) for k, r in responses.items()}
-    assert (v["gold"].exact_listing, v["gold"].conclusion_follows_listing, v["gold"].answer_is_conclusion) == (
-        True,
-        True,
-        True,
-    )
+    assert v["gold"].exact_listing and v["gold"].steps_follow
+    assert v["gold"].conclusion_follows_listing and v["gold"].answer_is_conclusion
     assert (v["bad_conclusion"].exact_listing, v["bad_conclusion"].conclusion_follows_listing) == (True, False)
+    assert v["bad_conclusion"].steps_follow and not v["bad_conclusion"].conclusion_follows_steps
     assert v["bad_conclusion"].answer_is_conclusion and not v["bad_answer"].answer_is_conclusion
     assert v["bad_answer"].conclusion_follows_listing
-    assert (
-        not v["bad_listing"].exact_listing
-        and v["bad_listing"].conclusion_follows_listing
-        and v["bad_listing"].consistency
-    )
+    assert not v["bad_listing"].exact_listing and v["bad_listing"].steps_follow
+    assert v["bad_listing"].conclusion_follows_listing and v["bad_listing"].consistency
+    assert v["bad_step"].exact_listing and not v["bad_step"].steps_follow and v["bad_step"].conclusion_follows_steps
+    assert v["bad_step"].factuality == 1.0 and not v["bad_step"].consistency
 
     rows = pl.DataFrame(
         {
             "id": list(responses),
-            "kind": ["count"] * 4,
-            "scene": [SCENE.to_json()] * 4,
-            "question_spec": [COUNT.to_json()] * 4,
-            "answer": ["two"] * 4,
+            "kind": ["count"] * 5,
+            "scene": [SCENE.to_json()] * 5,
+            "question_spec": [COUNT.to_json()] * 5,
+            "answer": ["two"] * 5,
         }
     )
     table = anatomy(score_responses(rows, list(responses.values())))
-    assert table["all"]["accuracy"] == 0.25 and table["all"]["exact_listing"] == 0.75
-    assert table["all"]["conclusion_follows_listing"] == 0.75 and table["all"]["answer_is_conclusion"] == 0.75
-    assert table["all"]["wrong_with_exact_listing"] == 0.5 and table["all"]["wrong_with_wrong_listing"] == 0.25
+    assert table["all"]["accuracy"] == 0.2 and table["all"]["exact_listing"] == 0.8
+    assert table["all"]["steps_follow"] == 0.8
+    assert table["all"]["conclusion_follows_listing"] == 0.6 and table["all"]["answer_is_conclusion"] == 0.8
+    assert table["all"]["wrong_with_exact_listing"] == 0.6 and table["all"]["wrong_with_wrong_listing"] == 0.2
     assert table["count"] == table["all"]
     headroom = any_correct_and_consistent(
-        rows.head(2), [[responses["bad_answer"], gold], [responses["bad_conclusion"]]]
+        rows.head(2), [[responses["bad_answer"], responses["gold"]], [responses["bad_conclusion"]]]
     )
     assert headroom == {"all": 0.5, "count": 0.5}
 

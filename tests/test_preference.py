@@ -106,7 +106,7 @@ def test_the_check_and_curation_compare_answers_alike():
 
 def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_true():
     from src_assets.evaluation import preference_quality
-    from src_assets.scenes import Question, Scene, SceneObject, describe_scene, gold_response
+    from src_assets.scenes import Question, Scene, SceneObject, gold_response, reasoning_steps
 
     scene = Scene(
         (
@@ -116,15 +116,15 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
         )
     )
     question = Question("count", color="red")
+    steps = " ".join(reasoning_steps(scene.objects, question)[0])
     chosen = {
         "sound": gold_response(scene, question),
         # right answer, but the rationale's conclusion says otherwise
-        "inconsistent": describe_scene(scene) + " so the number of red shapes is one.\nAnswer: two",
+        "inconsistent": steps + " so the number of red shapes is one.\nAnswer: two",
         # right answer that follows from its rationale, which has an untrue sentence (the blue circle is green)
-        "untrue": describe_scene(scene).replace("blue circle", "green circle")
-        + " so the number of red shapes is two.\nAnswer: two",
+        "untrue": steps.replace("blue circle", "green circle") + " so the number of red shapes is two.\nAnswer: two",
     }
-    rejected = describe_scene(scene) + " so the number of red shapes is one.\nAnswer: one"
+    rejected = steps + " so the number of red shapes is one.\nAnswer: one"
     ids = list(chosen)
     cand = pl.DataFrame(
         [
@@ -157,7 +157,7 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
         "chosen_fully_factual": 1.0,
         "rejected_correct": 0.0,
         "rejected_consistent": 0.0,
-        "rejected_fully_factual": 0.0,
+        "rejected_fully_factual": 1.0,  # its listing is true; its conclusion is a reasoning error
     }
 
     lenient = curate_preferences(
@@ -165,8 +165,9 @@ def test_where_the_verifier_can_tell_a_chosen_response_must_be_consistent_and_tr
     )
     assert lenient["kept"].all()
     quality = preference_quality(lenient, prompts)
+    # The inconsistent one lists the scene truly (its error is in the reasoning); the untrue one does not.
     assert quality["chosen_consistent"] == pytest.approx(2 / 3) and quality["chosen_fully_factual"] == pytest.approx(
-        1 / 3
+        2 / 3
     )
     only_consistent = curate_preferences(cand, scores, prompts, CurationConfig(tau=0.0, require_factual_chosen=False))
     assert only_consistent["kept"].to_list() == [True, False, True]

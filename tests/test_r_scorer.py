@@ -23,9 +23,17 @@ from src_assets.r_scorer import (
     verdict_continuations,
     verdict_probabilities,
 )
+from src_assets.scenes import Question, Scene, gold_response
 from src_assets.source_data import synthetic_source
 from src_assets.training import TrainSettings
-from src_assets.verifier import judge_agreement, response_quality, verifier_matrices
+from src_assets.verifier import (
+    judge_agreement,
+    quality,
+    response_quality,
+    verifier_matrices,
+    verifier_verdict,
+    verify,
+)
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +243,19 @@ def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scor
     _, tok = scorer
     rows = synthetic_source(seed=8, n_sft=30, n_calibrate=0, n_eval=0)
     corpus = contrast_judgements(rows, tok)
-    assert corpus.height >= 30 * 6  # at least gold and two mistakes per row, every ordered pair
-    # Gold against its own wrong answer: the gold response always wins.
-    for r in rows.head(5).iter_rows(named=True):
-        wrong = perturbed_responses(r["response"], random.Random(0))[0]
-        assert response_quality(r["response"], r["scene"], r["question_spec"]) > response_quality(
-            wrong, r["scene"], r["question_spec"]
-        )
+    assert corpus.height >= 30 * 12  # gold and at least three mistakes per row, every ordered pair
+    # Each mistake is of its kind, and gold wins against the wrong answer and against the slipped step.
+    for r in rows.head(10).iter_rows(named=True):
+        scene, question = Scene.from_json(r["scene"]), Question.from_json(r["question_spec"])
+        gold = verify(gold_response(scene, question), scene, question)
+        mistakes = [verify(x, scene, question) for x in perturbed_responses(scene, question, random.Random(0))]
+        wrong_answer, slipped, wrong_conclusion = mistakes[0], mistakes[-2], mistakes[-1]
+        assert wrong_answer.steps_follow and not wrong_answer.answer_is_conclusion and not wrong_answer.correct
+        assert not slipped.steps_follow and slipped.factuality == 1.0
+        assert wrong_conclusion.steps_follow and not wrong_conclusion.conclusion_follows_steps
+        assert wrong_conclusion.answer_is_conclusion and not wrong_conclusion.correct
+        for mistake in (wrong_answer, slipped):
+            assert verifier_verdict(quality(gold), quality(mistake)) == "A"
     assert set(corpus["verdict"]) == {"A", "B", "tie"}
     assert (
         corpus["prompt"].str.ends_with("verdict :").all()
