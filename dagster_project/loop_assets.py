@@ -937,6 +937,7 @@ def preference_set(
     "training",
     "beta",
     "dpo_nll_weight",
+    "dpo_positive_lambda",
     "weighted_dpo",
     "use_fused_dpo_kernel",
     "policy_update",
@@ -993,6 +994,7 @@ def policy_checkpoint(
                 use_fused_kernel=cfg.use_fused_dpo_kernel,
                 weighted=cfg.weighted_dpo,
                 nll_weight=cfg.dpo_nll_weight,
+                dpop_lambda=cfg.dpo_positive_lambda,
             )
         write_training_report(
             out,

@@ -55,15 +55,24 @@ def _completion_rows(hidden, labels, ignore_index):
     return flat, labels.reshape(-1).index_select(0, flat).contiguous(), flat // hidden.shape[1]
 
 
-def dpo_loss_from_logps(policy_logps, ref_logps, pair_weights=None, beta: float = 0.1) -> torch.Tensor:
-    """The confidence-weighted DPO loss from per-sequence log-probs (chosen rows first, then rejected)."""
+def dpo_loss_from_logps(
+    policy_logps, ref_logps, pair_weights=None, beta: float = 0.1, dpop_lambda: float = 0.0
+) -> torch.Tensor:
+    """The confidence-weighted DPO loss from per-sequence log-probs (chosen rows first, then rejected).
+
+    ``dpop_lambda`` > 0 is DPO-Positive (Pal et al. 2024): the margin loses ``dpop_lambda`` times how far the
+    chosen response's log-prob has fallen below the reference's, so the loss cannot fall by pushing both
+    responses down, which DPO does on pairs a few tokens apart."""
     if policy_logps.shape[0] % 2:
         raise ValueError(f"expected 2P sequences (chosen then rejected), got {policy_logps.shape[0]}")
     if ref_logps.shape != policy_logps.shape:
         raise ValueError(f"ref_logps must have shape {tuple(policy_logps.shape)}, got {tuple(ref_logps.shape)}")
     pc, pr = policy_logps.float().chunk(2)
     rc, rr = ref_logps.float().chunk(2)
-    losses = -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    margin = (pc - rc) - (pr - rr)
+    if dpop_lambda:
+        margin = margin - dpop_lambda * (rc - pc).clamp(min=0)
+    losses = -F.logsigmoid(beta * margin)
     if pair_weights is not None:
         if pair_weights.shape != losses.shape:
             raise ValueError(f"pair_weights must have shape {tuple(losses.shape)}, got {tuple(pair_weights.shape)}")
@@ -85,10 +94,10 @@ def sequence_logps_reference(hidden, weight, labels, bias=None, ignore_index: in
 
 
 def weighted_dpo_loss_reference(
-    hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100
+    hidden, weight, labels, ref_logps, pair_weights=None, beta=0.1, bias=None, ignore_index=-100, dpop_lambda=0.0
 ):
     policy_logps = sequence_logps_reference(hidden, weight, labels, bias, ignore_index)
-    return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta), policy_logps
+    return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta, dpop_lambda), policy_logps
 
 
 # --- Triton kernel and the chunked autograd Function -------------------------------------------
@@ -260,12 +269,13 @@ def weighted_dpo_loss(
     beta=0.1,
     bias=None,
     ignore_index=-100,
+    dpop_lambda: float = 0.0,
     chunk_bytes: int | None = None,
 ):
     """(loss, policy_logps) through the chunked kernel; same contract as the reference. The frozen-head path
     is taken when neither ``weight`` nor ``bias`` needs a gradient."""
     policy_logps = _ChunkedSequenceLogps.apply(hidden, weight, bias, labels, ignore_index, chunk_bytes or CHUNK_BYTES)
-    return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta), policy_logps
+    return dpo_loss_from_logps(policy_logps, ref_logps, pair_weights, beta, dpop_lambda), policy_logps
 
 
 @torch.no_grad()

@@ -204,13 +204,15 @@ class SRCConfig:
     dpo_nll_weight: float = setting(
         1.0, low=0
     )  # TRL's likelihood anchor on the chosen response (RPO's alpha); 0 turns it off
+    # > 0: DPO-Positive's penalty (Pal et al. 2024) on a chosen response whose log-prob falls below the reference's
+    dpo_positive_lambda: float = setting(0.0, low=0)
     beta: float = setting(0.1, above=0)
     weighted_dpo: bool = True  # ablation: False trains plain DPO on the same pairs
     # "gold_sft": the gold-data bound, SFT on the kept prompts' gold responses for the same steps instead of DPO
     policy_update: str = setting("dpo", choices=POLICY_UPDATES)
     use_fused_dpo_kernel: bool = True  # the Triton DPO loss when training on CUDA; off: the eager reference
     # 8. Evaluation
-    eval_max_new_tokens: int = setting(96, low=1)
+    eval_max_new_tokens: int = setting(128, low=1)  # the longest gold response is 105 tokens
     anatomy_samples: int = setting(
         6, low=0
     )  # K samples per held-out prompt: is any correct and consistent? (0: not measured)

@@ -14,7 +14,7 @@ import polars as pl
 import torch
 from PIL import Image
 
-from .generation import decode_image, generate_responses
+from .generation import RESPONSE_TOKENS, decode_image, generate_responses
 from .progress import Progress
 from .scenes import Question, Scene
 from .verifier import normalize_answer, split_response, verify
@@ -127,7 +127,7 @@ def sample_responses(
     rows: pl.DataFrame,
     k: int,
     temperature: float = 1.0,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = RESPONSE_TOKENS,
     seed: int = 0,
     progress: Progress = False,
 ) -> list[list[str]]:
@@ -148,7 +148,7 @@ def full_anatomy(
     scored: pl.DataFrame,
     samples: int,
     temperature: float = 1.0,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = RESPONSE_TOKENS,
     seed: int = 0,
     progress: Progress = False,
 ) -> dict:
@@ -179,7 +179,7 @@ def with_blank_images(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def evaluate_policy(
-    model, processor, eval_set: pl.DataFrame, max_new_tokens: int = 96, progress: Progress = False
+    model, processor, eval_set: pl.DataFrame, max_new_tokens: int = RESPONSE_TOKENS, progress: Progress = False
 ) -> tuple[dict, pl.DataFrame]:
     responses = generate_responses(
         model, processor, eval_set["question"].to_list(), eval_set["image"].to_list(), max_new_tokens, progress=progress

@@ -10,6 +10,10 @@ from PIL import Image
 
 from .progress import Progress, ProgressBar
 
+# A response's default token budget: the longest gold rationale of the embedded domain (five objects, each step
+# with its state, the conclusion and the answer line) is 105 tokens.
+RESPONSE_TOKENS = 128
+
 
 def decode_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
@@ -125,7 +129,7 @@ def generate_responses(
     processor,
     questions,
     images,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = RESPONSE_TOKENS,
     batch_size: int = 128,
     do_sample: bool = False,
     temperature: float = 1.0,

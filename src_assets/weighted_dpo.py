@@ -44,6 +44,13 @@ class WeightedDPOConfig(DPOConfig):
 
     weight_column: str = field(default="weight", metadata={"help": "Column of per-pair confidence weights c_i."})
     use_fused_kernel: bool = field(default=True, metadata={"help": "Triton loss on CUDA; off: the eager reference."})
+    dpop_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "DPO-Positive (Pal et al. 2024): the margin loses this times the fall of the chosen response's "
+            "log-prob below the reference's; 0: plain DPO."
+        },
+    )
     # TRL's own field, on by default here; TRL refuses it for vision datasets, so this trainer computes the
     # reference log-probs itself, through the same fused path as the loss.
     precompute_ref_log_probs: bool = field(
@@ -189,7 +196,9 @@ class WeightedDPOTrainer(DPOTrainer):
         ref_logps = self._reference_logps(inputs, model_kwargs, labels)
         pair_weights = inputs.get("pair_weights")
         loss_fn = weighted_dpo_loss if self._fused(hidden.device) else weighted_dpo_loss_reference
-        loss, policy_logps = loss_fn(hidden, weight, labels, ref_logps, pair_weights, self.beta, bias)
+        loss, policy_logps = loss_fn(
+            hidden, weight, labels, ref_logps, pair_weights, self.beta, bias, dpop_lambda=self.args.dpop_lambda
+        )
         loss = loss * self.dpo_loss_weight
         if self.nll_weight:
             chosen_tokens = (labels != -100).sum(1).chunk(2)[0].float()
@@ -227,11 +236,13 @@ def train_weighted_dpo(
     weighted: bool = True,
     nll_weight: float = 0.0,
     callbacks=(),
+    dpop_lambda: float = 0.0,
 ) -> dict:
     """One SRC iteration's preference fine-tuning: the policy trained on the kept pairs, reference = its start.
 
     ``weighted=False`` trains on the same pairs with every weight 1 (plain DPO), the ablation of confidence weighting.
-    ``nll_weight`` > 0 adds TRL's likelihood anchor on the chosen responses (RPO's ``alpha``).
+    ``nll_weight`` > 0 adds TRL's likelihood anchor on the chosen responses (RPO's ``alpha``); ``dpop_lambda`` > 0
+    adds DPO-Positive's penalty on a chosen response whose log-prob falls below the reference's.
     """
     import polars as pl
 
@@ -258,6 +269,7 @@ def train_weighted_dpo(
         callbacks,
         beta=beta,
         use_fused_kernel=use_fused_kernel,
+        dpop_lambda=dpop_lambda,
         **anchor,
     )
     return {**result, "pairs": kept.height}

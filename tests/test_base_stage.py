@@ -98,6 +98,15 @@ def test_the_teacher_misperceives_one_object_and_keeps_the_gold_answer():
     assert all(teacher_response(e.scene, e.question, rng, 0.0) == gold_response(e.scene, e.question) for e in examples)
 
 
+def test_the_teacher_slips_in_one_step_and_keeps_true_perception_and_the_gold_answer():
+    rng = random.Random(0)
+    for e in generate_examples(200, seed=1, split="sft"):
+        v = verify(teacher_response(e.scene, e.question, rng, slip_rate=1.0), e.scene, e.question)
+        assert v.correct == 1.0 and v.exact_listing and v.factuality == 1.0  # a reasoning error only
+        assert not v.steps_follow and not v.consistency
+        assert v.conclusion_follows_steps  # the conclusion copies the slipped state
+
+
 def test_the_teacher_error_rate_sets_the_share_of_flawed_sft_rationales_only():
     clean = synthetic_source(2, 300, 50, 50)
     flawed = synthetic_source(2, 300, 50, 50, teacher_error_rate=0.3)
@@ -106,6 +115,10 @@ def test_the_teacher_error_rate_sets_the_share_of_flawed_sft_rationales_only():
     assert 60 < sum(d for d, s in zip(differs, sft) if s) < 120
     assert not any(d for d, s in zip(differs, sft) if not s)
     assert clean["answer"].to_list() == flawed["answer"].to_list()
+    slipped = synthetic_source(2, 300, 50, 50, teacher_slip_rate=0.3)
+    differs = [a != b for a, b in zip(clean["response"], slipped["response"])]
+    assert 60 < sum(d for d, s in zip(differs, sft) if s) < 120
+    assert not any(d for d, s in zip(differs, sft) if not s)
 
 
 def test_the_anatomy_says_where_each_error_comes_from():

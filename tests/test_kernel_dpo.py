@@ -75,6 +75,29 @@ def test_matches_reference(P, T, H, V, dtype, chunk_bytes, head):
     assert_match(kernel, run(weighted_dpo_loss_reference, *inputs, w), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dpo_positive_matches_the_reference_and_its_formula(dtype):
+    """DPO-Positive: -log sigmoid(beta * (margin - lambda * max(0, ref_chosen - policy_chosen))), weighted."""
+    from kernels.dpo import dpo_loss_from_logps
+
+    inputs = make_inputs(3, 20, 16, 40, dtype)
+    w = torch.tensor([1.0, 0.5, 0.0])
+    kernel = run(weighted_dpo_loss, *inputs, w, dpop_lambda=5.0)
+    assert_match(
+        kernel,
+        run(weighted_dpo_loss_reference, *inputs, w, dpop_lambda=5.0),
+        torch.float32 if dtype == torch.float32 else dtype,
+    )
+    pc, pr = torch.tensor([-3.0, -1.0]), torch.tensor([-9.0, -2.0])
+    rc, rr = torch.tensor([-2.0, -1.5]), torch.tensor([-8.0, -2.0])
+    margin = torch.tensor([(-3 + 2) - (-9 + 8) - 5.0 * 1.0, (-1 + 1.5) - (-2 + 2) - 0.0])  # only pair 0 fell
+    expected = (-torch.nn.functional.logsigmoid(0.1 * margin) * torch.tensor([1.0, 0.5])).mean()
+    got = dpo_loss_from_logps(torch.cat([pc, pr]), torch.cat([rc, rr]), torch.tensor([1.0, 0.5]), 0.1, 5.0)
+    torch.testing.assert_close(got, expected)
+    plain = dpo_loss_from_logps(torch.cat([pc, pr]), torch.cat([rc, rr]), torch.tensor([1.0, 0.5]), 0.1)
+    assert got > plain  # the fallen chosen response is penalised
+
+
 @pytest.mark.parametrize("weights", ["ones", "zeros", "mixed", "none"])
 def test_pair_weights(weights):
     P = 3

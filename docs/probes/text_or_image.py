@@ -1,10 +1,11 @@
-"""A probe, not part of the package: does the policy conclude from its rationale's text or from the image? The
-response is started for it, and the rest generated greedily; the answer line is scored per question kind on 500
-held-out scenes (seed 777):
+"""A probe, not part of the package: does the policy reason from its rationale's text or from the image? Each
+perception sentence of the gold rationale is given up to its comma, and the policy writes the step after it
+(greedy, up to the full stop); after the last one it writes the conclusion and the answer line. Answers and steps
+are scored per question kind on 500 held-out scenes (seed 777):
   listing_real   the gold listing given, the real image;
-  listing_blank  the gold listing given, a blank image (which the policy never saw in training);
-  listing_other  the gold listing given, the image of another held-out scene: a conclusion that follows the text
-                 scores as with the real image, one that follows the image scores as a guess.
+  listing_other  the gold listing given, the image of another held-out scene: reasoning that follows the text
+                 scores as with the real image, reasoning that reads the image scores as a guess;
+  listing_blank  the gold listing given, a blank image (which the policy never saw in training).
 
     python docs/probes/text_or_image.py MODEL_DIR OUT.json
 
@@ -12,53 +13,72 @@ Results in docs/results.md.
 """
 
 import json
-import re
 import sys
 
 import polars as pl
 import torch
 
-from src_assets.evaluation import with_blank_images
+from src_assets.evaluation import anatomy, score_responses, with_blank_images
 from src_assets.generation import collate_prompts, never_generate, prompt_inputs, to_model
 from src_assets.models import Runtime, load_policy
-from src_assets.scenes import Scene, perception_sentence
+from src_assets.scenes import Scene
 from src_assets.source_data import synthetic_source
 
 model_dir, out_json = sys.argv[1], sys.argv[2]
 model, processor = load_policy(model_dir, Runtime("cpu", "float32"))
 model.eval()
 held_out = synthetic_source(777, 0, 0, 500)
-listings = [" ".join(perception_sentence(o) for o in Scene.from_json(s).objects) for s in held_out["scene"]]
+objects = [Scene.from_json(s).objects for s in held_out["scene"]]
 
 
 @torch.no_grad()
-def complete(rows, starts: list[str], batch_size: int = 64) -> list[str]:
+def continue_(rows: pl.DataFrame, starts: list[str], max_new_tokens: int, batch_size: int = 100) -> list[str]:
+    """Each row's response started with ``starts[i]``, continued greedily; returns the continuations."""
     out = []
     for i in range(0, rows.height, batch_size):
         chunk = rows.slice(i, batch_size)
         prompts = [prompt_inputs(processor, q, im) for q, im in zip(chunk["question"], chunk["image"])]
-        starts_ids = [tuple(processor.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in starts[i:]]
-        batch = to_model(collate_prompts(prompts, starts_ids[: len(prompts)], processor.tokenizer.pad_token_id), model)
-        ids = model.generate(**batch, max_new_tokens=40, do_sample=False, bad_words_ids=never_generate(model))
-        out += processor.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        ids = [tuple(processor.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in starts[i : i + batch_size]]
+        batch = to_model(collate_prompts(prompts, ids, processor.tokenizer.pad_token_id), model)
+        new = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, bad_words_ids=never_generate(model)
+        )
+        out += processor.batch_decode(new[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
-def score(texts: list[str]) -> dict:
-    stated = [m.group(1).strip() if (m := re.search(r"Answer\s*:\s*(.+)$", t.strip())) else None for t in texts]
-    correct = [s == gold for s, gold in zip(stated, held_out["answer"])]
-    kinds = held_out["kind"].to_list()
-    by_kind = {k: sum(c for c, x in zip(correct, kinds) if x == k) / kinds.count(k) for k in sorted(set(kinds))}
-    return {"accuracy": sum(correct) / len(correct), "by_kind": by_kind, "example": texts[0]}
+def reason_over_given_listing(rows: pl.DataFrame) -> list[str]:
+    """The gold perception sentences given one by one, the policy's own steps after each, then its conclusion."""
+    texts = [""] * rows.height
+    for step in range(max(map(len, objects))):
+        live = [i for i, objs in enumerate(objects) if step < len(objs)]
+        starts = []
+        for i in live:
+            o = objects[i][step]
+            starts.append(f"{texts[i]} there is a {o.color} {o.shape} at the {o.position},".strip())
+        clauses = continue_(rows[live], starts, 12)
+        for i, start, clause in zip(live, starts, clauses):
+            texts[i] = f"{start} {clause.split('.')[0].strip()}."
+    return [t + " " + rest for t, rest in zip(texts, continue_(rows, texts, 32))]
 
 
-blank = with_blank_images(held_out)
+def score(rows: pl.DataFrame) -> dict:
+    responses = reason_over_given_listing(rows)
+    parts = anatomy(score_responses(held_out, responses))
+    return {
+        "accuracy": parts["all"]["accuracy"],
+        "steps_follow": parts["all"]["steps_follow"],
+        "consistency": parts["all"]["consistency"],
+        "by_kind": {k: round(v["accuracy"], 3) for k, v in parts.items() if k != "all"},
+        "example": responses[0],
+    }
+
+
 images = held_out["image"].to_list()
-other_images = held_out.with_columns(pl.Series("image", images[1:] + images[:1], dtype=pl.Binary))
 report = {
-    "listing_real": score(complete(held_out, listings)),
-    "listing_blank": score(complete(blank, listings)),
-    "listing_other": score(complete(other_images, listings)),
+    "listing_real": score(held_out),
+    "listing_other": score(held_out.with_columns(pl.Series("image", images[1:] + images[:1], dtype=pl.Binary))),
+    "listing_blank": score(with_blank_images(held_out)),
 }
 print(json.dumps(report, indent=1))
 with open(out_json, "w") as f:

@@ -1,13 +1,14 @@
 """A probe, not part of the package: from one SFT checkpoint and one iteration's preference set, train each kind of
 policy update and score it on 500 held-out scenes (seed 777) with the anatomy of its greedy answers.
 
-    python docs/probes/update_bounds.py STORE VARIANTS OUT.json
+    python docs/probes/update_bounds.py STORE VARIANTS OUT.json [SETTING=VALUE ...]
 
-STORE is a store after `src-calibrate run --iterations 1 --seed 22 --store STORE --set teacher_error_rate=0
---set scorer_model=verifier --set base_stop_at_exact_listing=0`. VARIANTS is a comma-separated list of
+STORE is a store after `src-calibrate run --iterations 1 --store STORE --set scorer_model=verifier [--set ...]`;
+the SETTING=VALUE pairs are that run's settings (its seed among them). VARIANTS is a comma-separated list of
 KIND[:opt=value...] with KIND one of
   sft     the SFT checkpoint itself, untrained;
-  dpo     the loop's weighted DPO on the kept pairs (opts: beta, nll = the likelihood anchor's weight, lr, ep);
+  dpo     the loop's weighted DPO on the kept pairs (opts: beta, nll = the likelihood anchor's weight,
+          dpop = DPO-Positive's lambda, lr, ep);
   chosen  SFT on the kept pairs' chosen responses (rejection-sampling fine-tuning; opts: lr, ep);
   gold    SFT on the same prompts' gold responses, the gold-data bound (opts: lr, ep);
   more    SFT on n fresh gold rows (seed 5555): what more supervision gives (opts: n, lr, ep).
@@ -31,7 +32,7 @@ from src_assets.training import train_vision_sft
 from src_assets.weighted_dpo import train_weighted_dpo
 
 store, variants, out_json = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
-cfg = profile("default", seed="22", teacher_error_rate="0", scorer_model="verifier", base_stop_at_exact_listing="0")
+cfg = profile("default", **dict(a.split("=", 1) for a in sys.argv[4:]))
 sft = sorted(glob.glob(f"{store}/models/sft_checkpoint/versions/*"))[-1]
 prefs = pl.read_parquet(sorted(glob.glob(f"{store}/assets/preference_set/001*.parquet"))[-1])
 kept = prefs.filter(pl.col("kept"))
@@ -58,8 +59,11 @@ def run(variant: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         start = time.time()
         if kind == "dpo":
-            beta, nll = float(opt.get("beta", 0.1)), float(opt.get("nll", 1.0))
-            result = train_weighted_dpo(sft, prefs, out, settings, beta=beta, use_fused_kernel=False, nll_weight=nll)
+            beta, nll = float(opt.get("beta", cfg.beta)), float(opt.get("nll", cfg.dpo_nll_weight))
+            dpop = float(opt.get("dpop", cfg.dpo_positive_lambda))
+            result = train_weighted_dpo(
+                sft, prefs, out, settings, beta=beta, use_fused_kernel=False, nll_weight=nll, dpop_lambda=dpop
+            )
         else:
             if kind == "more":
                 rows = synthetic_source(5555, int(opt["n"]), 0, 0).rename({"response": "completion"})
