@@ -23,9 +23,11 @@ import time
 from dataclasses import replace
 
 import polars as pl
+import torch
 
 from src_assets.config import profile
 from src_assets.evaluation import anatomy, evaluate_policy
+from src_assets.generation import collate_prompts, prompt_inputs, to_model
 from src_assets.models import Runtime, load_policy
 from src_assets.source_data import synthetic_source
 from src_assets.training import train_vision_sft
@@ -39,12 +41,30 @@ kept = prefs.filter(pl.col("kept"))
 held_out = synthetic_source(777, 0, 0, 500)
 
 
+@torch.no_grad()
+def chosen_logp(model, processor, n: int = 200) -> float:
+    """The mean summed log-prob of (at most ``n`` of) the kept pairs' chosen responses."""
+    out = []
+    for question, image, text in kept.head(n).select("question", "image", "chosen").iter_rows():
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        batch = to_model(collate_prompts([prompt_inputs(processor, question, image)], [tuple(ids)]), model)
+        logps = model(**batch).logits[0, -len(ids) - 1 : -1].float().log_softmax(-1)
+        out.append(logps.gather(1, torch.tensor(ids)[:, None]).sum().item())
+    return sum(out) / len(out)
+
+
 def score(model_dir: str) -> dict:
     model, processor = load_policy(model_dir, Runtime("cpu", "float32"))
     summary, scored = evaluate_policy(model, processor, held_out)
     parts = anatomy(scored)
     kinds = {k: [round(v["accuracy"], 3), round(v["consistency"], 3)] for k, v in parts.items() if k != "all"}
-    return {"accuracy": summary["accuracy"], "consistency": summary["consistency"], **parts["all"], "kinds": kinds}
+    return {
+        "accuracy": summary["accuracy"],
+        "consistency": summary["consistency"],
+        "chosen_logp": chosen_logp(model, processor),
+        **parts["all"],
+        "kinds": kinds,
+    }
 
 
 def run(variant: str) -> dict:
