@@ -216,10 +216,7 @@ def reasoning_steps(objects, question: Question, slip_at: int | None = None, rng
 
 def conclusion_sentence(objects, question: Question) -> str:
     """The reasoning sentence that links the perceived objects to the answer: the last state, copied."""
-    state = initial_state(question)
-    for o in objects:
-        state = next_state(question, o, state)
-    return conclusion_from_state(question, state)
+    return conclusion_from_state(question, reasoning_steps(objects, question)[1])
 
 
 def conclusion_from_state(question: Question, state) -> str:
