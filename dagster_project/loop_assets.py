@@ -63,9 +63,9 @@ from src_assets.evaluation import (
 from src_assets.fingerprints import derive_seed, digest, table_digest
 from src_assets.generation import generate_responses
 from src_assets.judge_corpus import judge_training_set
-from src_assets.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
+from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
-from src_assets.r_scorer import Judge, is_oracle, train_r_scorer
+from src_assets.r_scorer import Judge, is_oracle, train_r_scorer, verdict_fit
 from src_assets.rationale_sft import train_rationale_sft
 from src_assets.source_data import SourceDataError, iteration_prompt_rows, scorer_prompt_rows
 from src_assets.storage import StoreError, directory_digest
@@ -462,8 +462,15 @@ def r_scorer_checkpoint(
             out,
             tracked(cfg.scorer_settings(), cfg, s, "r_scorer_checkpoint"),
         )
+        fit = verdict_fit(*load_scorer(out, cfg.runtime()), judgements, seed=cfg.seed)
         uri = s.put_model(store_layout.SCORER_MODEL, out)
     _remember_trained(s, store_layout.SCORER_MODEL, fingerprint, uri)
+    if fit and fit["fit"] < fit["prior_fit"] + 0.05:
+        context.log.warning(
+            f"the R-Scorer reads back {fit['fit']:.3f} of its own training verdicts, where always saying the "
+            f"commonest one gets {fit['prior_fit']:.3f} (verdict spread {fit['verdict_spread']:.3f}): it has learned "
+            f"the label prior, not what its prompts say"
+        )
     verdicts = dict(judgements.group_by("verdict").len().iter_rows())
     context.add_output_metadata(
         {
@@ -475,6 +482,7 @@ def r_scorer_checkpoint(
             "user_judgements": judgement_tables.height,
             "verdicts": counts_table(verdicts, "verdict"),
             "train_loss": result["train_loss"],
+            **{f"training_rows_{k}": v for k, v in fit.items()},
         }
     )
     return Output(uri)

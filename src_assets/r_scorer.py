@@ -234,6 +234,32 @@ def judge(
     return probs[:, 0] + probs[:, 2] / 2
 
 
+@torch.no_grad()
+def verdict_fit(model, tokenizer, judgements: pl.DataFrame, n: int = 256, seed: int = 0) -> dict:
+    """How a judge reads back ``judgements`` (rows of ``prompt`` and ``verdict``, e.g. its own training rows), at most
+    ``n`` of them drawn at random:
+
+    - ``fit``: the share whose most probable verdict is the label;
+    - ``prior_fit``: the share a judge that always says the commonest label gets; a judge whose ``fit`` is no better
+      has learned the label prior and nothing that depends on what it reads;
+    - ``verdict_spread``: the standard deviation of ``P(A) - P(B)`` across prompts (near 0: the same verdict for all);
+    - ``mean_p_a``, ``mean_p_b``, ``mean_p_tie``: the mean verdict distribution.
+    """
+    rows = judgements.sample(min(n, judgements.height), seed=seed) if judgements.height > n else judgements
+    if rows.is_empty():
+        return {}
+    probs = verdict_probabilities(model, tokenizer, rows["prompt"].to_list())
+    predicted = [VERDICTS[i] for i in probs.argmax(1).tolist()]
+    labels = rows["verdict"].to_list()
+    counts = rows["verdict"].value_counts()["count"]
+    return {
+        "fit": sum(p == v for p, v in zip(predicted, labels)) / len(labels),
+        "prior_fit": int(counts.max()) / len(labels),
+        "verdict_spread": float((probs[:, 0] - probs[:, 1]).std()) if len(labels) > 1 else 0.0,
+        **{f"mean_p_{v.lower()}": float(p) for v, p in zip(VERDICTS, probs.mean(0))},
+    }
+
+
 def pairwise_matrices(
     model,
     tokenizer,

@@ -82,6 +82,9 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
     judge = foundation["r_scorer_checkpoint"]
     assert judge["contrast_pairs"].value == 48 and judge["candidate_pairs"].value > 0  # the smoke profile's
     assert judge["training_pairs"].value == judge["candidate_pairs"].value + 48 + judge["user_pairs"].value
+    # How the trained judge reads back its own training rows, beside what the label prior alone would give.
+    assert 0 <= judge["training_rows_fit"].value <= 1 and 0 < judge["training_rows_prior_fit"].value <= 1
+    assert judge["training_rows_verdict_spread"].value >= 0
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(checks) == {
         "most_prompts_have_two_distinct_candidates",

@@ -13,6 +13,7 @@ from src_assets.judge_corpus import (
 )
 from src_assets.models import load_scorer
 from src_assets.r_scorer import (
+    VERDICTS,
     JudgeConfig,
     batch_ranges,
     independent_matrices,
@@ -21,6 +22,7 @@ from src_assets.r_scorer import (
     pairwise_matrices,
     train_r_scorer,
     verdict_continuations,
+    verdict_fit,
     verdict_probabilities,
 )
 from src_assets.scenes import Question, Scene, gold_response
@@ -329,3 +331,113 @@ def test_a_shared_prompt_prefix_encoded_once_gives_the_same_verdicts(judge_kind,
         assert uncached.cache is None
         alone.append(torch.stack([_verdict_logprobs(uncached, one, [tails[0][v]]) for v in range(3)], 1).softmax(-1))
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+def _plain_verdicts(model, tok, prompts: list[str]) -> torch.Tensor:
+    """P(A), P(B), P(tie) from one plain forward pass per prompt and verdict: no batch, no padding, no cache, the
+    model's own positions; each verdict's tokens (those training puts after the prompt) scored in turn."""
+    ids, tails = verdict_continuations(tok, prompts)
+    out = []
+    with torch.no_grad():
+        for row, row_tails in zip(ids, tails):
+            logps = []
+            for tail in row_tails:
+                logits = model(input_ids=torch.tensor([row + tail])).logits[0].float().log_softmax(-1)
+                logps.append(sum(logits[len(row) - 1 + i, t] for i, t in enumerate(tail)))
+            out.append(torch.stack(logps).softmax(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("judge_kind", ["word_level", "bpe"])
+def test_verdicts_through_batches_and_the_prefix_cache_equal_a_plain_forward_pass(
+    judge_kind, scorer, bpe_judge_dir, prompts
+):
+    """The read-out the pipeline uses (left-padded batches, a shared prefix encoded once, positions counted from
+    each row's first token) gives what the model says about each prompt read alone."""
+    model, tok = scorer if judge_kind == "word_level" else load_scorer(str(bpe_judge_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights far from their tiny initialisation, so that a wrong position shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    texts = []
+    for row in prompts.iter_rows(named=True):  # a prompt's pairs share a long prefix; prompts differ in length
+        wrong = row["response"].split("\n")[0] + "\nAnswer: nine"
+        texts += [judge_prompt(tok, row, row["response"], wrong), judge_prompt(tok, row, wrong, row["response"])]
+    texts.append("question : how many red shapes are there ? verdict :")
+    torch.testing.assert_close(
+        verdict_probabilities(model, tok, texts, batch_size=4), _plain_verdicts(model, tok, texts), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_training_puts_its_loss_on_the_tokens_and_position_the_read_out_reads(scorer, prompts):
+    """TRL's collated batch (right padding, completion-only labels) labels exactly the verdict's tokens right after
+    each prompt, and the model's logits there are those the read-out reads after the prompt alone."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = scorer
+    rows = candidate_judgements(_pool(prompts), prompts, tok)
+    rows = pl.concat(
+        [
+            rows.head(3),
+            pl.DataFrame({"prompt": ["question : how many ? verdict :"], "completion": [" B"], "verdict": ["B"]}),
+        ]
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(output_dir="unused", use_cpu=True, completion_only_loss=True, report_to=[]),
+        train_dataset=Dataset.from_dict(
+            {"prompt": rows["prompt"].to_list(), "completion": rows["completion"].to_list()}
+        ),
+        processing_class=tok,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows.height)])
+    ids, tails = verdict_continuations(tok, rows["prompt"].to_list())
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for r, verdict in enumerate(rows["verdict"]):
+            labelled = batch["labels"][r][batch["labels"][r] != -100].tolist()
+            tail = tails[r][VERDICTS.index(verdict)]
+            assert labelled[: len(tail)] == tail and labelled[len(tail) :] in ([], [tok.eos_token_id])
+            start = len(ids[r])  # the first verdict token sits right after the prompt
+            assert batch["input_ids"][r, :start].tolist() == ids[r]
+            read = model(input_ids=torch.tensor([ids[r]])).logits[0, -1]
+            torch.testing.assert_close(logits[r, start - 1], read, atol=1e-5, rtol=1e-4)
+
+
+def test_every_judge_corpus_has_as_many_a_as_b_verdicts(scorer, prompts):
+    """Every ordered pair is labelled in both orders, so a judge cannot win by preferring a position."""
+    _, tok = scorer
+    corpora = [
+        candidate_judgements(_pool(prompts), prompts, tok),
+        contrast_judgements(synthetic_source(seed=8, n_sft=20, n_calibrate=0, n_eval=0), tok),
+    ]
+    for corpus in corpora:
+        counts = dict(corpus.group_by("verdict").len().iter_rows())
+        assert counts["A"] == counts["B"] > 0
+
+
+def test_verdict_fit_tells_a_judge_that_reads_its_prompt_from_one_that_learned_the_prior(tiny_dirs, tmp_path):
+    """Trained on verdicts its prompt states, the judge reads them back; trained on verdicts unrelated to the
+    prompt, it learns their prior, and ``verdict_fit`` says so (fit at the prior, no spread)."""
+    _, tok = load_scorer(str(tiny_dirs[1]))
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "yellow", "circle", "square", "triangle", "top", "left", "middle"]
+    stated = pl.DataFrame(
+        [
+            {"prompt": f"question : {' '.join(rng.choices(words, k=6))} candidate {v} verdict :", "verdict": v}
+            for _ in range(40)
+            for v in ("A", "B", "tie")
+        ]
+    ).with_columns((pl.lit(" ") + pl.col("verdict")).alias("completion"))
+    unrelated = stated.with_columns(
+        pl.Series("verdict", rng.choices(["A", "B", "tie"], weights=[1, 1, 2], k=stated.height))
+    ).with_columns((pl.lit(" ") + pl.col("verdict")).alias("completion"))
+    settings = TrainSettings(epochs=4, learning_rate=1e-2, batch_size=8)
+    fits = {}
+    for name, rows in (("stated", stated), ("unrelated", unrelated)):
+        train_r_scorer(str(tiny_dirs[1]), rows, str(tmp_path / name), settings)
+        fits[name] = verdict_fit(*load_scorer(str(tmp_path / name)), rows)
+    assert fits["stated"]["fit"] >= 0.95 and fits["stated"]["verdict_spread"] > 0.3, fits
+    assert fits["unrelated"]["fit"] <= fits["unrelated"]["prior_fit"] + 0.05, fits
+    assert fits["unrelated"]["verdict_spread"] < 0.1, fits
