@@ -46,7 +46,10 @@ def test_interrupted_file_write_keeps_the_old_version(store, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed between write and commit")
 
-    monkeypatch.setattr(store.fs, "mv", killed)
+    if store.is_local:  # killed after the bytes were written beside the key, before the rename onto it
+        monkeypatch.setattr("src_assets.storage.os.replace", killed)
+    else:  # killed during the PUT itself
+        monkeypatch.setattr(store.fs, "pipe_file", killed)
     with pytest.raises(KeyboardInterrupt):
         store.write_json("assets/a.json", {"v": 2})
     monkeypatch.undo()
@@ -351,3 +354,18 @@ def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_
     os.utime(tmp_path / "store" / key, (old, old))
     with store.acquire_lease(key, "run-new", ttl_s=60):
         assert store.read_json(key)["owner"] == "run-new"
+
+
+@pytest.mark.parametrize("name", ["candidate_pool.search_shard[prompts_0_8]", "a*b?c", "{x,y}"])
+def test_s3_keys_with_glob_characters_are_written_read_listed_and_deleted_as_they_are(s3_endpoint, tmp_path, name):
+    """A shard step's key holds brackets; s3fs reads [, *, ? and { as glob patterns in moves and removals, so no
+    store operation may pass a key through one."""
+    store = Store(f"s3://src-test/{tmp_path.name}", s3_endpoint_url=s3_endpoint)
+    key = f"assets/{name}/result.parquet"
+    store.write_table(key, pl.DataFrame({"x": [1, 2]}))
+    assert store.exists(key) and store.read_table(key)["x"].to_list() == [1, 2]
+    assert store.list("assets") == [key]  # no temporary file is left beside it
+    store.write_bytes(key, b"again")  # an overwrite
+    assert store.read_bytes(key) == b"again"
+    store.delete(f"assets/{name}")
+    assert not store.exists(key) and store.list("assets") == []
