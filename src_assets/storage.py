@@ -52,6 +52,9 @@ ENDPOINT_ENV = "SRC_S3_ENDPOINT_URL"
 
 
 LEASE_TTL_S = 300.0  # a lease whose heartbeat is older than this is abandoned (its holder died on another host)
+# No lease outlives its last heartbeat by more than this, whatever ttl_s its record states: a record written by hand
+# or by a broken writer (ttl_s=1e12) cannot block a store for good.
+MAX_LEASE_TTL_S = 3600.0
 
 
 MODEL_CARD = "README.md"
@@ -228,13 +231,17 @@ class Store:
             os.unlink(tmp)
 
     def _read_lease(self, key: str) -> dict | None:
+        """The lease record, None if there is none; an unreadable one is ``{"unreadable": <its first bytes>}``,
+        treated as abandoned once its file is older than the TTL."""
         try:
-            record = json.loads(self.fs.cat_file(self._path(key)))
+            data = self.fs.cat_file(self._path(key))
         except FileNotFoundError:
             return None
+        try:
+            record = json.loads(data)
         except ValueError:
-            return {}  # unreadable: treated as abandoned once its file is older than the TTL
-        return record if isinstance(record, dict) else {}
+            record = None
+        return record if isinstance(record, dict) else {"unreadable": data[:80].decode(errors="replace")}
 
     def acquire_lease(self, key: str, owner: str, ttl_s: float = LEASE_TTL_S, **about) -> "Lease":
         """The lease ``key`` for ``owner`` (a run id), or ``LeaseHeld`` naming the live holder.
@@ -266,14 +273,22 @@ class Store:
             if not self._abandoned(key, held):
                 acquired = _finite(held.get("acquired"))
                 if not held.get("owner") or acquired is None:
+                    content = held.get("unreadable", json.dumps(held, sort_keys=True)[:80])
                     raise LeaseHeld(
-                        f"{self.uri(key)} is unreadable or incomplete ({str(held)[:80]!r}); it counts as "
+                        f"{self.uri(key)} is unreadable or incomplete ({content!r}); it counts as "
                         f"held until its file is {LEASE_TTL_S:.0f} s old, or delete it if no run is writing"
                     )
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(acquired))
+                expiry = self._expiry(key, held)
+                expires = (
+                    f"it expires at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expiry))} unless its "
+                    f"holder's heartbeat renews it"
+                    if expiry is not None
+                    else "it expires once its holder's heartbeat stops"
+                )
                 raise LeaseHeld(
                     f"{self.uri(key)} is held by {held.get('owner', '?')} (host {held.get('host', '?')}, "
-                    f"pid {held.get('pid', '?')}, since {since})"
+                    f"pid {held.get('pid', '?')}, since {since}; {expires})"
                 )
             if self._read_lease(key) == held:  # nobody took it over between our two reads
                 self.delete(key)
@@ -289,15 +304,20 @@ class Store:
             and not process_alive(held["pid"])
         ):
             return True
+        expiry = self._expiry(key, held)
+        return expiry is not None and time.time() > expiry
+
+    def _expiry(self, key: str, held: dict) -> float | None:
+        """When a lease lapses unless renewed: its last heartbeat plus its TTL (at most ``MAX_LEASE_TTL_S``)."""
         ttl = _finite(held.get("ttl_s"))
-        ttl = ttl if ttl is not None and ttl > 0 else LEASE_TTL_S
+        ttl = min(ttl, MAX_LEASE_TTL_S) if ttl is not None and ttl > 0 else LEASE_TTL_S
         heartbeat = _finite(held.get("heartbeat"))
         if heartbeat is None or heartbeat > time.time() + 1:
             try:
                 heartbeat = self.fs.modified(self._path(key)).timestamp()
             except (FileNotFoundError, NotImplementedError, AttributeError):
-                return False
-        return time.time() - heartbeat > ttl
+                return None
+        return heartbeat + ttl
 
     # -- model directories ---------------------------------------------------
     def put_model(self, key: str, local_dir: str | Path) -> str:
@@ -413,7 +433,7 @@ class Lease:
 
     def _beat(self) -> None:
         held = self.store._read_lease(self.key)
-        if held and held.get("owner") != self.record["owner"]:
+        if held and "unreadable" not in held and held.get("owner") != self.record["owner"]:
             return  # another writer took it over (this holder was thought dead): never overwrite theirs
         self.store.write_json(self.key, {**self.record, "heartbeat": time.time()})
 

@@ -369,3 +369,26 @@ def test_s3_keys_with_glob_characters_are_written_read_listed_and_deleted_as_the
     assert store.read_bytes(key) == b"again"
     store.delete(f"assets/{name}")
     assert not store.exists(key) and store.list("assets") == []
+
+
+def test_a_held_lease_says_when_it_expires_and_no_record_holds_one_beyond_the_cap(tmp_path):
+    """A lease's expiry is its last heartbeat plus its TTL, capped at MAX_LEASE_TTL_S whatever its record says; the
+    refusal names the holder and that time, and an unreadable record is shown as it is."""
+    from src_assets.storage import MAX_LEASE_TTL_S, LeaseHeld
+
+    store = Store(str(tmp_path / "store"))
+    beat = time.time() - MAX_LEASE_TTL_S / 2
+    record = {"owner": "run-x", "host": "another-host", "pid": 1, "acquired": beat, "heartbeat": beat, "ttl_s": 1e12}
+    store.write_json("leases/a.json", record)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(beat + MAX_LEASE_TTL_S))
+    with pytest.raises(
+        LeaseHeld, match=rf"held by run-x \(host another-host, pid 1, since .*; it expires at {expires}"
+    ):
+        store.acquire_lease("leases/a.json", "run-new", ttl_s=60)
+    old = time.time() - MAX_LEASE_TTL_S - 1
+    store.write_json("leases/a.json", {**record, "acquired": old, "heartbeat": old})  # ttl_s 1e12, capped
+    with store.acquire_lease("leases/a.json", "run-new", ttl_s=60):
+        assert store.read_json("leases/a.json")["owner"] == "run-new"
+    store.write_bytes("leases/b.json", b"{'owner': garbage")
+    with pytest.raises(LeaseHeld, match=r"leases/b.json is unreadable or incomplete \(\"{'owner': garbage\"\)"):
+        store.acquire_lease("leases/b.json", "run-new", ttl_s=60)
