@@ -181,10 +181,13 @@ def settings_tag(config: dict) -> str:
 def run(args) -> int:
     import socket
 
+    from src_assets.storage import StoreError
+
     from . import launch
     from .resources import STORE_LEASE_OWNER_TAG, SettingsResource, StoreResource
 
     store = StoreResource(base_uri=args.store) if args.store else StoreResource()
+    store.store().check_writable()  # a store that cannot be written: one line (main), before anything runs
     try:
         overrides = _overrides(args.set)
         if args.fresh:
@@ -215,7 +218,7 @@ def run(args) -> int:
     release_dead_runs(instance, log)
     for pool, runs in pool_holders(instance).items():
         log(f"pool {pool!r} is held by run(s) {', '.join(r[:8] for r in runs)}: model steps wait for it")
-    from src_assets.storage import LeaseHeld, StoreError
+    from src_assets.storage import LeaseHeld
 
     from . import store_layout
 
@@ -550,7 +553,13 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="also write the JSON rows here")
     b.set_defaults(fn=bench_generation)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    from src_assets.storage import StoreError
+
+    try:
+        return args.fn(args)
+    except StoreError as e:  # a store that cannot be opened or written, an artefact missing: one line, its cause
+        print(f"src-calibrate: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

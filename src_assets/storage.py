@@ -82,7 +82,15 @@ class Store:
             options["skip_instance_cache"] = True
         elif self.is_local:
             base_uri = str(Path(base_uri.removeprefix("file://")).expanduser().resolve())
-        self.fs, root = fsspec.core.url_to_fs(base_uri, **options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(base_uri, **options)
+        except (ValueError, ImportError) as e:  # an unknown scheme, or one whose filesystem is not installed
+            raise StoreError(
+                f"cannot open the store {base_uri!r} ({e}); a store is a local directory, file://... or "
+                f"s3://bucket/prefix"
+            ) from None
+        if self.is_local and os.path.exists(root) and not os.path.isdir(root):
+            raise StoreError(f"the store {root} is a file, not a directory")
         self.root = root.rstrip("/")
         self.base_uri = base_uri.rstrip("/")
         default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "src_calibration" / "models"
@@ -90,6 +98,19 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.base_uri!r})"
+
+    def check_writable(self) -> None:
+        """Raises ``StoreError`` naming the cause when this store cannot be written: a local directory that cannot
+        be made or written, an object store that refuses the request (credentials, bucket, endpoint)."""
+        try:
+            if self.is_local:
+                os.makedirs(self.root, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=self.root, prefix=".tmp-check-"):
+                    pass
+            else:
+                self.fs.exists(self.root)
+        except Exception as e:  # OSError locally; s3fs and botocore raise their own types for credentials
+            raise StoreError(f"the store {self.base_uri} cannot be written: {type(e).__name__}: {e}") from None
 
     # -- paths ---------------------------------------------------------------
     def _path(self, key: str) -> str:

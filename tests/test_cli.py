@@ -366,3 +366,22 @@ def test_the_smoke_loop_completes_two_iterations_on_an_s3_store_with_sharded_ste
         assert store.read_table(f"assets/preference_set/{iteration}.parquet").height > 0
         assert store.current_model(f"models/policy_checkpoint/{iteration}")
     assert any("search_shard[" in key for key in store.list("runs"))  # the shard steps' own results, kept by run
+
+
+@pytest.mark.parametrize("kind", ["a file", "an unknown scheme"])
+def test_a_store_that_cannot_be_used_is_one_line_naming_it_in_every_command(kind, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    if kind == "a file":
+        (tmp_path / "store").write_text("not a directory")
+        uri, cause = str(tmp_path / "store"), f"the store {tmp_path / 'store'} is a file, not a directory"
+    else:
+        uri, cause = "foo://bucket/prefix", "cannot open the store 'foo://bucket/prefix' (Protocol not known: foo)"
+    commands = [
+        ["run", "--profile", "smoke", "--iterations", "0", "--store", uri],
+        ["evaluate", "--checkpoint", "foo://bucket/prefix/models/x", "--store", uri, "--n", "1"],
+        ["export", "--iteration", "1", "--out", str(tmp_path / "out"), "--store", uri],
+    ]
+    for command in commands:
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) <= 2 and cause in err[-1], (command, err)
