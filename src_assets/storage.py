@@ -100,17 +100,22 @@ class Store:
         return f"Store({self.base_uri!r})"
 
     def check_writable(self) -> None:
-        """Raises ``StoreError`` naming the cause when this store cannot be written: a local directory that cannot
-        be made or written, an object store that refuses the request (credentials, bucket, endpoint)."""
+        """Raises ``StoreError`` naming the cause when this store cannot be written, and writes nothing: a local
+        directory whose nearest existing folder is a file or not writable, an object store that refuses the request
+        (credentials, bucket, endpoint)."""
+        if self.is_local:
+            existing = Path(self.root)
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir():
+                raise StoreError(f"the store {self.root} cannot be made: {existing} is a file, not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise StoreError(f"the store {self.root} cannot be written: {existing} is not writable")
+            return
         try:
-            if self.is_local:
-                os.makedirs(self.root, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=self.root, prefix=".tmp-check-"):
-                    pass
-            else:
-                self.fs.exists(self.root)
-        except Exception as e:  # OSError locally; s3fs and botocore raise their own types for credentials
-            raise StoreError(f"the store {self.base_uri} cannot be written: {type(e).__name__}: {e}") from None
+            self.fs.exists(self.root)
+        except Exception as e:  # s3fs and botocore raise their own types for credentials and endpoints
+            raise StoreError(f"the store {self.base_uri} cannot be reached: {type(e).__name__}: {e}") from None
 
     # -- paths ---------------------------------------------------------------
     def _path(self, key: str) -> str:
