@@ -181,8 +181,6 @@ def settings_tag(config: dict) -> str:
 def run(args) -> int:
     import socket
 
-    from src_assets.storage import StoreError
-
     from . import launch
     from .resources import STORE_LEASE_OWNER_TAG, SettingsResource, StoreResource
 
@@ -235,12 +233,8 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 1
-    with lease:
-        try:
-            return _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log)
-        except StoreError as e:  # e.g. a CURRENT pointer written by hand: one line naming the path, no traceback
-            print(f"src-calibrate: error: {e}", file=sys.stderr)
-            return 1
+    with lease:  # a StoreError (e.g. a CURRENT pointer written by hand) is one line in main, after the release
+        return _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log)
 
 
 def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log) -> int:

@@ -245,7 +245,7 @@ def verdict_fit(model, tokenizer, judgements: pl.DataFrame, n: int = 256, seed: 
     - ``verdict_spread``: the standard deviation of ``P(A) - P(B)`` across prompts (near 0: the same verdict for all);
     - ``mean_p_a``, ``mean_p_b``, ``mean_p_tie``: the mean verdict distribution.
     """
-    rows = judgements.sample(min(n, judgements.height), seed=seed) if judgements.height > n else judgements
+    rows = judgements.sample(n, seed=seed) if judgements.height > n else judgements
     if rows.is_empty():
         return {}
     probs = verdict_probabilities(model, tokenizer, rows["prompt"].to_list())
