@@ -31,14 +31,25 @@ from .recovery import (
 
 
 def _instance():
+    """The Dagster instance in ``$DAGSTER_HOME``, made on first use with the repository's ``dagster.yaml``.
+
+    The first use of a fresh home creates its sqlite databases, and two processes doing that at once race: one fails
+    on a table the other just made, or both stamp the schema version and every later use fails on a version table
+    with two heads. So every command opens the instance holding a lock file in the home, one process at a time.
+    (A ``dagster-daemon`` or ``dagster dev`` takes no such lock: start them on a home a command has already used.)
+    """
+    import fcntl
+
     from dagster import DagsterInstance
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
-    shipped = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the repository's instance settings
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(shipped.read_text() if shipped.exists() else "")
-    return DagsterInstance.get()
+    with open(home / ".instance.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        shipped = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the repository's instance settings
+        if not (home / "dagster.yaml").exists():
+            (home / "dagster.yaml").write_text(shipped.read_text() if shipped.exists() else "")
+        return DagsterInstance.get()
 
 
 def _meta(result, asset: str) -> dict:

@@ -11,7 +11,8 @@ into one of these forms, all ending in the same recap (``answers : reference R A
 
 LABEL is ``verdict`` (the verifier's A / B / tie) or ``answer_is_reference`` (A when candidate A's answer equals
 the reference answer, else B: one comparison of two recap tokens). The judge's verdicts are then read back on 600
-of its own training rows (``verdict_fit``).
+of its own training rows (``verdict_fit``), and on 64 of them two links between training and read-out are
+measured: the read-out against a plain forward pass, and the verdict's loss in TRL's training batch.
 
     python docs/probes/judge_reading.py FORM LABEL EPOCHS OUT.json [LR [JUDGE_DIR]]
 
@@ -25,10 +26,17 @@ import tempfile
 import time
 
 import polars as pl
+import torch
 
 from src_assets.judge_corpus import contrast_judgements
 from src_assets.models import load_scorer
-from src_assets.r_scorer import JudgeConfig, train_r_scorer, verdict_fit
+from src_assets.r_scorer import (
+    JudgeConfig,
+    train_r_scorer,
+    verdict_continuations,
+    verdict_fit,
+    verdict_probabilities,
+)
 from src_assets.source_data import synthetic_source
 from src_assets.tiny_models import build_tiny_scorer
 from src_assets.training import TrainSettings
@@ -54,6 +62,37 @@ def rewrite(prompt: str) -> str:
     raise SystemExit(f"unknown form {form!r}: full, recap, lastN or filler")
 
 
+def read_out_links(model, tokenizer, rows) -> dict:
+    """On ``rows``: the largest gap between the pipeline's read-out (batched, prefix cache) and one plain forward
+    pass per prompt (single-token verdicts: the word-level tiny judge), and the verdict's own loss where TRL's
+    collated training batch puts it."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    prompts = rows["prompt"].to_list()
+    ids, tails = verdict_continuations(tokenizer, prompts)
+    with torch.no_grad():
+        plain = torch.stack(
+            [
+                model(input_ids=torch.tensor([i])).logits[0, -1].log_softmax(-1)[[t[0] for t in tail]]
+                for i, tail in zip(ids, tails)
+            ]
+        ).softmax(-1)
+        gap = (plain - verdict_probabilities(model, tokenizer, prompts)).abs().max().item()
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(output_dir=scratch, use_cpu=True, completion_only_loss=True, report_to=[]),
+            train_dataset=Dataset.from_dict({"prompt": prompts, "completion": rows["completion"].to_list()}),
+            processing_class=tokenizer,
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(prompts))])
+        logp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+        first = (batch["labels"] != -100).float().argmax(1)  # the verdict's position in each row
+        rows_ = torch.arange(len(prompts))
+        nll = -logp[rows_, first - 1, batch["labels"][rows_, first]].mean().item()
+    return {"read_out_vs_plain_forward_max_gap": gap, "verdict_loss_in_training_batch": nll}
+
+
 _, tokenizer = load_scorer(start)
 rows = contrast_judgements(synthetic_source(5, 0, 200, 0), tokenizer, JudgeConfig())
 if label == "answer_is_reference":
@@ -68,7 +107,9 @@ started = time.time()
 result = train_r_scorer(
     start, rows, f"{scratch}/judge", TrainSettings(epochs=epochs, learning_rate=lr, batch_size=32, warmup_steps=5)
 )
-fit = verdict_fit(*load_scorer(f"{scratch}/judge"), rows, n=600)
+judge, judge_tokenizer = load_scorer(f"{scratch}/judge")
+fit = verdict_fit(judge, judge_tokenizer, rows, n=600)
+links = read_out_links(judge, judge_tokenizer, rows.head(64))
 # The trainer's loss is the mean over the verdict token and the end-of-sequence token after it, which is learned
 # at once: the verdict's own loss is about twice the logged figure (ln 3 = 1.10 at chance for three verdicts).
 curve = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in result["log"] if "loss" in e]
@@ -82,6 +123,7 @@ report = {
     "steps": result["steps"],
     "train_s": round(time.time() - started),
     **fit,
+    **links,
     "loss_curve": curve,
 }
 print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}))
