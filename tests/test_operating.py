@@ -57,6 +57,8 @@ def dagster_ui(tmp_path_factory):
     home, store = root / "home", root / "store"
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    with DagsterInstance.from_config(str(home)):
+        pass  # the databases exist before the webserver and the daemon open them together (they race on a fresh home)
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
