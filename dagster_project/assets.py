@@ -52,7 +52,7 @@ from .versions import reads
     "max_image_pixels",
     "max_text_chars",
     "scorer_prompts",
-    stages=("source_data", "scenes"),
+    stages=("source_data", "source_files", "scenes"),
 )
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     """Every (image, question, answer) row: synthetic scenes, the files under the store's source prefix (Parquet,
@@ -219,7 +219,7 @@ def count_parameters(model_dir: Path) -> int:
     "tiny_scorer_architecture",
     "tiny",
     "seed",
-    stages=("tiny_models", "models"),
+    stages=("tiny_models", "models", "r_scorer"),
 )
 def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
     """The R-Scorer's judge LM before training: the tiny local LM, or the configured real model."""

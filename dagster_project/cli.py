@@ -18,6 +18,7 @@ from src_assets.fingerprints import digest as fingerprint
 from .experiments import VARIANTS, experiment
 from .generation_benchmark import bench_generation
 from .recovery import (
+    DATA_VERSION_TAG,
     RUN_HOST_TAG,
     RUN_PID_TAG,
     SETTINGS_TAG,
@@ -180,6 +181,17 @@ def _launch(args, instance, job, config: dict, tags: dict, log, partition_key=No
         return launch.execute(instance, job, config, tags, partition_key)
 
 
+def _iteration_code_versions(cfg) -> dict[str, str]:
+    """Each iteration asset's code version under ``cfg``: what a completed iteration must have been made with."""
+    from .definitions import all_assets
+    from .loop_assets import iteration_partitions
+    from .versions import code_version
+
+    return {
+        a.key.to_user_string(): code_version(a, cfg) for a in all_assets if a.partitions_def == iteration_partitions
+    }
+
+
 def settings_tag(config: dict) -> str:
     """The digest of the settings a run's assets read: those its run config builds, not those the CLI parsed."""
     from dataclasses import asdict
@@ -212,6 +224,7 @@ def run(args) -> int:
             f"start one (DAGSTER_HOME={instance.root_directory} dagster-daemon run -w workspace.yaml), or drop --submit"
         )
     jobs = _jobs(cfg, instance, args.verbose)
+    iteration_versions = _iteration_code_versions(cfg)
     config = launch.run_config(store, settings, None if args.verbose else {"step_lines": {}}, args.executor)
     digest = settings_tag(config)
     tags = {
@@ -245,10 +258,10 @@ def run(args) -> int:
         )
         return 1
     with lease:  # a StoreError (e.g. a CURRENT pointer written by hand) is one line in main, after the release
-        return _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log)
+        return _run_holding_the_store(args, store, jobs, config, instance, tags, digest, iteration_versions, log)
 
 
-def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, log) -> int:
+def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, iteration_versions, log) -> int:
     from .loop_assets import iteration_key, iteration_partitions
 
     log(f"data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
@@ -256,6 +269,10 @@ def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, lo
     if not _succeeded(result, log):
         return 1
     sft = _meta(result, "sft_eval")
+    foundation_data_versions = {
+        e.asset_key.to_user_string(): (e.materialization.tags or {}).get(DATA_VERSION_TAG)
+        for e in result.get_asset_materialization_events()
+    }
     start = _meta(result, "sft_checkpoint").get("model")
     rows = [
         {
@@ -269,7 +286,13 @@ def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, lo
     keys = [iteration_key(k) for k in range(1, args.iterations + 1)]
     instance.add_dynamic_partitions(iteration_partitions.name, keys)
     for key in keys:
-        done = None if args.fresh else completed_iteration(instance, store.store(), key, start, digest, log)
+        done = (
+            None
+            if args.fresh
+            else completed_iteration(
+                instance, store.store(), key, start, digest, iteration_versions, foundation_data_versions, log
+            )
+        )
         if done is not None:
             log(
                 f"iteration {key}: already complete with these settings (policy {done['checkpoint']}); --fresh recomputes it"

@@ -81,7 +81,7 @@ from .resources import IterationLeaseResource, SettingsResource, StoreResource
 from .tracking import log_pipeline_metrics, tracked
 from .train_worker import run_training
 from .training_log import DagsterLogCallback
-from .versions import reads, settings_digest
+from .versions import reads, reuse_digest
 
 iteration_partitions = DynamicPartitionsDefinition(name="iteration")
 GPU_POOL = "gpu"  # every asset that runs a model shares this concurrency pool
@@ -200,7 +200,7 @@ BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy",
     "max_objects",
     "eval_max_new_tokens",
     "min_base_exact_listing",
-    stages=("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier"),
+    stages=("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier", "fingerprints"),
 )
 def base_policy_model(
     context: AssetExecutionContext,
@@ -232,7 +232,7 @@ def base_policy_model(
         return
     fingerprint = digest(
         _tiny_recipe(cfg, cfg.tiny_policy_architecture),
-        settings_digest("base_policy_model", cfg),
+        reuse_digest("base_policy_model", cfg),
         table_digest(perception_corpus),
     )
     found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
@@ -321,7 +321,7 @@ def base_policy_model(
     "sft_batch_size",
     "sft_args",
     "training",
-    stages=("rationale_sft", "training", "models"),
+    stages=("rationale_sft", "training", "models", "evaluation", "model_card", "fingerprints"),
 )
 def sft_checkpoint(
     context: AssetExecutionContext,
@@ -333,7 +333,7 @@ def sft_checkpoint(
     """Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer)."""
     cfg, s = settings.config(), store.store()
     fingerprint = digest(
-        _model_recipe(base_policy_model), settings_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set)
+        _model_recipe(base_policy_model), reuse_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set)
     )
     found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
     if found is not None:
@@ -394,7 +394,7 @@ def sft_checkpoint(
     "training",
     "judge",
     "search",
-    stages=("r_scorer", "candidate_search", "generation", "training", "verifier"),
+    stages=("r_scorer", "judge_corpus", "source_data", "candidate_search", "generation", "training", "verifier"),
 )
 def r_scorer_checkpoint(
     context: AssetExecutionContext,
@@ -421,7 +421,7 @@ def r_scorer_checkpoint(
     fingerprint = digest(
         sft_checkpoint,
         base_judge,
-        settings_digest("r_scorer_checkpoint", cfg),
+        reuse_digest("r_scorer_checkpoint", cfg),
         table_digest(prompts),
         table_digest(vqa_source.filter(pl.col("split") == "sft")),
         table_digest(judgement_tables),
@@ -509,7 +509,7 @@ def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg
     "anatomy_samples",
     "anatomy_temperature",
     "seed",
-    stages=("evaluation", "generation", "verifier"),
+    stages=("evaluation", "generation", "verifier", "models", "model_card"),
 )
 def sft_eval(
     context: AssetExecutionContext,
@@ -760,7 +760,13 @@ def join_candidates(context: OpExecutionContext, shards: list, calibration_promp
         )
     ],
 )
-@reads("search", "runtime", "seed", "shards", stages=("candidate_search", "generation"))
+@reads(
+    "search",
+    "runtime",
+    "seed",
+    "shards",
+    stages=("candidate_search", "vllm_search", "generation", "models", "processors"),
+)
 def candidate_pool(calibration_prompts: pl.DataFrame, start_policy: str):
     """K distinct complete responses per prompt from the start policy, by sentence-level beam search, in shards."""
     shards = plan_shards(calibration_prompts).map(lambda shard: search_shard(calibration_prompts, start_policy, shard))
@@ -877,7 +883,7 @@ def pairwise_scores(candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFr
         ),
     ],
 )
-@reads("curation", "select_by", stages=("preference", "verifier"))
+@reads("curation", "select_by", stages=("preference", "verifier", "evaluation"))
 def preference_set(
     context: AssetExecutionContext,
     pairwise_scores: pl.DataFrame,
@@ -949,7 +955,7 @@ def preference_set(
     "weighted_dpo",
     "use_fused_dpo_kernel",
     "policy_update",
-    stages=("weighted_dpo", "training"),
+    stages=("weighted_dpo", "training", "evaluation", "model_card"),
 )
 def policy_checkpoint(
     context: AssetExecutionContext,
@@ -1071,7 +1077,7 @@ def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.Da
     "anatomy_temperature",
     "regression_tolerance",
     "seed",
-    stages=("evaluation", "generation", "r_scorer", "verifier"),
+    stages=("evaluation", "generation", "r_scorer", "verifier", "model_card"),
 )
 def iteration_eval(
     context: AssetExecutionContext,

@@ -13,27 +13,46 @@ the fields every model stage or every training shares). From the declaration com
 - the asset's ``code_version``: ``code-<digest of its code and stage modules>.settings-<digest of what it
   reads>``. Dagster marks an asset stale when its code version differs from the one recorded at its last
   materialization, so changing ``tau`` marks ``preference_set`` (and what follows it) stale and nothing upstream;
-- the reuse fingerprint of a trained model (``settings_digest``): a model trained earlier from the same inputs
-  and the same declared settings is reused rather than retrained.
+- the reuse fingerprint of a trained model (``reuse_digest``): a model trained earlier from the same inputs, the
+  same code and the same declared settings is reused rather than retrained.
+
+"Its code" is traced, not trusted: the asset's function, every ``dagster_project`` function, class or op its body
+names (followed through their bodies in turn), and the declared stage modules with every ``src_assets`` and
+``kernels`` module they import, anywhere in their source. A body that names a ``src_assets`` or ``kernels`` module
+(or something defined in one) that the declared stages do not import is an error as the definitions load, so the
+declaration cannot miss a module the asset runs. Sources are compared as syntax trees: an edit to a comment or to
+the layout changes no version. ``storage`` and ``progress`` move bytes and report progress, and change nothing an
+asset computes, so they need no declaration and are not part of any version.
 
 The Definitions carry the versions of the settings in the environment (``SRC_PROFILE``, what ``dagster dev``
 materializes with); ``src-calibrate run`` stamps its own settings on the assets it runs.
 """
 
+import ast
+import importlib
+import importlib.util
 import inspect
+import sys
+import textwrap
+import types
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 
 from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, SRCConfig, setting_names
 from src_assets.fingerprints import digest
 
-_SRC = Path(__file__).resolve().parents[1] / "src_assets"
+_ROOT = Path(__file__).resolve().parents[1]
+_SRC = _ROOT / "src_assets"
+_METHOD_PACKAGES = ("src_assets", "kernels")  # the method's code: what versions follow
+_NOT_VERSIONED = ("src_assets.storage", "src_assets.progress")  # bytes and progress, never what is computed
 
 
 @dataclass(frozen=True)
 class Reads:
     settings: tuple[str, ...]
     stages: tuple[str, ...]
+    function: types.FunctionType | None = None  # the decorated function: where tracing its code starts
 
 
 READS: dict[str, Reads] = {}  # asset name -> what it reads, filled by @reads as the asset modules are imported
@@ -45,11 +64,11 @@ def reads(*settings: str, stages: tuple[str, ...] = ()):
         if name not in SETTING_GROUPS and name not in SETTING_BUNDLES and name not in setting_names():
             raise ValueError(f"@reads names {name!r}, which is no setting, settings group or bundle")
     for module in stages:
-        if not (_SRC / f"{module}.py").is_file():
-            raise ValueError(f"@reads names the stage module {module!r}, which src_assets does not have")
+        if _module_file(_stage_module(module)) is None:
+            raise ValueError(f"@reads names the stage module {module!r}, which src_assets and kernels do not have")
 
     def declare(fn):
-        READS[fn.__name__] = Reads(tuple(settings), tuple(stages))
+        READS[fn.__name__] = Reads(tuple(settings), tuple(stages), fn)
         return fn
 
     return declare
@@ -81,14 +100,125 @@ def asset_functions(asset) -> list:
     return [op.compute_fn.decorated_fn for op in ops]
 
 
-def code_version(asset, cfg: SRCConfig) -> str:
-    """``asset``'s version under ``cfg``: its own function's source and its stage modules', then its settings."""
-    name = asset.key.to_user_string()
+def _stage_module(name: str) -> str:
+    """A stage as @reads names it (``weighted_dpo``, or ``kernels.dpo``) as a module name."""
+    return name if name.split(".")[0] in _METHOD_PACKAGES else f"src_assets.{name}"
+
+
+def _module_file(module: str) -> Path | None:
+    path = _ROOT.joinpath(*module.split("."))
+    for file in (path.with_suffix(".py"), path / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def _tree(source: str) -> str:
+    """Source as its syntax tree: comments and layout do not count."""
+    return ast.dump(ast.parse(textwrap.dedent(source)))
+
+
+def _imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """The modules of the method's packages that the import statements anywhere in ``tree`` name (a function's
+    imports included), ``package`` resolving relative ones."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([base] if base else [])])
+            # ``from src_assets import scenes`` names a module; ``from .scenes import X`` names one through its base.
+            candidates = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {m for m in candidates if m.split(".")[0] in _METHOD_PACKAGES and _module_file(m) is not None}
+    return found
+
+
+@cache
+def _module_closure(module: str) -> frozenset[str]:
+    """``module`` and every method module it imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += _imported_modules(
+            ast.parse(_module_file(m).read_text()), m if _module_file(m).name == "__init__.py" else m.rpartition(".")[0]
+        )
+    return frozenset(seen)
+
+
+def _traced(functions) -> tuple[list[str], set[str]]:
+    """The syntax trees of ``functions`` and of every ``dagster_project`` function, class or op their bodies name
+    (followed in turn), and the method modules those bodies name (a module, or a function or class defined in one).
+    Only bodies count: a parameter's annotation (``store: StoreResource``) is not code the asset runs."""
+    trees, modules, seen, todo = [], set(), set(), list(functions)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+        trees.append(ast.dump(tree))
+        definition = tree.body[0]
+        body = definition.body
+        scope = vars(sys.modules[obj.__module__])
+        package = obj.__module__.rpartition(".")[0]
+        names = {n.id for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+        referenced = [scope[n] for n in sorted(names) if n in scope]
+        for stmt in body:
+            for node in ast.walk(stmt):
+                if isinstance(node, ast.ImportFrom):  # a function's own imports: what each imported name is
+                    source = "." * node.level + (node.module or "")
+                    base = importlib.import_module(
+                        importlib.util.resolve_name(source, package) if node.level else source
+                    )
+                    referenced += [getattr(base, a.name, None) for a in node.names]
+                    modules |= _imported_modules(node, package)
+        for ref in referenced:
+            op_fn = getattr(getattr(ref, "compute_fn", None), "decorated_fn", None)  # an @op's function
+            owner = ref.__name__ if inspect.ismodule(ref) else getattr(ref, "__module__", None) or ""
+            if op_fn is not None:
+                todo.append(op_fn)
+            elif owner.split(".")[0] in _METHOD_PACKAGES and _module_file(owner) is not None:
+                modules.add(owner)
+            elif owner.startswith("dagster_project.") and (inspect.isfunction(ref) or inspect.isclass(ref)):
+                todo.append(ref)
+    return sorted(trees), modules - set(_NOT_VERSIONED)  # sorted: the order of a walk is no part of the code
+
+
+@cache  # sources do not change under a running process
+def code_digest(name: str) -> str:
+    """The digest of the code that asset ``name`` runs, traced from the function its @reads decorates (see the
+    module docstring). Raises when that code names a method module that its declared stages do not import."""
     if name not in READS:
         raise KeyError(f"asset {name!r} declares nothing it reads; put @reads(...) under its @asset")
-    sources = [inspect.getsource(fn) for fn in asset_functions(asset)]
-    sources += [(_SRC / f"{m}.py").read_text() for m in READS[name].stages]
-    return f"code-{digest(*sources)[:8]}.settings-{settings_digest(name, cfg)[:8]}"
+    declared = set().union(*(_module_closure(_stage_module(m)) for m in READS[name].stages))
+    trees, named = _traced([READS[name].function])
+    undeclared = named - declared
+    if undeclared:
+        raise ValueError(
+            f"asset {name!r} runs {', '.join(sorted(undeclared))} without declaring it: add it to the stages of "
+            f"its @reads"
+        )
+    modules = sorted(declared - set(_NOT_VERSIONED))
+    return digest(*trees, *(_tree(_module_file(m).read_text()) for m in modules))
+
+
+def reuse_digest(name: str, cfg: SRCConfig) -> str:
+    """What a model's reuse is keyed by, besides its inputs: the code that trains it and the settings it reads."""
+    return digest(code_digest(name), settings_digest(name, cfg))
+
+
+def code_version(asset, cfg: SRCConfig) -> str:
+    """``asset``'s version under ``cfg``: the code it runs, then its settings."""
+    name = asset.key.to_user_string()
+    return f"code-{code_digest(name)[:8]}.settings-{settings_digest(name, cfg)[:8]}"
 
 
 def with_code_versions(assets: list, cfg: SRCConfig) -> list:

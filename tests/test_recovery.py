@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from src_assets.storage import Store
 
 
@@ -187,7 +189,7 @@ def test_a_pool_holder_killed_while_a_run_waits_frees_the_slot_and_a_waiting_run
         os.kill(waiting.pid, signal.SIGTERM)
         _, err = waiting.communicate(timeout=30)
         assert waiting.returncode == 130, err[-2000:]
-        assert "interrupted while waiting on a pool" in err and "nothing written" in err
+        assert "interrupted while the run waited on a pool" in err and "leases released" in err
         assert not (tmp_path / "store" / "leases" / "store_run.json").exists()  # its store lease is released
 
         # Killed (kill -9 leaves its slot taken) while a second run waits: the waiting run frees it and goes on.
@@ -221,3 +223,43 @@ def test_two_stores_under_one_dagster_home_each_reuse_their_own_iterations(tmp_p
     assert json.loads(runs[2].stdout)[1]["checkpoint"] == json.loads(runs[0].stdout)[1]["checkpoint"]
     for name in ("x", "y"):
         assert len(_versions(tmp_path / name / "models", "policy_checkpoint/001")) == 1
+
+
+@pytest.mark.parametrize(
+    "during, after_line",
+    [
+        ("candidate search", "calibration_prompts"),
+        ("judging", "candidate_pool.join_candidates"),
+        ("weighted DPO training", "preference_set"),
+    ],
+)
+def test_sigterm_at_any_step_ends_the_run_within_30_s_marked_failed_with_its_leases_released(
+    tmp_path, during, after_line
+):
+    """A SIGTERM lands while a step's code runs. Inside a step Dagster raises it wherever the code is, and code
+    that catches every exception (SQLAlchemy closing a connection, during candidate search) swallowed it: the run
+    went on to its end and exited 0. Now the command ends within 30 s, non-zero, its run failed, its leases free."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    # Large enough that each of these steps runs for many seconds (on 2 cores: search ~20 s, judging ~50 s, DPO ~25 s).
+    sizes = ["--set", "n_calibrate=2100", "--set", "prompts_per_iteration=2000", "--set", "k=6"]
+    command, env = _cli(tmp_path, "--iterations", "1", *sizes)
+    running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_line(running, after_line)
+        time.sleep(2)  # into the next step
+        assert running.poll() is None, f"the run ended before {during}"
+        running.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = running.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        running.kill()
+    assert running.returncode == 130 and took < 30, (running.returncode, round(took, 1), err[-2000:])
+    said = err.rpartition("src-calibrate: interrupted")[2]  # a progress bar's line may hold its start
+    assert said and said.strip().endswith("leases released"), err[-2000:]
+    assert not (tmp_path / "store" / "leases" / "store_run.json").exists()
+    assert not list((tmp_path / "store" / "leases" / "iteration").glob("*.json"))
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        iteration = [r for r in instance.get_runs() if r.job_name == "src_iteration"]
+        assert [r.status for r in iteration] == [DagsterRunStatus.FAILURE]
