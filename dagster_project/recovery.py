@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -115,7 +114,7 @@ class RunWatchdog:
             for fd in self._signals:
                 os.close(fd)
         if self.interrupted_at is not None:
-            self._end("interrupted; the run ended, and no other starts", mark_failed=False)
+            self._end("interrupted; the run ended, and no other starts")
         os.close(self._stderr)
 
     def _take_signals(self) -> None:
@@ -150,13 +149,11 @@ class RunWatchdog:
                 except Exception as e:  # a busy instance database: the next round tries again
                     self.log(f"warning: could not check for dead runs ({type(e).__name__}: {e})")
 
-    def _end(self, why: str, mark_failed: bool = True) -> None:
-        mine = []
-        if mark_failed:
-            mine = [r for r in _live_runs_of_this_host(self.instance) if r.tags.get(RUN_PID_TAG) == str(os.getpid())]
-            for run in mine:
-                self.instance.report_run_failed(run, message=f"src-calibrate was interrupted: {why}")
-                self.instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    def _end(self, why: str) -> None:
+        mine = [r for r in _live_runs_of_this_host(self.instance) if r.tags.get(RUN_PID_TAG) == str(os.getpid())]
+        for run in mine:  # none when the run has ended by itself
+            self.instance.report_run_failed(run, message=f"src-calibrate was interrupted: {why}")
+            self.instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         Lease.release_all()
         failed = f"; run(s) {', '.join(r.run_id[:8] for r in mine)} marked failed" if mine else ""
         os.write(self._stderr, f"\nsrc-calibrate: {why}{failed}; leases released\n".encode())

@@ -43,7 +43,6 @@ from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, SRCConfig, settin
 from src_assets.fingerprints import digest
 
 _ROOT = Path(__file__).resolve().parents[1]
-_SRC = _ROOT / "src_assets"
 _METHOD_PACKAGES = ("src_assets", "kernels")  # the method's code: what versions follow
 _NOT_VERSIONED = ("src_assets.storage", "src_assets.progress")  # bytes and progress, never what is computed
 
@@ -118,6 +117,11 @@ def _tree(source: str) -> str:
     return ast.dump(ast.parse(textwrap.dedent(source)))
 
 
+def _import_base(node: ast.ImportFrom, package: str) -> str:
+    """The module a ``from ... import`` statement imports from, a relative one resolved against ``package``."""
+    return importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module
+
+
 def _imported_modules(tree: ast.AST, package: str) -> set[str]:
     """The modules of the method's packages that the import statements anywhere in ``tree`` name (a function's
     imports included), ``package`` resolving relative ones."""
@@ -126,10 +130,7 @@ def _imported_modules(tree: ast.AST, package: str) -> set[str]:
         if isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parts, *([base] if base else [])])
+            base = _import_base(node, package)
             # ``from src_assets import scenes`` names a module; ``from .scenes import X`` names one through its base.
             candidates = [base, *(f"{base}.{a.name}" for a in node.names)]
         else:
@@ -147,8 +148,9 @@ def _module_closure(module: str) -> frozenset[str]:
         if m in seen:
             continue
         seen.add(m)
+        file = _module_file(m)
         todo += _imported_modules(
-            ast.parse(_module_file(m).read_text()), m if _module_file(m).name == "__init__.py" else m.rpartition(".")[0]
+            ast.parse(file.read_text()), m if file.name == "__init__.py" else m.rpartition(".")[0]
         )
     return frozenset(seen)
 
@@ -165,8 +167,7 @@ def _traced(functions) -> tuple[list[str], set[str]]:
         seen.add(id(obj))
         tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
         trees.append(ast.dump(tree))
-        definition = tree.body[0]
-        body = definition.body
+        body = tree.body[0].body  # the function's or class's own statements
         scope = vars(sys.modules[obj.__module__])
         package = obj.__module__.rpartition(".")[0]
         names = {n.id for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)}
@@ -174,10 +175,7 @@ def _traced(functions) -> tuple[list[str], set[str]]:
         for stmt in body:
             for node in ast.walk(stmt):
                 if isinstance(node, ast.ImportFrom):  # a function's own imports: what each imported name is
-                    source = "." * node.level + (node.module or "")
-                    base = importlib.import_module(
-                        importlib.util.resolve_name(source, package) if node.level else source
-                    )
+                    base = importlib.import_module(_import_base(node, package))
                     referenced += [getattr(base, a.name, None) for a in node.names]
                     modules |= _imported_modules(node, package)
         for ref in referenced:
