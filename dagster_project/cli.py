@@ -342,6 +342,7 @@ def evaluate(args) -> int:
             f"--n must be >= 1, --samples >= 0 and --temperature > 0 (got {args.n}, {args.samples}, {args.temperature})"
         )
     store = Store(args.store) if args.store else Store()
+    store.check_reachable()
     if args.data:
         return _evaluate_on_data(args, store)
     if args.against or args.set:
@@ -372,7 +373,12 @@ def evaluate(args) -> int:
 
 
 def _model_dir(store, reference: str) -> str:
-    return store.local_model_dir(reference) if "://" in reference or Path(reference).is_dir() else reference
+    """A checkpoint as a local model directory: a stored version (checked against its manifest), a model asset's
+    folder (its current version), or your own model directory; a hub id, or a path that does not exist, is left
+    for ``load_policy`` to load or to name."""
+    if "://" not in reference and not Path(reference).is_dir():
+        return reference
+    return store.local_model_dir(store.current_version(reference))
 
 
 def _evaluate_on_data(args, store) -> int:
@@ -425,6 +431,7 @@ def export(args) -> int:
     if args.iteration < 1:
         return _usage_error(f"--iteration must be >= 1 (got {args.iteration})")
     store = Store(args.store) if args.store else Store()
+    store.check_reachable()
     key = store_layout.asset_table("preference_set", iteration_key(args.iteration))
     if not store.exists(key):
         return _usage_error(f"{store.uri(key)} does not exist: iteration {args.iteration} has no preference set")
@@ -581,11 +588,12 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="also write the JSON rows here")
     b.set_defaults(fn=bench_generation)
     args = parser.parse_args(argv)
+    from src_assets.models import ModelLoadError
     from src_assets.storage import StoreError
 
     try:
         return args.fn(args)
-    except StoreError as e:  # a store that cannot be opened or written, an artefact missing: one line, its cause
+    except (StoreError, ModelLoadError) as e:  # a store or a checkpoint that cannot be used: one line, its cause
         print(f"src-calibrate: error: {e}", file=sys.stderr)
         return 1
 

@@ -68,6 +68,13 @@ class LeaseHeld(StoreError):
     """Another live writer holds the lease; the message names it (run, host, pid, since when)."""
 
 
+def _credentials_hint(error: Exception) -> str:
+    """Where s3fs looks for credentials, after an error that says they are missing or refused."""
+    if isinstance(error, PermissionError) or "Credentials" in type(error).__name__:
+        return " (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)"
+    return ""
+
+
 class Store:
     def __init__(self, base_uri: str | None = None, s3_endpoint_url: str | None = None, cache_dir: str | None = None):
         base_uri = base_uri or os.environ.get(STORE_ENV) or DEFAULT_STORE
@@ -101,21 +108,32 @@ class Store:
 
     def check_writable(self) -> None:
         """Raises ``StoreError`` naming the cause when this store cannot be written, and writes nothing: a local
-        directory whose nearest existing folder is a file or not writable, an object store that refuses the request
-        (credentials, bucket, endpoint)."""
+        directory whose nearest existing folder is a file or not writable, or an object store that cannot be
+        reached (see ``check_reachable``)."""
+        if not self.is_local:
+            return self.check_reachable()
+        existing = Path(self.root)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StoreError(f"the store {self.root} cannot be made: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreError(f"the store {self.root} cannot be written: {existing} is not writable")
+
+    def check_reachable(self) -> None:
+        """Raises ``StoreError`` naming the cause when an object store refuses a read: missing or refused
+        credentials, an endpoint that does not answer, a bucket that does not exist. A local store passes."""
         if self.is_local:
-            existing = Path(self.root)
-            while not existing.exists():
-                existing = existing.parent
-            if not existing.is_dir():
-                raise StoreError(f"the store {self.root} cannot be made: {existing} is a file, not a directory")
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise StoreError(f"the store {self.root} cannot be written: {existing} is not writable")
             return
         try:
-            self.fs.exists(self.root)
+            self.fs.exists(f"{self.root}/runs")  # a key, not a bare bucket, so that credential errors are raised
         except Exception as e:  # s3fs and botocore raise their own types for credentials and endpoints
-            raise StoreError(f"the store {self.base_uri} cannot be reached: {type(e).__name__}: {e}") from None
+            raise StoreError(
+                f"the store {self.base_uri} cannot be used: {type(e).__name__}: {e}{_credentials_hint(e)}"
+            ) from None
+        bucket = self.root.split("/", 1)[0]
+        if not self.fs.exists(bucket):
+            raise StoreError(f"the store {self.base_uri} cannot be used: its bucket {bucket!r} does not exist")
 
     # -- paths ---------------------------------------------------------------
     def _path(self, key: str) -> str:
@@ -243,6 +261,10 @@ class Store:
                 return True
             except FileExistsError:
                 return False
+            except OSError as e:  # a bucket that is gone, credentials that may read but not write
+                raise StoreError(
+                    f"{self.uri(key)} cannot be written: {type(e).__name__}: {e}{_credentials_hint(e)}"
+                ) from None
         parent = path.rsplit("/", 1)[0]
         os.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
@@ -382,11 +404,38 @@ class Store:
             raise StoreError(f"{self.uri(key + '/CURRENT')} does not name a version: {str(pointer)[:80]!r}")
         return self.uri(f"{key}/versions/{pointer['version']}")
 
-    def _manifest(self, path: str, uri: str) -> dict:
-        """A stored version's manifest, or StoreError: without one the version was never completed."""
+    def _filesystem_of(self, uri: str):
+        """The filesystem and path of ``uri``: this store's own for its scheme, else one opened for the URI."""
+        if "://" not in uri:
+            return fsspec.filesystem("file"), uri
+        if uri.split("://", 1)[0] == self.base_uri.split("://", 1)[0]:
+            return self.fs, uri.split("://", 1)[1]
         try:
-            files = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))["files"]
+            return fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as e:
+            raise StoreError(f"cannot open {uri!r} ({e})") from None
+
+    def current_version(self, reference: str) -> str:
+        """``reference`` itself, or, when it is a model asset's folder (one holding ``CURRENT``), the URI of its
+        current version: ``evaluate --checkpoint .src_store/models/sft_checkpoint`` means the current SFT."""
+        fs, path = self._filesystem_of(reference)
+        path = path.rstrip("/")
+        if not fs.isfile(f"{path}/CURRENT"):
+            return reference
+        try:
+            version = json.loads(fs.cat_file(f"{path}/CURRENT"))["version"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{reference.rstrip('/')}/CURRENT does not name a version ({e})") from None
+        return f"{reference.rstrip('/')}/versions/{version}"
+
+    def _manifest(self, path: str, uri: str, fs=None) -> dict:
+        """A stored version's manifest, or StoreError: without one the version was never completed."""
+        fs = fs or self.fs
+        try:
+            files = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"]
         except FileNotFoundError as e:
+            if not fs.exists(path):
+                raise StoreError(f"{uri} does not exist") from None
             raise StoreError(f"{uri} has no {MANIFEST}: its upload never completed, so it is not used") from e
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{uri}/{MANIFEST} is unreadable ({e})") from e
@@ -405,8 +454,8 @@ class Store:
             if Path(uri).resolve().parent.name == "versions":
                 _check_files(Path(uri), self._manifest(uri, uri), uri)
             return uri
-        path = uri.split("://", 1)[1]
-        files = self._manifest(path, uri)
+        fs, path = self._filesystem_of(uri)
+        files = self._manifest(path, uri, fs)
         local = self.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
         if local.is_dir():
             try:
@@ -420,7 +469,7 @@ class Store:
         try:
             for name in files:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(f"{path}/{name}", str(tmp / name))
+                fs.get_file(f"{path}/{name}", str(tmp / name))
             _check_files(tmp, files, uri)
             (tmp / MANIFEST).write_text(json.dumps({"files": files}))
             tmp.rename(local)

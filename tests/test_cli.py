@@ -368,20 +368,115 @@ def test_the_smoke_loop_completes_two_iterations_on_an_s3_store_with_sharded_ste
     assert any("search_shard[" in key for key in store.list("runs"))  # the shard steps' own results, kept by run
 
 
-@pytest.mark.parametrize("kind", ["a file", "an unknown scheme"])
-def test_a_store_that_cannot_be_used_is_one_line_naming_it_in_every_command(kind, tmp_path, monkeypatch, capsys):
+def _s3_reader(endpoint: str) -> dict:
+    """Credentials of a user of the local S3 server who may read and list, but not write."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint)
+    iam.create_user(UserName="reader")
+    only_reads = {"Effect": "Allow", "Action": ["s3:Get*", "s3:List*"], "Resource": "*"}
+    iam.put_user_policy(
+        UserName="reader",
+        PolicyName="read-only",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [only_reads]}),
+    )
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+STORE_CASES = [
+    "a file",
+    "an unknown scheme",
+    "a read-only directory",
+    "no S3 credentials",
+    "refused S3 credentials",
+    "read-only S3 credentials",
+    "a missing bucket",
+    "an S3 endpoint that does not answer",
+]
+
+
+@pytest.mark.parametrize("kind", STORE_CASES)
+def test_a_store_that_cannot_be_used_is_one_line_naming_it_in_every_command(
+    kind, s3_endpoint, tmp_path, monkeypatch, capsys
+):
+    """Each bad store or credential case, through run, evaluate and export: at most two lines on stderr, the last
+    naming the cause, no traceback, and no secret."""
+    from moto import settings as moto_settings
+
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SRC_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup off this machine
+    uri, secrets = f"s3://src-test/{tmp_path.name}", []
     if kind == "a file":
         (tmp_path / "store").write_text("not a directory")
         uri, cause = str(tmp_path / "store"), f"the store {tmp_path / 'store'} is a file, not a directory"
-    else:
+    elif kind == "an unknown scheme":
         uri, cause = "foo://bucket/prefix", "cannot open the store 'foo://bucket/prefix' (Protocol not known: foo)"
+    elif kind == "a read-only directory":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to a read-only directory")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        uri, cause = str(tmp_path / "ro" / "store"), f"cannot be written: {tmp_path / 'ro'} is not writable"
+    elif kind == "no S3 credentials":
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        cause = "NoCredentialsError: Unable to locate credentials (credentials come from AWS_ACCESS_KEY_ID"
+    elif kind == "refused S3 credentials":
+        secrets = ["wrong-secret-9f3a7c"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets[0])
+        monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks credentials
+        cause = "PermissionError: Forbidden (credentials come from AWS_ACCESS_KEY_ID"
+    elif kind == "read-only S3 credentials":
+        reader = _s3_reader(s3_endpoint)
+        secrets = [reader["AWS_SECRET_ACCESS_KEY"]]
+        for name, value in reader.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        cause = "PermissionError: Forbidden (credentials come from AWS_ACCESS_KEY_ID"
+    elif kind == "a missing bucket":
+        uri, cause = "s3://no-such-bucket/prefix", "its bucket 'no-such-bucket' does not exist"
+    else:
+        monkeypatch.setenv("SRC_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+        cause = 'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:9/'
     commands = [
         ["run", "--profile", "smoke", "--iterations", "0", "--store", uri],
-        ["evaluate", "--checkpoint", "foo://bucket/prefix/models/x", "--store", uri, "--n", "1"],
+        ["evaluate", "--checkpoint", f"{uri}/models/policy_checkpoint/001", "--store", uri, "--n", "1"],
         ["export", "--iteration", "1", "--out", str(tmp_path / "out"), "--store", uri],
     ]
     for command in commands:
         assert main(command) == 1
-        err = capsys.readouterr().err.strip().splitlines()
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
         assert len(err) <= 2 and cause in err[-1], (command, err)
+        assert "Traceback" not in captured.err
+        assert not [s for s in secrets if s in captured.err + captured.out]
+
+
+def test_evaluate_names_what_is_wrong_with_a_checkpoint_and_takes_a_model_folder_as_its_current_version(
+    tiny_dirs, tmp_path, monkeypatch, capsys
+):
+    from src_assets.storage import MANIFEST, Store
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    store = Store(str(tmp_path / "store"))
+    version = store.put_model("models/sft_checkpoint", tiny_dirs[0])
+    unfinished = store.put_model("models/unfinished", tiny_dirs[0])
+    os.remove(f"{unfinished}/{MANIFEST}")
+    cases = {
+        "foo://bucket/models/x": "cannot open 'foo://bucket/models/x' (Protocol not known: foo)",
+        f"{tmp_path}/store/models/x/versions/v1": f"model directory '{tmp_path}/store/models/x/versions/v1' does not exist",
+        unfinished: f"{unfinished} has no {MANIFEST}: its upload never completed, so it is not used",
+        f"{tmp_path}/store/models/unfinished": f"{unfinished} has no {MANIFEST}: its upload never completed",
+    }
+    for checkpoint, cause in cases.items():
+        assert main(["evaluate", "--checkpoint", checkpoint, "--store", str(tmp_path / "store"), "--n", "1"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("src-calibrate: error: ") and cause in err[0], (checkpoint, err)
+    folder = f"{tmp_path}/store/models/sft_checkpoint"
+    assert main(["evaluate", "--checkpoint", folder, "--store", str(tmp_path / "store"), "--n", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert store.current_version(folder) == version

@@ -31,7 +31,6 @@ from src_assets.training import TrainSettings
 from src_assets.verifier import (
     judge_agreement,
     quality,
-    response_quality,
     verifier_matrices,
     verifier_verdict,
     verify,
