@@ -6,6 +6,7 @@ The runs land in ``$DAGSTER_HOME`` (default ``./.dagster_home``), so
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -62,18 +63,26 @@ def _meta(result, asset: str) -> dict:
 
 def _innermost(error) -> str:
     """Dagster wraps an exception raised in a step, an IO manager or a resource ('Error occurred while executing
-    op ...', '... while handling output ...', 'Error executing resource_fn ...') in errors of its own with the
-    real error as their cause: that cause's last line (e.g. the OSError that names the file a full disk refused)."""
-    while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
+    op ...', '... while handling output ...', 'Error executing resource_fn ...', a retry policy's request) in errors
+    of its own with the real error as their cause: that cause's last line (e.g. the OSError that names the file a full disk refused)."""
+    while error.cause is not None and (error.cls_name or "").startswith(("Dagster", "RetryRequestedFromPolicy")):
         error = error.cause
     message = error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name
     return message.removeprefix("dagster._core.definitions.events.Failure: ")
 
 
 def _failure(result) -> str:
-    """The failed step (or the resource that could not start) and its innermost cause."""
+    """The failed step (or the resource that could not start) and its innermost cause; for a step whose retries
+    ran out, the cause of its last attempt rather than Dagster's 'Exceeded max_retries'."""
+    retried = {}  # step -> (attempts, the error of its latest attempt)
     for event in result.all_events:
+        if event.event_type_value == "STEP_UP_FOR_RETRY" and getattr(event.event_specific_data, "error", None):
+            attempts = retried.get(event.step_key, (0, None))[0] + 1
+            retried[event.step_key] = (attempts, event.event_specific_data.error)
         if event.is_step_failure:
+            if event.step_key in retried and "max_retries" in (event.step_failure_data.error.message or ""):
+                attempts, error = retried[event.step_key]
+                return f"step {event.step_key} failed ({attempts + 1} attempts): {_innermost(error)}"
             return f"step {event.step_key} failed: {_innermost(event.step_failure_data.error)}"
         if event.event_type_value == "RESOURCE_INIT_FAILURE" and getattr(event.event_specific_data, "error", None):
             return f"the run could not start: {_innermost(event.event_specific_data.error)}"
@@ -140,6 +149,9 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    # When an S3 endpoint drops its connections, s3fs's event loop logs each orphaned request with a traceback;
+    # the failed step's line already names the error.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _jobs(cfg, instance, verbose: bool) -> dict:
@@ -240,7 +252,7 @@ def run(args) -> int:
     release_dead_runs(instance, log)
     for pool, runs in pool_holders(instance).items():
         log(f"pool {pool!r} is held by run(s) {', '.join(r[:8] for r in runs)}: model steps wait for it")
-    from src_assets.storage import LeaseHeld
+    from src_assets.storage import LeaseHeld, StoreError
 
     from . import store_layout
 
@@ -257,8 +269,13 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 1
-    with lease:  # a StoreError (e.g. a CURRENT pointer written by hand) is one line in main, after the release
+    try:  # a StoreError (e.g. a CURRENT pointer written by hand) is one line in main, after the release
         return _run_holding_the_store(args, store, jobs, config, instance, tags, digest, iteration_versions, log)
+    finally:
+        try:
+            lease.release()
+        except StoreError as e:  # a store that stopped answering: said, without hiding why the run ended
+            print(f"src-calibrate: {e}", file=sys.stderr)
 
 
 def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, iteration_versions, log) -> int:

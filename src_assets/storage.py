@@ -428,9 +428,9 @@ class Store:
             raise StoreError(f"{reference.rstrip('/')}/CURRENT does not name a version ({e})") from None
         return f"{reference.rstrip('/')}/versions/{version}"
 
-    def _manifest(self, path: str, uri: str, fs=None) -> dict:
-        """A stored version's manifest, or StoreError: without one the version was never completed."""
-        fs = fs or self.fs
+    def _manifest(self, path: str, uri: str, fs) -> dict:
+        """A stored version's manifest, read through ``fs``, or StoreError: without one the version was never
+        completed."""
         try:
             files = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"]
         except FileNotFoundError as e:
@@ -452,7 +452,7 @@ class Store:
             if not Path(uri, "config.json").is_file():
                 raise StoreError(f"{uri} is not a model directory (no config.json)")
             if Path(uri).resolve().parent.name == "versions":
-                _check_files(Path(uri), self._manifest(uri, uri), uri)
+                _check_files(Path(uri), self._manifest(uri, uri, fsspec.filesystem("file")), uri)
             return uri
         fs, path = self._filesystem_of(uri)
         files = self._manifest(path, uri, fs)
@@ -520,14 +520,23 @@ class Lease:
                 pass
 
     def release(self) -> None:
+        """Stops the heartbeat and deletes the lease; ``StoreError`` when the store cannot be reached to delete it,
+        saying when it lapses by itself."""
         if not self.owns:
             return
         Lease._held.discard(self)
         self._stop.set()
         self._thread.join(timeout=5)
-        held = self.store._read_lease(self.key)
-        if held is not None and held.get("owner") == self.record["owner"]:
-            self.store.delete(self.key)
+        try:
+            held = self.store._read_lease(self.key)
+            if held is not None and held.get("owner") == self.record["owner"]:
+                self.store.delete(self.key)
+        except Exception as e:  # the store stopped answering: the lease lapses once its heartbeat is old
+            lapses = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() + self.record["ttl_s"]))
+            raise StoreError(
+                f"the lease {self.store.uri(self.key)} could not be released ({type(e).__name__}: {e}); it lapses "
+                f"by {lapses}, and a run on this host takes it over as soon as this process has ended"
+            ) from None
 
     def __enter__(self):
         return self

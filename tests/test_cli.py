@@ -360,12 +360,81 @@ def test_the_smoke_loop_completes_two_iterations_on_an_s3_store_with_sharded_ste
     monkeypatch.setenv("SRC_S3_ENDPOINT_URL", s3_endpoint)
     uri = f"s3://src-test/{tmp_path.name}"
     command = ["run", "--profile", "smoke", "--iterations", "2", "--store", uri, "--set", "shards=2"]
+    command += ["--set", "search_batch_size=16"]  # 4 prompts per generate block: the 8 prompts make 2 shards
     assert main(command) == 0
     store = Store(uri, s3_endpoint_url=s3_endpoint)
     for iteration in ("001", "002"):
         assert store.read_table(f"assets/preference_set/{iteration}.parquet").height > 0
         assert store.current_model(f"models/policy_checkpoint/{iteration}")
-    assert any("search_shard[" in key for key in store.list("runs"))  # the shard steps' own results, kept by run
+    shards = {key.split("search_shard[")[1].split("]")[0] for key in store.list("runs") if "search_shard[" in key}
+    assert shards == {"prompts_0_4", "prompts_4_8"}  # the shard steps' own results, kept by run
+
+
+def test_an_s3_server_stopped_mid_iteration_fails_the_run_in_one_line_and_a_rerun_after_its_restart_completes(
+    tmp_path, monkeypatch
+):
+    """The store's server stops once iteration 1's candidate search has written a shard: the run fails naming the
+    endpoint, with no traceback, and says when its lease lapses. Restarted with the same data, a rerun in a new
+    process takes the lease over, reuses the SFT committed before the stop and completes both iterations."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from src_assets.storage import Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("SRC_S3_ENDPOINT_URL", endpoint)
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="restarted")
+    uri = "s3://restarted/store"
+    command = [sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "2"]
+    command += ["--store", uri, "--set", "shards=2", "--set", "search_batch_size=16"]
+    try:
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            listed = s3.list_objects_v2(Bucket="restarted", Prefix="store/runs/").get("Contents", [])
+            if any("search_shard[" in o["Key"] for o in listed):
+                break
+            time.sleep(0.2)
+        server.stop()
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 1, (out, err)
+        assert "Traceback" not in err, err
+        failed = [line for line in err.splitlines() if line.startswith("step ")]
+        assert len(failed) == 1 and f'Could not connect to the endpoint URL: "{endpoint}/restarted/store/' in failed[0]
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith(
+                f"src-calibrate: the lease {uri}/leases/store_run.json could not be released (EndpointConnectionError"
+            )
+        )
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # same data, same port
+        server.start()
+        store = Store(uri)
+        sft = store.current_model("models/sft_checkpoint")
+        assert sft and store.current_model("models/policy_checkpoint/001") is None
+        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert store.current_model("models/sft_checkpoint") == sft  # committed before the stop, so reused
+        for iteration in ("001", "002"):
+            assert store.read_table(f"assets/preference_set/{iteration}.parquet").height > 0
+            store.local_model_dir(store.current_model(f"models/policy_checkpoint/{iteration}"))  # manifest checked
+        shards = {k.split("search_shard[")[1].split("]")[0] for k in store.list("runs") if "search_shard[" in k}
+        assert shards == {"prompts_0_4", "prompts_4_8"}
+    finally:
+        server.stop()
 
 
 def _s3_reader(endpoint: str) -> dict:
