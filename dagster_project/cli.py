@@ -460,6 +460,34 @@ def export(args) -> int:
     return 0
 
 
+def store_check(args) -> int:
+    """``store check``: each model's current version against its manifest, and the leftovers of writes that
+    never finished; ``--sweep HOURS`` deletes the leftovers older than that. Exit 1 when a current version is
+    broken."""
+    from src_assets.storage import Store
+    from src_assets.store_check import check_store, sweep
+
+    if args.sweep is not None and not args.sweep >= 0:
+        return _usage_error(f"--sweep takes hours >= 0 (got {args.sweep})")
+    store = Store(args.store) if args.store else Store()
+    store.check_reachable()
+    currents, leftovers = check_store(store)
+    for current in currents:
+        state = f"broken: {current.problem}" if current.problem else f"ok  {current.uri.rsplit('/', 1)[-1]}"
+        print(f"{current.key:<40} {state}")
+    swept = sweep(store, leftovers, args.sweep * 3600) if args.sweep is not None else []
+    for leftover in leftovers:
+        done = "swept" if leftover in swept else "left"
+        print(f"{leftover.key}: {leftover.what}, {leftover.age_s / 3600:.1f} h old ({done})")
+    broken = sum(bool(current.problem) for current in currents)
+    hint = "" if args.sweep is not None or not leftovers else "; --sweep HOURS deletes those older than HOURS"
+    print(
+        f"{len(currents)} models: {len(currents) - broken} ok, {broken} broken; {len(leftovers)} leftover(s), "
+        f"{len(swept)} swept{hint}"
+    )
+    return 1 if broken else 0
+
+
 def _line(row: dict) -> str:
     return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
@@ -584,6 +612,19 @@ def main(argv=None) -> int:
         "--all-pairs", action="store_true", help="dropped pairs too (their weight says why they were not kept)"
     )
     o.set_defaults(fn=export)
+    c = sub.add_parser("store", help="the store's health").add_subparsers(dest="store_command", required=True)
+    k = c.add_parser(
+        "check",
+        help="each model's current version against its manifest, and the leftovers of writes that never finished",
+    )
+    k.add_argument("--store", help=STORE_HELP)
+    k.add_argument(
+        "--sweep",
+        type=float,
+        metavar="HOURS",
+        help="delete the leftovers older than HOURS (none are ever read; the age spares a write under way)",
+    )
+    k.set_defaults(fn=store_check)
     x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
     x.add_argument("--seeds", type=_seed, nargs="+", default=[1, 2, 3])
     x.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import fsspec
 import polars as pl
+from fsspec.implementations.local import LocalFileSystem
 
 from .fingerprints import digest
 
@@ -369,25 +370,58 @@ class Store:
 
     # -- model directories ---------------------------------------------------
     def put_model(self, key: str, local_dir: str | Path) -> str:
-        """Uploads a model directory as a new version of ``key``, its manifest last, and makes it current."""
+        """Uploads a model directory as a new version of ``key``, its manifest last, and makes it current. A
+        directory whose files (names, sizes and sha256 sums) are those of the current version is not uploaded
+        again: the current version is returned (a rerun after a kill makes no duplicate version)."""
         local_dir = Path(local_dir)
         if not (local_dir / "config.json").is_file():
             raise StoreError(f"{local_dir} is not a model directory (no config.json)")
-        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         card = local_dir / MODEL_CARD
-        target = self._path(f"{key}/versions/{version}")
-        files = {}
         # A model card (README.md) is not part of a version: it is written beside it, and evaluation adds to it.
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST and p != card):
-            name = file.relative_to(local_dir).as_posix()
+        local = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST and p != card)
+        files = {
+            file.relative_to(local_dir).as_posix(): {"size": file.stat().st_size, "sha256": _sha256(file)}
+            for file in local
+        }
+        current = self.current_model(key)
+        if current is not None and self._same_files(current, files):
+            return current
+        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        target = self._path(f"{key}/versions/{version}")
+        for file, name in zip(local, files):
             dest = f"{target}/{name}"
             if self.is_local:
                 os.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(file), dest)
-            files[name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
         self.write_json(f"{key}/versions/{version}/{MANIFEST}", {"files": files})
         self.write_json(f"{key}/CURRENT", {"version": version})
         return self.uri(f"{key}/versions/{version}")
+
+    def verify_version(self, uri: str) -> dict:
+        """The manifest of the stored version at ``uri``, once its files match it: sha256 sums on local disk, sizes
+        on an object store (summing there means downloading; ``local_model_dir`` sums what it downloads). Else
+        ``StoreError`` naming the file."""
+        fs, path = self._filesystem_of(uri)
+        files = self._manifest(path, uri, fs)
+        if isinstance(fs, LocalFileSystem):
+            _check_files(Path(path), files, uri)
+            return files
+        sizes = {info["name"]: info["size"] for info in fs.find(path, detail=True).values()}
+        for name, expected in files.items():
+            if sizes.get(f"{path}/{name}") != expected["size"]:
+                found = sizes.get(f"{path}/{name}", "missing")
+                raise StoreError(
+                    f"{uri}/{name} does not match its manifest (size {found}, expected {expected['size']}): "
+                    f"the checkpoint is truncated or was changed"
+                )
+        return files
+
+    def _same_files(self, uri: str, files: dict) -> bool:
+        """Whether the stored version at ``uri`` holds exactly ``files`` (``verify_version``)."""
+        try:
+            return self.verify_version(uri) == files
+        except StoreError:  # no manifest, an unreadable one, or files that do not match it: upload anew
+            return False
 
     def write_model_card(self, uri: str, text: str) -> None:
         """Writes (or rewrites) the model card of the stored version at ``uri``; the manifest does not list it."""

@@ -187,8 +187,15 @@ def quiet(trainer, desc: str):
     return trainer
 
 
-class NonFiniteTraining(ValueError):
-    """A training ended with a NaN or inf loss or weight: nothing is saved, so nothing non-finite is committed."""
+class DivergedTraining(ValueError):
+    """A training ended with a NaN or inf weight, or a loss that is not finite or is past ``MAX_TRAIN_LOSS``:
+    nothing is saved, so nothing broken is committed."""
+
+
+# No loss these stages train with reaches this unless the weights are broken (a corrupted checkpoint, an update
+# that blew up): cross-entropy of a uniform guess over a million tokens is 13.8, DPO's sigmoid loss starts at
+# 0.69, and IPO's squared one at (1 / 2 beta)^2, 2,500 at beta = 0.01.
+MAX_TRAIN_LOSS = 1e4
 
 
 def save_trained(
@@ -196,7 +203,7 @@ def save_trained(
 ) -> None:
     """Saves a plain model directory: LoRA adapters are merged, so every checkpoint loads the same way (with
     ``keep_adapter``, the adapter is saved too, in ``adapter/``). A model with a non-finite weight, or a non-finite
-    loss, is refused first with the stage and the settings likely at fault."""
+    loss or one past ``MAX_TRAIN_LOSS``, is refused first with the stage and the settings likely at fault."""
     accelerator = trainer.accelerator
     if not accelerator.is_main_process:  # under several processes, the first one saves
         accelerator.wait_for_everyone()
@@ -208,9 +215,14 @@ def save_trained(
         model = model.merge_and_unload()
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad or not math.isfinite(train_loss):
-        raise NonFiniteTraining(
+        raise DivergedTraining(
             f"{stage}: training diverged (train loss {train_loss}; {len(bad)} of {len(model.state_dict())} weight "
             f"tensors hold NaN or inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {suspects}."
+        )
+    if train_loss > MAX_TRAIN_LOSS:
+        raise DivergedTraining(
+            f"{stage}: training diverged (train loss {train_loss:.3g} is past {MAX_TRAIN_LOSS:g}, which no sane "
+            f"training of these losses reaches: are the starting weights broken?); nothing was saved. Lower {suspects}."
         )
     save_model_dir(model, processing_class, out_dir)
     accelerator.wait_for_everyone()

@@ -189,7 +189,8 @@ def test_an_iteration_uses_the_start_policy_it_resolved_even_if_current_moves(ru
     )
     resolved = store.read_json("assets/start_policy/005.json")
     assert first.success and resolved == store.current_model("models/policy_checkpoint/004")
-    moved = store.put_model("models/policy_checkpoint/004", policy_3)  # as if iteration 004 were rerun meanwhile
+    policy_2 = store.local_model_dir(store.current_model("models/policy_checkpoint/002"))
+    moved = store.put_model("models/policy_checkpoint/004", policy_2)  # as if iteration 004 were rerun meanwhile
     assert store.current_model("models/policy_checkpoint/004") == moved != resolved
     rest = materialize(
         all_assets,

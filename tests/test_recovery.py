@@ -63,8 +63,12 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     fresh, env = _cli(tmp_path, "--iterations", "1", "--fresh")
     again = subprocess.run(fresh, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(_versions(store_dir, "sft_checkpoint")) == 2 and len(_versions(store_dir, "policy_checkpoint/001")) == 2
-    assert len(_versions(store_dir, "base_policy_model")) == 2
+    from dagster import AssetKey, DagsterInstance
+
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:  # --fresh trained them again
+        for key in ("base_policy_model", "sft_checkpoint", "r_scorer_checkpoint"):
+            latest = instance.get_latest_materialization_event(AssetKey(key)).asset_materialization
+            assert latest.metadata["reused"].value is False, key
 
 
 def test_two_runs_of_one_store_exactly_one_writes(tmp_path):
@@ -204,6 +208,68 @@ def test_a_pool_holder_killed_while_a_run_waits_frees_the_slot_and_a_waiting_run
         assert json.loads(out)[0]["iteration"] == 0
     finally:
         holder.kill()
+
+
+def test_sigterm_during_an_upload_ends_the_run_within_30_s_marked_failed_with_its_leases_released(
+    tmp_path, monkeypatch
+):
+    """The SFT checkpoint's upload to an S3 store hangs (this test's server holds the PUT of its weights), and a
+    SIGTERM lands while the step waits on it: the command ends within 30 s, non-zero, its run failed, its lease
+    free, and no version of the SFT checkpoint is current."""
+    import threading
+
+    import boto3
+    from dagster import DagsterInstance, DagsterRunStatus
+    from moto.s3.responses import S3Response
+    from moto.server import ThreadedMotoServer
+
+    from src_assets.storage import Store
+
+    held, let_go, put_object = threading.Event(), threading.Event(), S3Response.put_object
+
+    def a_hanging_upload_of_the_sft_weights(response):
+        if "/models/sft_checkpoint/versions/" in response.path and response.path.endswith("model.safetensors"):
+            held.set()
+            let_go.wait(120)
+        return put_object(response)
+
+    monkeypatch.setattr(S3Response, "put_object", a_hanging_upload_of_the_sft_weights)
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="uploads")
+    command, env = _cli(tmp_path, "--iterations", "1", "--store", "s3://uploads/store")
+    env.update(credentials, SRC_S3_ENDPOINT_URL=endpoint)
+    running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not held.wait(0.5):
+            assert running.poll() is None and time.monotonic() < deadline, "the run ended before the SFT upload"
+        running.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = running.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        running.kill()
+        let_go.set()
+    try:
+        assert running.returncode == 130 and took < 30, (running.returncode, round(took, 1), err[-2000:])
+        assert err.rpartition("src-calibrate: interrupted")[2].strip().endswith("leases released"), err[-2000:]
+        store = Store("s3://uploads/store", s3_endpoint_url=endpoint)
+        assert not store.exists("leases/store_run.json")
+        assert store.current_model("models/sft_checkpoint") is None
+    finally:
+        server.stop()
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert [r.status for r in instance.get_runs()] == [DagsterRunStatus.FAILURE]
 
 
 def test_two_stores_under_one_dagster_home_each_reuse_their_own_iterations(tmp_path):

@@ -73,11 +73,27 @@ def _upload_dies_on_third_file(store, model_dir, monkeypatch):
     monkeypatch.undo()
 
 
-def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch):
-    scorer_dir = tiny_dirs[1]
-    first = store.put_model("models/scorer", scorer_dir)
+def _changed_copy(model_dir, tmp_path) -> Path:
+    """A copy of a model directory with other weights (one value changed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "changed"
+    shutil.copytree(model_dir, copy)
+    weights = load_file(copy / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch, tmp_path):
+    first = store.put_model("models/scorer", tiny_dirs[1])
     assert store.current_model("models/scorer") == first
 
+    scorer_dir = _changed_copy(tiny_dirs[1], tmp_path)
     _upload_dies_on_third_file(store, scorer_dir, monkeypatch)
     assert store.current_model("models/scorer") == first  # the half-uploaded version is never current
 
@@ -89,6 +105,20 @@ def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch):
     model, tok = load_scorer(local)
     assert model.config.vocab_size == len(tok)
     assert store.local_model_dir(first)  # the older version is still there
+
+
+def test_an_identical_upload_is_the_current_version_and_a_changed_or_damaged_one_is_new(store, tiny_dirs, tmp_path):
+    """A rerun after a kill uploads the same weights again: no duplicate version. Other weights, or a current
+    version whose stored files no longer match its manifest, make a new one."""
+    first = store.put_model("models/scorer", tiny_dirs[1])
+    assert store.put_model("models/scorer", tiny_dirs[1]) == first
+    assert _versions(store, "models/scorer") == [first.rsplit("/", 1)[-1]]
+    changed = store.put_model("models/scorer", _changed_copy(tiny_dirs[1], tmp_path))
+    assert changed != first and store.current_model("models/scorer") == changed
+    stored = store._path(f"models/scorer/versions/{changed.rsplit('/', 1)[-1]}/model.safetensors")
+    store.fs.pipe_file(stored, store.fs.cat_file(stored)[:100])  # truncated in place
+    again = store.put_model("models/scorer", tmp_path / "changed")
+    assert again not in (first, changed) and store.local_model_dir(again)
 
 
 def test_no_model_means_no_current_version(store):
@@ -301,8 +331,9 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
             return original(src, dst, **kwargs)
 
         store.fs.put_file = server_stops_after_two_files
+        changed = _changed_copy(tiny_dirs[1], tmp_path)
         with pytest.raises(Exception) as died:
-            store.put_model("models/scorer", tiny_dirs[1])
+            store.put_model("models/scorer", changed)
         assert "connect" in str(died.value).lower()
         del store.fs.put_file
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # same data, same port
@@ -314,8 +345,8 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
         with pytest.raises(StoreError, match="has no MANIFEST.json"):
             fresh.local_model_dir(fresh.uri(f"models/scorer/versions/{partial}"))
         assert not any((tmp_path / "cache2").glob("*/config.json"))  # nothing of it was cached
-        second = fresh.put_model("models/scorer", tiny_dirs[1])
-        assert fresh.current_model("models/scorer") == second
+        second = fresh.put_model("models/scorer", changed)
+        assert second != first and fresh.current_model("models/scorer") == second
         model, tokenizer = load_scorer(fresh.local_model_dir(second))
         assert model.config.vocab_size == len(tokenizer)
     finally:
@@ -392,3 +423,42 @@ def test_a_held_lease_says_when_it_expires_and_no_record_holds_one_beyond_the_ca
     store.write_bytes("leases/b.json", b"{'owner': garbage")
     with pytest.raises(LeaseHeld, match=r"leases/b.json is unreadable or incomplete \(\"{'owner': garbage\"\)"):
         store.acquire_lease("leases/b.json", "run-new", ttl_s=60)
+
+
+def test_store_check_verifies_each_current_version_and_sweeps_only_old_leftovers(
+    store, s3_endpoint, tiny_dirs, tmp_path, monkeypatch, capsys
+):
+    """Through the CLI: a good model is ok, a current version damaged in place is broken (exit 1), and an upload
+    cut short and a write's temporary file are leftovers, deleted by --sweep only once older than its age."""
+    from dagster_project.cli import main
+
+    uri = store.base_uri
+    good = store.put_model("models/sft_checkpoint", tiny_dirs[0])
+    damaged = store.put_model("models/policy_checkpoint/001", tiny_dirs[1])
+    stored = store._path(f"models/policy_checkpoint/001/versions/{damaged.rsplit('/', 1)[-1]}/model.safetensors")
+    store.fs.pipe_file(stored, store.fs.cat_file(stored)[:100])
+    _upload_dies_on_third_file(store, _changed_copy(tiny_dirs[1], tmp_path), monkeypatch)
+    store.write_json("assets/eval_set.json", {})
+    store.fs.pipe_file(store._path("assets/.tmp-0123-preference_set.parquet"), b"cut short")
+    monkeypatch.setenv("SRC_S3_ENDPOINT_URL", s3_endpoint)  # the command's store, on the local S3 server
+
+    assert main(["store", "check", "--store", uri]) == 1
+    out = capsys.readouterr().out.splitlines()
+    damaged_line, good_line = out[:2]  # in key order
+    assert damaged_line.startswith("models/policy_checkpoint/001 ") and "broken: " in damaged_line
+    assert "model.safetensors does not match its manifest (size 100," in damaged_line
+    assert good_line.startswith("models/sft_checkpoint ") and good_line.endswith(f"ok  {good.rsplit('/', 1)[-1]}")
+    leftovers = [line for line in out if "h old (left)" in line]
+    assert len(leftovers) == 2
+    assert any(line.startswith("models/scorer/versions/") and "without MANIFEST.json" in line for line in leftovers)
+    assert any(line.startswith("assets/.tmp-0123-preference_set.parquet: a temporary file") for line in leftovers)
+    assert out[-1] == "2 models: 1 ok, 1 broken; 2 leftover(s), 0 swept; --sweep HOURS deletes those older than HOURS"
+
+    assert main(["store", "check", "--store", uri, "--sweep", "1"]) == 1  # both are seconds old: kept
+    assert capsys.readouterr().out.splitlines()[-1].endswith("2 leftover(s), 0 swept")
+    time.sleep(1.1)
+    assert main(["store", "check", "--store", uri, "--sweep", "0.0002"]) == 1  # older than 0.72 s: swept
+    assert capsys.readouterr().out.splitlines()[-1].endswith("2 leftover(s), 2 swept")
+    assert not store.exists("assets/.tmp-0123-preference_set.parquet")
+    assert store.list("models/scorer") == []
+    assert store.local_model_dir(good)  # a current version is never swept

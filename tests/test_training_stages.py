@@ -124,14 +124,40 @@ def test_auto_runtime_is_float32_on_a_machine_without_cuda():
 def test_a_training_that_diverges_commits_nothing_and_names_the_setting(tiny_dirs, tmp_path):
     import pytest
 
-    from src_assets.training import NonFiniteTraining
+    from src_assets.training import DivergedTraining
 
     sft = build_rationale_sft_set(synthetic_source(0, 16, 2, 2))
     # A finite but absurd learning rate: the first update overflows the weights, the next loss is not finite.
     with pytest.raises(
-        NonFiniteTraining, match=r"rationale SFT: training diverged .* nothing was saved\. Lower sft_learning_rate"
+        DivergedTraining, match=r"rationale SFT: training diverged .* nothing was saved\. Lower sft_learning_rate"
     ):
         train_rationale_sft(
             str(tiny_dirs[0]), sft, str(tmp_path / "out"), TrainSettings(epochs=2, learning_rate=1e30, batch_size=8)
+        )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_training_whose_loss_is_past_the_bound_commits_nothing_and_names_the_stage(tiny_dirs, tmp_path):
+    """Starting weights that are finite but broken (an output layer scaled by 1e12, as a corrupted checkpoint may
+    be) train to an absurd, finite loss: refused, naming the stage, like a non-finite one."""
+    import shutil
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from src_assets.training import MAX_TRAIN_LOSS, DivergedTraining
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs[0], broken)
+    weights = load_file(broken / "model.safetensors")
+    head = next(name for name in weights if "lm_head" in name)
+    weights[head] = weights[head] * 1e12
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    sft = build_rationale_sft_set(synthetic_source(0, 16, 2, 2))
+    with pytest.raises(
+        DivergedTraining, match=rf"rationale SFT: training diverged \(train loss .* is past {MAX_TRAIN_LOSS:g}"
+    ):
+        train_rationale_sft(
+            str(broken), sft, str(tmp_path / "out"), TrainSettings(epochs=1, learning_rate=1e-6, batch_size=8)
         )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
