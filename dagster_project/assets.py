@@ -23,8 +23,9 @@ from src_assets.source_data import (
     read_judgements_file,
     synthetic_source,
 )
-from src_assets.source_files import source_options, user_sources
+from src_assets.source_files import source_options, user_sources, uses_synthetic_rows
 from src_assets.tiny_models import build_tiny_judge
+from src_assets.verifier import VERIFIER_JUDGE, check_scenes_to_judge
 
 from . import store_layout
 from .metadata import counts_table, table_preview, vqa_table_metadata
@@ -52,14 +53,17 @@ from .versions import reads
     "max_image_pixels",
     "max_text_chars",
     "scorer_prompts",
-    stages=("source_data", "source_files", "scenes"),
+    "scorer_model",
+    "synthetic_rows",
+    stages=("source_data", "source_files", "scenes", "verifier"),
 )
 def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
     """Every (image, question, answer) row: synthetic scenes, the files under the store's source prefix (Parquet,
     LLaVA-style JSON/JSONL, ``datasets`` folders) and the hub datasets of ``source_datasets``."""
     cfg, s = settings.config(), store.store()
     named = []
-    synthetic = bool(cfg.n_sft or cfg.n_calibrate or cfg.n_eval)
+    sources = user_sources(s, cfg)
+    synthetic = uses_synthetic_rows(cfg, bool(sources))
     if synthetic:
         rows = synthetic_source(
             cfg.seed,
@@ -73,7 +77,6 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
         )
         named.append(("synthetic", rows))
     options = source_options(cfg)
-    sources = user_sources(s, cfg)
     try:
         for source in sources:
             context.log.info(f"reading source {source.name}")
@@ -82,16 +85,24 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
         raise Failure(str(e)) from e
     if not named:
         raise Failure(
-            f"no source rows: synthetic sizes are 0, {s.uri(cfg.source_prefix)} holds no Parquet, JSON or datasets "
-            f"files, and source_datasets is empty"
+            f"no source rows: synthetic rows are off (synthetic_rows={cfg.synthetic_rows}, or their sizes are 0), "
+            f"{s.uri(cfg.source_prefix)} holds no Parquet, JSON or datasets files, and source_datasets is empty"
         )
     try:
         df = combine_sources(named)
         check_split_sizes(df, cfg.scorer_prompts, synthetic)
-    except SourceDataError as e:
+        if cfg.scorer_model == VERIFIER_JUDGE:
+            check_scenes_to_judge(df.filter(pl.col("split") == "calibrate"), "'calibrate' rows")
+    except (SourceDataError, ValueError) as e:
         raise Failure(str(e)) from e
+    synthetic_count = named[0][1].height if synthetic else 0
     context.add_output_metadata(
-        {**vqa_table_metadata(df), "source_files": MetadataValue.json([src.name for src in sources])}
+        {
+            "rows_yours": df.height - synthetic_count,  # where the rows came from, on the step's line
+            "rows_synthetic": synthetic_count,
+            **vqa_table_metadata(df),
+            "source_files": MetadataValue.json([src.name for src in sources]),
+        }
     )
     return df
 

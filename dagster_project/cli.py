@@ -345,6 +345,21 @@ def _print(rows: list[dict], as_json: bool) -> None:
             f"{r['iteration']:>9} {fmt(r.get('accuracy'), 9)} {fmt(r.get('factuality'), 10)} {fmt(r.get('consistency'), 11)} "
             f"{fmt(r.get('pairs_kept'), 10)} {fmt(r.get('mean_weight'), 11)} {fmt(r.get('judge_agreement'), 15)}  {r.get('checkpoint')}"
         )
+    for note in _dash_reasons(rows):
+        print(note)
+
+
+def _dash_reasons(rows: list[dict]) -> list[str]:
+    """Why a cell of the table is '-': each reason once, under the table."""
+    notes = ["-: iteration 0 is the SFT checkpoint; it has no pairs, weights or judge agreement"]
+    if any(r.get("factuality") is None or r.get("consistency") is None for r in rows):
+        notes.append("-: factuality and consistency are the verifier's, and it needs scenes these rows do not have")
+    if any(r["iteration"] > 0 and r.get("judge_agreement") is None for r in rows):
+        notes.append(
+            "-: judge agreement needs pairs the verifier calls clear, and there were none (rows without scenes, or "
+            "every pair a tie)"
+        )
+    return notes
 
 
 def evaluate(args) -> int:
@@ -410,6 +425,7 @@ def _evaluate_on_data(args, store) -> int:
     from src_assets.r_scorer import Judge
     from src_assets.source_data import SourceDataError, combine_sources
     from src_assets.source_files import local_sources, source_options
+    from src_assets.verifier import VERIFIER_JUDGE, check_scenes_to_judge
 
     try:
         cfg = profile("default", **_overrides(args.set))
@@ -421,6 +437,11 @@ def _evaluate_on_data(args, store) -> int:
     rows = rows.filter(pl.col("split") == args.split).head(args.n)
     if rows.is_empty():
         return _usage_error(f"{args.data} has no rows with split {args.split!r}")
+    if args.against and args.judge == VERIFIER_JUDGE:
+        try:
+            check_scenes_to_judge(rows, f"{args.split!r} rows of {args.data}")
+        except ValueError as e:
+            return _usage_error(str(e))
     runtime = Runtime(args.device, args.dtype)
     model, processor = load_policy(_model_dir(store, args.checkpoint), runtime)
     summary, scored = evaluate_policy(model, processor, rows)

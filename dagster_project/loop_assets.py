@@ -450,8 +450,8 @@ def r_scorer_checkpoint(
     if judgements.is_empty():
         raise Failure(
             f"nothing to train the R-Scorer on: the calibrate rows have no scene for the verifier to label, and "
-            f"{s.uri(cfg.judgements_prefix)} holds no judgement table; add one (see the README), or give a "
-            f"pretrained judge (scorer_model) with scorer_epochs=0"
+            f"{s.uri(cfg.judgements_prefix)} holds no judgement table: add one (README: A judge for your data), or "
+            f"give a pretrained judge (scorer_model=<dir or hub id>) with scorer_epochs=0"
         )
     with tempfile.TemporaryDirectory() as out:
         result = _train(
@@ -543,6 +543,7 @@ def _tracked_metrics(summary: dict) -> dict:
 
 @asset_check(
     asset=sft_checkpoint,
+    name="uses_its_image",  # its step is then sft_checkpoint_uses_its_image, not the asset's name twice
     additional_ins={"eval_set": AssetIn("eval_set"), "sft_eval": AssetIn("sft_eval")},
     description="The SFT policy uses its image: held-out accuracy drops by at least min_blank_image_drop "
     "when every image is replaced by a blank one. A policy that ignores its image leaves "
@@ -924,10 +925,18 @@ def preference_set(
     )
     wrong = kept.filter(pl.col("chosen_correct").eq(False)).height  # the same normalize_answer that curation uses
     # An error unless the run chose to keep such pairs (require_correct_chosen=false): then it is reported only.
+    reported_only = (
+        {}
+        if cfg.curation.require_correct_chosen
+        else {
+            "warns_only_because": "require_correct_chosen=false, as in the smoke profile, whose untrained models "
+            "answer wrong: their pairs are kept so that DPO still runs"
+        }
+    )
     yield AssetCheckResult(
         check_name="no_wrong_chosen_answer",
         passed=wrong == 0,
-        metadata={"kept_with_wrong_chosen": wrong},
+        metadata={"kept_with_wrong_chosen": wrong, **reported_only},
         severity=AssetCheckSeverity.ERROR if cfg.curation.require_correct_chosen else AssetCheckSeverity.WARN,
     )
     yield AssetCheckResult(

@@ -174,7 +174,8 @@ class StoreIOManager(ConfigurableIOManager):
             uri = store.write_table(f"{key}.parquet", obj)
         else:
             uri = store.write_json(f"{key}.json", obj)
-        context.add_output_metadata({"stored_at": uri})
+        # The store by itself too: the UI lists one partition's materializations from every store it was written to.
+        context.add_output_metadata({"stored_at": uri, "store": store.base_uri})
 
     def load_input(self, context: InputContext):
         store = self.store.store()

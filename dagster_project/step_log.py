@@ -22,11 +22,11 @@ class _StepLines(logging.Handler):
         meta = getattr(record, "dagster_meta", None) or {}
         event, step = meta.get("dagster_event"), meta.get("step_key")
         if event is None:
-            if record.levelno >= logging.WARNING:
-                print(
-                    f"  {record.levelname.lower()}: {step or ''} {meta.get('orig_message', record.getMessage())}",
-                    file=self.stream,
-                )
+            message = meta.get("orig_message", record.getMessage())
+            # Dagster's note on each step it skips after a failure ("Dependencies for step ... failed ... Not
+            # executing.") repeats the failure that the run's last line names; -v shows them.
+            if record.levelno >= logging.WARNING and not message.rstrip().endswith("Not executing."):
+                print(f"  {record.levelname.lower()}: {step or ''} {message}", file=self.stream)
             return
         if event.event_type == DagsterEventType.ENGINE_EVENT and (event.message or "").startswith(
             "Step blocked by limit for pool"
@@ -45,10 +45,14 @@ class _StepLines(logging.Handler):
                 if k not in _SKIPPED and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)
             }
             self.numbers[step] = dict(list(numbers.items())[:_SHOWN])
+            reused = values.get("reused")
+            if reused is not None and reused.value is True:
+                self.numbers[step] = {"reused": None, **self.numbers[step]}  # said first, as a word
         elif event.event_type == DagsterEventType.STEP_SUCCESS:
             seconds = event.event_specific_data.duration_ms / 1000
             shown = "  ".join(
-                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.numbers.pop(step, {}).items()
+                k if v is None else f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in self.numbers.pop(step, {}).items()
             )
             print(f"  {step:<22} {seconds:7.1f} s  {shown}".rstrip(), file=self.stream)
         self.stream.flush()

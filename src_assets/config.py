@@ -78,8 +78,8 @@ def _check_report_to(value: str) -> None:
 @dataclass(frozen=True)
 class SRCConfig:
     seed: int = setting(0, low=0, high=2**32 - 1)
-    # Data: sizes of the synthetic splits (0 turns synthetic data off; Parquet
-    # files under ``source_prefix`` in the store are added either way).
+    # Data: sizes of the synthetic splits (0 turns that split off). The synthetic rows are the source where you
+    # bring none; see synthetic_rows.
     # 8,000 rows for 2 epochs (500 steps): with 2,000 rows for 3 epochs (189 steps) the local steps are not yet
     # learned (consistency 0.08), and an oracle iteration found a pair to keep for 47 of 1,024 prompts (519 at 500
     # steps; docs/results.md)
@@ -94,6 +94,9 @@ class SRCConfig:
     # A share of the sft rows' rationales slip in one reasoning step (a wrong state, the steps after it following
     # from it) while the answer stays gold; 0: every step follows.
     teacher_slip_rate: float = setting(0.0, low=0, high=1)
+    # "auto": the synthetic scenes are the source only where the store holds no source files and source_datasets
+    # is empty, so your rows are never mixed with them unasked; "on": they join your rows; "off": never.
+    synthetic_rows: str = setting("auto", choices=("auto", "on", "off"))
     source_prefix: str = "source"
     judgements_prefix: str = "judgements"  # Parquet judgement tables here train the R-Scorer too (see README)
     # Hugging Face hub datasets read besides the store's files, comma-separated ids (offline: from the local cache)
@@ -244,6 +247,12 @@ class SRCConfig:
                 f"setting tiny_patch_size: {self.tiny_patch_size} must divide the scenes' {IMAGE_PIXELS}-pixel side"
             )
         self.runtime().torch_dtype()  # validates dtype and device
+        if self.scorer_model == TINY and self.scorer_epochs == 0:
+            raise ValueError(
+                "setting scorer_epochs: 0 uses a pretrained judge as it is, and scorer_model=tiny is built untrained: "
+                "give scorer_model=<dir or hub id> of an instruction-tuned LM (with judge_template=instruct), or "
+                "train the tiny judge (scorer_epochs > 0)"
+            )
         if self.lora_r == 0 and self.lora_args not in ("", "{}"):
             raise ValueError(f"settings lora.*: {self.lora_args} apply to LoRA training; set lora_r > 0")
 

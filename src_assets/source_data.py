@@ -157,7 +157,10 @@ def validate_source(
                 f"{where}: column 'kind' has unknown question kind {quoted(row['kind'])}; expected one of {KINDS}"
             )
         if row["split"] == "sft" and not row["response"]:
-            raise SourceDataError(f"{where}: column 'response' is empty, but sft rows need a gold rationale response")
+            raise SourceDataError(
+                f"{where}: column 'response' is empty, but sft rows need a gold rationale response: a rationale, "
+                f"then 'Answer: <answer>' (a LLaVA reply gives one only where it holds 'Answer:' after its rationale)"
+            )
         try:
             _check_image(row["image"], max_image_pixels)
         except SourceDataError as e:
@@ -273,6 +276,13 @@ def prepare_rows(
         )
     df = df.drop([c for c in options.columns if c in df.columns and c not in options.columns.values()])
     df = df.rename({theirs: ours for ours, theirs in options.columns.items() if theirs != ours})
+    unnamed = [c for c in ("question", "answer", "image") if c not in df.columns]  # id and split can be made
+    if unnamed:
+        example = ",".join(f"{c}:<your {c} column>" for c in unnamed)
+        raise SourceDataError(
+            f"{name}: has no column {' or '.join(repr(c) for c in unnamed)}; its columns are {df.columns}. Name "
+            f"yours with source_columns, e.g. source_columns={example}"
+        )
     if "image" in df.columns and df.schema["image"] not in (pl.Binary, pl.Null):
         images = []
         for i, value in enumerate(df["image"].to_list(), start=first_row):
@@ -405,8 +415,10 @@ def _lines(head: str, text) -> Iterator[str]:
 
 def conversation_rows(record, index: int, name: str) -> list[dict]:
     """The rows of one record: a LLaVA-style record (``conversations`` of ``human``/``gpt`` turns) gives a row per
-    question and reply, the reply its ``response`` where it ends with an ``Answer: ...`` line, the answer that
-    line (or the reply itself where it has none); any other record is a row as it is."""
+    question and reply. The last ``Answer:`` in a reply, on a line of its own or inline ("there is a red square.
+    Answer: red"), splits it into rationale and answer, and the row's ``response`` is the rationale then an
+    ``Answer: ...`` line; a reply with none is the row's answer, with no response. Any other record is a row as
+    it is."""
     if not isinstance(record, dict):
         raise SourceDataError(f"{name}: record {index} is a {type(record).__name__}, not a JSON object")
     if "conversations" not in record:
@@ -424,13 +436,14 @@ def conversation_rows(record, index: int, name: str) -> list[dict]:
             question = str(value or "").replace("<image>", "").strip()
         elif speaker in ("gpt", "assistant") and question is not None:
             reply = str(value or "").strip()
-            last = reply.splitlines()[-1].strip() if reply else ""
-            graded = last.startswith(_ANSWER_PREFIX)
+            rationale, found, answer = reply.rpartition(_ANSWER_PREFIX)  # the last "Answer:", on its line or inline
+            rationale, answer = rationale.strip(), answer.strip()
+            response = f"{rationale}\n{_ANSWER_PREFIX} {answer}" if rationale else f"{_ANSWER_PREFIX} {answer}"
             row = {
                 **base,
                 "question": question,
-                "answer": base.get("answer") or (last.removeprefix(_ANSWER_PREFIX).strip() if graded else reply),
-                "response": base.get("response") or (reply if graded else None),
+                "answer": base.get("answer") or (answer if found else reply),
+                "response": base.get("response") or (response if found else None),
             }
             if "id" in base:
                 row["id"] = str(base["id"]) + (f"#{len(rows)}" if rows else "")

@@ -100,6 +100,15 @@ def user_sources(store: Store, cfg, prefix: str | None = None) -> list[UserSourc
     return sources + [UserSource(store, "hub", hub_id=h) for h in hub_ids]
 
 
+def uses_synthetic_rows(cfg, has_user_sources: bool) -> bool:
+    """Whether the synthetic scenes join the source: with ``synthetic_rows=auto`` only where the user brought no
+    rows (no source files, no ``source_datasets``), so that their rows are never mixed with synthetic ones unasked;
+    ``on`` and ``off`` as they say. A split sized 0 (``n_sft=0``...) is off either way."""
+    if not (cfg.n_sft or cfg.n_calibrate or cfg.n_eval) or cfg.synthetic_rows == "off":
+        return False
+    return cfg.synthetic_rows == "on" or not has_user_sources
+
+
 def _relative_images(store: Store, key: str, max_bytes: int):
     """Reads an image path relative to the file ``key``; a path that leaves the store is refused."""
     folder = posixpath.dirname(key)

@@ -386,6 +386,18 @@ QUALITY_WEIGHTS = (2.0, 1.0, 2.0)  # correctness, factuality, consistency
 TIE_MARGIN = 0.5
 
 
+def check_scenes_to_judge(rows, what: str) -> None:
+    """The verifier judges each prompt from its scene: ``ValueError`` naming a row of ``rows`` without one, so that
+    a run stops before anything trains (and ``evaluate`` before it generates) rather than at its first judgement."""
+    bare = rows.filter(rows["scene"].is_null() | rows["question_spec"].is_null())
+    if bare.height:
+        raise ValueError(
+            f"the verifier judges each prompt from its scene, and {bare.height} of the {rows.height} "
+            f"{what} have none (e.g. id {bare['id'][0]!r}): give a judge LM (scorer_model=<dir or hub id>), or "
+            f"train one on a judgement table (README: A judge for your data)"
+        )
+
+
 def quality(v: Verification, weights=QUALITY_WEIGHTS) -> float:
     return weights[0] * v.correct + weights[1] * v.factuality + weights[2] * v.consistency
 

@@ -111,6 +111,47 @@ def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, 
     assert meta is not None  # the judge was trained, on the user's judgements alone
 
 
+def test_a_pretrained_judge_used_zero_shot_judges_the_users_rows(bpe_judge, tmp_path, monkeypatch, capsys):
+    """Rows without scenes and no judgement table: a local instruction-tuned judge (Qwen2 architecture, with a
+    chat template) used as it is (scorer_epochs=0) judges the pairs; no judge is trained."""
+    store = Store(str(tmp_path / "store"))
+    store.write_table(
+        "source/mine.parquet", _without_scenes(synthetic_source(seed=9, n_sft=60, n_calibrate=16, n_eval=20))
+    )
+    code, out, err = _run(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        "n_sft=0",
+        "n_calibrate=0",
+        "n_eval=0",
+        f"scorer_model={bpe_judge}",
+        "scorer_epochs=0",
+        "judge_template=instruct",
+    )
+    assert code == 0, err
+    assert [row["iteration"] for row in out] == [0, 1] and out[1]["pairs_kept"] is not None
+    assert not store.exists("models/r_scorer_checkpoint/CURRENT")  # used as it is, never trained
+
+
+def test_the_verifier_as_judge_of_rows_without_scenes_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
+    store = Store(str(tmp_path / "store"))
+    store.write_table(
+        "source/mine.parquet", _without_scenes(synthetic_source(seed=9, n_sft=60, n_calibrate=16, n_eval=20))
+    )
+    code, _, err = _run(tmp_path, monkeypatch, capsys, "n_sft=0", "n_calibrate=0", "n_eval=0", "scorer_model=verifier")
+    assert code == 1
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "step vqa_source failed: the verifier judges each prompt from its scene, and 16 of the 16 "
+            "'calibrate' rows have none (e.g. id "
+        )
+    )
+    assert not store.exists("models/sft_checkpoint/CURRENT")
+
+
 @pytest.mark.parametrize("architecture", POLICY_ARCHITECTURES)
 def test_candidate_search_continues_each_prompt_as_re_encoding_would(architecture, tmp_path):
     """Where the model allows a prompt cache (positions from the attention mask), continuing it gives the same

@@ -103,12 +103,17 @@ def test_plain_trl_dpo_trains_on_an_exported_preference_set(smoke_run, capsys):
     policy = Store(str(smoke_run / "store")).current_model("models/policy_checkpoint/001")
     model, processor = load_policy(policy)
     reference, _ = load_policy(policy)
+    # The call docs/your-model.md gives: TRL's default bf16=True stops a CPU run ("Your setup doesn't support
+    # bf16/gpu"), so precision and device follow the machine.
+    import torch
+
+    gpu = torch.cuda.is_available()
     args = DPOConfig(
         output_dir=str(smoke_run / "dpo"),
         max_steps=1,
         per_device_train_batch_size=2,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
         report_to=[],
         save_strategy="no",
     )
@@ -134,6 +139,10 @@ def test_evaluate_scores_a_checkpoint_on_the_users_own_rows(smoke_run, tmp_path,
     assert "mine.parquet: has no 'split' column" in capsys.readouterr().err
     assert main([*args, "--split", "calibrate"]) == 2
     assert "has no rows with split 'calibrate'" in capsys.readouterr().err
+    # The verifier judges from scenes, which these rows lack: refused in one line, not a win rate of nan.
+    assert main([*args, "--against", sft, "--judge", "verifier"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the verifier judges each prompt from its scene, and 6 of the 6 'eval' rows" in err[0]
 
 
 def test_trl_checkpoint_saving_works_with_the_image_only_qwen_processor(tmp_path):

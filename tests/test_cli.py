@@ -227,6 +227,7 @@ def test_gpu_settings_are_typed_launchpad_fields():
         ("n_sft=99999999999", "setting n_sft: 99999999999 is out of range; it must be in [0, 1000000]"),
         ("sft_epochs=1e9", "setting sft_epochs: 1000000000.0 is out of range; it must be in [0, 1000]"),
         ("seed=-1", "setting seed: -1 is out of range; it must be in [0, 4294967295]"),
+        ("scorer_epochs=0", "setting scorer_epochs: 0 uses a pretrained judge as it is, and scorer_model=tiny is"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, monkeypatch, capsys):
@@ -248,7 +249,8 @@ def test_a_bad_seed_is_refused_as_the_command_line_is_read(seed, tmp_path, monke
 
 
 def test_meaningful_zeros_are_kept():
-    cfg = SettingsResource(profile="smoke", overrides={"n_sft": "0", "scorer_epochs": "0", "lora_r": "0"}).config()
+    zeros = {"n_sft": "0", "scorer_epochs": "0", "lora_r": "0", "scorer_model": "someone/judge-instruct"}
+    cfg = SettingsResource(profile="smoke", overrides=zeros).config()
     assert (cfg.n_sft, cfg.scorer_epochs, cfg.lora_r) == (0, 0.0, 0)
 
 
@@ -258,7 +260,7 @@ def test_a_failed_error_check_fails_the_run_and_names_the_check(tmp_path, monkey
     code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", "min_blank_image_drop=1.0"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "check sft_checkpoint.sft_checkpoint_uses_its_image failed: " in err and "required_drop=1.0" in err
+    assert "check sft_checkpoint.uses_its_image failed: " in err and "required_drop=1.0" in err
 
 
 def test_a_failed_step_names_its_innermost_cause(tmp_path, monkeypatch, capsys):
@@ -276,10 +278,13 @@ def test_a_failed_step_names_its_innermost_cause(tmp_path, monkeypatch, capsys):
             f"policy_model={tmp_path / 'empty_model'}",
         ]
     )
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
     assert code == 1
     assert err.startswith("step base_policy_model failed: ") and "has no config.json" in err
     assert "Error occurred while executing" not in err
+    # The steps skipped after the failure (Dagster's "Dependencies ... Not executing.") are for -v only.
+    assert not [line for line in lines if "Not executing" in line]
 
 
 def test_split_sizes_are_checked_before_anything_trains(tmp_path, monkeypatch, capsys):
@@ -308,6 +313,13 @@ def test_a_run_prints_one_line_per_step_and_v_shows_dagsters_events(tmp_path, mo
         "iteration_eval",
     } <= set(steps)
     assert any(line.split()[0] == "preference_set" and "pairs_kept=" in line for line in lines)
+    assert any(line.split()[0] == "vqa_source" and "rows_yours=0  rows_synthetic=96" in line for line in lines)
+    assert "sft_checkpoint_uses_its_image" in steps and "sft_checkpoint_sft_checkpoint_uses_its_image" not in err
+    # The smoke profile's wrong chosen answers warn, and the warning says why it only warns there.
+    warned = [line for line in lines if "check preference_set.no_wrong_chosen_answer failed" in line]
+    assert warned and all(
+        "warns_only_because=require_correct_chosen=false, as in the smoke profile" in w for w in warned
+    )
     assert main(["run", "--profile", "smoke", "--iterations", "1", "--store", store, "--json", "-v", "--fresh"]) == 0
     assert "STEP_SUCCESS" in capsys.readouterr().err
 
@@ -352,30 +364,13 @@ def test_a_full_disk_a_bad_current_pointer_and_a_bad_by_inputs_record_each_give_
     assert last.startswith(f"src-calibrate: error: {store}/models/policy_checkpoint/001/CURRENT is not valid JSON (")
 
 
-def test_the_smoke_loop_completes_two_iterations_on_an_s3_store_with_sharded_steps(s3_endpoint, tmp_path, monkeypatch):
-    """Every key the loop writes, a shard step's bracketed one included, round-trips through a real S3 server."""
-    from src_assets.storage import Store
-
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SRC_S3_ENDPOINT_URL", s3_endpoint)
-    uri = f"s3://src-test/{tmp_path.name}"
-    command = ["run", "--profile", "smoke", "--iterations", "2", "--store", uri, "--set", "shards=2"]
-    command += ["--set", "search_batch_size=16"]  # 4 prompts per generate block: the 8 prompts make 2 shards
-    assert main(command) == 0
-    store = Store(uri, s3_endpoint_url=s3_endpoint)
-    for iteration in ("001", "002"):
-        assert store.read_table(f"assets/preference_set/{iteration}.parquet").height > 0
-        assert store.current_model(f"models/policy_checkpoint/{iteration}")
-    shards = {key.split("search_shard[")[1].split("]")[0] for key in store.list("runs") if "search_shard[" in key}
-    assert shards == {"prompts_0_4", "prompts_4_8"}  # the shard steps' own results, kept by run
-
-
-def test_an_s3_server_stopped_mid_iteration_fails_the_run_in_one_line_and_a_rerun_after_its_restart_completes(
+def test_an_s3_store_survives_its_server_stopping_mid_iteration_and_a_rerun_completes_two_sharded_iterations(
     tmp_path, monkeypatch
 ):
     """The store's server stops once iteration 1's candidate search has written a shard: the run fails naming the
     endpoint, with no traceback, and says when its lease lapses. Restarted with the same data, a rerun in a new
-    process takes the lease over, reuses the SFT committed before the stop and completes both iterations."""
+    process takes the lease over, reuses the SFT committed before the stop and completes both iterations, every
+    key the loop writes (a shard step's bracketed one included) round-tripping through a real S3 server."""
     import subprocess
     import sys
     import time
@@ -510,6 +505,7 @@ def test_a_store_that_cannot_be_used_is_one_line_naming_it_in_every_command(
         uri, cause = "s3://no-such-bucket/prefix", "its bucket 'no-such-bucket' does not exist"
     else:
         monkeypatch.setenv("SRC_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the cause is the same after botocore's retries, 8 s later
         cause = 'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:9/'
     commands = [
         ["run", "--profile", "smoke", "--iterations", "0", "--store", uri],

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 from dagster import DagsterInstance, Definitions, materialize
 
 from dagster_project.definitions import all_assets as every_asset
@@ -24,9 +25,10 @@ FOUNDATION = {
 all_assets = [a for a in every_asset if a.key.to_user_string() in FOUNDATION]
 
 
-def _resources(base_uri, endpoint=""):
+def _resources(base_uri, endpoint="", **overrides):
     return build_resources(
-        StoreResource(base_uri=base_uri, s3_endpoint_url=endpoint), SettingsResource(profile="smoke")
+        StoreResource(base_uri=base_uri, s3_endpoint_url=endpoint),
+        SettingsResource(profile="smoke", overrides=overrides),
     )
 
 
@@ -92,13 +94,16 @@ def test_bad_source_file_fails_naming_it_and_keeps_the_stored_table(tmp_path):
     )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
-    assert (
-        "source/new-batch.parquet: missing required column(s) ['question']" in failure.step_failure_data.error.message
-    )
+    message = failure.step_failure_data.error.message
+    assert "source/new-batch.parquet: has no column 'question'; its columns are [" in message
+    assert "Name yours with source_columns, e.g. source_columns=question:<your question column>" in message
     assert store.read_bytes("assets/vqa_source.parquet") == before
 
 
-def test_user_parquet_files_join_the_source(tmp_path):
+@pytest.mark.parametrize("synthetic_rows", ["auto", "on", "off"])
+def test_user_files_are_the_source_alone_unless_synthetic_rows_are_asked_for(synthetic_rows, tmp_path):
+    """A store with source files: by default (auto) its rows alone, never mixed with synthetic ones unasked; with
+    synthetic_rows=on both join. The step's numbers say how many rows came from where."""
     store = Store(str(tmp_path))
     from src_assets.source_data import synthetic_source
 
@@ -107,12 +112,28 @@ def test_user_parquet_files_join_the_source(tmp_path):
     result = materialize(
         [a for a in all_assets if a.key.to_user_string() == "vqa_source"],
         instance=DagsterInstance.ephemeral(),
-        resources=_resources(str(tmp_path)),
+        resources=_resources(str(tmp_path), synthetic_rows=synthetic_rows),
+        raise_on_error=False,
     )
+    if synthetic_rows != "on":  # 3 calibrate rows alone: too few to train on, named before anything trains
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        assert "the source has no 'sft' rows" in failure.step_failure_data.error.message
+        return
     df = store.read_table("assets/vqa_source.parquet")
     assert df.height == 96 + 3 and df.filter(pl.col("kind") == "open").height == 3
     meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert (meta["rows_yours"].value, meta["rows_synthetic"].value) == (3, 96)
     assert meta["source_files"].value == [store.uri("source/batch-001.parquet")]
+
+
+def test_without_source_files_the_synthetic_scenes_are_the_source(tmp_path):
+    result = materialize(
+        [a for a in all_assets if a.key.to_user_string() == "vqa_source"],
+        instance=DagsterInstance.ephemeral(),
+        resources=_resources(str(tmp_path)),
+    )
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert (meta["rows_yours"].value, meta["rows_synthetic"].value) == (0, 96)
 
 
 def test_assets_materialize_into_s3(s3_endpoint):
@@ -124,6 +145,8 @@ def test_assets_materialize_into_s3(s3_endpoint):
         resources=resources,
     )
     assert result.success
+    for event in result.get_asset_materialization_events():  # the UI says which store each one went to
+        assert event.materialization.metadata["store"].value == "s3://src-test/dagster-run"
     store = Store("s3://src-test/dagster-run", s3_endpoint_url=s3_endpoint)
     assert store.read_table("assets/eval_set.parquet").height == 20
     scorer_uri = store.read_json("assets/base_r_scorer_model.json")

@@ -131,7 +131,7 @@ def test_a_tau_change_leaves_judging_fresh_and_marks_curation_stale(run_two_iter
 def test_sft_checkpoint_is_checked_for_using_its_image(run_two_iterations):
     _, _, results, _, _ = run_two_iterations
     checks = {e.check_name: e for e in results["foundation"].get_asset_check_evaluations()}
-    check = checks["sft_checkpoint_uses_its_image"]
+    check = checks["uses_its_image"]
     meta = {k: v.value for k, v in check.metadata.items()}
     assert meta["drop"] == pytest.approx(meta["accuracy"] - meta["accuracy_blank_images"])
     # The smoke profile's SFT is far too short to learn to see; its profile reports the check without requiring it.
@@ -335,7 +335,7 @@ def test_a_new_invalid_source_file_fails_the_sensor_run_naming_the_file(tmp_path
         )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "vqa_source")
-    assert "bad.parquet: missing required column(s)" in failure.step_failure_data.error.message
+    assert "bad.parquet: has no column 'question' or 'answer' or 'image'" in failure.step_failure_data.error.message
     assert not result.is_node_success("candidate_pool")  # nothing is sampled from unvalidated data
 
 

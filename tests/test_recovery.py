@@ -3,6 +3,7 @@ asset: no SFT, R-Scorer or completed iteration is computed twice."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert "died with its process" in rerun.stderr
     assert "iteration 001: already complete" in rerun.stderr
+    assert re.search(r"^  sft_checkpoint +[\d.]+ s  reused$", rerun.stderr, re.M), rerun.stderr[-3000:]
     store_dir = tmp_path / "store" / "models"
     assert len(_versions(store_dir, "base_policy_model")) == 1  # the base stage is cached by its inputs too
     assert len(_versions(store_dir, "sft_checkpoint")) == 1  # not retrained

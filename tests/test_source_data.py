@@ -39,7 +39,11 @@ def test_user_file_round_trips_through_parquet(source):
 
 
 def test_missing_column_names_the_file_and_column(source):
-    with pytest.raises(SourceDataError, match=r"s3://b/source/x\.parquet: missing required column\(s\) \['answer'\]"):
+    with pytest.raises(
+        SourceDataError,
+        match=r"s3://b/source/x\.parquet: has no column 'answer'; its columns are \[.*\]\. Name yours with "
+        r"source_columns, e\.g\. source_columns=answer:<your answer column>$",
+    ):
         read_source_file(_parquet(source.drop("answer")), "s3://b/source/x.parquet")
 
 
@@ -175,3 +179,39 @@ def test_a_text_bomb_is_refused_naming_the_row_and_column_and_a_bloated_row_grou
         r"1000000 \(max_source_file_bytes\)",
     ):
         read_source_file(data, "bomb.parquet", max_bytes=1_000_000)
+
+
+@pytest.mark.parametrize(
+    "reply, answer, response",
+    [
+        ("There is a red square.\nAnswer: red", "red", "There is a red square.\nAnswer: red"),
+        ("there is a red square. Answer: red", "red", "there is a red square.\nAnswer: red"),
+        (
+            "Answer: maybe blue. On reflection, the square is red. Answer: red",
+            "red",
+            "Answer: maybe blue. On reflection, the square is red.\nAnswer: red",
+        ),
+        ("Answer: red", "red", "Answer: red"),
+        ("red", "red", None),
+    ],
+)
+def test_a_llava_reply_is_split_at_its_last_answer_whether_on_its_own_line_or_inline(reply, answer, response):
+    from src_assets.source_data import conversation_rows
+
+    record = {
+        "id": "r1",
+        "conversations": [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": reply}],
+    }
+    (row,) = conversation_rows(record, 0, "llava.json")
+    assert (row["question"], row["answer"], row["response"]) == ("What color?", answer, response)
+
+
+def test_an_sft_row_without_a_rationale_says_what_a_response_needs(source):
+    bare = source.filter(pl.col("split") == "sft").head(1).with_columns(pl.lit(None, pl.String).alias("response"))
+    with pytest.raises(
+        SourceDataError,
+        match=r"column 'response' is empty, but sft rows need a gold rationale "
+        r"response: a rationale, then 'Answer: <answer>' \(a LLaVA reply gives one only where it "
+        r"holds 'Answer:' after its rationale\)",
+    ):
+        validate_source(bare, "llava.json")
