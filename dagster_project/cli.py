@@ -373,6 +373,7 @@ def evaluate(args) -> int:
         return _usage_error(
             f"--n must be >= 1, --samples >= 0 and --temperature > 0 (got {args.n}, {args.samples}, {args.temperature})"
         )
+    _quiet_libraries()  # no weight-loading bars around the one line of scores
     store = Store(args.store) if args.store else Store()
     store.check_reachable()
     if args.data:

@@ -299,14 +299,19 @@ def base_policy_model(
         },
     )
     exact = found.get("caption_exact_listing")
+    if exact is None:  # not nan with no reason: a caption is checked against a scene, and these rows have none
+        yield AssetCheckResult(
+            check_name="base_policy_lists_the_scene",
+            severity=AssetCheckSeverity.WARN,
+            passed=True,
+            metadata={"skipped": "the eval rows have no scenes to check a caption against"},
+        )
+        return
     yield AssetCheckResult(
         check_name="base_policy_lists_the_scene",
         severity=AssetCheckSeverity.WARN,
-        passed=exact is not None and exact >= cfg.min_base_exact_listing,
-        metadata={
-            "caption_exact_listing": float(exact if exact is not None else float("nan")),
-            "required": cfg.min_base_exact_listing,
-        },
+        passed=exact >= cfg.min_base_exact_listing,
+        metadata={"caption_exact_listing": float(exact), "required": cfg.min_base_exact_listing},
     )
 
 
@@ -799,6 +804,9 @@ def judge_shard(
     return score_table(ids, matrices, cfg.aggregation)
 
 
+NO_AGREEMENT = "none: no pair the verifier calls clear (rows without scenes, or every pair a tie)"
+
+
 @op
 def join_scores(
     context: OpExecutionContext,
@@ -826,7 +834,9 @@ def join_scores(
         "shards": len(shards),
         "scoring": cfg.scoring,
         "judge": MetadataValue.text(r_scorer_checkpoint),
-        **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items()},
+        # A NaN agreement is no number to show: with no clear pair, a note says why there is none.
+        **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items() if v == v},
+        **({} if agreement["clear_pairs"] else {"judge_agreement_note": MetadataValue.text(NO_AGREEMENT)}),
         "mean_confidence": float(scores["confidence"].mean() or 0),
         "confidence_histogram": histogram_md(scores["confidence"].to_list(), "confidence"),
     }

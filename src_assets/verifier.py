@@ -393,8 +393,9 @@ def check_scenes_to_judge(rows, what: str) -> None:
     if bare.height:
         raise ValueError(
             f"the verifier judges each prompt from its scene, and {bare.height} of the {rows.height} "
-            f"{what} have none (e.g. id {bare['id'][0]!r}): give a judge LM (scorer_model=<dir or hub id>), or "
-            f"train one on a judgement table (README: A judge for your data)"
+            f"{what} have none (e.g. id {bare['id'][0]!r}): judge with an LM instead (a directory or hub id: "
+            f"scorer_model for a run, --judge for evaluate), or train one on a judgement table (README: A judge "
+            f"for your data)"
         )
 
 

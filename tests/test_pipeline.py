@@ -94,10 +94,11 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
         "no_regression",
     }
     assert checks["weights_in_unit_interval"].passed
-    agreement, clear = meta["pairwise_scores"]["judge_agreement"].value, meta["pairwise_scores"]["clear_pairs"].value
-    assert (clear > 0 and 0 <= agreement <= 1) or (
-        clear == 0 and agreement != agreement
-    )  # NaN when nothing to agree on
+    scores, clear = meta["pairwise_scores"], meta["pairwise_scores"]["clear_pairs"].value
+    if clear:
+        assert 0 <= scores["judge_agreement"].value <= 1
+    else:  # nothing to agree on: no NaN, a note that says why
+        assert "judge_agreement" not in scores and scores["judge_agreement_note"].value.startswith("none: no pair")
 
 
 def test_a_tau_change_leaves_judging_fresh_and_marks_curation_stale(run_two_iterations):

@@ -67,7 +67,11 @@ def _llava_records(df: pl.DataFrame, folder: Path) -> list[dict]:
                 "question_spec": r["question_spec"],
                 "conversations": [
                     {"from": "human", "value": "<image>\n" + r["question"]},
-                    {"from": "gpt", "value": r["response"]},
+                    # every other reply with its answer inline ("... there is a red square. Answer: red")
+                    {
+                        "from": "gpt",
+                        "value": r["response"] if i % 2 else r["response"].replace("\nAnswer:", " Answer:"),
+                    },
                 ],
             }
         )
