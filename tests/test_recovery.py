@@ -309,8 +309,8 @@ def test_sigterm_at_any_step_ends_the_run_within_30_s_marked_failed_with_its_lea
     went on to its end and exited 0. Now the command ends within 30 s, non-zero, its run failed, its leases free."""
     from dagster import DagsterInstance, DagsterRunStatus
 
-    # Large enough that each of these steps runs for many seconds (on 2 cores: search ~20 s, judging ~50 s, DPO ~25 s).
-    sizes = ["--set", "n_calibrate=2100", "--set", "prompts_per_iteration=2000", "--set", "k=6"]
+    # Large enough that each of these steps runs for many seconds (on 2 cores: search ~10 s, judging ~25 s, DPO ~12 s).
+    sizes = ["--set", "n_calibrate=1100", "--set", "prompts_per_iteration=1000", "--set", "k=6"]
     command, env = _cli(tmp_path, "--iterations", "1", *sizes)
     running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
