@@ -77,10 +77,16 @@ def _without_scenes(df: pl.DataFrame) -> pl.DataFrame:
     return df.drop("scene", "question_spec").with_columns(pl.lit("open").alias("kind"))
 
 
-def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, monkeypatch, capsys):
+def _store_with_users_rows(tmp_path) -> tuple[Store, pl.DataFrame]:
+    """A store whose source is 96 rows as a user's own data looks (no scenes), in one Parquet file."""
     store = Store(str(tmp_path / "store"))
     rows = _without_scenes(synthetic_source(seed=9, n_sft=60, n_calibrate=16, n_eval=20))
     store.write_table("source/mine.parquet", rows)
+    return store, rows
+
+
+def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, monkeypatch, capsys):
+    store, rows = _store_with_users_rows(tmp_path)
     judged = rows.filter(pl.col("split") == "calibrate").select(
         "question", "answer", "reference", pl.col("response").alias("response_a")
     )
@@ -114,17 +120,11 @@ def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, 
 def test_a_pretrained_judge_used_zero_shot_judges_the_users_rows(bpe_judge, tmp_path, monkeypatch, capsys):
     """Rows without scenes and no judgement table: a local instruction-tuned judge (Qwen2 architecture, with a
     chat template) used as it is (scorer_epochs=0) judges the pairs; no judge is trained."""
-    store = Store(str(tmp_path / "store"))
-    store.write_table(
-        "source/mine.parquet", _without_scenes(synthetic_source(seed=9, n_sft=60, n_calibrate=16, n_eval=20))
-    )
+    store, _ = _store_with_users_rows(tmp_path)
     code, out, err = _run(
         tmp_path,
         monkeypatch,
         capsys,
-        "n_sft=0",
-        "n_calibrate=0",
-        "n_eval=0",
         f"scorer_model={bpe_judge}",
         "scorer_epochs=0",
         "judge_template=instruct",
@@ -135,11 +135,8 @@ def test_a_pretrained_judge_used_zero_shot_judges_the_users_rows(bpe_judge, tmp_
 
 
 def test_the_verifier_as_judge_of_rows_without_scenes_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
-    store = Store(str(tmp_path / "store"))
-    store.write_table(
-        "source/mine.parquet", _without_scenes(synthetic_source(seed=9, n_sft=60, n_calibrate=16, n_eval=20))
-    )
-    code, _, err = _run(tmp_path, monkeypatch, capsys, "n_sft=0", "n_calibrate=0", "n_eval=0", "scorer_model=verifier")
+    store, _ = _store_with_users_rows(tmp_path)
+    code, _, err = _run(tmp_path, monkeypatch, capsys, "scorer_model=verifier")  # your rows alone, by default
     assert code == 1
     assert (
         err.strip()

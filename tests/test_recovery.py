@@ -184,6 +184,14 @@ def _wait_for_line(process, text: str, timeout: float = 300) -> str:
     raise AssertionError(f"the run ended before a line with {text!r}: {''.join(seen)[-2000:]}")
 
 
+def _sigterm(process) -> tuple[str, float]:
+    """Sends SIGTERM to ``process`` and waits for it: its stderr, and the seconds it took to end."""
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    return err, time.monotonic() - sent
+
+
 def test_a_pool_holder_killed_while_a_run_waits_frees_the_slot_and_a_waiting_run_stops_on_sigterm(tmp_path):
     holder = subprocess.Popen(["sleep", "600"])
     run_id = _pool_holder(tmp_path / "home", holder.pid)
@@ -255,10 +263,7 @@ def test_sigterm_during_an_upload_ends_the_run_within_30_s_marked_failed_with_it
         deadline = time.monotonic() + 300
         while not held.wait(0.5):
             assert running.poll() is None and time.monotonic() < deadline, "the run ended before the SFT upload"
-        running.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        _, err = running.communicate(timeout=60)
-        took = time.monotonic() - sent
+        err, took = _sigterm(running)
     finally:
         running.kill()
         let_go.set()
@@ -317,10 +322,7 @@ def test_sigterm_at_any_step_ends_the_run_within_30_s_marked_failed_with_its_lea
         _wait_for_line(running, after_line)
         time.sleep(2)  # into the next step
         assert running.poll() is None, f"the run ended before {during}"
-        running.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        _, err = running.communicate(timeout=60)
-        took = time.monotonic() - sent
+        err, took = _sigterm(running)
     finally:
         running.kill()
     assert running.returncode == 130 and took < 30, (running.returncode, round(took, 1), err[-2000:])
