@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-from dagster import AssetExecutionContext, Failure, MetadataValue, asset
+from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 from safetensors import safe_open
 
 from src_assets.base_stage import PERCEPTION_SCHEMA
@@ -57,7 +57,9 @@ from .versions import reads
     "synthetic_rows",
     stages=("source_data", "source_files", "scenes", "verifier"),
 )
-def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+def vqa_source(
+    context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
+) -> Output[pl.DataFrame]:
     """Every (image, question, answer) row: synthetic scenes, the files under the store's source prefix (Parquet,
     LLaVA-style JSON/JSONL, ``datasets`` folders) and the hub datasets of ``source_datasets``."""
     cfg, s = settings.config(), store.store()
@@ -104,14 +106,16 @@ def vqa_source(context: AssetExecutionContext, settings: SettingsResource, store
             "source_files": MetadataValue.json([src.name for src in sources]),
         }
     )
-    return df
+    return Output(df, tags=store.tags())
 
 
 @asset(
     group_name="data",
 )
 @reads("judgements_prefix", "max_text_chars", stages=("source_data",))
-def judgement_tables(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> pl.DataFrame:
+def judgement_tables(
+    context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
+) -> Output[pl.DataFrame]:
     """The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's
     judgements prefix; they train the R-Scorer beside the verifier's labels."""
     cfg, s = settings.config(), store.store()
@@ -131,12 +135,14 @@ def judgement_tables(context: AssetExecutionContext, settings: SettingsResource,
             "verdicts": MetadataValue.json(dict(df.group_by("verdict").len().iter_rows())),
         }
     )
-    return df
+    return Output(df, tags=store.tags())
 
 
 @asset(group_name="data")
 @reads(stages=("rationale_sft", "scenes"))
-def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
+def rationale_sft_set(
+    context: AssetExecutionContext, vqa_source: pl.DataFrame, store: StoreResource
+) -> Output[pl.DataFrame]:
     """The sft rows as (prompt, completion, image), completions in the rationale template."""
     try:
         df = build_rationale_sft_set(vqa_source)
@@ -144,8 +150,7 @@ def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) 
         raise Failure(str(e)) from e
     if df.is_empty():
         raise Failure("vqa_source has no rows with split 'sft'")
-    context.add_output_metadata(vqa_table_metadata(df))
-    return df
+    return Output(df, metadata=vqa_table_metadata(df), tags=store.tags())
 
 
 @asset(group_name="data")
@@ -159,38 +164,40 @@ def rationale_sft_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) 
     "base_answer_form",
     stages=("base_stage", "scenes"),
 )
-def perception_corpus(context: AssetExecutionContext, settings: SettingsResource) -> pl.DataFrame:
+def perception_corpus(
+    context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
+) -> Output[pl.DataFrame]:
     """The base stage's training rows (tiny policy only): captions of scenes in the rationale's perception sentences,
     and direct answers to the domain's questions, on scenes of their own. Empty for a real policy model."""
     cfg = settings.config()
     if cfg.policy_model != TINY:
-        context.add_output_metadata({"rows": 0, "skipped": "a real policy model: it has no base stage"})
-        return pl.DataFrame(schema=PERCEPTION_SCHEMA)
+        return Output(
+            pl.DataFrame(schema=PERCEPTION_SCHEMA),
+            metadata={"rows": 0, "skipped": "a real policy model: it has no base stage"},
+            tags=store.tags(),
+        )
     df = perception_corpus_rows(
         cfg.n_base, cfg.seed, cfg.base_caption_share, cfg.min_objects, cfg.max_objects, cfg.base_answer_form
     )
-    context.add_output_metadata(
-        {
-            "rows": df.height,
-            "question_kinds": counts_table(dict(sorted(df.group_by("kind").len().iter_rows())), "kind"),
-            "preview": table_preview(df),
-        }
-    )
-    return df
+    metadata = {
+        "rows": df.height,
+        "question_kinds": counts_table(dict(sorted(df.group_by("kind").len().iter_rows())), "kind"),
+        "preview": table_preview(df),
+    }
+    return Output(df, metadata=metadata, tags=store.tags())
 
 
 @asset(group_name="data")
 @reads()
-def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame) -> pl.DataFrame:
+def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame, store: StoreResource) -> Output[pl.DataFrame]:
     """The held-out rows every iteration is evaluated on."""
     df = vqa_source.filter(pl.col("split") == "eval")
     if df.is_empty():
         raise Failure("vqa_source has no rows with split 'eval'")
-    context.add_output_metadata(vqa_table_metadata(df))
-    return df
+    return Output(df, metadata=vqa_table_metadata(df), tags=store.tags())
 
 
-def _base_model(context, ref: str, build, architecture: str, key: str, store: StoreResource, cfg) -> str:
+def _base_model(ref: str, build, architecture: str, key: str, store: StoreResource, cfg) -> Output[str]:
     """The tiny model built and stored, or a real model reference validated; returns what to load."""
     if ref == TINY:
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,8 +217,7 @@ def _base_model(context, ref: str, build, architecture: str, key: str, store: St
     }
     if n_params is not None:
         meta["parameters"] = MetadataValue.int(n_params)
-    context.add_output_metadata(meta)
-    return uri
+    return Output(uri, metadata=meta, tags=store.tags())
 
 
 def count_parameters(model_dir: Path) -> int:
@@ -232,14 +238,15 @@ def count_parameters(model_dir: Path) -> int:
     "seed",
     stages=("tiny_models", "models", "r_scorer"),
 )
-def base_r_scorer_model(context: AssetExecutionContext, settings: SettingsResource, store: StoreResource) -> str:
+def base_r_scorer_model(
+    context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
+) -> Output[str]:
     """The R-Scorer's judge LM before training: the tiny local LM, or the configured real model."""
     cfg = settings.config()
     if is_oracle(cfg.scorer_model):
-        context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model)})
-        return cfg.scorer_model  # the oracle judge has no model
+        # the oracle judge has no model
+        return Output(cfg.scorer_model, metadata={"model": MetadataValue.text(cfg.scorer_model)}, tags=store.tags())
     return _base_model(
-        context,
         cfg.scorer_model,
         build_tiny_judge,
         cfg.tiny_scorer_architecture,

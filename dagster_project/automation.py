@@ -23,7 +23,7 @@ from src_assets.fingerprints import digest
 from src_assets.source_files import source_file_keys
 
 from . import assets, loop_assets, store_layout
-from .loop_assets import iteration_key, iteration_partitions
+from .loop_assets import iteration_partitions, next_iteration
 from .resources import SettingsResource, StoreResource
 
 # The iteration's assets are the ones partitioned by iteration; every other asset is the foundation they read.
@@ -57,15 +57,6 @@ new_data_job = define_asset_job(
     tags=ITERATION_TAG,
     description="New source data: the source table read and validated again (new files included), then one iteration.",
 )
-
-
-def next_iteration(store) -> str:
-    """The first iteration whose policy is not committed in the store: after a failed iteration it is that one
-    again (retried, not skipped), and iterations stay in order."""
-    k = 1
-    while store.current_model(store_layout.policy_model(iteration_key(k))) is not None:
-        k += 1
-    return iteration_key(k)
 
 
 @sensor(

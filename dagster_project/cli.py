@@ -1,7 +1,7 @@
 """``src-calibrate``: runs the SRC loop through Dagster into a persistent instance, or scores a checkpoint.
 
 The runs land in ``$DAGSTER_HOME`` (default ``./.dagster_home``), so
-``dagster dev`` shows their history, metadata and checks afterwards.
+``dg dev`` shows their history, metadata and checks afterwards.
 """
 
 import argparse
@@ -38,7 +38,7 @@ def _instance():
     The first use of a fresh home creates its sqlite databases, and two processes doing that at once race: one fails
     on a table the other just made, or both stamp the schema version and every later use fails on a version table
     with two heads. So every command opens the instance holding a lock file in the home, one process at a time.
-    (A ``dagster-daemon`` or ``dagster dev`` takes no such lock: start them on a home a command has already used.)
+    (A ``dagster-daemon`` or ``dg dev`` takes no such lock: start them on a home a command has already used.)
     """
     import fcntl
 
@@ -48,7 +48,7 @@ def _instance():
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".instance.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        shipped = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the repository's instance settings
+        shipped = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"  # the repository's instance settings
         if not (home / "dagster.yaml").exists():
             (home / "dagster.yaml").write_text(shipped.read_text() if shipped.exists() else "")
         return DagsterInstance.get()

@@ -10,7 +10,7 @@ from .resources import IterationLeaseResource, SettingsResource, StoreIOManager,
 from .step_log import step_lines
 from .versions import with_code_versions
 
-# Code versions under the environment's settings (SRC_PROFILE): what `dagster dev` materializes with.
+# Code versions under the environment's settings (SRC_PROFILE): what `dg dev` materializes with.
 all_assets = with_code_versions(load_assets_from_modules([assets, loop_assets]), SettingsResource().config())
 
 

@@ -1,7 +1,7 @@
 """``src-calibrate experiment``: the ablation table, each variant of the loop run for each seed.
 
 Every (variant, seed) is one ``src-calibrate run --json`` in a child process with its own Dagster instance
-under ``--out`` (inspect any of them with ``dagster dev`` afterwards). The variants of one seed run one after
+under ``--out`` (inspect any of them with ``dg dev`` afterwards). The variants of one seed run one after
 another on one store, so the rationale SFT (and the R-Scorer, where the variant does not change it) is trained
 once per seed and reused (``reuse_checkpoints``); the seeds run in parallel.
 The table compares iteration 0 (the SFT checkpoint) with the last iteration, as mean and standard deviation

@@ -98,6 +98,21 @@ def iteration_key(k: int) -> str:
     return f"{k:03d}"
 
 
+def next_iteration(store) -> str:
+    """The first iteration whose policy is not committed in the store: after a failed iteration it is that one
+    again (retried, not skipped), and iterations stay in order."""
+    k = 1
+    while store.current_model(store_layout.policy_model(iteration_key(k))) is not None:
+        k += 1
+    return iteration_key(k)
+
+
+def _offer_next_iteration(context, store) -> None:
+    """Adds the next iteration to the iteration partitions once the policy it starts from is committed, so the
+    iteration job's Launchpad and the asset pages offer it (a dynamic partition exists only once added)."""
+    context.instance.add_dynamic_partitions(iteration_partitions.name, [next_iteration(store)])  # kept if there
+
+
 def iteration_number(key: str) -> int:
     if not key.isdigit() or int(key) < 1:
         raise Failure(f"iteration partition keys are zero-padded positive numbers like '001', got {key!r}")
@@ -225,6 +240,7 @@ def base_policy_model(
                 "trained": False,
                 "architecture": ",".join(config.get("architectures") or ["?"]),
             },
+            tags=store.tags(),
         )
         yield AssetCheckResult(
             check_name="base_policy_lists_the_scene", passed=True, metadata={"skipped": "a real model: no base stage"}
@@ -297,6 +313,7 @@ def base_policy_model(
                 + "\n".join(f"| {st} | {e:.2f} |" for st, e in found.get("probe_checks", []))
             ),
         },
+        tags=store.tags(),
     )
     exact = found.get("caption_exact_listing")
     if exact is None:  # not nan with no reason: a caption is checked against a scene, and these rows have none
@@ -345,7 +362,8 @@ def sft_checkpoint(
         context.add_output_metadata(
             {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
         )
-        return Output(found["uri"])
+        _offer_next_iteration(context, s)
+        return Output(found["uri"], tags=store.tags())
     with tempfile.TemporaryDirectory() as out:
         result = _train(
             context,
@@ -376,7 +394,8 @@ def sft_checkpoint(
             "steps": result["steps"],
         }
     )
-    return Output(uri)
+    _offer_next_iteration(context, s)
+    return Output(uri, tags=store.tags())
 
 
 @asset(
@@ -415,10 +434,10 @@ def r_scorer_checkpoint(
     cfg, s = settings.config(), store.store()
     if is_oracle(cfg.scorer_model):
         context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model), "trained": False})
-        return Output(cfg.scorer_model)  # the oracle: the domain verifier judges every pair
+        return Output(cfg.scorer_model, tags=store.tags())  # the oracle: the domain verifier judges every pair
     if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
         context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
-        return Output(base_r_scorer_model)  # a pretrained judge, used zero-shot
+        return Output(base_r_scorer_model, tags=store.tags())  # a pretrained judge, used zero-shot
     prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
     base_judge = (
         _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
@@ -436,7 +455,7 @@ def r_scorer_checkpoint(
         context.add_output_metadata(
             {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
         )
-        return Output(found["uri"])
+        return Output(found["uri"], tags=store.tags())
     base_dir = s.local_model_dir(base_r_scorer_model)
     judgements, sources = judge_training_set(
         load_tokenizer(base_dir),
@@ -490,7 +509,7 @@ def r_scorer_checkpoint(
             **{f"training_rows_{k}": v for k, v in fit.items()},
         }
     )
-    return Output(uri)
+    return Output(uri, tags=store.tags())
 
 
 def _anatomy(model, processor, eval_set: pl.DataFrame, scored: pl.DataFrame, cfg, context) -> dict:
@@ -532,6 +551,7 @@ def sft_eval(
     yield Output(
         scored.with_columns(pl.lit(sft_checkpoint).alias("checkpoint")),
         metadata={**metric_values(summary), **anatomy_metadata(parts), "preview": table_preview(scored)},
+        tags=store.tags(),
     )
     _update_card(store.store(), sft_checkpoint, cfg, "SFT checkpoint")
 
@@ -589,7 +609,7 @@ ITERATION = dict(group_name="iteration", partitions_def=iteration_partitions)
 @reads()
 def start_policy(
     context: AssetExecutionContext, sft_checkpoint: str, store: StoreResource, iteration_lease: IterationLeaseResource
-) -> str:
+) -> Output[str]:
     """The policy iteration k starts from: policy k-1 (the SFT checkpoint for k = 1), resolved once from the store.
     Every later step of the iteration uses this URI."""
     s, key = store.store(), context.partition_key
@@ -605,8 +625,7 @@ def start_policy(
                 f"({s.uri(store_layout.policy_model(prev))}); materialize iteration {prev} first (iterations run in order)",
                 metadata={"missing_predecessor": MetadataValue.text(prev)},
             )
-    context.add_output_metadata({"policy": MetadataValue.text(uri)})
-    return uri
+    return Output(uri, metadata={"policy": MetadataValue.text(uri)}, tags=store.tags())
 
 
 @asset(
@@ -618,8 +637,9 @@ def calibration_prompts(
     context: AssetExecutionContext,
     vqa_source: pl.DataFrame,
     settings: SettingsResource,
+    store: StoreResource,
     iteration_lease: IterationLeaseResource,
-) -> pl.DataFrame:
+) -> Output[pl.DataFrame]:
     """Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own."""
     cfg = settings.config()
     try:
@@ -628,15 +648,13 @@ def calibration_prompts(
         )
     except SourceDataError as e:
         raise Failure(str(e)) from e
-    context.add_output_metadata(
-        {
-            "prompts": rows.height,
-            "first_id": rows["id"][0],
-            "last_id": rows["id"][-1],
-            "kinds": counts_table(dict(rows.group_by("kind").len().sort("kind").iter_rows()), "kind"),
-        }
-    )
-    return rows
+    metadata = {
+        "prompts": rows.height,
+        "first_id": rows["id"][0],
+        "last_id": rows["id"][-1],
+        "kinds": counts_table(dict(rows.group_by("kind").len().sort("kind").iter_rows()), "kind"),
+    }
+    return Output(rows, metadata=metadata, tags=store.tags())
 
 
 # --- Candidate search and judging, in shards -------------------------------------------------------------------
@@ -728,7 +746,13 @@ def search_shard(
         "candidate_pool_most_prompts_have_two_distinct_candidates": Out(Nothing, is_required=False),
     }
 )
-def join_candidates(context: OpExecutionContext, shards: list, calibration_prompts: pl.DataFrame, start_policy: str):
+def join_candidates(
+    context: OpExecutionContext,
+    shards: list,
+    calibration_prompts: pl.DataFrame,
+    start_policy: str,
+    store: StoreResource,
+):
     pool = _in_prompt_order(shards, calibration_prompts)
     per_prompt = pool.group_by("prompt_id").len()["len"]
     with_two = int((per_prompt >= 2).sum())
@@ -746,6 +770,7 @@ def join_candidates(context: OpExecutionContext, shards: list, calibration_promp
             ),
             "preview": table_preview(pool.drop("params")),
         },
+        tags=store.tags(),
     )
     yield AssetCheckResult(
         asset_key="candidate_pool",
@@ -816,7 +841,7 @@ def join_scores(
     r_scorer_checkpoint: str,
     settings: SettingsResource,
     store: StoreResource,
-) -> pl.DataFrame:
+) -> Output[pl.DataFrame]:
     cfg = settings.config()
     scores = _in_prompt_order(shards, calibration_prompts)
     # Held out: the R-Scorer never trained on calibration prompts. The verifier's side needs no model.
@@ -845,10 +870,9 @@ def join_scores(
         texts = candidate_pool.filter(pl.col("prompt_id") == row["prompt_id"]).sort("candidate")["text"].to_list()
         meta["sample_prompt"] = MetadataValue.text(row["prompt_id"])
         meta["sample_matrix_q"] = matrix_md(row["q"], row["win_rate"], row["strength"], texts)
-    context.add_output_metadata(meta)
     step = iteration_number(context.partition_key)
     log_pipeline_metrics(cfg, store.store(), step, {"judge_agreement": agreement["judge_agreement"]}, context.log)
-    return scores
+    return Output(scores, metadata=meta, tags=store.tags())
 
 
 @graph_asset(**ITERATION)
@@ -928,6 +952,7 @@ def preference_set(
             "drop_reasons": counts_table(dict(reasons.group_by("drop_reason").len().iter_rows()), "reason"),
             "preview": table_preview(prefs),
         },
+        tags=store.tags(),
     )
     outside = prefs.filter((pl.col("weight") < 0) | (pl.col("weight") > 1)).height
     yield AssetCheckResult(
@@ -1004,7 +1029,8 @@ def policy_checkpoint(
                 "pairs": 0,
             }
         )
-        return Output(uri)
+        _offer_next_iteration(context, s)
+        return Output(uri, tags=store.tags())
     with tempfile.TemporaryDirectory() as out:
         if cfg.policy_update == "gold_sft":
             result = _train(
@@ -1052,7 +1078,8 @@ def policy_checkpoint(
             "steps": result["steps"],
         }
     )
-    return Output(uri)
+    _offer_next_iteration(context, s)
+    return Output(uri, tags=store.tags())
 
 
 def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.DataFrame) -> pl.DataFrame | None:
@@ -1145,6 +1172,7 @@ def iteration_eval(
             "compared_with": MetadataValue.text(start_policy),
             "preview": table_preview(scored),
         },
+        tags=store.tags(),
     )
     log_pipeline_metrics(cfg, s, iteration_number(key), _tracked_metrics(summary), context.log)
     _update_card(s, policy_checkpoint, cfg, f"SRC policy, iteration {key}")

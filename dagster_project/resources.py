@@ -1,7 +1,9 @@
 """Resources: where artefacts live (the store), how tables travel (the IO manager), and the run settings."""
 
 import contextlib
+import hashlib
 import os
+import re
 from dataclasses import fields
 from typing import Any, Optional
 
@@ -33,6 +35,21 @@ class StoreResource(ConfigurableResource):
 
     def store(self) -> Store:
         return Store(self.base_uri, self.s3_endpoint_url or None)
+
+    def tags(self) -> dict[str, str]:
+        """The tag every materialization carries, so the UI can say (and filter by) which store it was written to;
+        the full URI is in its metadata (``store``)."""
+        return {STORE_TAG: store_label(self.base_uri)}
+
+
+STORE_TAG = "src/store"
+
+
+def store_label(uri: str) -> str:
+    """A short name for a store, fit for a Dagster tag value (at most 63 characters of letters, digits, ``_.-``):
+    the end of its URI, and 8 hex digits of the whole URI's digest, so two stores never share a label."""
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", uri.split("://", 1)[-1].rstrip("/")).strip("-.")
+    return f"{tail[-54:].lstrip('-.')}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
 
 
 PARTITION_TAG = "dagster/partition"

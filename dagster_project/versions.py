@@ -24,7 +24,7 @@ declaration cannot miss a module the asset runs. Sources are compared as syntax 
 the layout changes no version. ``storage`` and ``progress`` move bytes and report progress, and change nothing an
 asset computes, so they need no declaration and are not part of any version.
 
-The Definitions carry the versions of the settings in the environment (``SRC_PROFILE``, what ``dagster dev``
+The Definitions carry the versions of the settings in the environment (``SRC_PROFILE``, what ``dg dev``
 materializes with); ``src-calibrate run`` stamps its own settings on the assets it runs.
 """
 

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _home(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "dagster.yaml", path / "dagster.yaml")  # the shipped instance: a run queue with limits
+    shutil.copy(
+        ROOT / "deploy" / "dagster.yaml", path / "dagster.yaml"
+    )  # the shipped instance: a run queue with limits
     return path
 
 

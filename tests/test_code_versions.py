@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _copy_of_the_project(dest: Path) -> Path:
     for package in ("src_assets", "kernels", "dagster_project"):
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-    for file in ("workspace.yaml", "dagster.yaml", "pyproject.toml"):
+    for file in ("workspace.yaml", "deploy/dagster.yaml", "pyproject.toml"):
+        (dest / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / file, dest / file)
     return dest
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,25 @@ def _resources(base_uri, endpoint="", **overrides):
         StoreResource(base_uri=base_uri, s3_endpoint_url=endpoint),
         SettingsResource(profile="smoke", overrides=overrides),
     )
+
+
+def test_dg_check_defs_loads_the_project_that_pyproject_names(tmp_path):
+    """`dg check defs`, with the project's environment active as the README has it, finds the code location through
+    pyproject.toml's [tool.dg] and loads it, warning of nothing."""
+    bin_dir = Path(sys.executable).parent
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")  # the home as the README sets it up
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path),
+        "VIRTUAL_ENV": str(bin_dir.parent),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    out = subprocess.run(
+        [str(bin_dir / "dg"), "check", "defs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "All definitions loaded successfully" in out.stdout + out.stderr
+    assert "warn" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
 
 
 def test_definitions_validate_through_workspace_yaml(tmp_path):

@@ -61,5 +61,5 @@ def test_the_helm_values_carry_the_executor_the_s3_store_and_the_run_queue_limit
     assert deployment["dagsterApiGrpcArgs"] == ["--module-name", "dagster_project.definitions"]
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     queue = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
-    shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())["concurrency"]["runs"]
+    shipped = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())["concurrency"]["runs"]
     assert queue["tagConcurrencyLimits"] == shipped["tag_concurrency_limits"]  # the same one-iteration-at-a-time

@@ -1,6 +1,6 @@
 """Operating SRC as a user does: the webserver and daemon on loopback, backfills through GraphQL, the UI in Chromium.
 
-Everything runs on the smoke profile against a temporary DAGSTER_HOME (the repository's dagster.yaml) and store.
+Everything runs on the smoke profile against a temporary DAGSTER_HOME (the repository's deploy/dagster.yaml) and store.
 """
 
 import json
@@ -26,6 +26,7 @@ from dagster import (
 
 from dagster_project.automation import ITERATION_ASSETS
 from dagster_project.definitions import build_resources, foundation_assets
+from dagster_project.launch import LOCATION
 from dagster_project.loop_assets import iteration_partitions
 from dagster_project.resources import SettingsResource, StoreResource
 from src_assets.storage import Store
@@ -56,7 +57,7 @@ def dagster_ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("operating")
     home, store = root / "home", root / "store"
     home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", home / "dagster.yaml")
     with DagsterInstance.from_config(str(home)):
         pass  # the databases exist before the webserver and the daemon open them together (they race on a fresh home)
     env = {
@@ -66,24 +67,21 @@ def dagster_ui(tmp_path_factory):
         "SRC_PROFILE": "smoke",
         "HF_HUB_OFFLINE": "1",
     }
+    # `dg dev` as the README runs it, with the project's virtual environment active: it starts the webserver and
+    # the daemon on the code location that pyproject.toml's [tool.dg] names.
+    env["VIRTUAL_ENV"], env["PATH"] = str(BIN.parent), f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    logs = [open(root / "webserver.log", "w"), open(root / "daemon.log", "w")]
+    log = root / "dg_dev.log"
+    logs = [open(log, "w")]
     procs = [
         subprocess.Popen(
-            [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+            [str(BIN / "dg"), "dev", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=logs[0],
             stderr=subprocess.STDOUT,
-        ),
-        subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-            cwd=ROOT,
-            env=env,
-            stdout=logs[1],
-            stderr=subprocess.STDOUT,
-        ),
+        )
     ]
     try:
         deadline = time.monotonic() + 180
@@ -93,14 +91,14 @@ def dagster_ui(tmp_path_factory):
                 break
             except OSError:
                 if time.monotonic() > deadline or procs[0].poll() is not None:
-                    raise RuntimeError(f"the webserver did not come up: {(root / 'webserver.log').read_text()[-3000:]}")
+                    raise RuntimeError(f"the webserver did not come up: {log.read_text()[-3000:]}")
                 time.sleep(1)
         with DagsterInstance.from_config(str(home)) as instance:
             # The unpartitioned assets (data, SFT, R-Scorer) first, as a user would from the UI.
             foundation = foundation_assets
             resources = build_resources(StoreResource(base_uri=str(store)), SettingsResource(profile="smoke"))
             assert materialize(foundation, instance=instance, resources=resources).success
-        yield url, home, Store(str(store))
+        yield url, home, Store(str(store)), log
     finally:
         for p in procs:
             p.terminate()
@@ -111,6 +109,16 @@ def dagster_ui(tmp_path_factory):
                 p.kill()
         for f in logs:
             f.close()
+
+
+def test_dg_dev_starts_the_ui_and_the_daemon_without_a_warning(dagster_ui):
+    """Neither Dagster's "dagster.yaml in the current folder is ignored" nor dg's virtual-environment mismatch."""
+    deadline = time.monotonic() + 120
+    while "Instance is configured with the following daemons" not in (log := dagster_ui[3].read_text()):
+        assert time.monotonic() < deadline, f"the daemon did not start: {log[-3000:]}"
+        time.sleep(1)
+    assert "Serving dagster-webserver" in log, log[-3000:]
+    assert "WARNING" not in log and "does not match" not in log, log[-3000:]
 
 
 def _repository(url: str) -> dict:
@@ -149,7 +157,7 @@ def _backfill(url: str, instance, keys: list[str], timeout: float = 400) -> list
 
 @pytest.fixture(scope="module")
 def backfilled(dagster_ui):
-    url, home, store = dagster_ui
+    url, home, store, _ = dagster_ui
     with DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
         runs = _backfill(url, instance, ["001", "002"])
@@ -241,6 +249,13 @@ def test_ui_shows_the_graph_and_iteration_eval_metadata(backfilled):
             page.get_by_text("judge_win_rate_vs_previous").first.wait_for(timeout=90_000)
             assert page.get_by_text("consistency").count() > 0
             page.screenshot(path=str(ARTIFACTS / "iteration_eval.png"), full_page=True)
+            # The iteration job's Launchpad: its Partition box lists the iterations, the next one among them.
+            page.goto(f"{url}/locations/{LOCATION}/jobs/src_iteration/playground", wait_until="domcontentloaded")
+            _dismiss_welcome(page)
+            page.get_by_placeholder("Partition").click(timeout=90_000)
+            for key in ("001", "002", "003"):
+                page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "launchpad.png"))
         finally:
             browser.close()
     assert (ARTIFACTS / "iteration_eval.png").stat().st_size > 10_000

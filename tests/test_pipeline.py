@@ -21,7 +21,7 @@ from dagster import (
 from dagster_project.automation import ITERATION_ASSETS, iteration_schedule, new_source_data_sensor
 from dagster_project.definitions import all_assets, all_checks, build_resources, foundation_assets
 from dagster_project.loop_assets import iteration_partitions
-from dagster_project.resources import SettingsResource, StoreResource
+from dagster_project.resources import STORE_TAG, SettingsResource, StoreResource, store_label
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def run_two_iterations(tmp_path_factory):
     foundation = foundation_assets
     foundation_result = materialize([*foundation, *all_checks], instance=instance, resources=resources)
     assert foundation_result.success
-    instance.add_dynamic_partitions(iteration_partitions.name, ["001", "002"])
+    # No partition is added here: the SFT checkpoint offers iteration 001, and each policy the next iteration.
     results = {"foundation": foundation_result}
     for key in ("001", "002"):
         results[key] = materialize(
@@ -65,6 +65,17 @@ def test_two_iterations_materialize_every_asset_in_time(run_two_iterations):
     }
     assert meta["policy_checkpoint"]["started_from"].value == store.current_model("models/policy_checkpoint/001")
     assert meta["candidate_pool"]["policy"].value == store.current_model("models/policy_checkpoint/001")
+    # What the Launchpad's partition box offers: the iterations run, and the next one (its policy is not committed).
+    assert instance.get_dynamic_partitions(iteration_partitions.name) == ["001", "002", "003"]
+
+
+def test_every_materialization_names_its_store_in_a_tag_and_its_metadata(run_two_iterations):
+    instance, store, results, _, _ = run_two_iterations
+    for result in results.values():
+        for event in result.get_asset_materialization_events():
+            name = event.asset_key.to_user_string()
+            assert event.materialization.tags[STORE_TAG] == store_label(store.base_uri), name
+            assert event.materialization.metadata["store"].value == store.base_uri, name
 
 
 def test_metadata_and_checks_are_recorded(run_two_iterations):

@@ -157,7 +157,7 @@ def _pool_holder(home, pid: int) -> str:
     from dagster_project.recovery import RUN_HOST_TAG, RUN_PID_TAG
 
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml").read_text())
     instance = DagsterInstance.from_config(str(home))
     run_id = str(uuid.uuid4())
     instance.add_run(
