@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -482,6 +483,26 @@ def export(args) -> int:
     return 0
 
 
+def settings(args) -> int:
+    """``settings``: every setting, in sections, with its value in the profile, what it accepts, and its help."""
+    from src_assets.config import profile, setting_reference
+
+    rows = setting_reference(profile(args.profile))
+    if args.json:
+        print(json.dumps(rows, default=list, indent=1))
+        return 0
+    section = None
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            print(f"\n{section}")
+        allowed = f", {row['allowed']}" if row["allowed"] else ""
+        print(f"  {row['name']} = {row['value']!r}  ({row['type']}{allowed})")
+        print(textwrap.fill(row["help"], width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    print(f"\n--set NAME=VALUE sets one; --set sft.FIELD=VALUE (base, sft, scorer, dpo, lora) sets a trainer field.")
+    return 0
+
+
 def store_check(args) -> int:
     """``store check``: each model's current version against its manifest, and the leftovers of writes that
     never finished; ``--sweep HOURS`` deletes the leftovers older than that. Exit 1 when a current version is
@@ -540,23 +561,42 @@ def _seed(text: str) -> int:
     return int(text)
 
 
-STORE_HELP = "base URI of the store (default: $SRC_STORE_URI or ./.src_store)"
+STORE_HELP = "base URI of the store ($SRC_STORE_URI, else ./.src_store)"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="src-calibrate", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one to show (not for flags or unset options)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        shown = not (default is None or default is False or default == [] or default == argparse.SUPPRESS)
+        return f"{action.help} (default: %(default)s)" if action.option_strings and shown else action.help
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_HelpWithDefaults, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="src-calibrate",
+        description="Runs the SRC loop through Dagster into a persistent instance, or scores a checkpoint.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="materialize the whole graph: SFT, R-Scorer, then N iterations in order")
-    p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    p.add_argument("--iterations", type=int, default=2, help="SRC iterations after the SFT checkpoint")
+    p.add_argument(
+        "--profile", choices=sorted(PROFILES), default="default", help="named defaults; smoke: tiny sizes, seconds"
+    )
     p.add_argument("--store", help=STORE_HELP)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="the seed setting: data, tiny models and training")
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="override any SRCConfig setting, e.g. --set tau=0.2 --set scoring=independent",
+        help="override any setting, e.g. --set tau=0.2 --set scoring=independent (src-calibrate settings lists them)",
     )
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
     p.add_argument(
@@ -571,7 +611,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--submit",
         action="store_true",
-        help="queue the runs for a running dagster-daemon (dagster.yaml's run limits apply) instead of running them here",
+        help="queue the runs for a running dagster-daemon (deploy/dagster.yaml's run limits apply) instead of running "
+        "them here",
     )
     p.add_argument(
         "--fresh",
@@ -598,7 +639,7 @@ def main(argv=None) -> int:
     e.add_argument("--checkpoint", required=True, help="a model directory, a store URI, or a hub id")
     e.add_argument("--store", help="the store holding s3:// checkpoints (default: $SRC_STORE_URI)")
     e.add_argument("--seed", type=_seed, default=12345, help="seed of the held-out scenes")
-    e.add_argument("--n", type=int, default=500)
+    e.add_argument("--n", type=int, default=500, help="held-out scenes generated (without --data)")
     e.add_argument(
         "--images",
         choices=("real", "blank"),
@@ -624,11 +665,11 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE",
         help="with --data: source settings, e.g. --set source_columns=question:prompt --set split_fractions=eval:1",
     )
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the scores as JSON")
     e.set_defaults(fn=evaluate)
     o = sub.add_parser("export", help="an iteration's preference set as a Hugging Face dataset in TRL's columns")
     o.add_argument("--store", help=STORE_HELP)
-    o.add_argument("--iteration", type=int, required=True)
+    o.add_argument("--iteration", type=int, required=True, help="the iteration whose preference set to export")
     o.add_argument("--out", required=True, help="a new folder (read it with datasets.load_from_disk)")
     o.add_argument(
         "--all-pairs", action="store_true", help="dropped pairs too (their weight says why they were not kept)"
@@ -647,11 +688,17 @@ def main(argv=None) -> int:
         help="delete the leftovers older than HOURS (none are ever read; the age spares a write under way)",
     )
     k.set_defaults(fn=store_check)
+    t = sub.add_parser("settings", help="every setting with its value, what it accepts, and what it does")
+    t.add_argument("--profile", choices=sorted(PROFILES), default="default", help="show this profile's values")
+    t.add_argument("--json", action="store_true", help="as a JSON list")
+    t.set_defaults(fn=settings)
     x = sub.add_parser("experiment", help="the ablation table: each variant for each seed, as JSON and Markdown")
-    x.add_argument("--seeds", type=_seed, nargs="+", default=[1, 2, 3])
-    x.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    x.add_argument("--iterations", type=int, default=2)
-    x.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    x.add_argument("--seeds", type=_seed, nargs="+", default=[1, 2, 3], help="one run of every variant per seed")
+    x.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), help="the ablations to run"
+    )
+    x.add_argument("--iterations", type=int, default=2, help="SRC iterations per run")
+    x.add_argument("--profile", choices=sorted(PROFILES), default="default", help="named defaults for every run")
     x.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="applied to every variant")
     x.add_argument("--out", default="experiments", help="folder for each run's store and the table (JSON and Markdown)")
     x.add_argument(
@@ -659,15 +706,19 @@ def main(argv=None) -> int:
     )
     x.set_defaults(fn=experiment)
     b = sub.add_parser("bench-generation", help="tokens/s and peak memory of candidate search and judging")
-    b.add_argument("--prompts", type=int, default=64)
+    b.add_argument("--prompts", type=int, default=64, help="prompts searched and judged")
     b.add_argument("--policy", help="a policy directory (default: the tiny LLaVA after a short SFT)")
     b.add_argument("--judge", help="a judge directory (with --policy)")
-    b.add_argument("--sft-epochs", type=float, default=4.0)
-    b.add_argument("--device", default="auto")
+    b.add_argument("--sft-epochs", type=float, default=4.0, help="the default policy's SFT epochs (without --policy)")
+    b.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     b.add_argument("--code", help="a checkout whose src_assets to time instead of this one (before/after comparisons)")
     b.add_argument("--out", help="also write the JSON rows here")
     b.set_defaults(fn=bench_generation)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from src_assets.models import ModelLoadError
     from src_assets.storage import StoreError
 
@@ -675,6 +726,9 @@ def main(argv=None) -> int:
         return args.fn(args)
     except (StoreError, ModelLoadError) as e:  # a store or a checkpoint that cannot be used: one line, its cause
         print(f"src-calibrate: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into a reader that stopped (| head): no traceback, and none at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -22,12 +22,16 @@ from src_assets.config import SRCConfig, profile, setting_names
 from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, LEASE_TTL_S, STORE_ENV, LeaseHeld, Store
 
 from . import store_layout
+from .recovery import STORE_TAG
 
 
 class StoreResource(ConfigurableResource):
     """The base URI of every artefact: a local directory, or s3://bucket/prefix (credentials from the environment)."""
 
-    base_uri: str = Field(default_factory=lambda: os.environ.get(STORE_ENV, DEFAULT_STORE))
+    base_uri: str = Field(
+        default_factory=lambda: os.environ.get(STORE_ENV, DEFAULT_STORE),
+        description="A local directory or s3://bucket/prefix ($SRC_STORE_URI, else ./.src_store).",
+    )
     s3_endpoint_url: str = Field(
         default_factory=lambda: os.environ.get(ENDPOINT_ENV, ""),
         description="For S3-compatible stores (MinIO, Ceph, R2...); empty for AWS S3.",
@@ -37,12 +41,10 @@ class StoreResource(ConfigurableResource):
         return Store(self.base_uri, self.s3_endpoint_url or None)
 
     def tags(self) -> dict[str, str]:
-        """The tag every materialization carries, so the UI can say (and filter by) which store it was written to;
-        the full URI is in its metadata (``store``)."""
+        """The tag every materialization carries, so the UI can say (and filter by) which store it was written to.
+        Runs carry the same tag with the whole URI; a materialization's tag value must be a short label, so its
+        whole URI is in its metadata (``store``)."""
         return {STORE_TAG: store_label(self.base_uri)}
-
-
-STORE_TAG = "src/store"
 
 
 def store_label(uri: str) -> str:
@@ -56,11 +58,11 @@ PARTITION_TAG = "dagster/partition"
 
 
 class IterationLeaseResource(ConfigurableResource):
-    """One writer per iteration. A run of iteration k holds the store's lease ``leases/iteration/<k>.json`` from
+    """One writer per iteration. A run of iteration k holds the store's lease leases/iteration/<k>.json from
     the start of its first iteration step to the end of its last; a second run of k, from this Dagster instance
     or another one sharing the store, fails before it writes anything, naming the run that holds it. A run
-    killed with ``kill -9`` stops its heartbeat: its lease is taken over at once on the same host (its process
-    is gone) and after ``ttl_s`` seconds from any other."""
+    killed with kill -9 stops its heartbeat: its lease is taken over at once on the same host (its process
+    is gone) and after ttl_s seconds from any other."""
 
     store: StoreResource
     ttl_s: float = LEASE_TTL_S
@@ -93,11 +95,11 @@ STORE_LEASE_OWNER_TAG = "src/store_lease_owner"  # a command that holds the stor
 
 class StoreRunLeaseResource(ConfigurableResource):
     """One run at a time writes a store. A run that materializes assets holds the store's lease
-    ``leases/store_run.json`` from its start to its end (the IO manager, which writes every asset, needs this
+    leases/store_run.json from its start to its end (the IO manager, which writes every asset, needs this
     resource), so no other run rewrites the source table, eval set, SFT checkpoint or R-Scorer while this run's
-    steps read them, whether the runs come from the UI, a sensor, a schedule or ``src-calibrate``. A second run
-    fails before any step, naming the run that holds the store. A run tagged ``src/store_lease_owner`` belongs
-    to a command that holds the lease already (``src-calibrate run``), and runs under it."""
+    steps read them, whether the runs come from the UI, a sensor, a schedule or src-calibrate. A second run
+    fails before any step, naming the run that holds the store. A run tagged src/store_lease_owner belongs
+    to a command that holds the lease already (src-calibrate run), and runs under it."""
 
     store: StoreResource
     ttl_s: float = LEASE_TTL_S
@@ -125,9 +127,12 @@ class StoreRunLeaseResource(ConfigurableResource):
 
 
 class _Settings(ConfigurableResource):
-    profile: str = Field(default_factory=lambda: os.environ.get("SRC_PROFILE", "default"))
+    profile: str = Field(
+        default_factory=lambda: os.environ.get("SRC_PROFILE", "default"),
+        description="Named defaults: default (the embedded run) or smoke (tiny sizes, seconds); $SRC_PROFILE.",
+    )
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="settings by flat name, e.g. {'tau': 0.2, 'n_sft': 500}; they win"
+        default_factory=dict, description="Settings by name, e.g. {'tau': 0.2, 'n_sft': 500}; they win over the fields."
     )
 
     def config(self) -> SRCConfig:
@@ -160,7 +165,8 @@ def _help(name: str) -> str | None:
 SettingsResource = create_model(
     "SettingsResource",
     __base__=_Settings,
-    __doc__="A named profile plus overrides; every setting of ``src_assets.config.SRCConfig`` is a typed field.",
+    __doc__="A named profile plus overrides: every setting is a field here (empty keeps the profile's value); "
+    "src-calibrate settings lists them with their defaults.",
     __module__=__name__,
     **{
         name: (Optional[_PYTHON_TYPES[kind]], Field(default=None, description=_help(name)))
@@ -170,8 +176,8 @@ SettingsResource = create_model(
 
 
 class StoreIOManager(ConfigurableIOManager):
-    """Polars tables as Parquet and everything else as JSON, at ``assets/<asset>[/<partition>]`` in the store;
-    a run writes through it only while it holds the store (``run_lease``)."""
+    """Polars tables as Parquet and everything else as JSON, at assets/<asset>[/<partition>] in the store;
+    a run writes through it only while it holds the store (run_lease)."""
 
     store: StoreResource
     run_lease: StoreRunLeaseResource

@@ -24,11 +24,18 @@ BACKENDS = ("auto", "triton", "torch")
 class AggregationConfig:
     """Stage 4: from each prompt's judged matrix to per-candidate scores, and how pairs are ranked."""
 
-    select_by: str = setting("strength", choices=("strength", "win_rate"))  # Bradley-Terry strength or win rate
-    bt_iters: int = setting(50, low=1)  # 0 would leave every strength equal: chosen = rejected, nothing to train
-    bt_tol: float = setting(1e-6, above=0)
-    # "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"
-    backend: str = setting("auto", choices=BACKENDS, name="aggregation_backend")
+    select_by: str = setting(
+        "strength", choices=("strength", "win_rate"), help="Rank candidates by Bradley-Terry strength or win rate."
+    )
+    # 0 would leave every strength equal: chosen = rejected, nothing to train
+    bt_iters: int = setting(50, low=1, help="Bradley-Terry iterations at most.")
+    bt_tol: float = setting(1e-6, above=0, help="Bradley-Terry stops once strengths move less than this.")
+    backend: str = setting(
+        "auto",
+        choices=BACKENDS,
+        name="aggregation_backend",
+        help="auto: the Triton kernel on CUDA, PyTorch elsewhere; or triton, or torch.",
+    )
 
     def __post_init__(self):
         validate_fields(self)
@@ -38,14 +45,18 @@ class AggregationConfig:
 class CurationConfig:
     """Stage 5: which ranked pairs become training pairs."""
 
-    tau: float = setting(0.1, low=0, high=1)  # pairs whose weight is below this are dropped
-    pairs_per_prompt: int = setting(2, low=1)  # best vs worst, 2nd best vs 2nd worst, ...
-    require_correct_chosen: bool = setting(True)  # never keep a chosen response whose answer is wrong
+    tau: float = setting(0.1, low=0, high=1, help="Pairs whose confidence weight is below this are dropped.")
+    pairs_per_prompt: int = setting(2, low=1, help="Pairs per prompt: best vs worst, 2nd best vs 2nd worst, and so on.")
+    require_correct_chosen: bool = setting(True, help="Never keep a chosen response whose answer is wrong.")
     # Where the prompt has a scene (the verifier can tell), never keep a chosen response whose answer does not follow
     # from its rationale, or one with an untrue sentence: DPO would teach the answer apart from the rationale, or
     # teach the untrue sentence.
-    require_consistent_chosen: bool = setting(True)
-    require_factual_chosen: bool = setting(True)
+    require_consistent_chosen: bool = setting(
+        True, help="Never keep a chosen response whose answer does not follow from its rationale (scenes only)."
+    )
+    require_factual_chosen: bool = setting(
+        True, help="Never keep a chosen response with an untrue sentence about its scene (scenes only)."
+    )
 
     def __post_init__(self):
         validate_fields(self)

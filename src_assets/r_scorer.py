@@ -52,12 +52,22 @@ INSTRUCTION = (
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    # "compact" (the tiny judge) or "instruct" (a chat model used zero-shot)
-    template: str = setting("compact", choices=JUDGE_TEMPLATES, name="judge_template")
-    batch_size: int = setting(128, low=1, name="judge_batch_size")
+    template: str = setting(
+        "compact",
+        choices=JUDGE_TEMPLATES,
+        name="judge_template",
+        help="The judge's prompt: compact (the tiny judge) or instruct (a chat model used zero-shot).",
+    )
+    batch_size: int = setting(128, low=1, name="judge_batch_size", help="Pairs per judge forward pass.")
     # Verifier labels: quality = weighted correctness + factuality + consistency; gaps up to tie_margin are ties.
-    quality_weights: tuple[float, float, float] = setting(QUALITY_WEIGHTS, name="judge_quality_weights")
-    tie_margin: float = setting(TIE_MARGIN, low=0, name="judge_tie_margin")
+    quality_weights: tuple[float, float, float] = setting(
+        QUALITY_WEIGHTS,
+        name="judge_quality_weights",
+        help="Weights of correctness, factuality and consistency in the verifier's quality of a response.",
+    )
+    tie_margin: float = setting(
+        TIE_MARGIN, low=0, name="judge_tie_margin", help="Quality gaps up to this are ties in the verifier's labels."
+    )
 
     def __post_init__(self):
         validate_fields(self)

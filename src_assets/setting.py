@@ -10,6 +10,7 @@ made (a profile, ``--set``, the Launchpad, a notebook). Errors are one line nami
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import MISSING, field, fields
 
@@ -59,3 +60,27 @@ def validate_fields(obj) -> None:
                 meta["check"](value)
             except ValueError as e:
                 raise ValueError(f"setting {name}: {e}") from None
+
+
+def allowed_values(f) -> str:
+    """What a declared field accepts, in words: its names, or its range ("" where it declares neither)."""
+    meta = f.metadata
+    if "choices" in meta:
+        return " | ".join(map(str, meta["choices"]))
+    if "range" not in meta:
+        return ""
+    low, inclusive, high = meta["range"]
+    if low == -math.inf:
+        return f"<= {high}"
+    if high is None:
+        return f"{'>=' if inclusive else '>'} {low}"
+    return f"{'[' if inclusive else '('}{low}, {high}]"
+
+
+def did_you_mean(name: str, known) -> str:
+    """ "; did you mean 'a', 'b' or 'c'?" with the (at most three) known names closest to ``name``, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    quoted = [repr(c) for c in close]
+    return "; did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"

@@ -18,6 +18,7 @@ from .generation import decode_image, user_turn
 from .models import CPU_FLOAT32, Runtime, load_policy
 from .processors import save_model_dir
 from .progress import ProgressBar
+from .setting import did_you_mean
 
 # Each training's own config class, whose fields ``--set STAGE.FIELD=VALUE`` reaches (``SRCConfig.<stage>_args``).
 TRAINER_CONFIGS = {
@@ -44,7 +45,7 @@ def trainer_arg(stage: str, name: str, value):
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     if name not in known:
         raise ValueError(
-            f"unknown setting {stage}.{name}: {cls.__name__} has no field {name!r}; its fields are {sorted(known)}"
+            f"unknown setting {stage}.{name}: {cls.__name__} has no field {name!r}{did_you_mean(name, known)}"
         )
     default = known[name].default
     parsed = value

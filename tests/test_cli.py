@@ -5,9 +5,10 @@ import os
 
 import pytest
 
-from dagster_project.cli import main
+from dagster_project.cli import build_parser, main
 from dagster_project.experiments import markdown, summarize_runs
 from dagster_project.resources import SettingsResource
+from src_assets.config import setting_names
 
 
 def test_evaluate_scores_a_checkpoint_with_real_and_with_blank_images(trained_tiny_vlm, capsys):
@@ -207,7 +208,10 @@ def test_gpu_settings_are_typed_launchpad_fields():
         ("temperature=0", "setting temperature: 0.0 is out of range; it must be > 0"),
         ("dpo_batch_size=0", "setting dpo_batch_size: 0 is out of range; it must be >= 1"),
         ("weighted_dpo=maybe", "setting weighted_dpo: 'maybe' is not a valid bool"),
-        ("nosuch=1", "unknown setting(s) ['nosuch']"),
+        ("nosuch=1", "unknown setting 'nosuch' (src-calibrate settings lists every setting)"),
+        ("tua=0.2", "unknown setting 'tua'; did you mean 'tau'?"),
+        ("dpo_batchsize=4", "unknown setting 'dpo_batchsize'; did you mean 'dpo_batch_size'"),
+        ("sft.warmup_stepz=3", "unknown setting sft.warmup_stepz: SFTConfig has no field 'warmup_stepz'; did you mean"),
         ("tau", "--set takes NAME=VALUE, got 'tau'"),
         # NaN passes every comparison and inf every lower bound: both are refused for every float
         ("beta=nan", "setting beta: 'nan' is not a finite number"),
@@ -237,6 +241,36 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, m
     assert code == 2
     assert err.startswith("src-calibrate: error: ") and message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "store").exists()  # refused before anything ran
+
+
+def test_settings_lists_every_setting_in_sections_with_its_value_range_and_help(capsys):
+    assert main(["settings", "--profile", "smoke", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["name"] for r in rows) == sorted(setting_names())  # each once
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["tau"]["value"] == 0.0 and by_name["tau"]["allowed"] == "[0, 1]"  # the smoke profile's value
+    assert (
+        by_name["k"]["section"] == "2. Candidate search" and by_name["scoring"]["allowed"] == "pairwise | independent"
+    )
+    assert all(r["help"] and "``" not in r["help"] for r in rows)
+    assert main(["settings"]) == 0
+    text = capsys.readouterr().out
+    assert "\n5. Curation\n  tau = 0.1  (float, [0, 1])\n      Pairs whose confidence weight is below this" in text
+
+
+def test_every_command_line_option_has_help_and_says_its_default():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps no public list of subcommands
+    commands = {**commands, "store check": commands["store"]._subparsers._group_actions[0].choices["check"]}
+    for name, command in commands.items():
+        if name == "store":
+            continue
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+        text = command.format_help()
+        assert "``" not in text, name
+    run_help = commands["run"].format_help()
+    assert "(default: 2)" in run_help and "(default: 0)" in run_help  # --iterations, --seed
 
 
 @pytest.mark.parametrize("seed", ["-1", "x", "4294967296"])

@@ -10,7 +10,13 @@ from dagster import DagsterInstance, Definitions, materialize
 
 from dagster_project.definitions import all_assets as every_asset
 from dagster_project.definitions import build_resources, defs
-from dagster_project.resources import SettingsResource, StoreResource
+from dagster_project.resources import (
+    IterationLeaseResource,
+    SettingsResource,
+    StoreIOManager,
+    StoreResource,
+    StoreRunLeaseResource,
+)
 from src_assets.models import load_policy, load_scorer
 from src_assets.storage import Store
 
@@ -172,6 +178,17 @@ def test_assets_materialize_into_s3(s3_endpoint):
     scorer_uri = store.read_json("assets/base_r_scorer_model.json")
     assert scorer_uri.startswith("s3://src-test/dagster-run/models/base_r_scorer_model/versions/")
     load_scorer(store.local_model_dir(scorer_uri))
+
+
+def test_the_launchpad_explains_every_setting_and_resource_without_markup():
+    """What the Launchpad shows beside each config field: the field's description, and each resource's."""
+    fields = SettingsResource.to_config_schema().as_field().config_type.fields
+    assert set(fields) >= {"profile", "overrides", "tau", "k", "scorer_model"}
+    for name, field in fields.items():
+        assert field.description and "``" not in field.description, name
+    # A resource's description is its class's docstring.
+    for resource in (StoreResource, SettingsResource, StoreIOManager, IterationLeaseResource, StoreRunLeaseResource):
+        assert resource.__doc__ and "``" not in resource.__doc__, resource.__name__
 
 
 def test_definitions_carry_the_resources():

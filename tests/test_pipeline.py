@@ -21,7 +21,8 @@ from dagster import (
 from dagster_project.automation import ITERATION_ASSETS, iteration_schedule, new_source_data_sensor
 from dagster_project.definitions import all_assets, all_checks, build_resources, foundation_assets
 from dagster_project.loop_assets import iteration_partitions
-from dagster_project.resources import STORE_TAG, SettingsResource, StoreResource, store_label
+from dagster_project.recovery import STORE_TAG
+from dagster_project.resources import SettingsResource, StoreResource, store_label
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
