@@ -12,8 +12,8 @@ from safetensors import safe_open
 from src_assets.base_stage import PERCEPTION_SCHEMA
 from src_assets.base_stage import perception_corpus as perception_corpus_rows
 from src_assets.config import TINY
+from src_assets.judge import is_oracle
 from src_assets.models import ModelLoadError, load_model_config
-from src_assets.r_scorer import is_oracle
 from src_assets.rationale_sft import build_rationale_sft_set
 from src_assets.source_data import (
     JUDGEMENT_SCHEMA,
@@ -52,8 +52,8 @@ from .versions import reads
     "max_source_file_bytes",
     "max_image_pixels",
     "max_text_chars",
-    "scorer_prompts",
-    "scorer_model",
+    "judge_prompts",
+    "judge_model",
     "synthetic_rows",
     stages=("source_data", "source_files", "scenes", "verifier"),
 )
@@ -92,8 +92,8 @@ def vqa_source(
         )
     try:
         df = combine_sources(named)
-        check_split_sizes(df, cfg.scorer_prompts, synthetic)
-        if cfg.scorer_model == VERIFIER_JUDGE:
+        check_split_sizes(df, cfg.judge_prompts, synthetic)
+        if cfg.judge_model == VERIFIER_JUDGE:
             check_scenes_to_judge(df.filter(pl.col("split") == "calibrate"), "'calibrate' rows")
     except (SourceDataError, ValueError) as e:
         raise Failure(str(e)) from e
@@ -117,7 +117,7 @@ def judgement_tables(
     context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
 ) -> Output[pl.DataFrame]:
     """The user's own judgements (question, response_a, response_b, verdict) from the Parquet files under the store's
-    judgements prefix; they train the R-Scorer beside the verifier's labels."""
+    judgements prefix; they train the judge beside the verifier's labels."""
     cfg, s = settings.config(), store.store()
     files = s.list(cfg.judgements_prefix, ".parquet")
     frames = []
@@ -232,25 +232,25 @@ def count_parameters(model_dir: Path) -> int:
     group_name="models",
 )
 @reads(
-    "scorer_model",
-    "tiny_scorer_architecture",
+    "judge_model",
+    "tiny_judge_architecture",
     "tiny",
     "seed",
-    stages=("tiny_models", "models", "r_scorer"),
+    stages=("tiny_models", "models", "judge"),
 )
-def base_r_scorer_model(
+def base_judge_checkpoint(
     context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
 ) -> Output[str]:
-    """The R-Scorer's judge LM before training: the tiny local LM, or the configured real model."""
+    """The judge LM before training: the tiny local LM, or the configured real model."""
     cfg = settings.config()
-    if is_oracle(cfg.scorer_model):
+    if is_oracle(cfg.judge_model):
         # the oracle judge has no model
-        return Output(cfg.scorer_model, metadata={"model": MetadataValue.text(cfg.scorer_model)}, tags=store.tags())
+        return Output(cfg.judge_model, metadata={"model": MetadataValue.text(cfg.judge_model)}, tags=store.tags())
     return _base_model(
-        cfg.scorer_model,
+        cfg.judge_model,
         build_tiny_judge,
-        cfg.tiny_scorer_architecture,
-        store_layout.BASE_SCORER_MODEL,
+        cfg.tiny_judge_architecture,
+        store_layout.BASE_JUDGE_CHECKPOINT,
         store,
         cfg,
     )

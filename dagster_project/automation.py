@@ -39,7 +39,7 @@ ITERATION_TAG = {"src/iteration_run": "true"}
 foundation_job = define_asset_job(
     "src_foundation",
     selection=AssetSelection.all() - AssetSelection.assets(*ITERATION_ASSETS),
-    description="Data, base models, rationale SFT, the R-Scorer and the SFT evaluation (iteration 0).",
+    description="Data, base models, rationale SFT, the judge and the SFT evaluation (iteration 0).",
 )
 iteration_job = define_asset_job(
     "src_iteration",

@@ -14,7 +14,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
-from src_assets.config import PROFILES
+from src_assets.config import PROFILES, current_names
 from src_assets.fingerprints import digest as fingerprint
 
 from .experiments import VARIANTS, experiment
@@ -133,6 +133,9 @@ def _overrides(pairs: list[str]) -> dict:
         if not sep:
             raise ValueError(f"--set takes NAME=VALUE, got {pair[:80]!r}")
         out[name.strip()] = value  # read as the setting's type by SRCConfig's profile()
+    out, notes = current_names(out)
+    for note in notes:
+        print(f"src-calibrate: warning: {note}", file=sys.stderr)
     return out
 
 
@@ -282,7 +285,7 @@ def run(args) -> int:
 def _run_holding_the_store(args, store, jobs, config, instance, tags, digest, iteration_versions, log) -> int:
     from .loop_assets import iteration_key, iteration_partitions
 
-    log(f"data, base models, rationale SFT and the R-Scorer (profile {args.profile}, store {store.store().base_uri})")
+    log(f"data, base models, rationale SFT and the judge (profile {args.profile}, store {store.store().base_uri})")
     result = _launch(args, instance, jobs["src_foundation"], config, tags, log)
     if not _succeeded(result, log):
         return 1
@@ -423,8 +426,8 @@ def _evaluate_on_data(args, store) -> int:
     from src_assets.config import profile
     from src_assets.evaluation import evaluate_policy, full_anatomy
     from src_assets.generation import generate_responses
+    from src_assets.judge import Judge
     from src_assets.models import Runtime, load_policy
-    from src_assets.r_scorer import Judge
     from src_assets.source_data import SourceDataError, combine_sources
     from src_assets.source_files import local_sources, source_options
     from src_assets.verifier import VERIFIER_JUDGE, check_scenes_to_judge
@@ -499,7 +502,7 @@ def settings(args) -> int:
         allowed = f", {row['allowed']}" if row["allowed"] else ""
         print(f"  {row['name']} = {row['value']!r}  ({row['type']}{allowed})")
         print(textwrap.fill(row["help"], width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
-    print(f"\n--set NAME=VALUE sets one; --set sft.FIELD=VALUE (base, sft, scorer, dpo, lora) sets a trainer field.")
+    print(f"\n--set NAME=VALUE sets one; --set sft.FIELD=VALUE (base, sft, judge, dpo, lora) sets a trainer field.")
     return 0
 
 
@@ -584,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the SRC loop through Dagster into a persistent instance, or scores a checkpoint.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("run", help="materialize the whole graph: SFT, R-Scorer, then N iterations in order")
+    p = sub.add_parser("run", help="materialize the whole graph: SFT, judge, then N iterations in order")
     p.add_argument("--iterations", type=int, default=2, help="SRC iterations after the SFT checkpoint")
     p.add_argument(
         "--profile", choices=sorted(PROFILES), default="default", help="named defaults; smoke: tiny sizes, seconds"
@@ -617,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="recompute everything: no SFT, R-Scorer or completed iteration of an earlier run is reused",
+        help="recompute everything: no SFT, judge or completed iteration of an earlier run is reused",
     )
     p.set_defaults(fn=run)
     e = sub.add_parser("evaluate", help="score a checkpoint on a freshly generated held-out set")

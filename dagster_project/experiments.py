@@ -2,7 +2,7 @@
 
 Every (variant, seed) is one ``src-calibrate run --json`` in a child process with its own Dagster instance
 under ``--out`` (inspect any of them with ``dg dev`` afterwards). The variants of one seed run one after
-another on one store, so the rationale SFT (and the R-Scorer, where the variant does not change it) is trained
+another on one store, so the rationale SFT (and the judge, where the variant does not change it) is trained
 once per seed and reused (``reuse_checkpoints``); the seeds run in parallel.
 The table compares iteration 0 (the SFT checkpoint) with the last iteration, as mean and standard deviation
 over seeds, and is written as ``results.json`` and ``results.md``.
@@ -21,11 +21,11 @@ VARIANTS = {
     "src": [],
     "independent_scoring": ["scoring=independent"],
     "unweighted_dpo": ["weighted_dpo=false"],
-    "oracle_judge": ["scorer_model=verifier"],
-    "gold_bound": ["scorer_model=verifier", "policy_update=gold_sft"],
+    "oracle_judge": ["judge_model=verifier"],
+    "gold_bound": ["judge_model=verifier", "policy_update=gold_sft"],
 }
 DESCRIPTIONS = {
-    "src": "learned R-Scorer, pairwise scoring, confidence-weighted DPO",
+    "src": "learned judge, pairwise scoring, confidence-weighted DPO",
     "independent_scoring": "each candidate judged alone instead of side by side",
     "unweighted_dpo": "every kept pair weighted 1 (plain DPO)",
     "oracle_judge": "the verifier as the judge (upper bound)",

@@ -19,8 +19,8 @@ _STAGE = r"""
 import json, resource, sys, time
 import polars as pl, torch
 from src_assets.candidate_search import SearchConfig, sentence_beam_search
-from src_assets.models import load_policy, load_scorer
-from src_assets.r_scorer import judge, judge_prompt
+from src_assets.models import load_policy, load_judge_model
+from src_assets.judge import judge, judge_prompt
 from src_assets.source_data import synthetic_source
 
 stage, model_dir, n, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -39,7 +39,7 @@ if stage == "search":
     tokens = int(pool["n_tokens"].sum())
     work = {"candidates": pool.height, "candidate_tokens": tokens}
 else:
-    model, tok = load_scorer(model_dir)
+    model, tok = load_judge_model(model_dir)
     model.to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -49,7 +49,7 @@ else:
         from src_assets.judge_corpus import perturbed_responses
         prompt_of = lambda r, a, b: judge_prompt(tok, r, a, b)
     except ImportError:  # a checkout from before judge_corpus.py (--code): the older judge_prompt
-        from src_assets.r_scorer import perturbed_responses
+        from src_assets.judge import perturbed_responses
         prompt_of = lambda r, a, b: judge_prompt(tok, r["question"], r["reference"], r["answer"], a, b)
     rng, texts = random.Random(0), []
     for r in prompts.iter_rows(named=True):  # K = 6 distinct candidates per prompt: every ordered pair, 30 in all
@@ -76,7 +76,7 @@ def _trained_tiny_models(root: Path, epochs: float) -> tuple[Path, Path]:
     """The default tiny LLaVA after a short rationale SFT (so that it writes sentences that end), and the tiny judge."""
     from src_assets.rationale_sft import build_rationale_sft_set, train_rationale_sft
     from src_assets.source_data import synthetic_source
-    from src_assets.tiny_models import build_tiny_scorer, build_tiny_vlm
+    from src_assets.tiny_models import build_tiny_llama_judge, build_tiny_vlm
     from src_assets.training import TrainSettings
 
     build_tiny_vlm(root / "base")
@@ -84,7 +84,7 @@ def _trained_tiny_models(root: Path, epochs: float) -> tuple[Path, Path]:
     train_rationale_sft(
         str(root / "base"), sft, str(root / "policy"), TrainSettings(epochs=epochs, learning_rate=2e-3, batch_size=32)
     )
-    return root / "policy", build_tiny_scorer(root / "judge")
+    return root / "policy", build_tiny_llama_judge(root / "judge")
 
 
 def bench_generation(args) -> int:

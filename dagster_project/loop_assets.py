@@ -1,9 +1,9 @@
-"""The SRC loop as assets: SFT and R-Scorer checkpoints, then one partition per iteration.
+"""The SRC loop as assets: SFT and judge checkpoints, then one partition per iteration.
 
 One iteration reads top to bottom (docs/method.md explains each stage):
 
     start_policy[k]         policy k-1, resolved once (k = 1: the SFT checkpoint) and recorded
-    calibration_prompts[k]  iteration k's prompt rows (never the R-Scorer's)
+    calibration_prompts[k]  iteration k's prompt rows (never the judge's)
     candidate_pool[k]       K responses per prompt from start_policy[k]
     pairwise_scores[k]      every ordered pair judged, debiased, aggregated
     preference_set[k]       confidence-weighted (chosen, rejected) pairs; a blocking check guards training
@@ -62,12 +62,12 @@ from src_assets.evaluation import (
 )
 from src_assets.fingerprints import derive_seed, digest, table_digest
 from src_assets.generation import generate_responses
+from src_assets.judge import Judge, is_oracle, train_judge, verdict_fit
 from src_assets.judge_corpus import judge_training_set
-from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, load_tokenizer
+from src_assets.models import ModelLoadError, load_judge_model, load_model_config, load_policy, load_tokenizer
 from src_assets.preference import curate_preferences, score_table
-from src_assets.r_scorer import Judge, is_oracle, train_r_scorer, verdict_fit
 from src_assets.rationale_sft import train_rationale_sft
-from src_assets.source_data import SourceDataError, iteration_prompt_rows, scorer_prompt_rows
+from src_assets.source_data import SourceDataError, iteration_prompt_rows, judge_prompt_rows
 from src_assets.storage import StoreError, directory_digest
 from src_assets.tiny_models import build_tiny_policy
 from src_assets.weighted_dpo import train_gold_bound, train_weighted_dpo
@@ -102,15 +102,16 @@ def next_iteration(store) -> str:
     """The first iteration whose policy is not committed in the store: after a failed iteration it is that one
     again (retried, not skipped), and iterations stay in order."""
     k = 1
-    while store.current_model(store_layout.policy_model(iteration_key(k))) is not None:
+    while store.current_model(store_layout.policy_checkpoint(iteration_key(k))) is not None:
         k += 1
     return iteration_key(k)
 
 
-def _offer_next_iteration(context, store) -> None:
-    """Adds the next iteration to the iteration partitions once the policy it starts from is committed, so the
-    iteration job's Launchpad and the asset pages offer it (a dynamic partition exists only once added)."""
-    context.instance.add_dynamic_partitions(iteration_partitions.name, [next_iteration(store)])  # kept if there
+def _offer_iteration(context, k: int) -> None:
+    """Adds iteration k to the iteration partitions once the policy it starts from is committed (the SFT checkpoint
+    offers 1, policy k offers k + 1), so the iteration job's Launchpad and the asset pages offer it: a dynamic
+    partition exists only once added. Adding one that exists changes nothing."""
+    context.instance.add_dynamic_partitions(iteration_partitions.name, [iteration_key(k)])
 
 
 def iteration_number(key: str) -> int:
@@ -145,9 +146,7 @@ _TRAININGS = {
     "rationale_sft": lambda model, rows, out, settings, callbacks, **_: train_rationale_sft(
         model, rows, out, settings, callbacks
     ),
-    "r_scorer": lambda model, rows, out, settings, callbacks, **_: train_r_scorer(
-        model, rows, out, settings, callbacks
-    ),
+    "judge": lambda model, rows, out, settings, callbacks, **_: train_judge(model, rows, out, settings, callbacks),
     "weighted_dpo": lambda model, rows, out, settings, callbacks, **options: train_weighted_dpo(
         model, rows, out, settings, callbacks=callbacks, **options
     ),
@@ -193,7 +192,7 @@ BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy",
     check_specs=[
         AssetCheckSpec(
             "base_policy_lists_the_scene",
-            asset="base_policy_model",
+            asset="base_policy_checkpoint",
             description="The trained tiny base policy's held-out captions list the scene exactly "
             "at least min_base_exact_listing of the time (WARN).",
         )
@@ -217,7 +216,7 @@ BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy",
     "min_base_exact_listing",
     stages=("base_stage", "tiny_models", "models", "processors", "training", "evaluation", "verifier", "fingerprints"),
 )
-def base_policy_model(
+def base_policy_checkpoint(
     context: AssetExecutionContext,
     perception_corpus: pl.DataFrame,
     eval_set: pl.DataFrame,
@@ -248,10 +247,10 @@ def base_policy_model(
         return
     fingerprint = digest(
         _tiny_recipe(cfg, cfg.tiny_policy_architecture),
-        reuse_digest("base_policy_model", cfg),
+        reuse_digest("base_policy_checkpoint", cfg),
         table_digest(perception_corpus),
     )
-    found = _trained_before(context, s, store_layout.BASE_POLICY_MODEL, fingerprint, cfg)
+    found = _trained_before(context, s, store_layout.BASE_POLICY_CHECKPOINT, fingerprint, cfg)
     if found is None:
         with tempfile.TemporaryDirectory() as tmp:
             build_tiny_policy(f"{tmp}/init", cfg.tiny_policy_architecture, cfg.tiny_spec(), seed=cfg.seed)
@@ -266,11 +265,11 @@ def base_policy_model(
                 f"{tmp}/init",
                 perception_corpus,
                 f"{tmp}/base",
-                tracked(cfg.base_settings(), cfg, s, "base_policy_model"),
+                tracked(cfg.base_settings(), cfg, s, "base_policy_checkpoint"),
                 callbacks=[DagsterLogCallback(context.log, "base stage")],
                 stop=stop,
             )
-            uri = s.put_model(store_layout.BASE_POLICY_MODEL, f"{tmp}/base")
+            uri = s.put_model(store_layout.BASE_POLICY_CHECKPOINT, f"{tmp}/base")
         model, processor = load_policy(s.local_model_dir(uri), cfg.runtime())
         captions, _ = evaluate_captions(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
         direct, _ = evaluate_policy(model, processor, eval_set, cfg.eval_max_new_tokens, progress=context.log.info)
@@ -286,7 +285,7 @@ def base_policy_model(
             "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h],
             "probe_checks": result["probe_checks"],
         }
-        _remember_trained(s, store_layout.BASE_POLICY_MODEL, fingerprint, **found)
+        _remember_trained(s, store_layout.BASE_POLICY_CHECKPOINT, fingerprint, **found)
         reused = False
     else:
         reused = True
@@ -348,27 +347,27 @@ def base_policy_model(
 def sft_checkpoint(
     context: AssetExecutionContext,
     rationale_sft_set: pl.DataFrame,
-    base_policy_model: str,
+    base_policy_checkpoint: str,
     settings: SettingsResource,
     store: StoreResource,
 ) -> Output[str]:
     """Policy 0: the base VLM fine-tuned to write a rationale before its answer (TRL SFTTrainer)."""
     cfg, s = settings.config(), store.store()
     fingerprint = digest(
-        _model_recipe(base_policy_model), reuse_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set)
+        _model_recipe(base_policy_checkpoint), reuse_digest("sft_checkpoint", cfg), table_digest(rationale_sft_set)
     )
-    found = _trained_before(context, s, store_layout.SFT_MODEL, fingerprint, cfg)
+    found = _trained_before(context, s, store_layout.SFT_CHECKPOINT, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata(
             {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
         )
-        _offer_next_iteration(context, s)
+        _offer_iteration(context, 1)
         return Output(found["uri"], tags=store.tags())
     with tempfile.TemporaryDirectory() as out:
         result = _train(
             context,
             "rationale_sft",
-            s.local_model_dir(base_policy_model),
+            s.local_model_dir(base_policy_checkpoint),
             rationale_sft_set,
             out,
             tracked(cfg.sft_settings(), cfg, s, "sft_checkpoint"),
@@ -377,14 +376,14 @@ def sft_checkpoint(
             out,
             cfg,
             0,
-            base_policy_model,
+            base_policy_checkpoint,
             stage="rationale SFT",
             train_loss=result["train_loss"],
             steps=result["steps"],
         )
-        uri = s.put_model(store_layout.SFT_MODEL, out)
+        uri = s.put_model(store_layout.SFT_CHECKPOINT, out)
     write_model_card(s, uri, cfg, "SFT checkpoint")
-    _remember_trained(s, store_layout.SFT_MODEL, fingerprint, uri)
+    _remember_trained(s, store_layout.SFT_CHECKPOINT, fingerprint, uri)
     context.add_output_metadata(
         {
             "model": MetadataValue.text(uri),
@@ -394,7 +393,7 @@ def sft_checkpoint(
             "steps": result["steps"],
         }
     )
-    _offer_next_iteration(context, s)
+    _offer_iteration(context, 1)
     return Output(uri, tags=store.tags())
 
 
@@ -404,59 +403,59 @@ def sft_checkpoint(
     op_tags=GPU_STEP_TAGS,
 )
 @reads(
-    "scorer_model",
-    "tiny_scorer_architecture",
+    "judge_model",
+    "tiny_judge_architecture",
     "tiny",
-    "scorer_prompts",
-    "scorer_max_pairs",
-    "scorer_contrast_pairs",
-    "scorer_epochs",
-    "scorer_learning_rate",
-    "scorer_batch_size",
-    "scorer_args",
+    "judge_prompts",
+    "judge_max_pairs",
+    "judge_contrast_pairs",
+    "judge_epochs",
+    "judge_learning_rate",
+    "judge_train_batch_size",
+    "judge_args",
     "judgements_prefix",
     "training",
     "judge",
     "search",
-    stages=("r_scorer", "judge_corpus", "source_data", "candidate_search", "generation", "training", "verifier"),
+    stages=("judge", "judge_corpus", "source_data", "candidate_search", "generation", "training", "verifier"),
 )
-def r_scorer_checkpoint(
+def judge_checkpoint(
     context: AssetExecutionContext,
     sft_checkpoint: str,
-    base_r_scorer_model: str,
+    base_judge_checkpoint: str,
     vqa_source: pl.DataFrame,
     judgement_tables: pl.DataFrame,
     settings: SettingsResource,
     store: StoreResource,
 ) -> Output[str]:
-    """The R-Scorer: the judge LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used
+    """The judge: an LM trained on verifier-labelled pairs of SFT candidates, or a pretrained judge used
     zero-shot."""
     cfg, s = settings.config(), store.store()
-    if is_oracle(cfg.scorer_model):
-        context.add_output_metadata({"model": MetadataValue.text(cfg.scorer_model), "trained": False})
-        return Output(cfg.scorer_model, tags=store.tags())  # the oracle: the domain verifier judges every pair
-    if cfg.scorer_model != "tiny" and cfg.scorer_epochs == 0:
-        context.add_output_metadata({"model": MetadataValue.text(base_r_scorer_model), "trained": False})
-        return Output(base_r_scorer_model, tags=store.tags())  # a pretrained judge, used zero-shot
-    prompts = scorer_prompt_rows(vqa_source, cfg.scorer_prompts)
+    if is_oracle(cfg.judge_model):
+        context.add_output_metadata({"model": MetadataValue.text(cfg.judge_model), "trained": False})
+        return Output(cfg.judge_model, tags=store.tags())  # the oracle: the domain verifier judges every pair
+    if cfg.judge_model != "tiny" and cfg.judge_epochs == 0:
+        context.add_output_metadata({"model": MetadataValue.text(base_judge_checkpoint), "trained": False})
+        return Output(base_judge_checkpoint, tags=store.tags())  # a pretrained judge, used zero-shot
+    prompts = judge_prompt_rows(vqa_source, cfg.judge_prompts)
     base_judge = (
-        _tiny_recipe(cfg, cfg.tiny_scorer_architecture) if cfg.scorer_model == TINY else _model_recipe(cfg.scorer_model)
+        _tiny_recipe(cfg, cfg.tiny_judge_architecture) if cfg.judge_model == TINY else _model_recipe(cfg.judge_model)
     )
     fingerprint = digest(
         sft_checkpoint,
         base_judge,
-        reuse_digest("r_scorer_checkpoint", cfg),
+        reuse_digest("judge_checkpoint", cfg),
         table_digest(prompts),
         table_digest(vqa_source.filter(pl.col("split") == "sft")),
         table_digest(judgement_tables),
     )
-    found = _trained_before(context, s, store_layout.SCORER_MODEL, fingerprint, cfg)
+    found = _trained_before(context, s, store_layout.JUDGE_CHECKPOINT, fingerprint, cfg)
     if found is not None:
         context.add_output_metadata(
             {"model": MetadataValue.text(found["uri"]), "reused": True, "inputs_fingerprint": fingerprint}
         )
         return Output(found["uri"], tags=store.tags())
-    base_dir = s.local_model_dir(base_r_scorer_model)
+    base_dir = s.local_model_dir(base_judge_checkpoint)
     judgements, sources = judge_training_set(
         load_tokenizer(base_dir),
         cfg.judge,
@@ -466,32 +465,32 @@ def r_scorer_checkpoint(
         prompts=prompts,
         contrast_rows=vqa_source.filter(pl.col("split") == "sft"),
         user_table=judgement_tables,
-        max_pairs=cfg.scorer_max_pairs,
-        contrast_pairs=cfg.scorer_contrast_pairs,
+        max_pairs=cfg.judge_max_pairs,
+        contrast_pairs=cfg.judge_contrast_pairs,
         seed=cfg.seed,
         progress=context.log.info,
     )
     if judgements.is_empty():
         raise Failure(
-            f"nothing to train the R-Scorer on: the calibrate rows have no scene for the verifier to label, and "
+            f"nothing to train the judge on: the calibrate rows have no scene for the verifier to label, and "
             f"{s.uri(cfg.judgements_prefix)} holds no judgement table: add one (README: A judge for your data), or "
-            f"give a pretrained judge (scorer_model=<dir or hub id>) with scorer_epochs=0"
+            f"give a pretrained judge (judge_model=<dir or hub id>) with judge_epochs=0"
         )
     with tempfile.TemporaryDirectory() as out:
         result = _train(
             context,
-            "r_scorer",
+            "judge",
             base_dir,
             judgements,
             out,
-            tracked(cfg.scorer_settings(), cfg, s, "r_scorer_checkpoint"),
+            tracked(cfg.judge_settings(), cfg, s, "judge_checkpoint"),
         )
-        fit = verdict_fit(*load_scorer(out, cfg.runtime()), judgements, seed=cfg.seed)
-        uri = s.put_model(store_layout.SCORER_MODEL, out)
-    _remember_trained(s, store_layout.SCORER_MODEL, fingerprint, uri)
+        fit = verdict_fit(*load_judge_model(out, cfg.runtime()), judgements, seed=cfg.seed)
+        uri = s.put_model(store_layout.JUDGE_CHECKPOINT, out)
+    _remember_trained(s, store_layout.JUDGE_CHECKPOINT, fingerprint, uri)
     if fit and fit["fit"] < fit["prior_fit"] + 0.05:
         context.log.warning(
-            f"the R-Scorer reads back {fit['fit']:.3f} of its own training verdicts, where always saying the "
+            f"the judge reads back {fit['fit']:.3f} of its own training verdicts, where always saying the "
             f"commonest one gets {fit['prior_fit']:.3f} (verdict spread {fit['verdict_spread']:.3f}): it has learned "
             f"the label prior, not what its prompts say"
         )
@@ -618,11 +617,11 @@ def start_policy(
         uri = sft_checkpoint
     else:
         prev = iteration_key(k - 1)
-        uri = s.current_model(store_layout.policy_model(prev))
+        uri = s.current_model(store_layout.policy_checkpoint(prev))
         if uri is None:
             raise Failure(
                 f"iteration {key} needs the policy of iteration {prev}, but policy_checkpoint[{prev}] is not in the store "
-                f"({s.uri(store_layout.policy_model(prev))}); materialize iteration {prev} first (iterations run in order)",
+                f"({s.uri(store_layout.policy_checkpoint(prev))}); materialize iteration {prev} first (iterations run in order)",
                 metadata={"missing_predecessor": MetadataValue.text(prev)},
             )
     return Output(uri, metadata={"policy": MetadataValue.text(uri)}, tags=store.tags())
@@ -632,7 +631,7 @@ def start_policy(
     **ITERATION,
     deps=[start_policy],  # after it: an iteration whose predecessor is missing writes nothing
 )
-@reads("prompts_per_iteration", "scorer_prompts", stages=("source_data",))
+@reads("prompts_per_iteration", "judge_prompts", stages=("source_data",))
 def calibration_prompts(
     context: AssetExecutionContext,
     vqa_source: pl.DataFrame,
@@ -640,11 +639,11 @@ def calibration_prompts(
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
 ) -> Output[pl.DataFrame]:
-    """Iteration k's prompt rows: the k-th slice of the calibrate rows after the R-Scorer's own."""
+    """Iteration k's prompt rows: the k-th slice of the calibrate rows after the judge's own."""
     cfg = settings.config()
     try:
         rows = iteration_prompt_rows(
-            vqa_source, iteration_number(context.partition_key), cfg.prompts_per_iteration, cfg.scorer_prompts
+            vqa_source, iteration_number(context.partition_key), cfg.prompts_per_iteration, cfg.judge_prompts
         )
     except SourceDataError as e:
         raise Failure(str(e)) from e
@@ -810,7 +809,7 @@ def judge_shard(
     context: OpExecutionContext,
     candidate_pool: pl.DataFrame,
     calibration_prompts: pl.DataFrame,
-    r_scorer_checkpoint: str,
+    judge_checkpoint: str,
     shard: list,
     settings: SettingsResource,
     store: StoreResource,
@@ -821,7 +820,7 @@ def judge_shard(
     prompts = calibration_prompts.slice(shard[0], shard[1] - shard[0])
     candidates = candidate_pool.filter(pl.col("prompt_id").is_in(prompts["id"].implode()))
     _place_shard(context, shard)
-    judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
+    judge = Judge.load(judge_checkpoint, cfg.runtime(), cfg.judge, store.store().local_model_dir)
     # in the shards' blocks, so that any number of shards judges each prompt in the same batch
     ids, matrices = judge.matrices(
         candidates, prompts, cfg.scoring, progress=context.log.info, block=cfg.search.prompts_per_batch
@@ -838,13 +837,13 @@ def join_scores(
     shards: list,
     candidate_pool: pl.DataFrame,
     calibration_prompts: pl.DataFrame,
-    r_scorer_checkpoint: str,
+    judge_checkpoint: str,
     settings: SettingsResource,
     store: StoreResource,
 ) -> Output[pl.DataFrame]:
     cfg = settings.config()
     scores = _in_prompt_order(shards, calibration_prompts)
-    # Held out: the R-Scorer never trained on calibration prompts. The verifier's side needs no model.
+    # Held out: the judge never trained on calibration prompts. The verifier's side needs no model.
     judge = Judge(cfg.judge)
     agreement = judge.agreement(
         scores["prompt_id"].to_list(), scores["q"].to_list(), candidate_pool, calibration_prompts
@@ -858,7 +857,7 @@ def join_scores(
         "prompts": scores.height,
         "shards": len(shards),
         "scoring": cfg.scoring,
-        "judge": MetadataValue.text(r_scorer_checkpoint),
+        "judge": MetadataValue.text(judge_checkpoint),
         # A NaN agreement is no number to show: with no clear pair, a note says why there is none.
         **{k: v if isinstance(v, int) else float(v) for k, v in agreement.items() if v == v},
         **({} if agreement["clear_pairs"] else {"judge_agreement_note": MetadataValue.text(NO_AGREEMENT)}),
@@ -884,15 +883,15 @@ def join_scores(
     "shards",
     # the search's generate blocks: shards cut between them, and judge batches keep to them
     *("search_batch_size", "beams", "samples_per_beam"),
-    stages=("r_scorer", "preference", "verifier"),
+    stages=("judge", "preference", "verifier"),
 )
-def pairwise_scores(candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame, r_scorer_checkpoint: str):
-    """Every ordered pair of each prompt's candidates judged by the R-Scorer, in shards; debiased matrices and
+def pairwise_scores(candidate_pool: pl.DataFrame, calibration_prompts: pl.DataFrame, judge_checkpoint: str):
+    """Every ordered pair of each prompt's candidates judged by the judge, in shards; debiased matrices and
     per-candidate scores."""
     shards = plan_shards(calibration_prompts).map(
-        lambda shard: judge_shard(candidate_pool, calibration_prompts, r_scorer_checkpoint, shard)
+        lambda shard: judge_shard(candidate_pool, calibration_prompts, judge_checkpoint, shard)
     )
-    return join_scores(shards.collect(), candidate_pool, calibration_prompts, r_scorer_checkpoint)
+    return join_scores(shards.collect(), candidate_pool, calibration_prompts, judge_checkpoint)
 
 
 @asset(
@@ -1019,7 +1018,7 @@ def policy_checkpoint(
             write_training_report(
                 out, cfg, iteration_number(key), start_policy, stage="not trained: no pair kept", pairs=0
             )
-            uri = s.put_model(store_layout.policy_model(key), out)
+            uri = s.put_model(store_layout.policy_checkpoint(key), out)
         write_model_card(s, uri, cfg, f"SRC policy, iteration {key}")
         context.add_output_metadata(
             {
@@ -1029,7 +1028,7 @@ def policy_checkpoint(
                 "pairs": 0,
             }
         )
-        _offer_next_iteration(context, s)
+        _offer_iteration(context, iteration_number(key) + 1)
         return Output(uri, tags=store.tags())
     with tempfile.TemporaryDirectory() as out:
         if cfg.policy_update == "gold_sft":
@@ -1065,7 +1064,7 @@ def policy_checkpoint(
             steps=result["steps"],
             pairs=result["pairs"],
         )
-        uri = s.put_model(store_layout.policy_model(key), out)
+        uri = s.put_model(store_layout.policy_checkpoint(key), out)
     write_model_card(s, uri, cfg, f"SRC policy, iteration {key}")
     context.add_output_metadata(
         {
@@ -1078,7 +1077,7 @@ def policy_checkpoint(
             "steps": result["steps"],
         }
     )
-    _offer_next_iteration(context, s)
+    _offer_iteration(context, iteration_number(key) + 1)
     return Output(uri, tags=store.tags())
 
 
@@ -1123,14 +1122,14 @@ def _start_policy_evaluation(store, key: str, start_policy: str, eval_set: pl.Da
     "anatomy_temperature",
     "regression_tolerance",
     "seed",
-    stages=("evaluation", "generation", "r_scorer", "verifier", "model_card"),
+    stages=("evaluation", "generation", "judge", "verifier", "model_card"),
 )
 def iteration_eval(
     context: AssetExecutionContext,
     policy_checkpoint: str,
     start_policy: str,
     eval_set: pl.DataFrame,
-    r_scorer_checkpoint: str,
+    judge_checkpoint: str,
     settings: SettingsResource,
     store: StoreResource,
     iteration_lease: IterationLeaseResource,
@@ -1156,7 +1155,7 @@ def iteration_eval(
             ),
         )
     old = before["response"].to_list()
-    judge = Judge.load(r_scorer_checkpoint, cfg.runtime(), cfg.judge, s.local_model_dir)
+    judge = Judge.load(judge_checkpoint, cfg.runtime(), cfg.judge, s.local_model_dir)
     win = judge.win_rate(eval_set, scored["response"].to_list(), old, progress=context.log.info)
     yield Output(
         scored.with_columns(

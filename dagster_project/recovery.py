@@ -223,7 +223,7 @@ def completed_iteration(
     It is reused only where Dagster would call it fresh: each of its assets (``code_versions``: asset -> the code
     version it has now) was materialized by that run under the same code version, from the same data versions of
     the assets upstream of the iteration (``upstream_data_versions``, as this command's foundation run recorded
-    them: an R-Scorer retrained by new code makes its scores stale). Otherwise the run says which asset differs,
+    them: a judge retrained by new code makes its scores stale). Otherwise the run says which asset differs,
     and the iteration is recomputed. A committed policy that fails its manifest check (truncated, changed) counts
     as absent: it is recomputed."""
     from dagster import DagsterEventType
@@ -253,7 +253,7 @@ def completed_iteration(
     meta = {a: {k: v.value for k, v in m.metadata.items()} for a, m in made.items()}
     if meta["policy_checkpoint"].get("started_from") != start or meta["iteration_eval"].get(
         "checkpoint"
-    ) != store.current_model(store_layout.policy_model(key)):
+    ) != store.current_model(store_layout.policy_checkpoint(key)):
         return None
     try:
         store.local_model_dir(meta["iteration_eval"]["checkpoint"])

@@ -96,7 +96,7 @@ STORE_LEASE_OWNER_TAG = "src/store_lease_owner"  # a command that holds the stor
 class StoreRunLeaseResource(ConfigurableResource):
     """One run at a time writes a store. A run that materializes assets holds the store's lease
     leases/store_run.json from its start to its end (the IO manager, which writes every asset, needs this
-    resource), so no other run rewrites the source table, eval set, SFT checkpoint or R-Scorer while this run's
+    resource), so no other run rewrites the source table, eval set, SFT checkpoint or judge while this run's
     steps read them, whether the runs come from the UI, a sensor, a schedule or src-calibrate. A second run
     fails before any step, naming the run that holds the store. A run tagged src/store_lease_owner belongs
     to a command that holds the lease already (src-calibrate run), and runs under it."""

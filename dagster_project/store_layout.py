@@ -23,13 +23,13 @@ def asset_table(asset: str, partition: str | None = None) -> str:
     return asset_value(asset, partition) + ".parquet"
 
 
-BASE_POLICY_MODEL = "models/base_policy_model"
-BASE_SCORER_MODEL = "models/base_r_scorer_model"
-SFT_MODEL = "models/sft_checkpoint"
-SCORER_MODEL = "models/r_scorer_checkpoint"
+BASE_POLICY_CHECKPOINT = "models/base_policy_checkpoint"
+BASE_JUDGE_CHECKPOINT = "models/base_judge_checkpoint"
+SFT_CHECKPOINT = "models/sft_checkpoint"
+JUDGE_CHECKPOINT = "models/judge_checkpoint"
 
 
-def policy_model(iteration: str) -> str:
+def policy_checkpoint(iteration: str) -> str:
     """Policy k's model key (its versions and CURRENT pointer)."""
     return f"models/policy_checkpoint/{iteration}"
 
@@ -44,7 +44,7 @@ def iteration_lease(iteration: str) -> str:
 
 
 # One ``src-calibrate run`` per store at a time: from its first write to its end, so no other run rewrites the
-# foundation (source table, eval set, SFT, R-Scorer) that this run's iterations read.
+# foundation (source table, eval set, SFT, judge) that this run's iterations read.
 STORE_RUN_LEASE = "leases/store_run.json"
 
 

@@ -21,7 +21,7 @@ import polars as pl
 from src_assets.models import Runtime
 from src_assets.training import TrainSettings
 
-STAGES = ("rationale_sft", "r_scorer", "weighted_dpo", "gold_bound")
+STAGES = ("rationale_sft", "judge", "weighted_dpo", "gold_bound")
 
 
 def _settings(d: dict) -> TrainSettings:
@@ -40,10 +40,10 @@ def _train(spec: dict, callbacks) -> dict:
         from src_assets.rationale_sft import train_rationale_sft
 
         return train_rationale_sft(model, rows, out, settings, callbacks)
-    if stage == "r_scorer":
-        from src_assets.r_scorer import train_r_scorer
+    if stage == "judge":
+        from src_assets.judge import train_judge
 
-        return train_r_scorer(model, rows, out, settings, callbacks)
+        return train_judge(model, rows, out, settings, callbacks)
     if stage == "weighted_dpo":
         from src_assets.weighted_dpo import train_weighted_dpo
 

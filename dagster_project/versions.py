@@ -3,7 +3,7 @@
 An asset declares the settings it reads and the ``src_assets`` modules whose code makes it::
 
     @asset(group_name="iteration", ...)
-    @reads("judge", "aggregation", "runtime", "scoring", stages=("r_scorer", "preference", "verifier"))
+    @reads("judge", "aggregation", "runtime", "scoring", stages=("judge", "preference", "verifier"))
     def pairwise_scores(...): ...
 
 A name is a flat setting name (``tau``, ``k``...), one of the stage settings groups of ``SRCConfig``

@@ -18,17 +18,18 @@ import functools
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 from .base_stage import ANSWER_FORMS
 from .candidate_search import SearchConfig
+from .judge import JudgeConfig
 from .models import Runtime
 from .preference import AggregationConfig, CurationConfig
-from .r_scorer import JudgeConfig
 from .scenes import IMAGE_PIXELS
 from .setting import allowed_values, did_you_mean, flat_name, setting, validate_fields
 from .source_data import parse_source_columns, parse_split_fractions
-from .tiny_models import POLICY_ARCHITECTURES, SCORER_ARCHITECTURES, TinySpec
+from .tiny_models import JUDGE_ARCHITECTURES, POLICY_ARCHITECTURES, TinySpec
 from .training import TRAINER_CONFIGS, TrainSettings, check_trainer_args, trainer_arg
 
 TINY = "tiny"  # a model reference meaning "build the tiny local model"
@@ -53,7 +54,7 @@ SETTING_BUNDLES = {"runtime": RUNTIME_SETTINGS, "training": TRAINING_SETTINGS, "
 
 # Upper bounds stop a typo from building data for days: a million synthetic scenes per split (about 2 GB of PNGs),
 # 256 candidates per prompt, 1,000 epochs. Zeros that mean something are allowed (n_sft=0 turns synthetic data
-# off, scorer_epochs=0 uses a pretrained judge as it is, lora_r=0 is full fine-tuning).
+# off, judge_epochs=0 uses a pretrained judge as it is, lora_r=0 is full fine-tuning).
 MAX_SCENES, MAX_EPOCHS = 1_000_000, 1000
 POLICY_UPDATES = ("dpo", "gold_sft")
 
@@ -126,15 +127,15 @@ class SRCConfig:
     max_text_chars: int = setting(65536, low=1, help="A source text cell longer than this is refused.")
     # --- Models ---
     policy_model: str = setting(TINY, help="The policy VLM: tiny (built here), a local model directory, or a hub id.")
-    scorer_model: str = setting(
+    judge_model: str = setting(
         TINY, help="The judge: tiny (built and trained here), verifier (the oracle), a local directory, or a hub id."
     )
     tiny_policy_architecture: str = setting(
         "llava", choices=POLICY_ARCHITECTURES, help="The tiny policy's model family."
     )
-    tiny_scorer_architecture: str = setting(
+    tiny_judge_architecture: str = setting(
         "llama",
-        choices=SCORER_ARCHITECTURES,
+        choices=JUDGE_ARCHITECTURES,
         help="The tiny judge's family: llama (word-level tokenizer) or qwen2 (byte-level BPE).",
     )
     tiny_hidden_size: int = setting(128, low=1, help="Hidden size of the tiny models (a multiple of 16).")
@@ -171,8 +172,8 @@ class SRCConfig:
         "{}", check=check_trainer_args("base"), help="TRL SFTConfig fields for the base stage, as JSON."
     )
     sft_args: str = setting("{}", check=check_trainer_args("sft"), help="TRL SFTConfig fields for rationale SFT.")
-    scorer_args: str = setting(
-        "{}", check=check_trainer_args("scorer"), help="TRL SFTConfig fields for the judge's training, as JSON."
+    judge_args: str = setting(
+        "{}", check=check_trainer_args("judge"), help="TRL SFTConfig fields for the judge's training, as JSON."
     )
     dpo_args: str = setting(
         "{}", check=check_trainer_args("dpo"), help="WeightedDPOConfig (a TRL DPOConfig) fields, as JSON."
@@ -218,20 +219,20 @@ class SRCConfig:
     )
     search: SearchConfig = field(default_factory=SearchConfig)
     # --- 3. The judge (judge_template, judge_batch_size, judge_tie_margin...: JudgeConfig) ---
-    scorer_prompts: int = setting(
+    judge_prompts: int = setting(
         128, low=1, high=MAX_SCENES, help="Calibrate prompts whose candidates the verifier labels to train the judge."
     )
     # With the contrast pairs the judge trains on 4,000 pairs, as many as when the two were capped together.
-    scorer_max_pairs: int = setting(3232, low=0, help="Ordered pairs of the SFT policy's candidates at most.")
+    judge_max_pairs: int = setting(3232, low=0, help="Ordered pairs of the SFT policy's candidates at most.")
     # 768 is about what 128 prompts give (6 per prompt).
-    scorer_contrast_pairs: int = setting(
+    judge_contrast_pairs: int = setting(
         768, low=0, help="Gold responses against perturbed copies of themselves, labelled by the verifier (0: none)."
     )
-    scorer_epochs: float = setting(
-        3.0, low=0, high=MAX_EPOCHS, help="The judge's training epochs; 0 uses a pretrained scorer_model as it is."
+    judge_epochs: float = setting(
+        3.0, low=0, high=MAX_EPOCHS, help="The judge's training epochs; 0 uses a pretrained judge_model as it is."
     )
-    scorer_learning_rate: float = setting(2e-3, above=0, help="The judge's learning rate.")
-    scorer_batch_size: int = setting(32, low=1, help="The judge's batch size.")
+    judge_learning_rate: float = setting(2e-3, above=0, help="The judge's learning rate.")
+    judge_train_batch_size: int = setting(32, low=1, help="The judge's batch size.")
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     scoring: str = setting(
         "pairwise",
@@ -295,11 +296,11 @@ class SRCConfig:
                 f"setting tiny_patch_size: {self.tiny_patch_size} must divide the scenes' {IMAGE_PIXELS}-pixel side"
             )
         self.runtime().torch_dtype()  # validates dtype and device
-        if self.scorer_model == TINY and self.scorer_epochs == 0:
+        if self.judge_model == TINY and self.judge_epochs == 0:
             raise ValueError(
-                "setting scorer_epochs: 0 uses a pretrained judge as it is, and scorer_model=tiny is built untrained: "
-                "give scorer_model=<dir or hub id> of an instruction-tuned LM (with judge_template=instruct), or "
-                "train the tiny judge (scorer_epochs > 0)"
+                "setting judge_epochs: 0 uses a pretrained judge as it is, and judge_model=tiny is built untrained: "
+                "give judge_model=<dir or hub id> of an instruction-tuned LM (with judge_template=instruct), or "
+                "train the tiny judge (judge_epochs > 0)"
             )
         if self.lora_r == 0 and self.lora_args not in ("", "{}"):
             raise ValueError(f"settings lora.*: {self.lora_args} apply to LoRA training; set lora_r > 0")
@@ -353,8 +354,8 @@ class SRCConfig:
     def sft_settings(self) -> TrainSettings:
         return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size, "sft")
 
-    def scorer_settings(self) -> TrainSettings:
-        return self._train(self.scorer_epochs, self.scorer_learning_rate, self.scorer_batch_size, "scorer")
+    def judge_settings(self) -> TrainSettings:
+        return self._train(self.judge_epochs, self.judge_learning_rate, self.judge_train_batch_size, "judge")
 
     def dpo_settings(self) -> TrainSettings:
         return self._train(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size, "dpo")
@@ -378,10 +379,10 @@ PROFILES: dict[str, SRCConfig] = {
         base_epochs=1.0,
         prompts_per_iteration=8,
         search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
-        scorer_prompts=8,
-        scorer_max_pairs=64,
-        scorer_contrast_pairs=48,
-        scorer_epochs=1.0,
+        judge_prompts=8,
+        judge_max_pairs=64,
+        judge_contrast_pairs=48,
+        judge_epochs=1.0,
         dpo_epochs=1.0,
         dpo_batch_size=4,
         # untrained smoke models never answer right; this profile checks plumbing
@@ -447,9 +448,9 @@ SETTING_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "Models": (
         "policy_model",
-        "scorer_model",
+        "judge_model",
         "tiny_policy_architecture",
-        "tiny_scorer_architecture",
+        "tiny_judge_architecture",
         "tiny_hidden_size",
         "tiny_layers",
         "tiny_patch_size",
@@ -466,7 +467,7 @@ SETTING_SECTIONS: dict[str, tuple[str, ...]] = {
         "logging_dir",
         "base_args",
         "sft_args",
-        "scorer_args",
+        "judge_args",
         "dpo_args",
         "lora_args",
         "train_processes",
@@ -500,12 +501,12 @@ SETTING_SECTIONS: dict[str, tuple[str, ...]] = {
         "search_backend",
     ),
     "3. The judge": (
-        "scorer_prompts",
-        "scorer_max_pairs",
-        "scorer_contrast_pairs",
-        "scorer_epochs",
-        "scorer_learning_rate",
-        "scorer_batch_size",
+        "judge_prompts",
+        "judge_max_pairs",
+        "judge_contrast_pairs",
+        "judge_epochs",
+        "judge_learning_rate",
+        "judge_train_batch_size",
         "judge_template",
         "judge_batch_size",
         "judge_quality_weights",
@@ -580,12 +581,48 @@ def setting_names() -> dict[str, tuple[str | None, str, str]]:
     return out
 
 
+# Old names that are still read, for one release, as the names they became ("scorer.FIELD" is "judge.FIELD").
+RENAMED_SETTINGS = {
+    "scorer_model": "judge_model",
+    "tiny_scorer_architecture": "tiny_judge_architecture",
+    "scorer_prompts": "judge_prompts",
+    "scorer_max_pairs": "judge_max_pairs",
+    "scorer_contrast_pairs": "judge_contrast_pairs",
+    "scorer_epochs": "judge_epochs",
+    "scorer_learning_rate": "judge_learning_rate",
+    "scorer_batch_size": "judge_train_batch_size",
+    "scorer_args": "judge_args",
+}
+
+
+class RenamedSettingWarning(Warning):
+    """A setting given by a name it had before; it is read as its current name."""
+
+
+def current_names(overrides: dict) -> tuple[dict, list[str]]:
+    """``overrides`` under the settings' current names, and one line for each old name among them."""
+    out, notes = {}, []
+    for name, value in overrides.items():
+        stage, dot, rest = name.partition(".")
+        new = RENAMED_SETTINGS.get(name) or (f"judge.{rest}" if dot and stage == "scorer" else None)
+        if new is not None:
+            notes.append(
+                f"setting {name} is now called {new}; the old name is read as the new one until the next release"
+            )
+            name = new
+        out[name] = value
+    return out, notes
+
+
 def profile(name: str, **overrides) -> SRCConfig:
     """The named profile with ``overrides`` (flat names, values as strings or JSON values). It only composes: each
     settings type checks its own fields as it is made, with one-line errors that name the setting."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
     known = setting_names()
+    overrides, notes = current_names(overrides)
+    for note in notes:
+        warnings.warn(note, RenamedSettingWarning, stacklevel=2)
     overrides = _with_trainer_args(overrides)
     unknown = sorted(set(overrides) - set(known))
     if unknown:

@@ -3,7 +3,7 @@
 Answer accuracy, rationale factuality, completeness and rationale-answer
 consistency come from the verifier on greedy responses; the anatomy of the
 answers says where their errors come from. The judge's win rate of policy k
-over policy k-1 is ``r_scorer.Judge.win_rate``.
+over policy k-1 is ``judge.Judge.win_rate``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The R-Scorer's training set: every labelled pair it learns from, built by one function.
+"""The judge's training set: every labelled pair it learns from, built by one function.
 
-Three sources, each row a judge prompt (``r_scorer.judge_prompt``) and the verdict it should be followed by:
+Three sources, each row a judge prompt (``judge.judge_prompt``) and the verdict it should be followed by:
 
-- **the policy's own candidates**: the SFT policy's sentence-level beam search on the R-Scorer's prompts, every
+- **the policy's own candidates**: the SFT policy's sentence-level beam search on the judge's prompts, every
   ordered pair labelled by the verifier (``verifier.verifier_verdict``), where the prompts have a scene;
 - **contrast pairs**: a gold response against perturbed copies of itself (a wrong answer, a misperceived object
   reasoned from, a slipped reasoning step, a wrong conclusion with a matching answer), every ordered pair labelled
@@ -20,7 +20,7 @@ from itertools import permutations
 import polars as pl
 
 from .fingerprints import derive_seed
-from .r_scorer import JudgeConfig, judge_prompt, verdict_completion
+from .judge import JudgeConfig, judge_prompt, verdict_completion
 from .scenes import (
     COLORS,
     COLUMNS,
@@ -169,7 +169,7 @@ def judge_training_set(
     seed: int,
     progress=False,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Every pair the R-Scorer trains on, and how many came from each source:
+    """Every pair the judge trains on, and how many came from each source:
 
     - the candidates of the policy at ``policy_dir`` (the SFT checkpoint) for ``prompts``, by the same
       sentence-level beam search as an iteration's (``search``), where prompts have a scene: at most
@@ -185,7 +185,7 @@ def judge_training_set(
     if prompts["scene"].is_not_null().any():
         policy, processor = load_policy(policy_dir, runtime)
         candidates = sentence_beam_search(
-            policy, processor, prompts, search, seed=derive_seed(seed, "r_scorer_candidates"), progress=progress
+            policy, processor, prompts, search, seed=derive_seed(seed, "judge_candidates"), progress=progress
         )
         del policy
     parts = {

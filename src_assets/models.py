@@ -1,8 +1,8 @@
-"""One loader for the policy VLM and the R-Scorer: tiny local directories and real hub models alike.
+"""One loader for the policy VLM and the judge: tiny local directories and real hub models alike.
 
 Pointing the pipeline at a real model is a change of ``ref`` only, e.g.
 ``llava-hf/llava-1.5-7b-hf`` or ``Qwen/Qwen2-VL-2B-Instruct`` for the policy and
-``Qwen/Qwen2.5-1.5B-Instruct`` for the R-Scorer. Remote code is never run and
+``Qwen/Qwen2.5-1.5B-Instruct`` for the judge. Remote code is never run and
 only safetensors weights are read.
 """
 
@@ -143,8 +143,8 @@ def load_tokenizer(ref: str):
     return _from_pretrained(AutoTokenizer, validate_model_ref(ref))
 
 
-def load_scorer(ref: str, runtime: Runtime = CPU_FLOAT32) -> tuple[PreTrainedModel, object]:
-    """The text-only judge LM (R-Scorer) and its tokenizer, on ``runtime``'s device in its dtype."""
+def load_judge_model(ref: str, runtime: Runtime = CPU_FLOAT32) -> tuple[PreTrainedModel, object]:
+    """The text-only judge LM and its tokenizer, on ``runtime``'s device in its dtype."""
     ref = validate_model_ref(ref)
     tokenizer = _from_pretrained(AutoTokenizer, ref)
     model = _from_pretrained(AutoModelForCausalLM, ref, use_safetensors=True, **runtime.model_kwargs())

@@ -268,7 +268,7 @@ def gold_response(scene: Scene, question: Question) -> str:
 
 
 def describe_scene(scene: Scene) -> str:
-    """A reference description of the image, as the R-Scorer reads it; also the base stage's caption."""
+    """A reference description of the image, as the judge reads it; also the base stage's caption."""
     return " ".join(perception_sentence(o) for o in scene.objects)
 
 

@@ -11,7 +11,7 @@ One row per (image, question). Columns:
 | image | binary | yes | the image, PNG or JPEG bytes |
 | kind | str | no | question kind: one of the domain's, or ``open`` (default) |
 | response | str | for ``sft`` rows | gold rationale then ``Answer: ...`` |
-| reference | str | no | reference description of the image, read by the R-Scorer |
+| reference | str | no | reference description of the image, read by the judge |
 | scene, question_spec | str (JSON) | no | the synthetic domain's ground truth, read by the verifier |
 
 Three formats are read, each streamed (a row group, a shard batch or a few hundred JSON records at a time):
@@ -513,7 +513,7 @@ def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFram
     return pl.concat([df for _, df in named_frames], how="vertical")
 
 
-# --- The user's own judgements, to train the R-Scorer where no verifier exists --------------------------------
+# --- The user's own judgements, to train the judge where no verifier exists --------------------------------
 
 JUDGEMENT_REQUIRED = {"question": pl.String, "response_a": pl.String, "response_b": pl.String, "verdict": pl.String}
 JUDGEMENT_OPTIONAL = {"reference": pl.String, "answer": pl.String}
@@ -546,7 +546,7 @@ def read_judgements_file(data: bytes, name: str, max_text_chars: int = MAX_TEXT_
     return validate_judgements(df, name, max_text_chars)
 
 
-def check_split_sizes(df: pl.DataFrame, scorer_prompts: int, synthetic: bool = True) -> None:
+def check_split_sizes(df: pl.DataFrame, judge_prompts: int, synthetic: bool = True) -> None:
     """Every stage has rows to work on, checked once the source is read, before anything trains. The advice names
     what the user can change: their own rows, and the synthetic sizes only where synthetic data is on."""
     counts = dict(df.group_by("split").len().iter_rows())
@@ -558,29 +558,29 @@ def check_split_sizes(df: pl.DataFrame, scorer_prompts: int, synthetic: bool = T
                 f"data (or set split_fractions with a share for {split!r})"
             )
     calibrate = counts.get("calibrate", 0)
-    if calibrate <= scorer_prompts:
+    if calibrate <= judge_prompts:
         more = "raise n_calibrate, " if synthetic else ""
         raise SourceDataError(
-            f"the source has {calibrate} 'calibrate' rows, but the first scorer_prompts={scorer_prompts} of them "
-            f"train the R-Scorer and the iterations need at least one more: {more}add at least "
-            f"{scorer_prompts + 1 - calibrate} rows with split 'calibrate' to your data"
-            + (f", or lower scorer_prompts to at most {calibrate - 1}" if calibrate >= 2 else "")
+            f"the source has {calibrate} 'calibrate' rows, but the first judge_prompts={judge_prompts} of them "
+            f"train the judge and the iterations need at least one more: {more}add at least "
+            f"{judge_prompts + 1 - calibrate} rows with split 'calibrate' to your data"
+            + (f", or lower judge_prompts to at most {calibrate - 1}" if calibrate >= 2 else "")
         )
 
 
-def scorer_prompt_rows(df: pl.DataFrame, scorer_prompts: int) -> pl.DataFrame:
-    """The R-Scorer's training prompts: the first ``scorer_prompts`` calibrate rows. No iteration calibrates on
+def judge_prompt_rows(df: pl.DataFrame, judge_prompts: int) -> pl.DataFrame:
+    """The judge's training prompts: the first ``judge_prompts`` calibrate rows. No iteration calibrates on
     them, so the judge is always measured on prompts it did not train on."""
-    return df.filter(pl.col("split") == "calibrate").head(scorer_prompts)
+    return df.filter(pl.col("split") == "calibrate").head(judge_prompts)
 
 
-def iteration_prompt_rows(df: pl.DataFrame, iteration: int, n: int, scorer_prompts: int) -> pl.DataFrame:
-    """Iteration ``iteration``'s prompts (1-based): the next ``n`` calibrate rows after the R-Scorer's, iteration
-    after iteration, wrapping around within those rows (never into the R-Scorer's)."""
-    rows = df.filter(pl.col("split") == "calibrate").slice(scorer_prompts)
+def iteration_prompt_rows(df: pl.DataFrame, iteration: int, n: int, judge_prompts: int) -> pl.DataFrame:
+    """Iteration ``iteration``'s prompts (1-based): the next ``n`` calibrate rows after the judge's, iteration
+    after iteration, wrapping around within those rows (never into the judge's)."""
+    rows = df.filter(pl.col("split") == "calibrate").slice(judge_prompts)
     if rows.is_empty():
         raise SourceDataError(
-            f"no 'calibrate' rows are left to calibrate on after the R-Scorer's scorer_prompts={scorer_prompts}"
+            f"no 'calibrate' rows are left to calibrate on after the judge's judge_prompts={judge_prompts}"
         )
     start = ((iteration - 1) * n) % rows.height
     take = rows.slice(start, n)

@@ -1,6 +1,6 @@
 """Tiny models built locally from real ``transformers`` classes.
 
-The embedded default needs a VLM and an R-Scorer that exist without a
+The embedded default needs a VLM and a judge that exist without a
 download. By default these are a LLaVA-architecture VLM (CLIP vision tower,
 projector, Llama decoder) and a Llama decoder LM, both with a word-level
 tokenizer over the domain's closed vocabulary.
@@ -167,8 +167,8 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int =
     return save_model_dir(model, processor, out_dir)
 
 
-def build_tiny_scorer(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
-    """Writes a randomly initialised tiny decoder LM for the R-Scorer to ``out_dir``."""
+def build_tiny_llama_judge(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Writes a randomly initialised tiny decoder LM for the judge to ``out_dir``."""
     torch.manual_seed(seed)
     tok = build_tokenizer(extra_words=JUDGE_WORDS)
     model = LlamaForCausalLM(_text_config(tok, spec))
@@ -179,7 +179,7 @@ def build_tiny_scorer(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: in
 # --- The other policy architectures, with the byte-level BPE tokenizers their families use ---------------
 
 POLICY_ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
-SCORER_ARCHITECTURES = ("llama", "qwen2")
+JUDGE_ARCHITECTURES = ("llama", "qwen2")
 
 _QWEN_SPECIALS = (
     "<|endoftext|>",
@@ -424,9 +424,9 @@ def build_tiny_judge(
 ) -> Path:
     """A tiny random-weight judge LM: ``llama`` with the word-level tokenizer, or ``qwen2`` with a byte-level BPE one."""
     if architecture == "llama":
-        return build_tiny_scorer(out_dir, spec, seed)
-    if architecture not in SCORER_ARCHITECTURES:
-        raise ValueError(f"unknown tiny judge architecture {architecture!r}; expected one of {SCORER_ARCHITECTURES}")
+        return build_tiny_llama_judge(out_dir, spec, seed)
+    if architecture not in JUDGE_ARCHITECTURES:
+        raise ValueError(f"unknown tiny judge architecture {architecture!r}; expected one of {JUDGE_ARCHITECTURES}")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)

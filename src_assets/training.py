@@ -1,4 +1,4 @@
-"""Settings shared by the three trainings (rationale SFT, R-Scorer, weighted DPO), and their TRL plumbing."""
+"""Settings shared by the three trainings (rationale SFT, judge, weighted DPO), and their TRL plumbing."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .setting import did_you_mean
 TRAINER_CONFIGS = {
     "base": "trl:SFTConfig",
     "sft": "trl:SFTConfig",
-    "scorer": "trl:SFTConfig",
+    "judge": "trl:SFTConfig",
     "dpo": "src_assets.weighted_dpo:WeightedDPOConfig",
     "lora": "peft:LoraConfig",
 }

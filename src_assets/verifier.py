@@ -1,7 +1,7 @@
 """The verifier: parses any response into claims and checks them against the scene.
 
 It is the evaluation metric of the embedded domain and the teacher that labels
-pairs for training the R-Scorer. It never raises on a response: empty,
+pairs for training the judge. It never raises on a response: empty,
 truncated, unknown words or a missing answer line are reported in
 ``Verification.problems`` and scored as such.
 
@@ -376,11 +376,11 @@ _KNOWN_WORDS = {w.lower() for w in DOMAIN_WORDS}
 
 # --- The oracle: the verifier as a judge -------------------------------------------------------------------------
 # It scores a response by quality = weighted correctness + factuality + consistency, and prefers the better of two
-# unless the gap is within a tie margin. It is the teacher that labels the R-Scorer's training pairs, the bar a
-# learned judge is measured against (``judge_agreement``), and with ``scorer_model=verifier`` the judge itself: the
+# unless the gap is within a tie margin. It is the teacher that labels the judge's training pairs, the bar a
+# learned judge is measured against (``judge_agreement``), and with ``judge_model=verifier`` the judge itself: the
 # oracle bound of what the rest of the loop can do.
 
-VERIFIER_JUDGE = "verifier"  # the scorer_model value that makes the verifier the judge
+VERIFIER_JUDGE = "verifier"  # the judge_model value that makes the verifier the judge
 VERDICT_VALUE = {"A": 1.0, "B": 0.0, "tie": 0.5}  # p(first beats second) that each verdict stands for
 QUALITY_WEIGHTS = (2.0, 1.0, 2.0)  # correctness, factuality, consistency
 TIE_MARGIN = 0.5
@@ -394,7 +394,7 @@ def check_scenes_to_judge(rows, what: str) -> None:
         raise ValueError(
             f"the verifier judges each prompt from its scene, and {bare.height} of the {rows.height} "
             f"{what} have none (e.g. id {bare['id'][0]!r}): judge with an LM instead (a directory or hub id: "
-            f"scorer_model for a run, --judge for evaluate), or train one on a judgement table (README: A judge "
+            f"judge_model for a run, --judge for evaluate), or train one on a judgement table (README: A judge "
             f"for your data)"
         )
 

@@ -25,12 +25,12 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """The tiny VLM and R-Scorer at the smallest sizes, built once per test session."""
-    from src_assets.tiny_models import TinySpec, build_tiny_scorer, build_tiny_vlm
+    """The tiny VLM and judge at the smallest sizes, built once per test session."""
+    from src_assets.tiny_models import TinySpec, build_tiny_llama_judge, build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny")
     spec = TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden_size=32, vision_layers=1)
-    return build_tiny_vlm(root / "vlm", spec), build_tiny_scorer(root / "scorer", spec)
+    return build_tiny_vlm(root / "vlm", spec), build_tiny_llama_judge(root / "judge", spec)
 
 
 @pytest.fixture(scope="session")

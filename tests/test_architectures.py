@@ -1,6 +1,6 @@
 """Real VLM architectures through the whole loop on the CPU: tiny random-weight checkpoints of LLaVA, Qwen2-VL,
 Qwen2.5-VL and Idefics3 (built here, no download), each with a byte-level BPE Qwen2 judge, full fine-tuning and
-LoRA, passed as ``--set policy_model=DIR --set scorer_model=DIR2`` exactly as a user passes their own models.
+LoRA, passed as ``--set policy_model=DIR --set judge_model=DIR2`` exactly as a user passes their own models.
 And a run on the user's own data: Parquet rows with no synthetic scene and a table of judgements."""
 
 import json
@@ -51,7 +51,7 @@ def test_each_architecture_runs_the_smoke_loop(architecture, lora_r, bpe_judge, 
         monkeypatch,
         capsys,
         f"policy_model={policy}",
-        f"scorer_model={bpe_judge}",
+        f"judge_model={bpe_judge}",
         f"lora_r={lora_r}",
         "dpo_epochs=3",
         "beams=4",
@@ -103,40 +103,38 @@ def test_a_run_on_the_users_own_data_reports_real_accuracy(bpe_judge, tmp_path, 
         "n_calibrate=0",
         "n_eval=0",
         f"policy_model={policy}",
-        f"scorer_model={bpe_judge}",
+        f"judge_model={bpe_judge}",
     )
     assert code == 0, err
     for row in out:
         assert isinstance(row["accuracy"], float)  # from the answer column, not NaN or missing
         assert row["factuality"] is None and row["consistency"] is None  # no verifier for these rows
     meta = (
-        store.read_json("models/r_scorer_checkpoint/CURRENT")
-        if store.exists("models/r_scorer_checkpoint/CURRENT")
-        else None
+        store.read_json("models/judge_checkpoint/CURRENT") if store.exists("models/judge_checkpoint/CURRENT") else None
     )
     assert meta is not None  # the judge was trained, on the user's judgements alone
 
 
 def test_a_pretrained_judge_used_zero_shot_judges_the_users_rows(bpe_judge, tmp_path, monkeypatch, capsys):
     """Rows without scenes and no judgement table: a local instruction-tuned judge (Qwen2 architecture, with a
-    chat template) used as it is (scorer_epochs=0) judges the pairs; no judge is trained."""
+    chat template) used as it is (judge_epochs=0) judges the pairs; no judge is trained."""
     store, _ = _store_with_users_rows(tmp_path)
     code, out, err = _run(
         tmp_path,
         monkeypatch,
         capsys,
-        f"scorer_model={bpe_judge}",
-        "scorer_epochs=0",
+        f"judge_model={bpe_judge}",
+        "judge_epochs=0",
         "judge_template=instruct",
     )
     assert code == 0, err
     assert [row["iteration"] for row in out] == [0, 1] and out[1]["pairs_kept"] is not None
-    assert not store.exists("models/r_scorer_checkpoint/CURRENT")  # used as it is, never trained
+    assert not store.exists("models/judge_checkpoint/CURRENT")  # used as it is, never trained
 
 
 def test_the_verifier_as_judge_of_rows_without_scenes_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
     store, _ = _store_with_users_rows(tmp_path)
-    code, _, err = _run(tmp_path, monkeypatch, capsys, "scorer_model=verifier")  # your rows alone, by default
+    code, _, err = _run(tmp_path, monkeypatch, capsys, "judge_model=verifier")  # your rows alone, by default
     assert code == 1
     assert (
         err.strip()

@@ -15,7 +15,7 @@ from src_assets.storage import Store
 SETTINGS = [
     "report_to=tensorboard",
     "sft.lr_scheduler_type=constant",
-    "scorer.warmup_steps=0.1",
+    "judge.warmup_steps=0.1",
     "dpo.optim=adamw_torch",
     "lora_r=4",
     "lora.lora_alpha=32",
@@ -45,7 +45,7 @@ def _events(folder: Path) -> bytes:
 
 def test_trackers_write_under_logs_beside_the_store(smoke_run):
     logs = smoke_run / "logs"
-    for training in ("base_policy_model", "sft_checkpoint", "r_scorer_checkpoint", "policy_checkpoint/001"):
+    for training in ("base_policy_checkpoint", "sft_checkpoint", "judge_checkpoint", "policy_checkpoint/001"):
         assert b"train/train_loss" in _events(logs / training), training
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,7 +62,7 @@ def test_trackers_write_under_logs_beside_the_store(smoke_run):
 def test_each_trainer_received_its_own_fields(smoke_run):
     # TensorBoard's callback records the trainer's arguments as text: what the trainer ran with.
     assert b'"lr_scheduler_type": "constant"' in _events(smoke_run / "logs" / "sft_checkpoint")
-    assert b'"warmup_steps": 0.1' in _events(smoke_run / "logs" / "r_scorer_checkpoint")
+    assert b'"warmup_steps": 0.1' in _events(smoke_run / "logs" / "judge_checkpoint")
     assert b'"optim": "adamw_torch"' in _events(smoke_run / "logs" / "policy_checkpoint" / "001")
     assert b'"optim": "adamw_torch"' not in _events(smoke_run / "logs" / "sft_checkpoint")
     store = Store(str(smoke_run / "store"))
@@ -130,7 +130,7 @@ def test_evaluate_scores_a_checkpoint_on_the_users_own_rows(smoke_run, tmp_path,
     policy, sft = store.current_model("models/policy_checkpoint/001"), store.current_model("models/sft_checkpoint")
     args = ["evaluate", "--checkpoint", policy, "--data", str(tmp_path / "mine.parquet"), "--json"]
     args += ["--set", "source_columns=question:prompt", "--set", "split_fractions=eval:1"]
-    assert main([*args, "--against", sft, "--judge", store.current_model("models/r_scorer_checkpoint")]) == 0
+    assert main([*args, "--against", sft, "--judge", store.current_model("models/judge_checkpoint")]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["n"] == 6 and row["split"] == "eval"
     assert isinstance(row["accuracy"], float) and row["consistency"] is None  # from the answer column alone

@@ -8,7 +8,7 @@ import pytest
 from dagster_project.cli import build_parser, main
 from dagster_project.experiments import markdown, summarize_runs
 from dagster_project.resources import SettingsResource
-from src_assets.config import setting_names
+from src_assets.config import RenamedSettingWarning, profile, setting_names
 
 
 def test_evaluate_scores_a_checkpoint_with_real_and_with_blank_images(trained_tiny_vlm, capsys):
@@ -69,9 +69,9 @@ def test_evaluate_prints_the_anatomy_per_kind_and_scores_captions(trained_tiny_v
 
 def test_model_references_and_seed_can_be_overridden_like_any_setting():
     cfg = SettingsResource(
-        profile="smoke", overrides={"scorer_model": "verifier", "seed": 5, "policy_model": "/models/vlm"}
+        profile="smoke", overrides={"judge_model": "verifier", "seed": 5, "policy_model": "/models/vlm"}
     ).config()
-    assert (cfg.scorer_model, cfg.seed, cfg.policy_model) == ("verifier", 5, "/models/vlm")
+    assert (cfg.judge_model, cfg.seed, cfg.policy_model) == ("verifier", 5, "/models/vlm")
 
 
 def _run(variant, seed, before, after, agreement):
@@ -169,8 +169,8 @@ def test_each_default_lives_in_its_stage_settings_type():
 
     from src_assets.candidate_search import SearchConfig
     from src_assets.config import PROFILES, SRCConfig, setting_names
+    from src_assets.judge import JudgeConfig
     from src_assets.preference import AggregationConfig, CurationConfig
-    from src_assets.r_scorer import JudgeConfig
 
     default = PROFILES["default"]
     assert (default.search, default.aggregation, default.curation, default.judge) == (
@@ -231,7 +231,7 @@ def test_gpu_settings_are_typed_launchpad_fields():
         ("n_sft=99999999999", "setting n_sft: 99999999999 is out of range; it must be in [0, 1000000]"),
         ("sft_epochs=1e9", "setting sft_epochs: 1000000000.0 is out of range; it must be in [0, 1000]"),
         ("seed=-1", "setting seed: -1 is out of range; it must be in [0, 4294967295]"),
-        ("scorer_epochs=0", "setting scorer_epochs: 0 uses a pretrained judge as it is, and scorer_model=tiny is"),
+        ("judge_epochs=0", "setting judge_epochs: 0 uses a pretrained judge as it is, and judge_model=tiny is"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_code_2(setting, message, tmp_path, monkeypatch, capsys):
@@ -256,6 +256,28 @@ def test_settings_lists_every_setting_in_sections_with_its_value_range_and_help(
     assert main(["settings"]) == 0
     text = capsys.readouterr().out
     assert "\n5. Curation\n  tau = 0.1  (float, [0, 1])\n      Pairs whose confidence weight is below this" in text
+
+
+def test_the_judges_old_setting_names_are_read_as_the_new_ones_with_a_warning_line():
+    with pytest.warns(RenamedSettingWarning, match="setting scorer_model is now called judge_model"):
+        cfg = profile("smoke", scorer_model="verifier", **{"scorer.warmup_steps": "3", "scorer_batch_size": "8"})
+    assert cfg.judge_model == "verifier" and cfg.judge_train_batch_size == 8
+    assert json.loads(cfg.judge_args) == {"warmup_steps": 3}
+    resource = SettingsResource(profile="smoke", overrides={"scorer_epochs": 2})  # the Launchpad's overrides
+    with pytest.warns(RenamedSettingWarning):
+        assert resource.config().judge_epochs == 2
+
+
+def test_an_old_setting_name_on_the_command_line_prints_one_warning_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", "scorer_epochs=-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2  # the value is then checked under the new name
+    assert err[0] == (
+        "src-calibrate: warning: setting scorer_epochs is now called judge_epochs; the old name is read as the new "
+        "one until the next release"
+    )
+    assert err[1].startswith("src-calibrate: error: setting judge_epochs: -1.0 is out of range")
 
 
 def test_every_command_line_option_has_help_and_says_its_default():
@@ -283,9 +305,9 @@ def test_a_bad_seed_is_refused_as_the_command_line_is_read(seed, tmp_path, monke
 
 
 def test_meaningful_zeros_are_kept():
-    zeros = {"n_sft": "0", "scorer_epochs": "0", "lora_r": "0", "scorer_model": "someone/judge-instruct"}
+    zeros = {"n_sft": "0", "judge_epochs": "0", "lora_r": "0", "judge_model": "someone/judge-instruct"}
     cfg = SettingsResource(profile="smoke", overrides=zeros).config()
-    assert (cfg.n_sft, cfg.scorer_epochs, cfg.lora_r) == (0, 0.0, 0)
+    assert (cfg.n_sft, cfg.judge_epochs, cfg.lora_r) == (0, 0.0, 0)
 
 
 def test_a_failed_error_check_fails_the_run_and_names_the_check(tmp_path, monkeypatch, capsys):
@@ -315,7 +337,7 @@ def test_a_failed_step_names_its_innermost_cause(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     err = lines[-1]
     assert code == 1
-    assert err.startswith("step base_policy_model failed: ") and "has no config.json" in err
+    assert err.startswith("step base_policy_checkpoint failed: ") and "has no config.json" in err
     assert "Error occurred while executing" not in err
     # The steps skipped after the failure (Dagster's "Dependencies ... Not executing.") are for -v only.
     assert not [line for line in lines if "Not executing" in line]
@@ -326,7 +348,7 @@ def test_split_sizes_are_checked_before_anything_trains(tmp_path, monkeypatch, c
     code = main(["run", "--profile", "smoke", "--store", str(tmp_path / "store"), "--set", "n_calibrate=8"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1
-    assert err.startswith("step vqa_source failed: the source has 8 'calibrate' rows, but the first scorer_prompts=8")
+    assert err.startswith("step vqa_source failed: the source has 8 'calibrate' rows, but the first judge_prompts=8")
     assert not (tmp_path / "store" / "models" / "sft_checkpoint").exists()  # nothing was trained
 
 

@@ -193,7 +193,7 @@ def test_two_seeds_train_on_different_data_and_the_tag_is_the_digest_the_run_use
         assert main(["run", "--profile", "smoke", "--iterations", "0", "--seed", str(seed), "--store", str(store)]) == 0
         tables[seed] = pl.read_parquet(store / "assets" / "vqa_source.parquet")
         assert tables[seed]["id"].str.contains(f"-{seed}-").all()  # the seed's own scenes
-        model = store / "models" / "base_policy_model"
+        model = store / "models" / "base_policy_checkpoint"
         version = json.loads((model / "CURRENT").read_text())["version"]
         weights[seed] = (model / "versions" / version / "model.safetensors").read_bytes()
         (run,) = _runs(tmp_path / f"home{seed}")

@@ -63,7 +63,7 @@ def test_an_edited_module_changes_the_versions_of_exactly_the_assets_that_run_it
     after_sft = _code_digests(project)
     changed = {name for name in before if after_sft[name] != after_kernel[name]}
     assert {"rationale_sft_set", "sft_checkpoint"} <= changed
-    assert not changed & {"r_scorer_checkpoint", "base_policy_model", "pairwise_scores", "policy_checkpoint"}
+    assert not changed & {"judge_checkpoint", "base_policy_checkpoint", "pairwise_scores", "policy_checkpoint"}
 
 
 def test_reads_must_name_every_method_module_the_asset_calls():
@@ -90,7 +90,7 @@ def _store_current(store: Path, key: str) -> str:
 
 def test_an_edited_stage_retrains_that_stage_and_what_follows_and_reuses_the_rest(tmp_path):
     """The smoke loop, then an edit to the DPO stage's module (and a comment in the SFT stage's): the rerun reuses
-    the base policy, the SFT checkpoint and the R-Scorer, and computes iteration 1 again, saying why."""
+    the base policy, the SFT checkpoint and the judge, and computes iteration 1 again, saying why."""
     project = _copy_of_the_project(tmp_path / "project")
     store = tmp_path / "store"
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project)}
@@ -103,7 +103,7 @@ def test_an_edited_stage_retrains_that_stage_and_what_follows_and_reuses_the_res
         return done
 
     run()
-    foundation = ("base_policy_model", "sft_checkpoint", "r_scorer_checkpoint")
+    foundation = ("base_policy_checkpoint", "sft_checkpoint", "judge_checkpoint")
     models = {key: _store_current(store, key) for key in (*foundation, "policy_checkpoint/001")}
 
     _append(project / "src_assets" / "weighted_dpo.py", "DPO_EDITED_BY_THE_TEST = 1")

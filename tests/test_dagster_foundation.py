@@ -17,7 +17,7 @@ from dagster_project.resources import (
     StoreResource,
     StoreRunLeaseResource,
 )
-from src_assets.models import load_policy, load_scorer
+from src_assets.models import load_judge_model, load_policy
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +26,8 @@ FOUNDATION = {
     "rationale_sft_set",
     "eval_set",
     "perception_corpus",
-    "base_policy_model",
-    "base_r_scorer_model",
+    "base_policy_checkpoint",
+    "base_judge_checkpoint",
 }
 all_assets = [a for a in every_asset if a.key.to_user_string() in FOUNDATION]
 
@@ -88,17 +88,19 @@ def test_foundation_assets_materialize_with_metadata(tmp_path):
 
     store = Store(str(tmp_path))
     assert store.read_table("assets/eval_set.parquet").height == 20
-    policy_uri = store.read_json("assets/base_policy_model.json")
-    assert policy_uri == store.current_model("models/base_policy_model")
-    assert meta["base_policy_model"]["architecture"].value == "LlavaForConditionalGeneration"
+    policy_uri = store.read_json("assets/base_policy_checkpoint.json")
+    assert policy_uri == store.current_model("models/base_policy_checkpoint")
+    assert meta["base_policy_checkpoint"]["architecture"].value == "LlavaForConditionalGeneration"
     model, _ = load_policy(store.local_model_dir(policy_uri))
-    assert sum(p.numel() for p in model.parameters()) == meta["base_policy_model"]["parameters"].value
+    assert sum(p.numel() for p in model.parameters()) == meta["base_policy_checkpoint"]["parameters"].value
     # The tiny policy went through the base stage, and its held-out scores are recorded.
     assert meta["perception_corpus"]["rows"].value == 64
-    assert meta["base_policy_model"]["trained"].value is True and meta["base_policy_model"]["steps"].value == 2
+    assert (
+        meta["base_policy_checkpoint"]["trained"].value is True and meta["base_policy_checkpoint"]["steps"].value == 2
+    )
     for score in ("caption_factuality", "caption_exact_listing", "direct_accuracy", "direct_accuracy_blank_images"):
-        assert 0 <= meta["base_policy_model"][score].value <= 1
-    load_scorer(store.local_model_dir(store.read_json("assets/base_r_scorer_model.json")))
+        assert 0 <= meta["base_policy_checkpoint"][score].value <= 1
+    load_judge_model(store.local_model_dir(store.read_json("assets/base_judge_checkpoint.json")))
 
 
 def test_bad_source_file_fails_naming_it_and_keeps_the_stored_table(tmp_path):
@@ -164,7 +166,7 @@ def test_without_source_files_the_synthetic_scenes_are_the_source(tmp_path):
 
 def test_assets_materialize_into_s3(s3_endpoint):
     resources = _resources("s3://src-test/dagster-run", s3_endpoint)
-    wanted = {"vqa_source", "eval_set", "base_r_scorer_model"}
+    wanted = {"vqa_source", "eval_set", "base_judge_checkpoint"}
     result = materialize(
         [a for a in all_assets if a.key.to_user_string() in wanted],
         instance=DagsterInstance.ephemeral(),
@@ -175,15 +177,15 @@ def test_assets_materialize_into_s3(s3_endpoint):
         assert event.materialization.metadata["store"].value == "s3://src-test/dagster-run"
     store = Store("s3://src-test/dagster-run", s3_endpoint_url=s3_endpoint)
     assert store.read_table("assets/eval_set.parquet").height == 20
-    scorer_uri = store.read_json("assets/base_r_scorer_model.json")
-    assert scorer_uri.startswith("s3://src-test/dagster-run/models/base_r_scorer_model/versions/")
-    load_scorer(store.local_model_dir(scorer_uri))
+    judge_uri = store.read_json("assets/base_judge_checkpoint.json")
+    assert judge_uri.startswith("s3://src-test/dagster-run/models/base_judge_checkpoint/versions/")
+    load_judge_model(store.local_model_dir(judge_uri))
 
 
 def test_the_launchpad_explains_every_setting_and_resource_without_markup():
     """What the Launchpad shows beside each config field: the field's description, and each resource's."""
     fields = SettingsResource.to_config_schema().as_field().config_type.fields
-    assert set(fields) >= {"profile", "overrides", "tau", "k", "scorer_model"}
+    assert set(fields) >= {"profile", "overrides", "tau", "k", "judge_model"}
     for name, field in fields.items():
         assert field.description and "``" not in field.description, name
     # A resource's description is its class's docstring.
@@ -222,7 +224,7 @@ def test_a_setting_changes_the_code_version_of_exactly_the_assets_that_read_it()
     assert changed(sft_epochs=2.0) == {"sft_checkpoint"}
     assert changed(beta=0.2) == {"policy_checkpoint"}
     assert changed(n_sft=61) == {"vqa_source"}
-    assert changed(seed=1) >= {"vqa_source", "base_policy_model", "sft_checkpoint", "candidate_pool"}
+    assert changed(seed=1) >= {"vqa_source", "base_policy_checkpoint", "sft_checkpoint", "candidate_pool"}
     assert all(".settings-" in v and v.startswith("code-") for v in base.values())
 
 
@@ -263,7 +265,7 @@ def test_each_asset_declares_every_setting_its_code_reads():
     from dagster_project.versions import READS, asset_functions
     from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, TRAINING_SETTINGS, SRCConfig, setting_names
 
-    trainings = {"base_settings": "base", "sft_settings": "sft", "scorer_settings": "scorer", "dpo_settings": "dpo"}
+    trainings = {"base_settings": "base", "sft_settings": "sft", "judge_settings": "judge", "dpo_settings": "dpo"}
     methods = {
         "runtime": SETTING_BUNDLES["runtime"],
         "tiny_spec": SETTING_BUNDLES["tiny"],

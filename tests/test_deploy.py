@@ -44,7 +44,7 @@ def test_model_steps_ask_kubernetes_for_a_gpu():
 
     from dagster_project.definitions import defs
 
-    for asset in ("sft_checkpoint", "r_scorer_checkpoint", "policy_checkpoint", "iteration_eval", "sft_eval"):
+    for asset in ("sft_checkpoint", "judge_checkpoint", "policy_checkpoint", "iteration_eval", "sft_eval"):
         tags = defs.resolve_assets_def(asset).op.tags
         limits = json.loads(tags["dagster-k8s/config"])["container_config"]["resources"]["limits"]
         assert limits == {"nvidia.com/gpu": "1"}, asset

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from src_assets.evaluation import score_responses, summarize, with_blank_images
-from src_assets.models import load_scorer
-from src_assets.r_scorer import Judge
+from src_assets.judge import Judge
+from src_assets.models import load_judge_model
 from src_assets.source_data import synthetic_source
 from src_assets.verifier import verifier_win_rate
 
@@ -48,7 +48,7 @@ def test_verifier_win_rate_prefers_the_gold_response():
 
 
 def test_judge_win_rate_is_debiased(tiny_dirs):
-    model, tok = load_scorer(str(tiny_dirs[1]))
+    model, tok = load_judge_model(str(tiny_dirs[1]))
     judge = Judge(model=model, tokenizer=tok)
     ev = synthetic_source(seed=4, n_sft=0, n_calibrate=0, n_eval=4)
     same = ev["response"].to_list()

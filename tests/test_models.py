@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from src_assets.models import ModelLoadError, load_model_config, load_policy, load_scorer, validate_model_ref
+from src_assets.models import ModelLoadError, load_judge_model, load_model_config, load_policy, validate_model_ref
 from src_assets.scenes import generate_examples
 from src_assets.tiny_models import VERDICT_TOKENS
 
@@ -40,8 +40,8 @@ def test_tokenizer_covers_gold_responses(tiny_dirs):
         assert tok.decode(ids).replace(" :", ":") == e.row()["response"].replace("\n", " ")
 
 
-def test_tiny_scorer_round_trips_with_verdict_tokens(tiny_dirs):
-    model, tok = load_scorer(str(tiny_dirs[1]))
+def test_tiny_judge_round_trips_with_verdict_tokens(tiny_dirs):
+    model, tok = load_judge_model(str(tiny_dirs[1]))
     ids = tok.convert_tokens_to_ids(list(VERDICT_TOKENS))
     assert tok.unk_token_id not in ids and len(set(ids)) == 3
     assert tok.convert_tokens_to_ids("a") not in ids  # the article stays distinct from verdict "A"
@@ -88,7 +88,7 @@ def test_pickle_weights_are_refused(tiny_dirs, tmp_path):
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="model.safetensors"):
-        load_scorer(str(tmp_path))
+        load_judge_model(str(tmp_path))
 
 
 def test_our_kernels_package_is_not_taken_for_the_hub_kernels_library():
@@ -102,4 +102,4 @@ def test_a_truncated_weights_file_is_a_load_error_naming_the_directory(tiny_dirs
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match=f"from '{tmp_path}'.*safetensors weights are unreadable"):
-        load_scorer(str(tmp_path))
+        load_judge_model(str(tmp_path))

@@ -94,7 +94,7 @@ def dagster_ui(tmp_path_factory):
                     raise RuntimeError(f"the webserver did not come up: {log.read_text()[-3000:]}")
                 time.sleep(1)
         with DagsterInstance.from_config(str(home)) as instance:
-            # The unpartitioned assets (data, SFT, R-Scorer) first, as a user would from the UI.
+            # The unpartitioned assets (data, SFT, judge) first, as a user would from the UI.
             foundation = foundation_assets
             resources = build_resources(StoreResource(base_uri=str(store)), SettingsResource(profile="smoke"))
             assert materialize(foundation, instance=instance, resources=resources).success

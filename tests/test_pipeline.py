@@ -91,7 +91,7 @@ def test_metadata_and_checks_are_recorded(run_two_iterations):
         e.asset_key.to_user_string(): e.materialization.metadata
         for e in results["foundation"].get_asset_materialization_events()
     }
-    judge = foundation["r_scorer_checkpoint"]
+    judge = foundation["judge_checkpoint"]
     assert judge["contrast_pairs"].value == 48 and judge["candidate_pairs"].value > 0  # the smoke profile's
     assert judge["training_pairs"].value == judge["candidate_pairs"].value + 48 + judge["user_pairs"].value
     # How the trained judge reads back its own training rows, beside what the label prior alone would give.
@@ -219,12 +219,12 @@ def test_an_iteration_uses_the_start_policy_it_resolved_even_if_current_moves(ru
     assert meta["iteration_eval"]["checkpoint"].value == store.read_json("assets/policy_checkpoint/005.json")
 
 
-def test_calibration_prompts_are_a_slice_disjoint_from_the_r_scorers(run_two_iterations):
+def test_calibration_prompts_are_a_slice_disjoint_from_the_judges(run_two_iterations):
     _, store, _, _, _ = run_two_iterations
     source = store.read_table("assets/vqa_source.parquet")
-    scorer = set(source.filter(pl.col("split") == "calibrate").head(8)["id"])  # smoke: scorer_prompts=8
+    judges = set(source.filter(pl.col("split") == "calibrate").head(8)["id"])  # smoke: judge_prompts=8
     first, second = (set(store.read_table(f"assets/calibration_prompts/{k}.parquet")["id"]) for k in ("001", "002"))
-    assert len(first) == 8 and not first & scorer and not second & scorer
+    assert len(first) == 8 and not first & judges and not second & judges
 
 
 def test_the_run_log_shows_generation_and_judging_progress(run_two_iterations):
@@ -331,7 +331,7 @@ def test_the_sensor_job_reads_and_validates_the_source_table_again():
     job = defs.resolve_job_def(new_data_job.name)
     assets = {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
     assert {"vqa_source", "eval_set", *ITERATION_ASSETS} <= assets
-    assert "sft_checkpoint" not in assets and "r_scorer_checkpoint" not in assets
+    assert "sft_checkpoint" not in assets and "judge_checkpoint" not in assets
 
 
 def test_a_new_invalid_source_file_fails_the_sensor_run_naming_the_file(tmp_path):
@@ -379,7 +379,7 @@ def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
             "1",
             "--json",
             "--set",
-            "scorer_model=verifier",
+            "judge_model=verifier",
         ],
         cwd=tmp_path,
         env=env,
@@ -408,7 +408,7 @@ def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
 
 def test_a_run_launched_while_another_holds_the_store_is_refused_before_it_writes(run_two_iterations):
     """A run from the UI, a sensor or a schedule holds the store for its whole length, like src-calibrate does:
-    a foundation run (which would rewrite the eval set, SFT and R-Scorer) or an iteration run started meanwhile
+    a foundation run (which would rewrite the eval set, SFT and judge) or an iteration run started meanwhile
     fails before any step, and nothing stored changes."""
     _, store, _, _, resources = run_two_iterations
     root = Path(store.base_uri)

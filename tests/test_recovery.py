@@ -1,5 +1,5 @@
 """Crash recovery: a run killed with SIGKILL blocks nothing, and a plain rerun continues from the last complete
-asset: no SFT, R-Scorer or completed iteration is computed twice."""
+asset: no SFT, judge or completed iteration is computed twice."""
 
 import json
 import os
@@ -56,9 +56,9 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     assert "iteration 001: already complete" in rerun.stderr
     assert re.search(r"^  sft_checkpoint +[\d.]+ s  reused$", rerun.stderr, re.M), rerun.stderr[-3000:]
     store_dir = tmp_path / "store" / "models"
-    assert len(_versions(store_dir, "base_policy_model")) == 1  # the base stage is cached by its inputs too
+    assert len(_versions(store_dir, "base_policy_checkpoint")) == 1  # the base stage is cached by its inputs too
     assert len(_versions(store_dir, "sft_checkpoint")) == 1  # not retrained
-    assert len(_versions(store_dir, "r_scorer_checkpoint")) == 1
+    assert len(_versions(store_dir, "judge_checkpoint")) == 1
     assert len(_versions(store_dir, "policy_checkpoint/001")) == 1  # iteration 001 not recomputed
     assert store.current_model("models/policy_checkpoint/002") is not None
 
@@ -68,7 +68,7 @@ def test_a_killed_run_blocks_nothing_and_the_rerun_retrains_nothing_complete(tmp
     from dagster import AssetKey, DagsterInstance
 
     with DagsterInstance.from_config(str(tmp_path / "home")) as instance:  # --fresh trained them again
-        for key in ("base_policy_model", "sft_checkpoint", "r_scorer_checkpoint"):
+        for key in ("base_policy_checkpoint", "sft_checkpoint", "judge_checkpoint"):
             latest = instance.get_latest_materialization_event(AssetKey(key)).asset_materialization
             assert latest.metadata["reused"].value is False, key
 

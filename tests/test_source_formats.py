@@ -225,8 +225,8 @@ def test_a_dataset_split_that_is_none_of_ours_is_named(rows, tmp_path):
 def test_split_size_errors_name_the_users_rows_not_synthetic_settings(rows):
     few = rows.filter(pl.col("split") != "calibrate").vstack(rows.filter(pl.col("split") == "calibrate").head(3))
     with pytest.raises(SourceDataError) as e:
-        check_split_sizes(few, scorer_prompts=128, synthetic=False)
+        check_split_sizes(few, judge_prompts=128, synthetic=False)
     assert "has 3 'calibrate' rows" in str(e.value) and "add at least 126 rows with split 'calibrate'" in str(e.value)
     assert "n_calibrate" not in str(e.value)
     with pytest.raises(SourceDataError, match="raise n_calibrate"):
-        check_split_sizes(few, scorer_prompts=128, synthetic=True)
+        check_split_sizes(few, judge_prompts=128, synthetic=True)

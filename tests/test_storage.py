@@ -69,7 +69,7 @@ def _upload_dies_on_third_file(store, model_dir, monkeypatch):
 
     monkeypatch.setattr(store.fs, "put_file", dies_on_third_file)
     with pytest.raises(OSError):
-        store.put_model("models/scorer", model_dir)
+        store.put_model("models/judge", model_dir)
     monkeypatch.undo()
 
 
@@ -90,19 +90,19 @@ def _changed_copy(model_dir, tmp_path) -> Path:
 
 
 def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch, tmp_path):
-    first = store.put_model("models/scorer", tiny_dirs[1])
-    assert store.current_model("models/scorer") == first
+    first = store.put_model("models/judge", tiny_dirs[1])
+    assert store.current_model("models/judge") == first
 
-    scorer_dir = _changed_copy(tiny_dirs[1], tmp_path)
-    _upload_dies_on_third_file(store, scorer_dir, monkeypatch)
-    assert store.current_model("models/scorer") == first  # the half-uploaded version is never current
+    judge_dir = _changed_copy(tiny_dirs[1], tmp_path)
+    _upload_dies_on_third_file(store, judge_dir, monkeypatch)
+    assert store.current_model("models/judge") == first  # the half-uploaded version is never current
 
-    second = store.put_model("models/scorer", scorer_dir)
-    assert second != first and store.current_model("models/scorer") == second
+    second = store.put_model("models/judge", judge_dir)
+    assert second != first and store.current_model("models/judge") == second
     local = store.local_model_dir(second)
-    from src_assets.models import load_scorer
+    from src_assets.models import load_judge_model
 
-    model, tok = load_scorer(local)
+    model, tok = load_judge_model(local)
     assert model.config.vocab_size == len(tok)
     assert store.local_model_dir(first)  # the older version is still there
 
@@ -110,14 +110,14 @@ def test_model_versions_commit_atomically(store, tiny_dirs, monkeypatch, tmp_pat
 def test_an_identical_upload_is_the_current_version_and_a_changed_or_damaged_one_is_new(store, tiny_dirs, tmp_path):
     """A rerun after a kill uploads the same weights again: no duplicate version. Other weights, or a current
     version whose stored files no longer match its manifest, make a new one."""
-    first = store.put_model("models/scorer", tiny_dirs[1])
-    assert store.put_model("models/scorer", tiny_dirs[1]) == first
-    assert _versions(store, "models/scorer") == [first.rsplit("/", 1)[-1]]
-    changed = store.put_model("models/scorer", _changed_copy(tiny_dirs[1], tmp_path))
-    assert changed != first and store.current_model("models/scorer") == changed
-    stored = store._path(f"models/scorer/versions/{changed.rsplit('/', 1)[-1]}/model.safetensors")
+    first = store.put_model("models/judge", tiny_dirs[1])
+    assert store.put_model("models/judge", tiny_dirs[1]) == first
+    assert _versions(store, "models/judge") == [first.rsplit("/", 1)[-1]]
+    changed = store.put_model("models/judge", _changed_copy(tiny_dirs[1], tmp_path))
+    assert changed != first and store.current_model("models/judge") == changed
+    stored = store._path(f"models/judge/versions/{changed.rsplit('/', 1)[-1]}/model.safetensors")
     store.fs.pipe_file(stored, store.fs.cat_file(stored)[:100])  # truncated in place
-    again = store.put_model("models/scorer", tmp_path / "changed")
+    again = store.put_model("models/judge", tmp_path / "changed")
     assert again not in (first, changed) and store.local_model_dir(again)
 
 
@@ -147,15 +147,15 @@ def _versions(store, key):
 def test_a_version_whose_upload_died_is_never_used(store, tiny_dirs, monkeypatch):
     """Files uploaded but no manifest (it is written last): the version is refused even when named directly."""
     _upload_dies_on_third_file(store, tiny_dirs[1], monkeypatch)
-    (partial,) = _versions(store, "models/scorer")
-    assert store.exists(f"models/scorer/versions/{partial}/config.json")  # config.json alone once passed as complete
+    (partial,) = _versions(store, "models/judge")
+    assert store.exists(f"models/judge/versions/{partial}/config.json")  # config.json alone once passed as complete
     with pytest.raises(StoreError, match="has no MANIFEST.json: its upload never completed"):
-        store.local_model_dir(store.uri(f"models/scorer/versions/{partial}"))
+        store.local_model_dir(store.uri(f"models/judge/versions/{partial}"))
 
 
 def test_a_truncated_checkpoint_is_refused_naming_the_file(store, tiny_dirs):
-    uri = store.put_model("models/scorer", tiny_dirs[1])
-    path = store._path("models/scorer/versions/" + uri.rstrip("/").rsplit("/", 1)[-1] + "/model.safetensors")
+    uri = store.put_model("models/judge", tiny_dirs[1])
+    path = store._path("models/judge/versions/" + uri.rstrip("/").rsplit("/", 1)[-1] + "/model.safetensors")
     data = store.fs.cat_file(path)
     store.fs.pipe_file(path, data[: len(data) // 2])
     with pytest.raises(StoreError, match="model.safetensors does not match its manifest"):
@@ -164,9 +164,9 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(store, tiny_dirs):
 
 def test_a_same_size_change_to_a_stored_version_fails_its_sha256(tiny_dirs, tmp_path):
     store = Store(str(tmp_path / "store"))  # a local store's versions are used in place (a remote one: test below)
-    uri = store.put_model("models/scorer", tiny_dirs[1])
+    uri = store.put_model("models/judge", tiny_dirs[1])
     store.local_model_dir(uri)  # verified once: the sums are remembered for each file's size and mtime
-    path = Path(store._path("models/scorer/versions/" + uri.rstrip("/").rsplit("/", 1)[-1] + "/config.json"))
+    path = Path(store._path("models/judge/versions/" + uri.rstrip("/").rsplit("/", 1)[-1] + "/config.json"))
     path.write_bytes(path.read_bytes().replace(b"{", b"[", 1))
     with pytest.raises(StoreError, match="config.json does not match its manifest's sha256"):
         store.local_model_dir(uri)
@@ -198,10 +198,10 @@ def test_a_directory_digest_follows_the_content_not_the_path(tiny_dirs, tmp_path
 
 
 def test_a_current_pointer_that_is_not_json_names_its_path(store, tiny_dirs):
-    store.put_model("models/scorer", tiny_dirs[1])
-    store.write_bytes("models/scorer/CURRENT", b"{half a pointer")
-    with pytest.raises(StoreError, match="models/scorer/CURRENT is not valid JSON"):
-        store.current_model("models/scorer")
+    store.put_model("models/judge", tiny_dirs[1])
+    store.write_bytes("models/judge/CURRENT", b"{half a pointer")
+    with pytest.raises(StoreError, match="models/judge/CURRENT is not valid JSON"):
+        store.current_model("models/judge")
 
 
 def test_remote_checkpoints_are_verified_into_a_private_cache(s3_endpoint, tiny_dirs, tmp_path):
@@ -209,7 +209,7 @@ def test_remote_checkpoints_are_verified_into_a_private_cache(s3_endpoint, tiny_
     import stat
 
     store = Store(f"s3://src-test/{tmp_path.name}", s3_endpoint_url=s3_endpoint, cache_dir=str(tmp_path / "cache"))
-    uri = store.put_model("models/scorer", tiny_dirs[1])
+    uri = store.put_model("models/judge", tiny_dirs[1])
     local = store.local_model_dir(uri)
     assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
     # A directory planted where the cached copy goes is not trusted: it is replaced by a verified download.
@@ -227,7 +227,7 @@ def test_remote_checkpoints_are_verified_into_a_private_cache(s3_endpoint, tiny_
     assert store.local_model_dir(uri) == local and cached.read_bytes() == original
     # A remote file changed after its manifest was written fails the sha256 check.
     version = uri.rstrip("/").rsplit("/", 1)[-1]
-    path = store._path(f"models/scorer/versions/{version}/config.json")
+    path = store._path(f"models/judge/versions/{version}/config.json")
     text = store.fs.cat_file(path)
     store.fs.pipe_file(path, text.replace(b"{", b"[", 1))  # same size, different bytes
     shutil.rmtree(local)
@@ -309,7 +309,7 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from src_assets.models import load_scorer
+    from src_assets.models import load_judge_model
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -321,7 +321,7 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="stopped-mid-upload")
     store = Store("s3://stopped-mid-upload/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path / "cache"))
     try:
-        first = store.put_model("models/scorer", tiny_dirs[1])
+        first = store.put_model("models/judge", tiny_dirs[1])
         original, uploaded = store.fs.put_file, []
 
         def server_stops_after_two_files(src, dst, **kwargs):
@@ -333,21 +333,21 @@ def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tin
         store.fs.put_file = server_stops_after_two_files
         changed = _changed_copy(tiny_dirs[1], tmp_path)
         with pytest.raises(Exception) as died:
-            store.put_model("models/scorer", changed)
+            store.put_model("models/judge", changed)
         assert "connect" in str(died.value).lower()
         del store.fs.put_file
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # same data, same port
         server.start()
         fresh = Store("s3://stopped-mid-upload/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path / "cache2"))
-        versions = _versions(fresh, "models/scorer")
-        assert len(versions) == 2 and fresh.current_model("models/scorer") == first
+        versions = _versions(fresh, "models/judge")
+        assert len(versions) == 2 and fresh.current_model("models/judge") == first
         (partial,) = [v for v in versions if not first.endswith(v)]
         with pytest.raises(StoreError, match="has no MANIFEST.json"):
-            fresh.local_model_dir(fresh.uri(f"models/scorer/versions/{partial}"))
+            fresh.local_model_dir(fresh.uri(f"models/judge/versions/{partial}"))
         assert not any((tmp_path / "cache2").glob("*/config.json"))  # nothing of it was cached
-        second = fresh.put_model("models/scorer", changed)
-        assert second != first and fresh.current_model("models/scorer") == second
-        model, tokenizer = load_scorer(fresh.local_model_dir(second))
+        second = fresh.put_model("models/judge", changed)
+        assert second != first and fresh.current_model("models/judge") == second
+        model, tokenizer = load_judge_model(fresh.local_model_dir(second))
         assert model.config.vocab_size == len(tokenizer)
     finally:
         server.stop()
@@ -450,7 +450,7 @@ def test_store_check_verifies_each_current_version_and_sweeps_only_old_leftovers
     assert good_line.startswith("models/sft_checkpoint ") and good_line.endswith(f"ok  {good.rsplit('/', 1)[-1]}")
     leftovers = [line for line in out if "h old (left)" in line]
     assert len(leftovers) == 2
-    assert any(line.startswith("models/scorer/versions/") and "without MANIFEST.json" in line for line in leftovers)
+    assert any(line.startswith("models/judge/versions/") and "without MANIFEST.json" in line for line in leftovers)
     assert any(line.startswith("assets/.tmp-0123-preference_set.parquet: a temporary file") for line in leftovers)
     assert out[-1] == "2 models: 1 ok, 1 broken; 2 leftover(s), 0 swept; --sweep HOURS deletes those older than HOURS"
 
@@ -460,5 +460,5 @@ def test_store_check_verifies_each_current_version_and_sweeps_only_old_leftovers
     assert main(["store", "check", "--store", uri, "--sweep", "0.0002"]) == 1  # older than 0.72 s: swept
     assert capsys.readouterr().out.splitlines()[-1].endswith("2 leftover(s), 2 swept")
     assert not store.exists("assets/.tmp-0123-preference_set.parquet")
-    assert store.list("models/scorer") == []
+    assert store.list("models/judge") == []
     assert store.local_model_dir(good)  # a current version is never swept

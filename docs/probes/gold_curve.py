@@ -22,7 +22,7 @@ from src_assets.training import TrainSettings, train_vision_sft
 
 store, steps, every, out_json = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 lr = float(sys.argv[5]) if len(sys.argv) > 5 else 1e-3
-base = sorted(glob.glob(f"{store}/models/base_policy_model/versions/*"))[-1]
+base = sorted(glob.glob(f"{store}/models/base_policy_checkpoint/versions/*"))[-1]
 held_out = synthetic_source(777, 0, 0, 500)
 rows = synthetic_source(5555, steps * 32, 0, 0).rename({"response": "completion"})
 curve = []

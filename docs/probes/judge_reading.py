@@ -1,6 +1,6 @@
-"""A probe, not part of the package: what stops the tiny R-Scorer from learning its verdict?
+"""A probe, not part of the package: what stops the tiny judge from learning its verdict?
 
-The judge is trained (``train_r_scorer``, batch 32, cosine schedule) on the verifier-labelled contrast pairs of 200
+The judge is trained (``train_judge``, batch 32, cosine schedule) on the verifier-labelled contrast pairs of 200
 calibrate scenes of seed 5 (3,896 ordered pairs, A 1,310 / B 1,310 / tie 1,276), with its compact prompt rewritten
 into one of these forms, all ending in the same recap (``answers : reference R A X B Y verdict :``):
 
@@ -28,23 +28,23 @@ import time
 import polars as pl
 import torch
 
-from src_assets.judge_corpus import contrast_judgements
-from src_assets.models import load_scorer
-from src_assets.r_scorer import (
+from src_assets.judge import (
     JudgeConfig,
-    train_r_scorer,
+    train_judge,
     verdict_continuations,
     verdict_fit,
     verdict_probabilities,
 )
+from src_assets.judge_corpus import contrast_judgements
+from src_assets.models import load_judge_model
 from src_assets.source_data import synthetic_source
-from src_assets.tiny_models import build_tiny_scorer
+from src_assets.tiny_models import build_tiny_llama_judge
 from src_assets.training import TrainSettings
 
 form, label, epochs, out_json = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 lr = float(sys.argv[5]) if len(sys.argv) > 5 else 2e-3
 scratch = tempfile.mkdtemp()
-start = sys.argv[6] if len(sys.argv) > 6 else str(build_tiny_scorer(f"{scratch}/start"))
+start = sys.argv[6] if len(sys.argv) > 6 else str(build_tiny_llama_judge(f"{scratch}/start"))
 RECAP = re.compile(r"answers : reference (.*) A (.*) B (.*) verdict :$")
 
 
@@ -93,7 +93,7 @@ def read_out_links(model, tokenizer, rows) -> dict:
     return {"read_out_vs_plain_forward_max_gap": gap, "verdict_loss_in_training_batch": nll}
 
 
-_, tokenizer = load_scorer(start)
+_, tokenizer = load_judge_model(start)
 rows = contrast_judgements(synthetic_source(5, 0, 200, 0), tokenizer, JudgeConfig())
 if label == "answer_is_reference":
     same = [RECAP.search(p).group(1) == RECAP.search(p).group(2) for p in rows["prompt"]]
@@ -104,10 +104,10 @@ rows = rows.with_columns(
     pl.Series("prompt", [rewrite(p) for p in rows["prompt"]]), (pl.lit(" ") + pl.col("verdict")).alias("completion")
 )
 started = time.time()
-result = train_r_scorer(
+result = train_judge(
     start, rows, f"{scratch}/judge", TrainSettings(epochs=epochs, learning_rate=lr, batch_size=32, warmup_steps=5)
 )
-judge, judge_tokenizer = load_scorer(f"{scratch}/judge")
+judge, judge_tokenizer = load_judge_model(f"{scratch}/judge")
 fit = verdict_fit(judge, judge_tokenizer, rows, n=600)
 links = read_out_links(judge, judge_tokenizer, rows.head(64))
 # The trainer's loss is the mean over the verdict token and the end-of-sequence token after it, which is learned

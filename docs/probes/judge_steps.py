@@ -23,17 +23,17 @@ import time
 import polars as pl
 import torch
 
+from src_assets.judge import JudgeConfig, train_judge
 from src_assets.judge_corpus import contrast_judgements
-from src_assets.models import load_scorer
-from src_assets.r_scorer import JudgeConfig, train_r_scorer
+from src_assets.models import load_judge_model
 from src_assets.source_data import synthetic_source
-from src_assets.tiny_models import build_tiny_scorer
+from src_assets.tiny_models import build_tiny_llama_judge
 from src_assets.training import TrainSettings
 
 epochs, out_json = float(sys.argv[1]), sys.argv[2]
 scratch = tempfile.mkdtemp()
-start = str(build_tiny_scorer(f"{scratch}/start"))
-_, tokenizer = load_scorer(start)
+start = str(build_tiny_llama_judge(f"{scratch}/start"))
+_, tokenizer = load_judge_model(start)
 RECAP = re.compile(r"answers : reference (.*) A (.*) B (.*) verdict :$")
 
 
@@ -52,10 +52,8 @@ rows = rows.with_columns(
     pl.Series("completion", [written_steps(p, v) for p, v in zip(rows["prompt"], rows["verdict"])])
 )
 started = time.time()
-result = train_r_scorer(
-    start, rows, f"{scratch}/judge", TrainSettings(epochs=epochs, learning_rate=2e-3, batch_size=32)
-)
-model, tokenizer = load_scorer(f"{scratch}/judge")
+result = train_judge(start, rows, f"{scratch}/judge", TrainSettings(epochs=epochs, learning_rate=2e-3, batch_size=32))
+model, tokenizer = load_judge_model(f"{scratch}/judge")
 tokenizer.padding_side = "left"
 sample = rows.sample(300, seed=0)
 steps_right = verdict_right = 0

@@ -22,7 +22,7 @@ from src_assets.weighted_dpo import train_weighted_dpo
 
 store = sys.argv[1]
 nll_weight = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-cfg = profile("default", seed="22", teacher_error_rate="0", scorer_model="verifier", base_stop_at_exact_listing="0")
+cfg = profile("default", seed="22", teacher_error_rate="0", judge_model="verifier", base_stop_at_exact_listing="0")
 sft = sorted(glob.glob(f"{store}/models/sft_checkpoint/versions/*"))[-1]
 prefs = pl.read_parquet(sorted(glob.glob(f"{store}/assets/preference_set/001*.parquet"))[-1])
 kept = prefs.filter(pl.col("kept"))

@@ -3,7 +3,7 @@ policy update and score it on 500 held-out scenes (seed 777) with the anatomy of
 
     python docs/probes/update_bounds.py STORE VARIANTS OUT.json [SETTING=VALUE ...]
 
-STORE is a store after `src-calibrate run --iterations 1 --store STORE --set scorer_model=verifier [--set ...]`;
+STORE is a store after `src-calibrate run --iterations 1 --store STORE --set judge_model=verifier [--set ...]`;
 the SETTING=VALUE pairs are that run's settings (its seed among them). VARIANTS is a comma-separated list of
 KIND[:opt=value...] with KIND one of
   sft     the SFT checkpoint itself, untrained;

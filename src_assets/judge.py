@@ -1,4 +1,4 @@
-"""Stage 3: the R-Scorer, a text-only judge LM that compares two candidates of one prompt.
+"""Stage 3: the judge, a text-only judge LM that compares two candidates of one prompt.
 
 It reads the question, a reference (the image's reference description and the
 ground-truth answer) and candidates A and B, and its verdict is read from the
@@ -13,7 +13,7 @@ verdict token alone. Any pretrained instruction-tuned causal LM can be used
 zero-shot instead, with the ``instruct`` prompt template.
 
 A step judges through a ``Judge``: the verifier itself (the oracle bound,
-``scorer_model=verifier``) or a judge LM, loaded once.
+``judge_model=verifier``) or a judge LM, loaded once.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def independent_matrices(
 
 
 class Judge:
-    """The judge one step uses, loaded once: the domain verifier (the oracle, ``scorer_model=verifier``) or a judge
+    """The judge one step uses, loaded once: the domain verifier (the oracle, ``judge_model=verifier``) or a judge
     LM with its tokenizer. Every stage that judges goes through it, so none compares judge kinds itself."""
 
     def __init__(self, cfg: JudgeConfig = JudgeConfig(), model=None, tokenizer=None):
@@ -341,9 +341,9 @@ class Judge:
         """``reference``: ``"verifier"``, or a judge model (``local_dir`` turns a store URI into a directory)."""
         if is_oracle(reference):
             return cls(cfg)
-        from .models import load_scorer
+        from .models import load_judge_model
 
-        return cls(cfg, *load_scorer(local_dir(reference), runtime))
+        return cls(cfg, *load_judge_model(local_dir(reference), runtime))
 
     @property
     def is_oracle(self) -> bool:
@@ -388,27 +388,27 @@ class Judge:
 
 
 def is_oracle(reference: str) -> bool:
-    """Whether a judge reference (``scorer_model``, or the R-Scorer asset's value) names the verifier."""
+    """Whether a judge reference (``judge_model``, or the judge asset's value) names the verifier."""
     return reference == VERIFIER_JUDGE
 
 
-def train_r_scorer(base_model: str, judgements: pl.DataFrame, out_dir: str, settings, callbacks=()) -> dict:
+def train_judge(base_model: str, judgements: pl.DataFrame, out_dir: str, settings, callbacks=()) -> dict:
     """Trains the judge on (prompt, completion = verdict) rows with TRL's SFTTrainer, loss on the verdict only."""
     from datasets import Dataset
 
-    from .models import load_scorer
+    from .models import load_judge_model
     from .training import train
 
     dataset = Dataset.from_dict(
         {"prompt": judgements["prompt"].to_list(), "completion": judgements["completion"].to_list()}
     )
     return train(
-        lambda runtime: load_scorer(base_model, runtime),
+        lambda runtime: load_judge_model(base_model, runtime),
         dataset,
         out_dir,
         settings,
-        "R-Scorer training",
-        "scorer_learning_rate",
+        "Judge training",
+        "judge_learning_rate",
         callbacks=callbacks,
         completion_only_loss=True,
     )

@@ -4,15 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from src_assets.judge_corpus import (
-    candidate_judgements,
-    contrast_judgements,
-    judge_training_set,
-    perturbed_responses,
-    user_judgements,
-)
-from src_assets.models import load_scorer
-from src_assets.r_scorer import (
+from src_assets.judge import (
     VERDICTS,
     JudgeConfig,
     batch_ranges,
@@ -20,11 +12,19 @@ from src_assets.r_scorer import (
     judge,
     judge_prompt,
     pairwise_matrices,
-    train_r_scorer,
+    train_judge,
     verdict_continuations,
     verdict_fit,
     verdict_probabilities,
 )
+from src_assets.judge_corpus import (
+    candidate_judgements,
+    contrast_judgements,
+    judge_training_set,
+    perturbed_responses,
+    user_judgements,
+)
+from src_assets.models import load_judge_model
 from src_assets.scenes import Question, Scene, gold_response
 from src_assets.source_data import synthetic_source
 from src_assets.training import TrainSettings
@@ -38,8 +38,8 @@ from src_assets.verifier import (
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_dirs):
-    return load_scorer(str(tiny_dirs[1]))
+def judge_lm(tiny_dirs):
+    return load_judge_model(str(tiny_dirs[1]))
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def _pool(prompts):
     return pl.DataFrame(rows)
 
 
-def test_verdict_tokens_are_distinct_and_known(scorer):
-    _, tok = scorer
+def test_verdict_tokens_are_distinct_and_known(judge_lm):
+    _, tok = judge_lm
     _, tails = verdict_continuations(tok, ["question : how many ? verdict :"])
     assert tails[0] == [[tok.convert_tokens_to_ids(v)] for v in ("A", "B", "tie")]  # word-level: one token each
 
@@ -95,8 +95,8 @@ def test_a_bpe_judge_trained_on_one_verdict_reads_it_back(bpe_judge_dir, tmp_pat
         pl.lit(f" {verdict}").alias("completion"), pl.lit(verdict).alias("verdict")
     )
     rows = pl.concat([rows] * 6)
-    train_r_scorer(str(bpe_judge_dir), rows, str(tmp_path), TrainSettings(epochs=2, learning_rate=1e-2, batch_size=8))
-    model, tok = load_scorer(str(tmp_path))
+    train_judge(str(bpe_judge_dir), rows, str(tmp_path), TrainSettings(epochs=2, learning_rate=1e-2, batch_size=8))
+    model, tok = load_judge_model(str(tmp_path))
     probs = verdict_probabilities(model, tok, rows["prompt"].head(6).to_list())
     assert probs[:, index].min() > 0.9
     expected = 1.0 if verdict == "A" else 0.5
@@ -105,8 +105,8 @@ def test_a_bpe_judge_trained_on_one_verdict_reads_it_back(bpe_judge_dir, tmp_pat
     )
 
 
-def test_user_judgements_train_both_orders_with_the_verdict_swapped(scorer):
-    _, tok = scorer
+def test_user_judgements_train_both_orders_with_the_verdict_swapped(judge_lm):
+    _, tok = judge_lm
     table = pl.DataFrame(
         {
             "question": ["how many red shapes are there?"],
@@ -123,8 +123,8 @@ def test_user_judgements_train_both_orders_with_the_verdict_swapped(scorer):
     assert rows["prompt"][1].index("Answer: two") < rows["prompt"][1].index("Answer: one")
 
 
-def test_judge_reads_only_the_last_position(scorer, monkeypatch):
-    model, tok = scorer
+def test_judge_reads_only_the_last_position(judge_lm, monkeypatch):
+    model, tok = judge_lm
     seen = {}
     original = model.forward
 
@@ -140,8 +140,8 @@ def test_judge_reads_only_the_last_position(scorer, monkeypatch):
     assert ((p >= 0) & (p <= 1)).all()
 
 
-def test_left_padding_does_not_change_a_verdict(scorer):
-    model, tok = scorer
+def test_left_padding_does_not_change_a_verdict(judge_lm):
+    model, tok = judge_lm
     short = "question : how many red shapes are there ? verdict :"
     long = short.replace("?", "? there is a red circle at the top left . there is a blue square at the middle center .")
     alone = judge(model, tok, [short])
@@ -149,8 +149,8 @@ def test_left_padding_does_not_change_a_verdict(scorer):
     torch.testing.assert_close(alone[0], padded[1], atol=1e-5, rtol=1e-5)
 
 
-def test_every_ordered_pair_is_judged(scorer, prompts):
-    model, tok = scorer
+def test_every_ordered_pair_is_judged(judge_lm, prompts):
+    model, tok = judge_lm
     pool = _pool(prompts)
     ids, matrices = pairwise_matrices(model, tok, pool, prompts, progress=False)
     assert ids == prompts["id"].to_list()
@@ -170,10 +170,10 @@ def test_batches_start_at_every_break():
 
 
 @pytest.mark.parametrize("judge_all", [pairwise_matrices, independent_matrices])
-def test_a_prompt_judged_in_its_block_scores_as_it_does_judged_alone(scorer, judge_all):
+def test_a_prompt_judged_in_its_block_scores_as_it_does_judged_alone(judge_lm, judge_all):
     """Shards cut between blocks: each must give the bits that one shard gives. Batches of 4 texts would otherwise
     span two prompts, whose candidates' lengths differ, and padding changes the last bits of a score."""
-    model, tok = scorer
+    model, tok = judge_lm
     prompts = synthetic_source(seed=3, n_sft=0, n_calibrate=4, n_eval=0)
     sentence = "there is a red circle at the top left. "
     pool = pl.DataFrame(
@@ -190,15 +190,15 @@ def test_a_prompt_judged_in_its_block_scores_as_it_does_judged_alone(scorer, jud
         assert alone[0] == whole[i], pid  # bit for bit
 
 
-def test_independent_scoring_builds_a_consistent_matrix(scorer, prompts):
-    model, tok = scorer
+def test_independent_scoring_builds_a_consistent_matrix(judge_lm, prompts):
+    model, tok = judge_lm
     _, matrices = independent_matrices(model, tok, _pool(prompts), prompts, progress=False)
     m = torch.tensor(matrices[0])
     torch.testing.assert_close(m + m.T, torch.ones(3, 3))
 
 
-def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
-    _, tok = scorer
+def test_verifier_labels_prefer_the_gold_response(judge_lm, prompts):
+    _, tok = judge_lm
     rows = candidate_judgements(_pool(prompts), prompts, tok)
     assert rows.height == 3 * 6  # ordered pairs of 3 candidates, per prompt
     gold = prompts["response"][0]
@@ -207,14 +207,14 @@ def test_verifier_labels_prefer_the_gold_response(scorer, prompts):
     assert rows["completion"].str.strip_chars().is_in(["A", "B", "tie"]).all()
 
 
-def test_scorer_contrast_pairs_sets_the_contrast_pairs_and_zero_trains_on_none(tiny_dirs, scorer, prompts):
+def test_judge_contrast_pairs_sets_the_contrast_pairs_and_zero_trains_on_none(tiny_dirs, judge_lm, prompts):
     """One contrast mechanism, one setting: ``contrast_pairs`` pairs of gold responses against their perturbed
     copies join the policy's own candidate pairs, and 0 means none at all."""
     from src_assets.candidate_search import SearchConfig
     from src_assets.models import Runtime
     from src_assets.source_data import JUDGEMENT_SCHEMA
 
-    _, tok = scorer
+    _, tok = judge_lm
     sft_rows = synthetic_source(seed=8, n_sft=10, n_calibrate=0, n_eval=0)
     common = dict(
         policy_dir=str(tiny_dirs[0]),
@@ -240,8 +240,8 @@ def test_scorer_contrast_pairs_sets_the_contrast_pairs_and_zero_trains_on_none(t
     assert some.tail(20).equals(corpus)
 
 
-def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scorer):
-    _, tok = scorer
+def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(judge_lm):
+    _, tok = judge_lm
     rows = synthetic_source(seed=8, n_sft=30, n_calibrate=0, n_eval=0)
     corpus = contrast_judgements(rows, tok)
     assert corpus.height >= 30 * 12  # gold and at least three mistakes per row, every ordered pair
@@ -265,8 +265,8 @@ def test_contrast_corpus_labels_every_ordered_pair_of_gold_and_its_mistakes(scor
     assert contrast_judgements(rows, tok, max_pairs=50).height == 50
 
 
-def test_instruct_template_uses_the_chat_template(scorer):
-    _, tok = scorer
+def test_instruct_template_uses_the_chat_template(judge_lm):
+    _, tok = judge_lm
     text = judge_prompt(
         tok, {"question": "how many?", "reference": "ref", "answer": "two"}, "x", "y", template="instruct"
     )
@@ -276,11 +276,11 @@ def test_instruct_template_uses_the_chat_template(scorer):
 
 
 def test_training_teaches_the_verdict(tiny_dirs, tmp_path, prompts):
-    _, tok = load_scorer(str(tiny_dirs[1]))
+    _, tok = load_judge_model(str(tiny_dirs[1]))
     rows = candidate_judgements(_pool(prompts), prompts, tok).filter(pl.col("verdict") == "A")
     rows = pl.concat([rows] * 8)
-    train_r_scorer(str(tiny_dirs[1]), rows, str(tmp_path), TrainSettings(epochs=3, learning_rate=1e-2, batch_size=8))
-    model, tok = load_scorer(str(tmp_path))
+    train_judge(str(tiny_dirs[1]), rows, str(tmp_path), TrainSettings(epochs=3, learning_rate=1e-2, batch_size=8))
+    model, tok = load_judge_model(str(tmp_path))
     assert judge(model, tok, rows["prompt"].head(4).to_list()).min() > 0.8
 
 
@@ -305,12 +305,12 @@ def test_verifier_judge_refuses_prompts_without_a_scene(prompts):
 
 
 @pytest.mark.parametrize("judge_kind", ["word_level", "bpe"])
-def test_a_shared_prompt_prefix_encoded_once_gives_the_same_verdicts(judge_kind, scorer, bpe_judge_dir, prompts):
+def test_a_shared_prompt_prefix_encoded_once_gives_the_same_verdicts(judge_kind, judge_lm, bpe_judge_dir, prompts):
     """A prompt's pairs share question and reference, which are encoded once and continued: the verdict
     probabilities equal those of each judge prompt encoded alone (batch of one), single- and multi-token verdicts."""
-    from src_assets.r_scorer import _SharedPrefixes, _verdict_logprobs, verdict_continuations
+    from src_assets.judge import _SharedPrefixes, _verdict_logprobs, verdict_continuations
 
-    model, tok = scorer if judge_kind == "word_level" else load_scorer(str(bpe_judge_dir))
+    model, tok = judge_lm if judge_kind == "word_level" else load_judge_model(str(bpe_judge_dir))
     row = prompts.row(0, named=True)
     texts = [
         judge_prompt(tok, row, a, b)
@@ -349,11 +349,11 @@ def _plain_verdicts(model, tok, prompts: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("judge_kind", ["word_level", "bpe"])
 def test_verdicts_through_batches_and_the_prefix_cache_equal_a_plain_forward_pass(
-    judge_kind, scorer, bpe_judge_dir, prompts
+    judge_kind, judge_lm, bpe_judge_dir, prompts
 ):
     """The read-out the pipeline uses (left-padded batches, a shared prefix encoded once, positions counted from
     each row's first token) gives what the model says about each prompt read alone."""
-    model, tok = scorer if judge_kind == "word_level" else load_scorer(str(bpe_judge_dir))
+    model, tok = judge_lm if judge_kind == "word_level" else load_judge_model(str(bpe_judge_dir))
     torch.manual_seed(0)
     with torch.no_grad():  # weights far from their tiny initialisation, so that a wrong position shows
         for p in model.parameters():
@@ -368,13 +368,13 @@ def test_verdicts_through_batches_and_the_prefix_cache_equal_a_plain_forward_pas
     )
 
 
-def test_training_puts_its_loss_on_the_tokens_and_position_the_read_out_reads(scorer, prompts):
+def test_training_puts_its_loss_on_the_tokens_and_position_the_read_out_reads(judge_lm, prompts):
     """TRL's collated batch (right padding, completion-only labels) labels exactly the verdict's tokens right after
     each prompt, and the model's logits there are those the read-out reads after the prompt alone."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    model, tok = scorer
+    model, tok = judge_lm
     rows = candidate_judgements(_pool(prompts), prompts, tok)
     rows = pl.concat(
         [
@@ -404,9 +404,9 @@ def test_training_puts_its_loss_on_the_tokens_and_position_the_read_out_reads(sc
             torch.testing.assert_close(logits[r, start - 1], read, atol=1e-5, rtol=1e-4)
 
 
-def test_every_judge_corpus_has_as_many_a_as_b_verdicts(scorer, prompts):
+def test_every_judge_corpus_has_as_many_a_as_b_verdicts(judge_lm, prompts):
     """Every ordered pair is labelled in both orders, so a judge cannot win by preferring a position."""
-    _, tok = scorer
+    _, tok = judge_lm
     corpora = [
         candidate_judgements(_pool(prompts), prompts, tok),
         contrast_judgements(synthetic_source(seed=8, n_sft=20, n_calibrate=0, n_eval=0), tok),
@@ -419,7 +419,7 @@ def test_every_judge_corpus_has_as_many_a_as_b_verdicts(scorer, prompts):
 def test_verdict_fit_tells_a_judge_that_reads_its_prompt_from_one_that_learned_the_prior(tiny_dirs, tmp_path):
     """Trained on verdicts its prompt states, the judge reads them back; trained on verdicts unrelated to the
     prompt, it learns their prior, and ``verdict_fit`` says so (fit at the prior, no spread)."""
-    _, tok = load_scorer(str(tiny_dirs[1]))
+    _, tok = load_judge_model(str(tiny_dirs[1]))
     rng = random.Random(0)
     words = ["red", "blue", "green", "yellow", "circle", "square", "triangle", "top", "left", "middle"]
     stated = pl.DataFrame(
@@ -435,8 +435,8 @@ def test_verdict_fit_tells_a_judge_that_reads_its_prompt_from_one_that_learned_t
     settings = TrainSettings(epochs=4, learning_rate=1e-2, batch_size=8)
     fits = {}
     for name, rows in (("stated", stated), ("unrelated", unrelated)):
-        train_r_scorer(str(tiny_dirs[1]), rows, str(tmp_path / name), settings)
-        fits[name] = verdict_fit(*load_scorer(str(tmp_path / name)), rows)
+        train_judge(str(tiny_dirs[1]), rows, str(tmp_path / name), settings)
+        fits[name] = verdict_fit(*load_judge_model(str(tmp_path / name)), rows)
     assert fits["stated"]["fit"] >= 0.95 and fits["stated"]["verdict_spread"] > 0.3, fits
     assert fits["unrelated"]["fit"] <= fits["unrelated"]["prior_fit"] + 0.05, fits
     assert fits["unrelated"]["verdict_spread"] < 0.1, fits
