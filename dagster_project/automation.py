@@ -22,19 +22,18 @@ from dagster import (
 from src_assets.fingerprints import digest
 from src_assets.source_files import source_file_keys
 
-from . import assets, loop_assets, store_layout
-from .loop_assets import iteration_partitions, next_iteration
+from .assets import evaluation, iteration, sharded
+from .assets.partitions import iteration_partitions, next_iteration
 from .resources import SettingsResource, StoreResource
+from .tags import ITERATION_RUN_TAGS
 
 # The iteration's assets are the ones partitioned by iteration; every other asset is the foundation they read.
 ITERATION_ASSETS = tuple(
     key.to_user_string()
-    for a in load_assets_from_modules([assets, loop_assets])
+    for a in load_assets_from_modules([iteration, sharded, evaluation])
     if a.partitions_def == iteration_partitions
     for key in a.keys
 )
-# Runs of this job carry this tag; dagster.yaml's run queue lets one such run go at a time, so iterations run in order.
-ITERATION_TAG = {"src/iteration_run": "true"}
 
 foundation_job = define_asset_job(
     "src_foundation",
@@ -45,7 +44,7 @@ iteration_job = define_asset_job(
     "src_iteration",
     selection=AssetSelection.assets(*ITERATION_ASSETS),
     partitions_def=iteration_partitions,
-    tags=ITERATION_TAG,
+    tags=ITERATION_RUN_TAGS,
     description="One SRC iteration: candidates, pairwise scores, preferences, weighted DPO, evaluation.",
 )
 
@@ -54,7 +53,7 @@ new_data_job = define_asset_job(
     "src_new_data_iteration",
     selection=AssetSelection.assets("vqa_source", "eval_set", *ITERATION_ASSETS),
     partitions_def=iteration_partitions,
-    tags=ITERATION_TAG,
+    tags=ITERATION_RUN_TAGS,
     description="New source data: the source table read and validated again (new files included), then one iteration.",
 )
 

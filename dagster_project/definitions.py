@@ -2,16 +2,18 @@
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from . import assets, loop_assets
+from .assets import base_models, data, evaluation, iteration, models, sharded
+from .assets.partitions import iteration_partitions
 from .automation import foundation_job, iteration_job, iteration_schedule, new_data_job, new_source_data_sensor
 from .executors import executor_from_env
-from .loop_assets import iteration_partitions
-from .resources import IterationLeaseResource, SettingsResource, StoreIOManager, StoreResource, StoreRunLeaseResource
-from .step_log import step_lines
+from .resources import SettingsResource, build_resources
+from .runs.step_log import step_lines
 from .versions import with_code_versions
 
+ASSET_MODULES = [data, base_models, models, evaluation, iteration, sharded]
+
 # Code versions under the environment's settings (SRC_PROFILE): what `dg dev` materializes with.
-all_assets = with_code_versions(load_assets_from_modules([assets, loop_assets]), SettingsResource().config())
+all_assets = with_code_versions(load_assets_from_modules(ASSET_MODULES), SettingsResource().config())
 
 
 def split_by_iteration(assets_defs: list) -> tuple[list, list]:
@@ -22,21 +24,7 @@ def split_by_iteration(assets_defs: list) -> tuple[list, list]:
 
 foundation_assets, iteration_assets = split_by_iteration(all_assets)
 # Checks defined apart from their asset's function (those inside it travel with the asset).
-all_checks = load_asset_checks_from_modules([assets, loop_assets])
-
-
-def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
-    """The resources of a run. With no arguments, the store and settings are configured at launch (run config),
-    their defaults from the environment; the IO manager and the leases are bound to the one ``store``, so a run's
-    config for ``store`` is where all of them write."""
-    store = store or StoreResource.configure_at_launch()
-    io_manager = StoreIOManager(store=store, run_lease=StoreRunLeaseResource(store=store))
-    return {
-        "store": store,
-        "io_manager": io_manager,
-        "settings": settings or SettingsResource.configure_at_launch(),
-        "iteration_lease": IterationLeaseResource(store=store),
-    }
+all_checks = load_asset_checks_from_modules(ASSET_MODULES)
 
 
 defs = Definitions(

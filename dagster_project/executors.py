@@ -26,13 +26,13 @@ from dagster._core.definitions.executor_definition import (
     multiple_process_executor_requirements,
 )
 
-from src_assets.storage import LeaseHeld
+from src_assets.leases import LeaseHeld, acquire_lease
 
 from . import store_layout
+from .tags import PARTITION_TAG
 
 EXECUTOR_ENV = "SRC_EXECUTOR"
 EXECUTORS = ("local", "k8s", "celery")
-PARTITION_TAG = "dagster/partition"
 
 
 class _HoldingLeases(Executor):
@@ -50,7 +50,8 @@ class _HoldingLeases(Executor):
         return self.inner.step_dependency_config
 
     def execute(self, plan_context, execution_plan):
-        from .resources import STORE_LEASE_OWNER_TAG, StoreResource
+        from .resources import StoreResource
+        from .tags import STORE_LEASE_OWNER_TAG
 
         run = plan_context.dagster_run
         config = ((run.run_config or {}).get("resources", {}).get("store") or {}).get("config") or {}
@@ -58,10 +59,10 @@ class _HoldingLeases(Executor):
         owner = run.tags.get(STORE_LEASE_OWNER_TAG, run.run_id)
         held = []
         try:
-            held.append(store.acquire_lease(store_layout.STORE_RUN_LEASE, owner, job=run.job_name, run=run.run_id))
+            held.append(acquire_lease(store, store_layout.STORE_RUN_LEASE, owner, job=run.job_name, run=run.run_id))
             if run.tags.get(PARTITION_TAG) is not None:
                 key = run.tags[PARTITION_TAG]
-                held.append(store.acquire_lease(store_layout.iteration_lease(key), run.run_id, job=run.job_name))
+                held.append(acquire_lease(store, store_layout.iteration_lease(key), run.run_id, job=run.job_name))
         except LeaseHeld as e:
             for lease in held:
                 lease.release()

@@ -18,11 +18,13 @@ from dagster import (
 )
 from pydantic import Field, create_model
 
-from src_assets.config import SRCConfig, profile, setting_names
-from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, LEASE_TTL_S, STORE_ENV, LeaseHeld, Store
+from src_assets.config import SRCConfig, setting_names
+from src_assets.leases import LEASE_TTL_S, LeaseHeld, acquire_lease
+from src_assets.profiles import profile
+from src_assets.storage import DEFAULT_STORE, ENDPOINT_ENV, STORE_ENV, Store
 
 from . import store_layout
-from .recovery import STORE_TAG
+from .tags import PARTITION_TAG, STORE_LEASE_OWNER_TAG, STORE_TAG
 
 
 class StoreResource(ConfigurableResource):
@@ -54,9 +56,6 @@ def store_label(uri: str) -> str:
     return f"{tail[-54:].lstrip('-.')}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
 
 
-PARTITION_TAG = "dagster/partition"
-
-
 class IterationLeaseResource(ConfigurableResource):
     """One writer per iteration. A run of iteration k holds the store's lease leases/iteration/<k>.json from
     the start of its first iteration step to the end of its last; a second run of k, from this Dagster instance
@@ -75,8 +74,8 @@ class IterationLeaseResource(ConfigurableResource):
             yield self
             return
         try:
-            lease = self.store.store().acquire_lease(
-                store_layout.iteration_lease(key), run.run_id, self.ttl_s, job=run.job_name
+            lease = acquire_lease(
+                self.store.store(), store_layout.iteration_lease(key), run.run_id, self.ttl_s, job=run.job_name
             )
         except LeaseHeld as e:
             raise Failure(
@@ -88,9 +87,6 @@ class IterationLeaseResource(ConfigurableResource):
             yield self
         finally:
             lease.release()
-
-
-STORE_LEASE_OWNER_TAG = "src/store_lease_owner"  # a command that holds the store's lease runs its runs under it
 
 
 class StoreRunLeaseResource(ConfigurableResource):
@@ -112,8 +108,8 @@ class StoreRunLeaseResource(ConfigurableResource):
             return
         owner = run.tags.get(STORE_LEASE_OWNER_TAG, run.run_id)
         try:
-            lease = self.store.store().acquire_lease(
-                store_layout.STORE_RUN_LEASE, owner, self.ttl_s, job=run.job_name, run=run.run_id
+            lease = acquire_lease(
+                self.store.store(), store_layout.STORE_RUN_LEASE, owner, self.ttl_s, job=run.job_name, run=run.run_id
             )
         except LeaseHeld as e:
             raise Failure(
@@ -206,3 +202,17 @@ class StoreIOManager(ConfigurableIOManager):
         if store.exists(f"{key}.parquet"):
             return store.read_table(f"{key}.parquet")
         return store.read_json(f"{key}.json")
+
+
+def build_resources(store: StoreResource | None = None, settings: SettingsResource | None = None) -> dict:
+    """The resources of a run. With no arguments, the store and settings are configured at launch (run config),
+    their defaults from the environment; the IO manager and the leases are bound to the one ``store``, so a run's
+    config for ``store`` is where all of them write."""
+    store = store or StoreResource.configure_at_launch()
+    io_manager = StoreIOManager(store=store, run_lease=StoreRunLeaseResource(store=store))
+    return {
+        "store": store,
+        "io_manager": io_manager,
+        "settings": settings or SettingsResource.configure_at_launch(),
+        "iteration_lease": IterationLeaseResource(store=store),
+    }

@@ -21,8 +21,6 @@ import polars as pl
 from src_assets.models import Runtime
 from src_assets.training import TrainSettings
 
-STAGES = ("rationale_sft", "judge", "weighted_dpo", "gold_bound")
-
 
 def _settings(d: dict) -> TrainSettings:
     d = dict(d)
@@ -32,31 +30,19 @@ def _settings(d: dict) -> TrainSettings:
     return TrainSettings(**d)
 
 
-def _train(spec: dict, callbacks) -> dict:
+def _run_spec(spec: dict, callbacks) -> dict:
+    from dagster_project.assets.trained import TRAININGS  # the table the step itself trains with
+
     rows = pl.read_parquet(spec["rows"])
-    settings = _settings(spec["settings"])
-    stage, model, out = spec["stage"], spec["model"], spec["out_dir"]
-    if stage == "rationale_sft":
-        from src_assets.rationale_sft import train_rationale_sft
-
-        return train_rationale_sft(model, rows, out, settings, callbacks)
-    if stage == "judge":
-        from src_assets.judge import train_judge
-
-        return train_judge(model, rows, out, settings, callbacks)
-    if stage == "weighted_dpo":
-        from src_assets.weighted_dpo import train_weighted_dpo
-
-        return train_weighted_dpo(model, rows, out, settings, callbacks=callbacks, **spec["options"])
-    from src_assets.weighted_dpo import train_gold_bound
-
-    return train_gold_bound(model, rows, out, settings, callbacks)
+    return TRAININGS[spec["stage"]](
+        spec["model"], rows, spec["out_dir"], _settings(spec["settings"]), callbacks, **spec["options"]
+    )
 
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if int(os.environ.get("RANK", "0")) != 0:
-        _train(spec, ())
+        _run_spec(spec, ())
         return
     from dagster_pipes import open_dagster_pipes
     from transformers import TrainerCallback
@@ -68,7 +54,7 @@ def main(spec_path: str) -> None:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in (logs or {}).items()}
                 pipes.log.info(f"{spec['stage']} step {state.global_step}/{state.max_steps}: {shown}")
 
-        result = _train(spec, (PipesLog(),))
+        result = _run_spec(spec, (PipesLog(),))
         result["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
         Path(spec["result"]).write_text(json.dumps(result, default=str))
         pipes.report_custom_message({k: v for k, v in result.items() if k != "log"})
@@ -91,8 +77,10 @@ def run_training(context, stage: str, model: str, rows: pl.DataFrame, out_dir: s
     step; returns what the training reported, as the in-process training functions do."""
     from dagster import PipesSubprocessClient
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+    from .assets.trained import TRAININGS
+
+    if stage not in TRAININGS:
+        raise ValueError(f"unknown training stage {stage!r}; expected one of {sorted(TRAININGS)}")
     with tempfile.TemporaryDirectory() as scratch:
         spec = {
             "stage": stage,

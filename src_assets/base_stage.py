@@ -149,3 +149,48 @@ def evaluate_captions(
     scored = score_captions(rows, captions)
     summary = {k: float(scored[k].mean()) if scored.height else None for k in ("factuality", "exact_listing")}
     return {**summary, "n": scored.height}, scored
+
+
+BASE_SCORES = ("caption_factuality", "caption_exact_listing", "direct_accuracy", "direct_accuracy_blank_images")
+
+
+def pretrain_base_policy(
+    init_dir: str,
+    corpus: pl.DataFrame,
+    out_dir: str,
+    eval_set: pl.DataFrame,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    min_objects: int,
+    max_objects: int,
+    check_every: int,
+    stop_at_exact_listing: float,
+    max_new_tokens: int,
+    runtime,
+    callbacks=(),
+    progress: Progress = False,
+) -> dict:
+    """The base stage whole: the tiny VLM at ``init_dir`` pretrained on ``corpus`` into ``out_dir`` (stopping once
+    100 probe scenes' captions list the scene exactly ``stop_at_exact_listing`` of the time; 0: never early), then
+    scored on the held-out rows: its captions, and its direct answers with real and blank images (``BASE_SCORES``).
+    Returns what training reported (loss curve, probe checks) with the scores."""
+    from .evaluation import evaluate_policy, with_blank_images
+    from .models import load_policy
+
+    stop = None
+    if stop_at_exact_listing > 0:
+        stop = StopWhenPerceiving(probe_scenes(100, seed, min_objects, max_objects), check_every, stop_at_exact_listing)
+    result = train_base_policy(init_dir, corpus, out_dir, settings, callbacks=callbacks, stop=stop)
+    model, processor = load_policy(out_dir, runtime)
+    captions, _ = evaluate_captions(model, processor, eval_set, max_new_tokens, progress=progress)
+    direct, _ = evaluate_policy(model, processor, eval_set, max_new_tokens, progress=progress)
+    blank, _ = evaluate_policy(model, processor, with_blank_images(eval_set), max_new_tokens)
+    scores = (captions["factuality"], captions["exact_listing"], direct["accuracy"], blank["accuracy"])
+    return {
+        "train_loss": result["train_loss"],
+        "steps": result["steps"],
+        **dict(zip(BASE_SCORES, scores)),
+        "loss_curve": [(h["step"], h["loss"]) for h in result["log"] if "loss" in h],
+        "probe_checks": result["probe_checks"],
+    }

@@ -1,8 +1,5 @@
-"""Run settings and the named profiles.
+"""Every run setting, in ``SRCConfig``; the named profiles and ``--set`` are in ``profiles.py``.
 
-Everything the pipeline can be told lives in ``SRCConfig``; a profile is a set
-of defaults. ``default`` is the embedded run the README's main command makes;
-``smoke`` shrinks every size so that tests and quick checks finish in seconds.
 Each choice this project made where the paper is silent is a setting (docs/method.md maps them to the method).
 
 The stages' own settings types (``SearchConfig``, ``JudgeConfig``, ``AggregationConfig``,
@@ -16,9 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import re
-import warnings
 from dataclasses import dataclass, field, fields, replace
 
 from .base_stage import ANSWER_FORMS
@@ -27,10 +21,10 @@ from .judge import JudgeConfig
 from .models import Runtime
 from .preference import AggregationConfig, CurationConfig
 from .scenes import IMAGE_PIXELS
-from .setting import allowed_values, did_you_mean, flat_name, setting, validate_fields
+from .setting import allowed_values, flat_name, setting, validate_fields
 from .source_data import parse_source_columns, parse_split_fractions
 from .tiny_models import JUDGE_ARCHITECTURES, POLICY_ARCHITECTURES, TinySpec
-from .training import TRAINER_CONFIGS, TrainSettings, check_trainer_args, trainer_arg
+from .training import TrainSettings, check_trainer_args
 
 TINY = "tiny"  # a model reference meaning "build the tiny local model"
 
@@ -317,7 +311,9 @@ class SRCConfig:
     def runtime(self) -> Runtime:
         return Runtime(**{name: getattr(self, name) for name in RUNTIME_SETTINGS})
 
-    def _train(self, epochs: float, learning_rate: float, batch_size: int, stage: str, **schedule) -> TrainSettings:
+    def _training_settings(
+        self, epochs: float, learning_rate: float, batch_size: int, stage: str, **schedule
+    ) -> TrainSettings:
         return TrainSettings(
             epochs,
             learning_rate,
@@ -339,7 +335,7 @@ class SRCConfig:
     def base_settings(self) -> TrainSettings:
         # Full fine-tuning whatever lora_r says: the base stage trains a tiny model from random weights.
         return replace(
-            self._train(
+            self._training_settings(
                 self.base_epochs,
                 self.base_learning_rate,
                 self.base_batch_size,
@@ -352,77 +348,20 @@ class SRCConfig:
         )
 
     def sft_settings(self) -> TrainSettings:
-        return self._train(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size, "sft")
+        return self._training_settings(self.sft_epochs, self.sft_learning_rate, self.sft_batch_size, "sft")
 
     def judge_settings(self) -> TrainSettings:
-        return self._train(self.judge_epochs, self.judge_learning_rate, self.judge_train_batch_size, "judge")
+        return self._training_settings(
+            self.judge_epochs, self.judge_learning_rate, self.judge_train_batch_size, "judge"
+        )
 
     def dpo_settings(self) -> TrainSettings:
-        return self._train(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size, "dpo")
+        return self._training_settings(self.dpo_epochs, self.dpo_learning_rate, self.dpo_batch_size, "dpo")
 
     def setting(self, name: str):
         """A setting by its flat name (``k`` is ``self.search.k``)."""
         group, attr, _ = setting_names()[name]
         return getattr(getattr(self, group) if group else self, attr)
-
-
-PROFILES: dict[str, SRCConfig] = {
-    "default": SRCConfig(),
-    "smoke": SRCConfig(
-        n_sft=60,
-        n_calibrate=16,
-        n_eval=20,
-        tiny_hidden_size=32,
-        tiny_layers=1,
-        sft_epochs=1.0,
-        n_base=64,
-        base_epochs=1.0,
-        prompts_per_iteration=8,
-        search=SearchConfig(k=3, beams=2, samples_per_beam=2, max_sentences=7),
-        judge_prompts=8,
-        judge_max_pairs=64,
-        judge_contrast_pairs=48,
-        judge_epochs=1.0,
-        dpo_epochs=1.0,
-        dpo_batch_size=4,
-        # untrained smoke models never answer right; this profile checks plumbing
-        curation=CurationConfig(
-            tau=0.0, require_correct_chosen=False, require_consistent_chosen=False, require_factual_chosen=False
-        ),
-        min_blank_image_drop=-1.0,  # nor do they see: the blank-image check is reported, not required
-        min_base_exact_listing=0.0,
-        anatomy_samples=2,
-    ),
-}
-
-
-_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
-
-
-def coerce_setting(name: str, value, kind: str):
-    """``value`` (a string from the command line, or a JSON value) as the setting's type; a clear error if it is not."""
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, str)) and str(value).strip().lower() in (*_TRUE, *_FALSE):
-            return str(value).strip().lower() in _TRUE
-    elif kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-            return int(value)
-    elif kind == "float":
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is not None:
-            if not math.isfinite(number):  # NaN passes every comparison of a range check
-                raise ValueError(f"setting {name}: {str(value)[:80]!r} is not a finite number")
-            return number
-    elif kind == "str":
-        return str(value)
-    raise ValueError(f"setting {name}: {str(value)[:80]!r} is not a valid {kind}")
 
 
 # Every setting under the heading ``src-calibrate settings`` lists it with (a test checks that each is in one).
@@ -578,83 +517,4 @@ def setting_names() -> dict[str, tuple[str | None, str, str]]:
             if name in out:
                 raise RuntimeError(f"setting name {name!r} is taken twice; give one a name= in its declaration")
             out[name] = (group, f.name, f.type)
-    return out
-
-
-# Old names that are still read, for one release, as the names they became ("scorer.FIELD" is "judge.FIELD").
-RENAMED_SETTINGS = {
-    "scorer_model": "judge_model",
-    "tiny_scorer_architecture": "tiny_judge_architecture",
-    "scorer_prompts": "judge_prompts",
-    "scorer_max_pairs": "judge_max_pairs",
-    "scorer_contrast_pairs": "judge_contrast_pairs",
-    "scorer_epochs": "judge_epochs",
-    "scorer_learning_rate": "judge_learning_rate",
-    "scorer_batch_size": "judge_train_batch_size",
-    "scorer_args": "judge_args",
-}
-
-
-class RenamedSettingWarning(Warning):
-    """A setting given by a name it had before; it is read as its current name."""
-
-
-def current_names(overrides: dict) -> tuple[dict, list[str]]:
-    """``overrides`` under the settings' current names, and one line for each old name among them."""
-    out, notes = {}, []
-    for name, value in overrides.items():
-        stage, dot, rest = name.partition(".")
-        new = RENAMED_SETTINGS.get(name) or (f"judge.{rest}" if dot and stage == "scorer" else None)
-        if new is not None:
-            notes.append(
-                f"setting {name} is now called {new}; the old name is read as the new one until the next release"
-            )
-            name = new
-        out[name] = value
-    return out, notes
-
-
-def profile(name: str, **overrides) -> SRCConfig:
-    """The named profile with ``overrides`` (flat names, values as strings or JSON values). It only composes: each
-    settings type checks its own fields as it is made, with one-line errors that name the setting."""
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
-    known = setting_names()
-    overrides, notes = current_names(overrides)
-    for note in notes:
-        warnings.warn(note, RenamedSettingWarning, stacklevel=2)
-    overrides = _with_trainer_args(overrides)
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise ValueError(
-            "; ".join(f"unknown setting {name!r}{did_you_mean(name, known)}" for name in unknown)
-            + " (src-calibrate settings lists every setting)"
-        )
-    typed = {k: coerce_setting(k, v, known[k][2]) for k, v in overrides.items()}
-    base = PROFILES[name]
-    nested = {
-        group: replace(getattr(base, group), **{known[k][1]: v for k, v in typed.items() if known[k][0] == group})
-        for group in SETTING_GROUPS
-    }
-    return replace(base, **{k: v for k, v in typed.items() if known[k][0] is None}, **nested)
-
-
-def _with_trainer_args(overrides: dict) -> dict:
-    """``sft.warmup_ratio=0.1`` and the like folded into their stage's ``sft_args`` JSON (over any given whole)."""
-    out, dotted = {}, {}
-    for name, value in overrides.items():
-        stage, sep, field_name = name.partition(".")
-        if not sep:
-            out[name] = value
-            continue
-        if stage not in TRAINER_CONFIGS:
-            raise ValueError(f"unknown setting {name!r}; dotted settings are {sorted(TRAINER_CONFIGS)}.FIELD")
-        dotted.setdefault(stage, {})[field_name] = trainer_arg(stage, field_name, value)
-    for stage, args in dotted.items():
-        given = out.get(f"{stage}_args") or "{}"
-        try:
-            whole = json.loads(given) if isinstance(given, str) else dict(given)
-        except (ValueError, TypeError):
-            raise ValueError(f"setting {stage}_args: {str(given)[:80]!r} is not a JSON object") from None
-        out[f"{stage}_args"] = json.dumps({**whole, **args}, sort_keys=True)
     return out

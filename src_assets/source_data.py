@@ -14,20 +14,20 @@ One row per (image, question). Columns:
 | reference | str | no | reference description of the image, read by the judge |
 | scene, question_spec | str (JSON) | no | the synthetic domain's ground truth, read by the verifier |
 
-Three formats are read, each streamed (a row group, a shard batch or a few hundred JSON records at a time):
-Parquet (the image as bytes, or as the ``{bytes, path}`` struct Hugging Face datasets write), a ``datasets``
-folder written by ``save_to_disk`` or a hub dataset from the local cache, and LLaVA-style JSON/JSONL
-(``conversations`` of ``human``/``gpt`` turns, the image a path relative to the file). ``SourceOptions`` says how
-the user's columns map onto these, and how rows without a ``split`` are split.
+Three formats are read, each streamed (a row group, a shard batch or a few hundred JSON records at a time), each by
+a reader of its own that hands this module its rows chunk by chunk (``read_chunks``): ``source_parquet`` (the image
+as bytes, or as the ``{bytes, path}`` struct Hugging Face datasets write), ``source_datasets`` (a ``datasets``
+folder written by ``save_to_disk``, or a hub dataset from the local cache) and ``source_json`` (LLaVA-style
+JSON/JSONL: ``conversations`` of ``human``/``gpt`` turns, the image a path relative to the file). This module
+validates: ``SourceOptions`` says how the user's columns map onto ours and how rows without a ``split`` are split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -241,7 +241,7 @@ def hashed_split(row_id: str, fractions: dict[str, float]) -> str:
 ImageResolver = Callable[[str], bytes]  # an image path (relative to its source file) -> its bytes
 
 
-def _no_image_files(path: str) -> bytes:
+def no_image_files(path: str) -> bytes:
     raise SourceDataError(f"the image is a path ({quoted(path)}), and this source cannot read image files")
 
 
@@ -262,7 +262,7 @@ def prepare_rows(
     name: str,
     options: SourceOptions,
     first_row: int = 0,
-    resolve: ImageResolver = _no_image_files,
+    resolve: ImageResolver = no_image_files,
     split: str | None = None,
 ) -> pl.DataFrame:
     """The user's rows as a validated source table: their columns renamed (``options.columns``), the image as
@@ -310,52 +310,7 @@ def prepare_rows(
     return validate_source(df, name, options.max_image_pixels, first_row, options.max_text_chars)
 
 
-def read_source_file(
-    file,
-    name: str,
-    size: int | None = None,
-    max_bytes: int = MAX_FILE_BYTES,
-    max_image_pixels: int = MAX_IMAGE_PIXELS,
-    max_text_chars: int = MAX_TEXT_CHARS,
-    options: SourceOptions | None = None,
-    resolve: ImageResolver = _no_image_files,
-) -> pl.DataFrame:
-    """Parses and validates one Parquet file (bytes or an open binary file), one row group at a time, so that a bad
-    row stops the read where it is; ``name`` (its URI) is used in errors. A file over ``max_bytes`` is refused
-    unread, and so is a row group whose footer says it inflates to more than ``max_bytes``."""
-    import pyarrow.parquet as pq
-
-    options = options or SourceOptions(
-        max_bytes=max_bytes, max_image_pixels=max_image_pixels, max_text_chars=max_text_chars
-    )
-    if isinstance(file, bytes):
-        size, file = len(file), io.BytesIO(file)
-    if size is not None and size > options.max_bytes:
-        raise SourceDataError(
-            f"{name}: the file is {size} bytes, over the cap of {options.max_bytes} (max_source_file_bytes)"
-        )
-    try:
-        parquet = pq.ParquetFile(file)
-    except Exception as e:
-        raise SourceDataError(f"{name}: not a readable Parquet file ({quoted(str(e))})") from e
-
-    def row_groups():
-        for group in range(parquet.num_row_groups):
-            inflated = parquet.metadata.row_group(group).total_byte_size
-            if inflated > options.max_bytes:
-                raise SourceDataError(
-                    f"{name}: row group {group} inflates to {inflated} bytes, over the cap of {options.max_bytes} "
-                    f"(max_source_file_bytes)"
-                )
-            try:
-                yield pl.from_arrow(parquet.read_row_group(group))
-            except Exception as e:
-                raise SourceDataError(f"{name}: row group {group} is not readable ({quoted(str(e))})") from e
-
-    return _read_chunks(row_groups(), name, options, resolve, empty=parquet.schema_arrow.empty_table())
-
-
-def _read_chunks(chunks, name: str, options: SourceOptions, resolve: ImageResolver, empty=None, split=None):
+def read_chunks(chunks, name: str, options: SourceOptions, resolve: ImageResolver, empty=None, split=None):
     parts, offset = [], 0
     for df in chunks:
         parts.append(prepare_rows(df, name, options, offset, resolve, split))
@@ -367,137 +322,6 @@ def _read_chunks(chunks, name: str, options: SourceOptions, resolve: ImageResolv
     if len(parts) == 1:
         return parts[0]
     return combine_sources([(f"{name} (part {i})", p) for i, p in enumerate(parts)])
-
-
-# --- LLaVA-style conversation JSON ---------------------------------------------------------------------------
-
-_ANSWER_PREFIX = "Answer:"
-JSON_READ_CHARS = 1 << 20  # characters read at a time from a JSON array
-
-
-def json_records(file, name: str) -> Iterator[tuple[int, dict]]:
-    """(index, record) of a JSON array or a JSON Lines file, read piece by piece (a 2 GB file is never held
-    whole); an unparsable record names the file and its line or index."""
-    text = io.TextIOWrapper(file, encoding="utf-8")
-    head = text.read(1)
-    while head and head.isspace():
-        head = text.read(1)
-    if head != "[":  # JSON Lines: one record per line
-        for line_number, line in enumerate(_lines(head, text), start=1):
-            if line.strip():
-                try:
-                    yield line_number, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SourceDataError(f"{name}: line {line_number} is not JSON ({e.msg})") from e
-        return
-    decoder, buffer, index = json.JSONDecoder(), "", 0
-    while True:
-        buffer = buffer.lstrip().removeprefix(",").lstrip()
-        if buffer.startswith("]"):
-            return
-        try:
-            record, end = decoder.raw_decode(buffer)
-        except json.JSONDecodeError as e:
-            more = text.read(JSON_READ_CHARS)
-            if not more:
-                raise SourceDataError(f"{name}: record {index} of the JSON array is not JSON ({e.msg})") from e
-            buffer += more
-            continue
-        yield index, record
-        buffer, index = buffer[end:], index + 1
-
-
-def _lines(head: str, text) -> Iterator[str]:
-    first = head + text.readline()
-    yield first
-    yield from text
-
-
-def conversation_rows(record, index: int, name: str) -> list[dict]:
-    """The rows of one record: a LLaVA-style record (``conversations`` of ``human``/``gpt`` turns) gives a row per
-    question and reply. The last ``Answer:`` in a reply, on a line of its own or inline ("there is a red square.
-    Answer: red"), splits it into rationale and answer, and the row's ``response`` is the rationale then an
-    ``Answer: ...`` line; a reply with none is the row's answer, with no response. Any other record is a row as
-    it is."""
-    if not isinstance(record, dict):
-        raise SourceDataError(f"{name}: record {index} is a {type(record).__name__}, not a JSON object")
-    if "conversations" not in record:
-        return [record]
-    turns = record["conversations"]
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise SourceDataError(f"{name}: record {index}: 'conversations' is not a list of turns")
-    if isinstance(record.get("image"), list):
-        raise SourceDataError(f"{name}: record {index}: has {len(record['image'])} images; one image per record")
-    base = {k: v for k, v in record.items() if k != "conversations"}
-    rows, question = [], None
-    for turn in turns:
-        speaker, value = turn.get("from"), turn.get("value")
-        if speaker in ("human", "user"):
-            question = str(value or "").replace("<image>", "").strip()
-        elif speaker in ("gpt", "assistant") and question is not None:
-            reply = str(value or "").strip()
-            rationale, found, answer = reply.rpartition(_ANSWER_PREFIX)  # the last "Answer:", on its line or inline
-            rationale, answer = rationale.strip(), answer.strip()
-            response = f"{rationale}\n{_ANSWER_PREFIX} {answer}" if rationale else f"{_ANSWER_PREFIX} {answer}"
-            row = {
-                **base,
-                "question": question,
-                "answer": base.get("answer") or (answer if found else reply),
-                "response": base.get("response") or (response if found else None),
-            }
-            if "id" in base:
-                row["id"] = str(base["id"]) + (f"#{len(rows)}" if rows else "")
-            rows.append(row)
-            question = None
-    if not rows:
-        raise SourceDataError(f"{name}: record {index}: no human turn followed by a gpt turn")
-    return rows
-
-
-def read_json_source(file, name: str, options: SourceOptions, resolve: ImageResolver) -> pl.DataFrame:
-    """A JSON or JSON Lines file of LLaVA-style records (or flat records of our columns), ``options.batch_rows``
-    records at a time; ``resolve`` reads an image path relative to the file."""
-
-    def batches():
-        rows = []
-        for index, record in json_records(file, name):
-            for row in conversation_rows(record, index, name):
-                rows.append(
-                    {k: v if isinstance(v, (str, bytes)) or v is None else json.dumps(v) for k, v in row.items()}
-                )
-            if len(rows) >= options.batch_rows:
-                yield pl.DataFrame(rows, infer_schema_length=None)
-                rows = []
-        if rows:
-            yield pl.DataFrame(rows, infer_schema_length=None)
-
-    return _read_chunks(batches(), name, options, resolve)
-
-
-# --- Hugging Face datasets -------------------------------------------------------------------------------------
-
-
-def read_dataset_source(dataset, name: str, options: SourceOptions) -> pl.DataFrame:
-    """A ``datasets.Dataset`` or ``DatasetDict`` (from ``load_from_disk`` or ``load_dataset``), read as Arrow
-    batches of ``options.batch_rows`` rows from its memory-mapped files. A ``DatasetDict``'s split names become
-    the rows' ``split`` where they have none: ``sft``, ``calibrate`` or ``eval``, or any name with
-    ``split_fractions`` set."""
-    from datasets import DatasetDict
-
-    parts = {None: dataset} if not isinstance(dataset, DatasetDict) else dict(dataset)
-    frames = []
-    for split, part in parts.items():
-        where = name if split is None else f"{name} (split {split!r})"
-        has_split = "split" in options.columns or "split" in part.column_names
-        if split is not None and not has_split and not options.split_fractions and split not in SPLITS:
-            raise SourceDataError(
-                f"{where}: the dataset's split {split!r} is none of {SPLITS} and its rows have no 'split' column; "
-                f"rename the split, or set split_fractions=sft:0.5,calibrate:0.4,eval:0.1"
-            )
-        own = split if split in SPLITS else None
-        chunks = (pl.from_arrow(b) for b in part.with_format("arrow").iter(batch_size=options.batch_rows))
-        frames.append((where, _read_chunks(chunks, where, options, _no_image_files, split=own)))
-    return combine_sources(frames)
 
 
 def combine_sources(named_frames: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:

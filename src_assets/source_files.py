@@ -19,10 +19,10 @@ from .source_data import (
     parse_source_columns,
     parse_split_fractions,
     quoted,
-    read_dataset_source,
-    read_json_source,
-    read_source_file,
 )
+from .source_datasets import read_dataset_source
+from .source_json import read_json_source
+from .source_parquet import read_parquet_source
 from .storage import Store, StoreError
 
 FILE_SUFFIXES = (".parquet", ".json", ".jsonl")
@@ -66,7 +66,7 @@ class UserSource:
         with self.store.open(self.key) as file:
             if self.kind == "json":
                 return read_json_source(file, self.name, options, resolve)
-            return read_source_file(file, self.name, size, options=options, resolve=resolve)
+            return read_parquet_source(file, self.name, size, options=options, resolve=resolve)
 
 
 def _dataset_folders(keys: list[str]) -> list[str]:

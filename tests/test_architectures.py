@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from dagster_project.cli import main
+from dagster_project.runs.cli import main
 from src_assets.source_data import synthetic_source
 from src_assets.storage import Store
 from src_assets.tiny_models import POLICY_ARCHITECTURES, TinySpec, build_tiny_judge, build_tiny_policy

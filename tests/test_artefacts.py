@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dagster_project.cli import main
+from dagster_project.runs.cli import main
 from src_assets.source_data import synthetic_source
 from src_assets.storage import Store
 

@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from dagster_project.cli import build_parser, main
-from dagster_project.experiments import markdown, summarize_runs
 from dagster_project.resources import SettingsResource
-from src_assets.config import RenamedSettingWarning, profile, setting_names
+from dagster_project.runs.cli import build_parser, main
+from dagster_project.runs.experiments import markdown, summarize_runs
+from src_assets.config import setting_names
+from src_assets.profiles import RenamedSettingWarning, profile
 
 
 def test_evaluate_scores_a_checkpoint_with_real_and_with_blank_images(trained_tiny_vlm, capsys):
@@ -168,9 +169,10 @@ def test_each_default_lives_in_its_stage_settings_type():
     from dataclasses import fields
 
     from src_assets.candidate_search import SearchConfig
-    from src_assets.config import PROFILES, SRCConfig, setting_names
+    from src_assets.config import SRCConfig, setting_names
     from src_assets.judge import JudgeConfig
     from src_assets.preference import AggregationConfig, CurationConfig
+    from src_assets.profiles import PROFILES
 
     default = PROFILES["default"]
     assert (default.search, default.aggregation, default.curation, default.judge) == (
@@ -448,7 +450,7 @@ def test_an_s3_store_survives_its_server_stopping_mid_iteration_and_a_rerun_comp
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket="restarted")
     uri = "s3://restarted/store"
-    command = [sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "2"]
+    command = [sys.executable, "-m", "dagster_project.runs.cli", "run", "--profile", "smoke", "--iterations", "2"]
     command += ["--store", uri, "--set", "shards=2", "--set", "search_batch_size=16"]
     try:
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

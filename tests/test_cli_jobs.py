@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
-from dagster_project.cli import _instance, main
-from dagster_project.launch import LOCATION, queue_daemon_alive
+from dagster_project.runs.cli import main
+from dagster_project.runs.launch import LOCATION, queue_daemon_alive
+from dagster_project.runs.run import _instance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,7 @@ def test_commands_starting_together_on_a_fresh_home_make_one_instance(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     # Each process imports, says it is ready, and waits for the same signal, so the first uses overlap.
     opening_when_told = (
-        "import os, sys, time; from dagster_project.cli import _instance; from dagster import DagsterInstance\n"
+        "import os, sys, time; from dagster_project.runs.run import _instance; from dagster import DagsterInstance\n"
         f"open({str(tmp_path)!r} + '/ready-' + sys.argv[1], 'w').close()\n"
         f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
         "_instance()"
@@ -162,8 +163,8 @@ def test_commands_starting_together_on_a_fresh_home_make_one_instance(tmp_path):
 def test_every_setting_the_cli_takes_reaches_the_run_config():
     """What ``run`` builds its runs' config from (profile, ``--seed``, ``--set``, typed fields) comes back whole
     when the run's settings resource is made from that config, as the run's assets make it."""
-    from dagster_project.launch import run_config
     from dagster_project.resources import SettingsResource, StoreResource
+    from dagster_project.runs.launch import run_config
 
     given = SettingsResource(
         profile="smoke", seed=7, n_eval=12, overrides={"tau": "0.3", "k": 4, "sft.lr_scheduler_type": "constant"}
@@ -181,10 +182,10 @@ def test_two_seeds_train_on_different_data_and_the_tag_is_the_digest_the_run_use
 
     import polars as pl
 
-    from dagster_project.recovery import SETTINGS_TAG
     from dagster_project.resources import SettingsResource
-    from src_assets.config import profile
+    from dagster_project.tags import SETTINGS_TAG
     from src_assets.fingerprints import digest
+    from src_assets.profiles import profile
 
     tables, weights = {}, {}
     for seed in (1, 2):

@@ -94,7 +94,7 @@ def test_an_edited_stage_retrains_that_stage_and_what_follows_and_reuses_the_res
     project = _copy_of_the_project(tmp_path / "project")
     store = tmp_path / "store"
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project)}
-    command = [sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--iterations", "1"]
+    command = [sys.executable, "-m", "dagster_project.runs.cli", "run", "--profile", "smoke", "--iterations", "1"]
     command += ["--store", str(store), "--json"]
 
     def run() -> subprocess.CompletedProcess:

@@ -9,13 +9,14 @@ import pytest
 from dagster import DagsterInstance, Definitions, materialize
 
 from dagster_project.definitions import all_assets as every_asset
-from dagster_project.definitions import build_resources, defs
+from dagster_project.definitions import defs
 from dagster_project.resources import (
     IterationLeaseResource,
     SettingsResource,
     StoreIOManager,
     StoreResource,
     StoreRunLeaseResource,
+    build_resources,
 )
 from src_assets.models import load_judge_model, load_policy
 from src_assets.storage import Store
@@ -215,7 +216,7 @@ def _versions(cfg):
 
 
 def test_a_setting_changes_the_code_version_of_exactly_the_assets_that_read_it():
-    from src_assets.config import profile
+    from src_assets.profiles import profile
 
     base = _versions(profile("smoke"))
     changed = lambda **kw: {name for name, v in _versions(profile("smoke", **kw)).items() if v != base[name]}
@@ -234,7 +235,7 @@ def test_dagster_marks_an_asset_stale_when_its_settings_change(tmp_path):
     from dagster._core.loader import LoadingContextForTest
 
     from dagster_project.versions import with_code_versions
-    from src_assets.config import profile
+    from src_assets.profiles import profile
 
     instance = DagsterInstance.ephemeral()
     data = [a for a in every_asset if a.key.to_user_string() in ("vqa_source", "rationale_sft_set")]
@@ -261,7 +262,7 @@ def test_each_asset_declares_every_setting_its_code_reads():
     import inspect
     import textwrap
 
-    from dagster_project import assets, loop_assets
+    from dagster_project.definitions import ASSET_MODULES
     from dagster_project.versions import READS, asset_functions
     from src_assets.config import SETTING_BUNDLES, SETTING_GROUPS, TRAINING_SETTINGS, SRCConfig, setting_names
 
@@ -303,13 +304,13 @@ def test_each_asset_declares_every_setting_its_code_reads():
                 else:
                     names |= set(methods.get(node.attr, (node.attr,)))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in seen:
-                helper = getattr(module, node.func.id, None)
-                if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+                helper = getattr(module, node.func.id, None)  # followed into any dagster_project module
+                if inspect.isfunction(helper) and helper.__module__.startswith("dagster_project."):
                     seen.add(node.func.id)
-                    names |= used(helper, module, seen)
+                    names |= used(helper, sys.modules[helper.__module__], seen)
         return names
 
-    for module in (assets, loop_assets):
+    for module in ASSET_MODULES:
         for name, declared in READS.items():
             if not hasattr(module, name):
                 continue

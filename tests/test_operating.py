@@ -24,11 +24,11 @@ from dagster import (
     materialize,
 )
 
+from dagster_project.assets.partitions import iteration_partitions
 from dagster_project.automation import ITERATION_ASSETS
-from dagster_project.definitions import build_resources, foundation_assets
-from dagster_project.launch import LOCATION
-from dagster_project.loop_assets import iteration_partitions
-from dagster_project.resources import SettingsResource, StoreResource
+from dagster_project.definitions import foundation_assets
+from dagster_project.resources import SettingsResource, StoreResource, build_resources
+from dagster_project.runs.launch import LOCATION
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,11 +18,12 @@ from dagster import (
     materialize,
 )
 
+from dagster_project.assets.partitions import iteration_partitions
 from dagster_project.automation import ITERATION_ASSETS, iteration_schedule, new_source_data_sensor
-from dagster_project.definitions import all_assets, all_checks, build_resources, foundation_assets
-from dagster_project.loop_assets import iteration_partitions
-from dagster_project.recovery import STORE_TAG
-from dagster_project.resources import SettingsResource, StoreResource, store_label
+from dagster_project.definitions import all_assets, all_checks, foundation_assets
+from dagster_project.resources import SettingsResource, StoreResource, build_resources, store_label
+from dagster_project.tags import STORE_TAG
+from src_assets.leases import acquire_lease
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,11 +122,11 @@ def test_a_tau_change_leaves_judging_fresh_and_marks_curation_stale(run_two_iter
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
-    from dagster_project import assets, loop_assets
+    from dagster_project.definitions import ASSET_MODULES
     from dagster_project.versions import with_code_versions
 
     instance, _, _, _, resources = run_two_iterations
-    every = load_assets_from_modules([assets, loop_assets])
+    every = load_assets_from_modules(ASSET_MODULES)
     as_run = SettingsResource().config()  # the settings the fixture's versions were stamped with
 
     def status(cfg, name):
@@ -237,13 +238,13 @@ def test_the_run_log_shows_generation_and_judging_progress(run_two_iterations):
 def test_a_preference_set_that_fails_its_error_check_blocks_training(run_two_iterations, monkeypatch):
     """A chosen response with a wrong answer among the kept pairs (here forced by a broken curation): the
     blocking check fails and policy_checkpoint is not trained on it."""
-    import dagster_project.loop_assets as loop_assets
+    import dagster_project.assets.iteration as iteration_assets
 
     instance, store, _, _, resources = run_two_iterations
     strict = build_resources(
         resources["store"], SettingsResource(profile="smoke", overrides={"require_correct_chosen": "true"})
     )
-    real = loop_assets.curate_preferences
+    real = iteration_assets.curate_preferences
 
     def keeps_a_wrong_answer(*args, **kwargs):
         prefs = real(*args, **kwargs)
@@ -252,7 +253,7 @@ def test_a_preference_set_that_fails_its_error_check_blocks_training(run_two_ite
             kept=forced, chosen_correct=pl.when(forced).then(False).otherwise(pl.col("chosen_correct"))
         )
 
-    monkeypatch.setattr(loop_assets, "curate_preferences", keeps_a_wrong_answer)
+    monkeypatch.setattr(iteration_assets, "curate_preferences", keeps_a_wrong_answer)
     before = store.current_model("models/policy_checkpoint/001")
     result = materialize(
         all_assets,
@@ -371,7 +372,7 @@ def test_cli_prints_one_row_per_iteration_as_json(tmp_path):
         [
             sys.executable,
             "-m",
-            "dagster_project.cli",
+            "dagster_project.runs.cli",
             "run",
             "--profile",
             "smoke",
@@ -415,7 +416,7 @@ def test_a_run_launched_while_another_holds_the_store_is_refused_before_it_write
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     foundation = foundation_assets
     # The lease is the store's: a run from any instance (here a new one, as the UI's would be) is refused.
-    with instance_for_test() as instance, store.acquire_lease("leases/store_run.json", "another-run"):
+    with instance_for_test() as instance, acquire_lease(store, "leases/store_run.json", "another-run"):
         instance.add_dynamic_partitions(iteration_partitions.name, ["002"])
         refused = [
             materialize([*foundation, *all_checks], instance=instance, resources=resources, raise_on_error=False),

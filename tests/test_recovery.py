@@ -22,7 +22,7 @@ def _cli(tmp_path, *args):
         "SRC_STORE_URI": str(tmp_path / "store"),
         "HF_HUB_OFFLINE": "1",
     }
-    return [sys.executable, "-m", "dagster_project.cli", "run", "--profile", "smoke", "--json", *args], env
+    return [sys.executable, "-m", "dagster_project.runs.cli", "run", "--profile", "smoke", "--json", *args], env
 
 
 def _versions(store_dir, key):
@@ -154,7 +154,7 @@ def _pool_holder(home, pid: int) -> str:
 
     from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
-    from dagster_project.recovery import RUN_HOST_TAG, RUN_PID_TAG
+    from dagster_project.tags import RUN_HOST_TAG, RUN_PID_TAG
 
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dagster_project.cli import main
+from dagster_project.runs.cli import main
 from src_assets.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ SEARCH_AND_JUDGING = "candidate_pool,pairwise_scores"
 RUN_SUBSET = """
 import json, sys
 from dagster import AssetKey, DagsterInstance, execute_job
-from dagster_project.launch import reconstructable_job, run_config
+from dagster_project.runs.launch import reconstructable_job, run_config
 from dagster_project.resources import SettingsResource, StoreResource
 store, overrides = sys.argv[1], json.loads(sys.argv[2])
 config = run_config(StoreResource(base_uri=store), SettingsResource(profile="smoke", overrides=overrides),
@@ -113,7 +113,7 @@ def test_two_runs_of_one_iteration_under_the_multiprocess_executor_exactly_one_w
 
 
 def test_shards_cover_the_prompts_in_order_and_cut_only_between_search_batches():
-    from dagster_project.loop_assets import shard_ranges
+    from dagster_project.assets.sharded import shard_ranges
 
     for n, shards, whole in [(1024, 2, 56), (1024, 3, 56), (10, 3, 1), (5, 8, 1), (100, 3, 56), (57, 2, 56)]:
         ranges = shard_ranges(n, shards, whole)

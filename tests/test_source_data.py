@@ -8,10 +8,10 @@ from src_assets.source_data import (
     SCHEMA,
     SourceDataError,
     combine_sources,
-    read_source_file,
     synthetic_source,
     validate_source,
 )
+from src_assets.source_parquet import read_parquet_source
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_synthetic_source_has_the_schema_and_splits(source):
 
 def test_user_file_round_trips_through_parquet(source):
     minimal = source.select("id", "split", "question", "answer", "image", "response")
-    df = read_source_file(_parquet(minimal), "s3://bucket/source/mine.parquet")
+    df = read_parquet_source(_parquet(minimal), "s3://bucket/source/mine.parquet")
     assert df.columns == list(SCHEMA)
     assert df["kind"].unique().to_list() == ["open"]
 
@@ -44,7 +44,7 @@ def test_missing_column_names_the_file_and_column(source):
         match=r"s3://b/source/x\.parquet: has no column 'answer'; its columns are \[.*\]\. Name yours with "
         r"source_columns, e\.g\. source_columns=answer:<your answer column>$",
     ):
-        read_source_file(_parquet(source.drop("answer")), "s3://b/source/x.parquet")
+        read_parquet_source(_parquet(source.drop("answer")), "s3://b/source/x.parquet")
 
 
 def test_corrupt_png_names_the_row_and_column(source):
@@ -62,7 +62,7 @@ def test_corrupt_png_names_the_row_and_column(source):
         SourceDataError,
         match=r"f\.parquet: row 3 \(id 'sft-0-000003'\): column 'image' does not hold a decodable image",
     ):
-        read_source_file(_parquet(bad), "f.parquet")
+        read_parquet_source(_parquet(bad), "f.parquet")
 
 
 def test_unknown_question_kind_names_the_row_and_value(source):
@@ -84,7 +84,7 @@ def test_other_bad_values_are_named(source):
     with pytest.raises(SourceDataError, match=r"column 'answer' has type Int32, expected String"):
         validate_source(source.with_columns(pl.lit(1).alias("answer")), "f.parquet")
     with pytest.raises(SourceDataError, match=r"f\.parquet: not a readable Parquet file"):
-        read_source_file(b"PAR1 garbage", "f.parquet")
+        read_parquet_source(b"PAR1 garbage", "f.parquet")
     with pytest.raises(SourceDataError, match=r"column 'id' has duplicate values \['sft-0-000000'\]"):
         validate_source(pl.concat([source.head(1), source.head(1)]), "f.parquet")
 
@@ -136,13 +136,13 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(source):
     with pytest.raises(
         SourceDataError, match=r"mine.parquet: row 1 .*column 'image': the image is 6000x6000 pixels, over the cap"
     ):
-        read_source_file(_parquet(df), "mine.parquet")
-    read_source_file(_parquet(df), "mine.parquet", max_image_pixels=6000 * 6000)  # the cap is a setting
+        read_parquet_source(_parquet(df), "mine.parquet")
+    read_parquet_source(_parquet(df), "mine.parquet", max_image_pixels=6000 * 6000)  # the cap is a setting
 
 
 def test_an_oversized_file_is_refused_unread(source):
     with pytest.raises(SourceDataError, match="the file is 5000000000 bytes, over the cap"):
-        read_source_file(io.BytesIO(b"not even parquet"), "huge.parquet", size=5_000_000_000)
+        read_parquet_source(io.BytesIO(b"not even parquet"), "huge.parquet", size=5_000_000_000)
 
 
 def test_rows_are_numbered_across_row_groups_and_values_are_cut(source):
@@ -152,7 +152,7 @@ def test_rows_are_numbered_across_row_groups_and_values_are_cut(source):
     buf = io.BytesIO()
     df.write_parquet(buf, row_group_size=5)
     with pytest.raises(SourceDataError) as error:
-        read_source_file(
+        read_parquet_source(
             buf.getvalue(), "groups.parquet", max_text_chars=1_000_000
         )  # under the text cap: the value check
     message = str(error.value)
@@ -170,15 +170,15 @@ def test_a_text_bomb_is_refused_naming_the_row_and_column_and_a_bloated_row_grou
         match=r"bomb.parquet: row 1 \(id .*\): column 'question' holds 2000000 "
         r"characters, over the cap of 65536 \(max_text_chars\)",
     ):
-        read_source_file(data, "bomb.parquet")
-    assert read_source_file(data, "bomb.parquet", max_text_chars=2_000_000).height == 3  # the cap is a setting
+        read_parquet_source(data, "bomb.parquet")
+    assert read_parquet_source(data, "bomb.parquet", max_text_chars=2_000_000).height == 3  # the cap is a setting
     # The footer says how far each row group inflates; a row group over the file cap is refused before it is read.
     with pytest.raises(
         SourceDataError,
         match=r"bomb.parquet: row group 0 inflates to \d+ bytes, over the cap of "
         r"1000000 \(max_source_file_bytes\)",
     ):
-        read_source_file(data, "bomb.parquet", max_bytes=1_000_000)
+        read_parquet_source(data, "bomb.parquet", max_bytes=1_000_000)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,7 @@ def test_a_text_bomb_is_refused_naming_the_row_and_column_and_a_bloated_row_grou
     ],
 )
 def test_a_llava_reply_is_split_at_its_last_answer_whether_on_its_own_line_or_inline(reply, answer, response):
-    from src_assets.source_data import conversation_rows
+    from src_assets.source_json import conversation_rows
 
     record = {
         "id": "r1",

@@ -11,19 +11,19 @@ import pytest
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 
-from dagster_project.cli import main
-from src_assets import source_data
-from src_assets.config import profile
+from dagster_project.runs.cli import main
+from src_assets import source_json
+from src_assets.profiles import profile
 from src_assets.source_data import (
     SourceDataError,
     SourceOptions,
     check_split_sizes,
     hashed_split,
     prepare_rows,
-    read_json_source,
     synthetic_source,
 )
 from src_assets.source_files import source_options, user_sources
+from src_assets.source_json import read_json_source
 from src_assets.storage import Store
 
 # Their column names, as a Hugging Face dataset would have them; source_columns maps ours onto them.
@@ -185,7 +185,7 @@ def test_bad_mappings_and_missing_splits_name_the_file_and_column(rows):
 
 def test_json_sources_stream_and_name_the_bad_line_or_record(rows, tmp_path, monkeypatch):
     records = _llava_records(rows.head(5), tmp_path)
-    monkeypatch.setattr(source_data, "JSON_READ_CHARS", 64)  # records cut across many reads
+    monkeypatch.setattr(source_json, "JSON_READ_CHARS", 64)  # records cut across many reads
     array = read_json_source(
         io.BytesIO(json.dumps(records).encode()),
         "a.json",

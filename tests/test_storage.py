@@ -5,6 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from src_assets.leases import MAX_LEASE_TTL_S, LeaseHeld, acquire_lease
 from src_assets.storage import Store, StoreError
 
 
@@ -244,17 +245,16 @@ def test_the_default_model_cache_is_per_user(monkeypatch, tmp_path):
 
 
 def test_a_lease_has_one_holder_until_it_is_released(store):
-    from src_assets.storage import LeaseHeld
 
-    first = store.acquire_lease("leases/iteration/001.json", "run-a", ttl_s=60)
+    first = acquire_lease(store, "leases/iteration/001.json", "run-a", ttl_s=60)
     with pytest.raises(LeaseHeld, match=r"leases/iteration/001.json is held by run-a \(host .*, pid \d+, since"):
-        store.acquire_lease("leases/iteration/001.json", "run-b", ttl_s=60)
-    again = store.acquire_lease("leases/iteration/001.json", "run-a", ttl_s=60)  # the same run's next step
+        acquire_lease(store, "leases/iteration/001.json", "run-b", ttl_s=60)
+    again = acquire_lease(store, "leases/iteration/001.json", "run-a", ttl_s=60)  # the same run's next step
     again.release()
     assert store.read_json("leases/iteration/001.json")["owner"] == "run-a"  # still held: the first holder releases it
     first.release()
     assert not store.exists("leases/iteration/001.json")
-    with store.acquire_lease("leases/iteration/001.json", "run-b", ttl_s=60):
+    with acquire_lease(store, "leases/iteration/001.json", "run-b", ttl_s=60):
         assert store.read_json("leases/iteration/001.json")["owner"] == "run-b"
     assert not store.exists("leases/iteration/001.json")
 
@@ -275,17 +275,16 @@ def test_a_lease_whose_holder_died_is_taken_over(store):
         "ttl_s": 60,
     }
     store.write_json("leases/a.json", here)
-    with store.acquire_lease("leases/a.json", "run-new", ttl_s=60):
+    with acquire_lease(store, "leases/a.json", "run-new", ttl_s=60):
         assert store.read_json("leases/a.json")["owner"] == "run-new"
     # On another host only the heartbeat tells: a fresh one is respected, one older than its TTL is not.
-    from src_assets.storage import LeaseHeld
 
     elsewhere = {**here, "host": "another-host", "pid": 1}
     store.write_json("leases/b.json", elsewhere)
     with pytest.raises(LeaseHeld, match="held by run-dead"):
-        store.acquire_lease("leases/b.json", "run-new", ttl_s=60)
+        acquire_lease(store, "leases/b.json", "run-new", ttl_s=60)
     store.write_json("leases/b.json", {**elsewhere, "heartbeat": time.time() - 61})
-    with store.acquire_lease("leases/b.json", "run-new", ttl_s=60):
+    with acquire_lease(store, "leases/b.json", "run-new", ttl_s=60):
         pass
 
 
@@ -293,14 +292,13 @@ def test_the_holder_heartbeat_keeps_a_lease_fresh(tmp_path):
     import time
 
     store = Store(str(tmp_path / "store"))
-    with store.acquire_lease("leases/x.json", "run-a", ttl_s=0.5):
+    with acquire_lease(store, "leases/x.json", "run-a", ttl_s=0.5):
         first = store.read_json("leases/x.json")["heartbeat"]
         time.sleep(0.6)
         assert store.read_json("leases/x.json")["heartbeat"] > first  # beats every ttl/5
-        from src_assets.storage import LeaseHeld
 
         with pytest.raises(LeaseHeld):
-            store.acquire_lease("leases/x.json", "run-b", ttl_s=0.5)
+            acquire_lease(store, "leases/x.json", "run-b", ttl_s=0.5)
 
 
 def test_an_s3_server_stopped_mid_upload_leaves_no_version_that_is_ever_used(tiny_dirs, tmp_path):
@@ -359,7 +357,6 @@ def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_
 ):
     """A future heartbeat (clock skew), NaN, a string or garbage JSON: the lease file's age on the local clock
     decides, and every message names the lease's path."""
-    from src_assets.storage import LeaseHeld
 
     store = Store(str(tmp_path / "store"))
     key = "leases/iteration/001.json"
@@ -380,10 +377,10 @@ def test_a_lease_with_a_heartbeat_that_cannot_be_trusted_is_stale_once_its_file_
     with pytest.raises(
         LeaseHeld, match=r"store/leases/iteration/001.json (is held by run-x|is unreadable or incomplete)"
     ):
-        store.acquire_lease(key, "run-new", ttl_s=60)
+        acquire_lease(store, key, "run-new", ttl_s=60)
     old = time.time() - 400  # older than the record's TTL (60 s) and the default one (300 s)
     os.utime(tmp_path / "store" / key, (old, old))
-    with store.acquire_lease(key, "run-new", ttl_s=60):
+    with acquire_lease(store, key, "run-new", ttl_s=60):
         assert store.read_json(key)["owner"] == "run-new"
 
 
@@ -405,7 +402,6 @@ def test_s3_keys_with_glob_characters_are_written_read_listed_and_deleted_as_the
 def test_a_held_lease_says_when_it_expires_and_no_record_holds_one_beyond_the_cap(tmp_path):
     """A lease's expiry is its last heartbeat plus its TTL, capped at MAX_LEASE_TTL_S whatever its record says; the
     refusal names the holder and that time, and an unreadable record is shown as it is."""
-    from src_assets.storage import MAX_LEASE_TTL_S, LeaseHeld
 
     store = Store(str(tmp_path / "store"))
     beat = time.time() - MAX_LEASE_TTL_S / 2
@@ -415,14 +411,14 @@ def test_a_held_lease_says_when_it_expires_and_no_record_holds_one_beyond_the_ca
     with pytest.raises(
         LeaseHeld, match=rf"held by run-x \(host another-host, pid 1, since .*; it expires at {expires}"
     ):
-        store.acquire_lease("leases/a.json", "run-new", ttl_s=60)
+        acquire_lease(store, "leases/a.json", "run-new", ttl_s=60)
     old = time.time() - MAX_LEASE_TTL_S - 1
     store.write_json("leases/a.json", {**record, "acquired": old, "heartbeat": old})  # ttl_s 1e12, capped
-    with store.acquire_lease("leases/a.json", "run-new", ttl_s=60):
+    with acquire_lease(store, "leases/a.json", "run-new", ttl_s=60):
         assert store.read_json("leases/a.json")["owner"] == "run-new"
     store.write_bytes("leases/b.json", b"{'owner': garbage")
     with pytest.raises(LeaseHeld, match=r"leases/b.json is unreadable or incomplete \(\"{'owner': garbage\"\)"):
-        store.acquire_lease("leases/b.json", "run-new", ttl_s=60)
+        acquire_lease(store, "leases/b.json", "run-new", ttl_s=60)
 
 
 def test_store_check_verifies_each_current_version_and_sweeps_only_old_leftovers(
@@ -430,7 +426,7 @@ def test_store_check_verifies_each_current_version_and_sweeps_only_old_leftovers
 ):
     """Through the CLI: a good model is ok, a current version damaged in place is broken (exit 1), and an upload
     cut short and a write's temporary file are leftovers, deleted by --sweep only once older than its age."""
-    from dagster_project.cli import main
+    from dagster_project.runs.cli import main
 
     uri = store.base_uri
     good = store.put_model("models/sft_checkpoint", tiny_dirs[0])

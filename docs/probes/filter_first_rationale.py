@@ -17,9 +17,9 @@ from dataclasses import replace
 
 import polars as pl
 
-from src_assets.config import profile
 from src_assets.generation import generate_responses
 from src_assets.models import Runtime, load_policy
+from src_assets.profiles import profile
 from src_assets.scenes import Question, Scene, answer_question, conclusion_sentence, perception_sentence
 from src_assets.source_data import synthetic_source
 from src_assets.training import train_vision_sft

@@ -14,9 +14,9 @@ import tempfile
 import polars as pl
 import torch
 
-from src_assets.config import profile
 from src_assets.generation import collate_prompts, prompt_inputs, to_model
 from src_assets.models import Runtime, load_policy
+from src_assets.profiles import profile
 from src_assets.source_data import synthetic_source
 from src_assets.weighted_dpo import train_weighted_dpo
 

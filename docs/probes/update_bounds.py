@@ -25,10 +25,10 @@ from dataclasses import replace
 import polars as pl
 import torch
 
-from src_assets.config import profile
 from src_assets.evaluation import anatomy, evaluate_policy
 from src_assets.generation import collate_prompts, prompt_inputs, to_model
 from src_assets.models import Runtime, load_policy
+from src_assets.profiles import profile
 from src_assets.source_data import synthetic_source
 from src_assets.training import train_vision_sft
 from src_assets.weighted_dpo import train_weighted_dpo

@@ -1,19 +1,17 @@
-"""Assets: thin wrappers that call ``src_assets`` and describe the result."""
-
-import json
-import math
-import tempfile
-from pathlib import Path
+"""The data assets: every source row, your judgements, and the tables each stage trains or is evaluated on."""
 
 import polars as pl
-from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
-from safetensors import safe_open
+from dagster import (
+    AssetExecutionContext,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from src_assets.base_stage import PERCEPTION_SCHEMA
 from src_assets.base_stage import perception_corpus as perception_corpus_rows
 from src_assets.config import TINY
-from src_assets.judge import is_oracle
-from src_assets.models import ModelLoadError, load_model_config
 from src_assets.rationale_sft import build_rationale_sft_set
 from src_assets.source_data import (
     JUDGEMENT_SCHEMA,
@@ -24,13 +22,11 @@ from src_assets.source_data import (
     synthetic_source,
 )
 from src_assets.source_files import source_options, user_sources, uses_synthetic_rows
-from src_assets.tiny_models import build_tiny_judge
 from src_assets.verifier import VERIFIER_JUDGE, check_scenes_to_judge
 
-from . import store_layout
-from .metadata import counts_table, table_preview, vqa_table_metadata
-from .resources import SettingsResource, StoreResource
-from .versions import reads
+from ..observe.metadata import counts_table, table_preview, vqa_table_metadata
+from ..resources import SettingsResource, StoreResource
+from ..versions import reads
 
 
 @asset(
@@ -195,62 +191,3 @@ def eval_set(context: AssetExecutionContext, vqa_source: pl.DataFrame, store: St
     if df.is_empty():
         raise Failure("vqa_source has no rows with split 'eval'")
     return Output(df, metadata=vqa_table_metadata(df), tags=store.tags())
-
-
-def _base_model(ref: str, build, architecture: str, key: str, store: StoreResource, cfg) -> Output[str]:
-    """The tiny model built and stored, or a real model reference validated; returns what to load."""
-    if ref == TINY:
-        with tempfile.TemporaryDirectory() as tmp:
-            build(tmp, architecture, cfg.tiny_spec(), seed=cfg.seed)
-            uri = store.store().put_model(key, tmp)
-            config = json.loads(Path(tmp, "config.json").read_text())
-            n_params = count_parameters(Path(tmp))
-    else:
-        try:
-            config = load_model_config(ref).to_dict()
-        except ModelLoadError as e:
-            raise Failure(str(e)) from e
-        uri, n_params = ref, None
-    meta = {
-        "model": MetadataValue.text(uri),
-        "architecture": MetadataValue.text(",".join(config.get("architectures") or ["?"])),
-    }
-    if n_params is not None:
-        meta["parameters"] = MetadataValue.int(n_params)
-    return Output(uri, metadata=meta, tags=store.tags())
-
-
-def count_parameters(model_dir: Path) -> int:
-    total = 0
-    for file in model_dir.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    return total
-
-
-@asset(
-    group_name="models",
-)
-@reads(
-    "judge_model",
-    "tiny_judge_architecture",
-    "tiny",
-    "seed",
-    stages=("tiny_models", "models", "judge"),
-)
-def base_judge_checkpoint(
-    context: AssetExecutionContext, settings: SettingsResource, store: StoreResource
-) -> Output[str]:
-    """The judge LM before training: the tiny local LM, or the configured real model."""
-    cfg = settings.config()
-    if is_oracle(cfg.judge_model):
-        # the oracle judge has no model
-        return Output(cfg.judge_model, metadata={"model": MetadataValue.text(cfg.judge_model)}, tags=store.tags())
-    return _base_model(
-        cfg.judge_model,
-        build_tiny_judge,
-        cfg.tiny_judge_architecture,
-        store_layout.BASE_JUDGE_CHECKPOINT,
-        store,
-        cfg,
-    )

@@ -6,10 +6,17 @@ under its job, and "Re-execute" runs it again with the same store and settings.
 
 - ``execute``: the run goes in this process at once (the job's assets carry this run's code versions), holding
   concurrency pools like any other run;
-- ``submit``: the run goes through the instance's run queue, where ``dagster.yaml``'s limits apply, and a
+- ``submit``: the run goes through the instance's run queue, where ``deploy/dagster.yaml``'s limits apply, and a
   ``dagster-daemon`` launches it in a process of its own; this process waits and prints its steps as they end.
 
 Either way the outcome is read back from the instance's event log (``RunOutcome``).
+
+This module is where the command line uses Dagster's internals (``dagster._core``, ``dagster._utils``), and the
+only one besides ``executors.py`` (which builds its executors from Dagster's own in-process and multiprocess
+ones). Dagster's public API runs a job (``materialize``, ``execute_job``) as a run of an ad-hoc job, with no code
+location origin; a run that the UI lists under its job and can re-execute needs the origin set at creation, a
+run executed from an existing run record, resolving jobs against a given instance's definitions state, and
+knowing whether Dagster has captured an interrupt it has not raised yet.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
+from ..tags import PARTITION_TAG
+
 LOCATION = "dagster_project.definitions"  # workspace.yaml loads this module; its location takes the module's name
 REPOSITORY = "__repository__"  # a Definitions object's repository name
-ROOT = Path(__file__).resolve().parents[1]
-PARTITION_TAG = "dagster/partition"
+ROOT = Path(__file__).resolve().parents[2]
 _ENDED = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 
 
@@ -155,3 +163,19 @@ def submit(instance, job_def, config: dict, tags: dict, partition_key: str | Non
         if status in _ENDED and not connection.has_more:
             return RunOutcome.read(instance, run.run_id)
         time.sleep(0.5)
+
+
+def resolve_jobs(defs, jobs, instance) -> dict:
+    """``jobs`` resolved from ``defs`` against ``instance``'s definitions state: a test process may hold a disposed
+    instance's storage as the current one, so this instance's is named explicitly."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(instance.defs_state_storage):
+        return {job.name: defs.resolve_job_def(job.name) for job in jobs}
+
+
+def interrupt_captured() -> bool:
+    """Whether Dagster has captured a SIGINT or SIGTERM that it has not raised inside a step yet."""
+    from dagster._utils.interrupts import check_captured_interrupt
+
+    return check_captured_interrupt()

@@ -18,7 +18,7 @@ from src_assets.evaluation import summarize
 from src_assets.model_card import model_card
 from src_assets.storage import Store, StoreError
 
-from . import store_layout
+from .. import store_layout
 
 TRAINING_REPORT = "training.json"
 

@@ -21,11 +21,12 @@ import threading
 import time
 from pathlib import Path
 
-from src_assets.storage import Lease, StoreError, process_alive
+from src_assets.leases import Lease, process_alive
+from src_assets.storage import StoreError
 
-from . import store_layout
+from .. import store_layout
+from ..tags import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG, RUN_HOST_TAG, RUN_PID_TAG, SETTINGS_TAG, STORE_TAG
 
-RUN_HOST_TAG, RUN_PID_TAG, SETTINGS_TAG, STORE_TAG = "src/host", "src/pid", "src/settings", "src/store"
 ITERATION_ROW = ("accuracy", "factuality", "consistency", "pairs_kept", "mean_weight", "judge_agreement")
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by an interrupt
 STOP_GRACE_S = 15.0  # how long a run has to stop by itself after a SIGTERM or SIGINT before it is ended
@@ -128,13 +129,13 @@ class RunWatchdog:
             self.interrupted_at = time.monotonic()
 
     def _watch(self) -> None:
-        from dagster._utils.interrupts import check_captured_interrupt
+        from .launch import interrupt_captured
 
         pending_since, last_release = None, time.monotonic()
         while not self._stop.wait(0.5):
             clock = time.monotonic()
             self._take_signals()
-            if check_captured_interrupt():
+            if interrupt_captured():
                 pending_since = clock if pending_since is None else pending_since
                 if clock - pending_since >= 1.0:
                     self._end("interrupted while the run waited on a pool")
@@ -197,13 +198,6 @@ def _latest_run_of(instance, key: str, store_uri: str, settings_digest: str) -> 
         if not page.has_more:
             return None
         cursor = page.cursor
-
-
-CODE_VERSION_TAG, DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG = (
-    "dagster/code_version",
-    "dagster/data_version",
-    "dagster/input_data_version/",
-)
 
 
 def completed_iteration(

@@ -88,7 +88,7 @@ def _trained_tiny_models(root: Path, epochs: float) -> tuple[Path, Path]:
 
 
 def bench_generation(args) -> int:
-    code = Path(args.code).resolve() if args.code else Path(__file__).resolve().parents[1]
+    code = Path(args.code).resolve() if args.code else Path(__file__).resolve().parents[2]
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         policy, judge_dir = (

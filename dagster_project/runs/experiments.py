@@ -40,7 +40,7 @@ def _run_one(variant: str, seed: int, args, threads: int) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "dagster_project.cli",
+        "dagster_project.runs.cli",
         "run",
         "--json",
         "--iterations",
@@ -138,7 +138,7 @@ def experiment(args) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         runs = [run for seed_runs in pool.map(one_seed, args.seeds) for run in seed_runs]
     table = summarize_runs(runs)
-    from src_assets.config import PROFILES
+    from src_assets.profiles import PROFILES
 
     n_eval = next((x for x in args.set if x.startswith("n_eval=")), f"n_eval={PROFILES[args.profile].n_eval}")
     (out / "results.json").write_text(

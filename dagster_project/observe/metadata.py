@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+
+from src_assets.base_stage import BASE_SCORES
 
 _TYPES = {pl.Int64: "int", pl.Int32: "int", pl.Float64: "float", pl.Float32: "float", pl.Boolean: "bool"}
 
@@ -93,3 +97,24 @@ def anatomy_metadata(anatomy: dict) -> dict:
         if r not in ("accuracy", "consistency") and anatomy.get("all", {}).get(r) is not None
     }
     return {"anatomy": MetadataValue.md("\n".join(lines)), **overall}
+
+
+def base_policy_metadata(found: dict, model_dir, parameters: int) -> dict:
+    """The base policy's metadata: its held-out scores, its loss curve and the probe checks that stopped it."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return {
+        "model": MetadataValue.text(found["uri"]),
+        "trained": True,
+        "architecture": ",".join(config.get("architectures") or ["?"]),
+        "parameters": parameters,
+        "train_loss": float(found["train_loss"]),
+        "steps": int(found["steps"]),
+        **{k: float(found[k]) for k in BASE_SCORES if found.get(k) is not None},
+        "loss_curve": MetadataValue.md(
+            "| step | loss |\n|---|---|\n" + "\n".join(f"| {st} | {l:.4f} |" for st, l in found["loss_curve"])
+        ),
+        "probe_exact_listing": MetadataValue.md(
+            "| step | probe captions listing the scene exactly |\n|---|---|\n"
+            + "\n".join(f"| {st} | {e:.2f} |" for st, e in found.get("probe_checks", []))
+        ),
+    }
