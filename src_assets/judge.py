@@ -407,7 +407,7 @@ def train_judge(base_model: str, judgements: pl.DataFrame, out_dir: str, setting
         dataset,
         out_dir,
         settings,
-        "Judge training",
+        "judge training",
         "judge_learning_rate",
         callbacks=callbacks,
         completion_only_loss=True,

@@ -42,6 +42,11 @@ from .verifier import response_quality, verifier_verdict
 JUDGEMENT_ROWS = {"prompt": pl.String, "completion": pl.String, "verdict": pl.String}
 
 
+# The random stream of the judge's training candidates. Its label is the judge's earlier name, kept so that a seed
+# gives the candidates (and the judge, and the tables in docs/results.md) it gave before the rename.
+CANDIDATE_STREAM = "r_scorer_candidates"
+
+
 def _labelled(tokenizer, prompt: dict, texts: list[str], pairs, cfg: JudgeConfig) -> list[dict]:
     """Judge training rows for the ordered ``pairs`` of ``texts``, labelled by the verifier."""
     scores = [response_quality(x, prompt["scene"], prompt["question_spec"], cfg.quality_weights) for x in texts]
@@ -185,7 +190,7 @@ def judge_training_set(
     if prompts["scene"].is_not_null().any():
         policy, processor = load_policy(policy_dir, runtime)
         candidates = sentence_beam_search(
-            policy, processor, prompts, search, seed=derive_seed(seed, "judge_candidates"), progress=progress
+            policy, processor, prompts, search, seed=derive_seed(seed, CANDIDATE_STREAM), progress=progress
         )
         del policy
     parts = {
